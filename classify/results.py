@@ -1,0 +1,64 @@
+"""The results schema shared by compare and finetune, so ``cli.py report`` can put runs side by side.
+
+A run folder holds ``results.json``:
+
+    {"kind": "compare" | "finetune", "class_names": [...], "record": {run record},
+     "evaluations": [Evaluation, ...],      # one per (backbone, model, protocol, repeat, fold)
+     "summary": [...]}                      # mean/std/95% interval per (backbone, model, protocol)
+
+An evaluation's ``test_fingerprint`` is the sha256 over the sorted sha256 of its test images: two runs
+compare on the same images exactly when their fingerprints are equal.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from core.errors import CxrError
+from core.hashing import sha256_strings
+from core.record import write_json
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class Evaluation:
+    """One model evaluated on one test set."""
+
+    backbone: str
+    model: str                 # head name ("logreg", ...) or "finetune" / "finetune-fast"
+    protocol: str              # "paper" | "cv" | "holdout"
+    repeat: int
+    fold: int
+    n_train: int
+    n_test: int
+    test_fingerprint: str
+    metrics: dict[str, Any]    # classify.metrics.classification_metrics output
+    fit_seconds: float
+    predict_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def test_fingerprint(test_sha256: Iterable[str]) -> str:
+    """Identity of a test set: sha256 over its images' sorted sha256."""
+    return sha256_strings(sorted(test_sha256))
+
+
+def save_results(run_dir: str | Path, kind: str, class_names: Sequence[str], record: dict[str, Any],
+                 evaluations: Sequence[Evaluation], summary: list[dict[str, Any]]) -> Path:
+    """Write results.json into run_dir (atomic)."""
+    return write_json(Path(run_dir) / RESULTS_FILE, {
+        "kind": kind, "class_names": list(class_names), "record": record,
+        "evaluations": [asdict(e) for e in evaluations], "summary": summary})
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    """Read a run folder's results.json, with evaluations as Evaluation objects."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise CxrError(f"{run_dir}: not a cxr-transfer run folder (no {RESULTS_FILE})")
+    payload = json.loads(path.read_text())
+    payload["evaluations"] = [Evaluation(**e) for e in payload["evaluations"]]
+    return payload

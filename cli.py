@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""cxr-transfer command line: a thin layer that parses flags and calls the library.
+
+    python cli.py backbones                      the registry and where weights were found
+    python cli.py extract  --data DIR ...        embeddings of a folder into the HDF5 cache
+    python cli.py compare  --data DIR ...        scikit-learn heads on cached embeddings
+    python cli.py predict  IMAGES --model FILE   class probabilities for new images
+    python cli.py finetune --data DIR ...        the paper's frozen-body + dense-head training
+    python cli.py report   RUN_DIR ...           runs side by side on the same test images
+    python cli.py audit    --data DIR ...        duplicates, patient leakage and shortcuts
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from core.errors import CxrError  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "covid19-xray"
+SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample"
+
+
+def default_data() -> Path:
+    """../shared's dataset when it is there, else the small bundled sample."""
+    return DEFAULT_DATA if DEFAULT_DATA.is_dir() else SAMPLE_DATA
+
+
+def default_weights_dir() -> str | None:
+    shared = DEFAULT_DATA.parent.parent / "weights"
+    return os.environ.get("CXR_WEIGHTS_DIR") or (str(shared) if shared.is_dir() else None)
+
+
+def add_backbone_flags(parser: argparse.ArgumentParser, many: bool = True) -> None:
+    parser.add_argument("--data", type=Path, default=None,
+                        help="dataset folder (<class>/ or <split>/<class>/) or CSV; default: ../shared's "
+                             "covid19-xray, else data/sample")
+    parser.add_argument("--backbone", "--backbones", dest="backbone", default="vgg16",
+                        help="backbone name" + (", comma list or 'all'" if many else ""))
+    parser.add_argument("--weights", type=Path, default=None, help="weights file for the (single) backbone")
+    parser.add_argument("--weights-dir", default=default_weights_dir(),
+                        help="folder searched for <backbone>_*.h5 (also $CXR_WEIGHTS_DIR); default ../shared/weights")
+    parser.add_argument("--random-weights", action="store_true", help="random weights (tests only, never a fallback)")
+    parser.add_argument("--input-size", type=int, default=None, help="square input size (default: the backbone's)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("features"), help="feature and ONNX cache folder")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def extract_settings(args: argparse.Namespace):
+    from extract.pipeline import ExtractSettings
+
+    return ExtractSettings(backbone=args.backbone.split(",")[0], weights_file=args.weights,
+                           weights_dir=args.weights_dir, random_weights=args.random_weights,
+                           input_size=args.input_size, cache_dir=args.cache_dir, batch_size=args.batch_size,
+                           threads=args.threads, progress=not args.no_progress)
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from extract.commands import backbone_table, format_table
+
+    print(format_table(backbone_table(args.weights_dir, args.input_size)))
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from extract.commands import extract_many
+
+    data = args.data or default_data()
+    results = extract_many(data, args.backbone, extract_settings(args))
+    for result in results:
+        print(result.summary())
+        for path, reason in result.failures:
+            print(f"  skipped {path}: {reason.split(': ', 1)[-1]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("backbones", help="list the backbone registry and where weights were found")
+    p.add_argument("--weights-dir", default=default_weights_dir())
+    p.add_argument("--input-size", type=int, default=None)
+    p.set_defaults(func=cmd_backbones)
+
+    p = sub.add_parser("extract", help="embed a folder of images into the HDF5 cache")
+    add_backbone_flags(p)
+    p.set_defaults(func=cmd_extract)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except CxrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

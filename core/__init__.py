@@ -1,0 +1,1 @@
+"""Shared plumbing: errors, hashing and run records used by every stage."""

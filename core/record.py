@@ -1,0 +1,52 @@
+"""Run records: seed, library versions, input hashes and settings, written next to every result."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+_PACKAGES = ("numpy", "scikit-learn", "onnxruntime", "tf2onnx", "tensorflow-cpu", "tensorflow", "keras",
+             "h5py", "opencv-python-headless", "pillow", "joblib")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that can change a result (missing ones are left out)."""
+    versions = {"python": sys.version.split()[0]}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def now_iso() -> str:
+    """Current UTC time, ISO 8601, seconds precision."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def run_record(command: str, settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A JSON-serialisable record of one run: what was asked, on what, with which software."""
+    return {
+        "command": command,
+        "created": now_iso(),
+        "settings": settings,
+        "versions": library_versions(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "python": sys.version.split()[0]},
+        **extra,
+    }
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write JSON atomically (temp file then rename) so an interrupted run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,54 @@
+"""Library functions behind ``cli.py extract`` and ``cli.py backbones`` (the CLI only parses flags)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from extract.dataset import load_dataset
+from extract.pipeline import ExtractResult, ExtractSettings, extract_features
+from extract.registry import BACKBONES, parse_backbone_list
+from extract.weights import resolve_weights
+
+log = logging.getLogger(__name__)
+
+
+def extract_many(data: str | Path, backbones: str, settings: ExtractSettings) -> list[ExtractResult]:
+    """Extract the dataset with each backbone of a comma list; a --weights file goes to the only backbone."""
+    configs = parse_backbone_list(backbones)
+    if settings.weights_file and len(configs) > 1:
+        from core.errors import CxrError
+
+        raise CxrError("--weights FILE names one file: use it with one backbone, or use --weights-dir for several")
+    dataset = load_dataset(data)
+    # Resolve every backbone's weights before computing anything: a missing file fails at once.
+    for config in configs:
+        resolve_weights(config, settings.weights_file, settings.weights_dir, settings.random_weights,
+                        allow_download=True)
+    return [extract_features(dataset, replace(settings, backbone=c.name)) for c in configs]
+
+
+def backbone_table(weights_dir: str | Path | None = None, input_size: int | None = None) -> list[dict[str, str]]:
+    """One row per registered backbone: input size, preprocessing, feature dim, where its weights are."""
+    rows = []
+    for config in BACKBONES.values():
+        try:
+            source = resolve_weights(config, None, weights_dir, allow_download=False)
+            found = f"{source.kind}: {source.path.name}" if source.path else source.kind
+        except Exception:  # noqa: BLE001 - the table reports, it does not fail
+            found = "not found (Keras would download imagenet)"
+        rows.append({"backbone": config.name, "input": str(input_size or config.default_input_size),
+                     "preprocess": f"{config.keras_module}.preprocess_input ({config.preprocessing})",
+                     "dim": str(config.feature_dim), "weights": found})
+    return rows
+
+
+def format_table(rows: list[dict[str, str]]) -> str:
+    """Plain aligned text table for the terminal."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Export a headless Keras backbone to ONNX with tf2onnx, verify it, and cache the file.
+
+The exported graph takes raw RGB pixels as float32 in [0, 255] (N, H, W, 3) and contains the
+architecture's own Keras ``preprocess_input``: preprocessing lives in exactly one place, Keras' code, and
+the ONNX file cannot be fed the wrong normalisation. Output: the globally average-pooled embedding.
+
+Files are cached under ``<cache_dir>/onnx/`` by (architecture, weights sha256, input size, opset), with a
+JSON sidecar holding the verification result. At export the ONNX output is compared with Keras on a random
+batch; a max relative error above ``MAX_RELATIVE_ERROR`` is refused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import CxrError
+from core.hashing import sha256_file
+from core.record import library_versions, now_iso, write_json
+from extract.registry import BackboneConfig
+from extract.weights import WeightsSource, build_keras_backbone
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+MAX_RELATIVE_ERROR = 1e-4
+INPUT_NAME = "pixels"
+
+
+@dataclass(frozen=True)
+class OnnxBackbone:
+    """An exported backbone on disk, with what produced it."""
+
+    config: BackboneConfig
+    input_size: int
+    path: Path
+    sha256: str
+    weights_sha256: str
+    opset: int
+    max_relative_error: float
+
+    @property
+    def preprocessing(self) -> str:
+        return f"keras.applications.{self.config.keras_module}.preprocess_input (mode={self.config.preprocessing})"
+
+
+def onnx_cache_path(cache_dir: Path, config: BackboneConfig, input_size: int, weights_sha256: str,
+                    opset: int) -> Path:
+    weights_key = weights_sha256.replace(":", "-")[:16]
+    return Path(cache_dir) / "onnx" / f"{config.name}-{input_size}-{weights_key}-opset{opset}.onnx"
+
+
+def keras_preprocess_input(config: BackboneConfig):
+    """The architecture's own Keras preprocess_input function (takes RGB pixels in [0, 255])."""
+    import importlib
+
+    return importlib.import_module(f"keras.applications.{config.keras_module}").preprocess_input
+
+
+def relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """max |a - b| / max |a|: error relative to the embedding's scale."""
+    scale = float(np.max(np.abs(reference))) or 1.0
+    return float(np.max(np.abs(reference - candidate)) / scale)
+
+
+def _export(config: BackboneConfig, input_size: int, source: WeightsSource, target: Path, opset: int) -> float:
+    import tensorflow as tf
+    import tf2onnx
+    import onnxruntime as ort
+
+    model = build_keras_backbone(config, input_size, source)
+    preprocess_input = keras_preprocess_input(config)
+    spec = (tf.TensorSpec((None, input_size, input_size, 3), tf.float32, name=INPUT_NAME),)
+
+    @tf.function(input_signature=spec)
+    def embed(pixels):
+        return model(preprocess_input(pixels), training=False)
+
+    tmp = target.with_suffix(".onnx.tmp")
+    tf2onnx.convert.from_function(embed, input_signature=spec, opset=opset, output_path=str(tmp))
+    rng = np.random.default_rng(0)
+    batch = rng.uniform(0, 255, size=(2, input_size, input_size, 3)).astype(np.float32)
+    reference = model.predict(preprocess_input(batch.copy()), verbose=0)
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    error = relative_error(reference, exported)
+    if not np.isfinite(error) or error > MAX_RELATIVE_ERROR:
+        tmp.unlink(missing_ok=True)
+        raise CxrError(f"ONNX export of {config.name} differs from Keras: max relative error {error:.2e} "
+                       f"> {MAX_RELATIVE_ERROR:.0e}")
+    tmp.replace(target)
+    return error
+
+
+def get_onnx_backbone(config: BackboneConfig, input_size: int, source: WeightsSource, cache_dir: str | Path,
+                      opset: int = DEFAULT_OPSET) -> OnnxBackbone:
+    """The cached ONNX file for these weights and size, exporting and verifying it first if needed."""
+    target = onnx_cache_path(Path(cache_dir), config, input_size, source.sha256, opset)
+    sidecar = target.with_suffix(".json")
+    if target.is_file() and sidecar.is_file():
+        info = json.loads(sidecar.read_text())
+        return OnnxBackbone(config, input_size, target, info["onnx_sha256"], source.sha256, opset,
+                            info["max_relative_error"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("exporting %s (%d px, weights %s) to ONNX", config.name, input_size, source.describe())
+    started = time.perf_counter()
+    error = _export(config, input_size, source, target, opset)
+    onnx_sha = sha256_file(target)
+    write_json(sidecar, {"backbone": config.name, "input_size": input_size, "opset": opset,
+                         "weights_sha256": source.sha256, "weights": source.describe(), "onnx_sha256": onnx_sha,
+                         "max_relative_error": error, "export_seconds": round(time.perf_counter() - started, 1),
+                         "created": now_iso(), "versions": library_versions()})
+    log.info("exported %s: max relative error vs Keras %.2e", config.name, error)
+    return OnnxBackbone(config, input_size, target, onnx_sha, source.sha256, opset, error)

@@ -1,0 +1,38 @@
+"""Run an exported backbone with onnxruntime on batches of RGB uint8 images."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from extract.onnx_export import OnnxBackbone
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class OnnxEmbedder:
+    """An onnxruntime session for one backbone: ``embed(images)`` -> float32 (N, feature_dim).
+
+    images: uint8 or float32 RGB (N, size, size, 3) in [0, 255]; preprocessing is inside the graph.
+    """
+
+    def __init__(self, backbone: OnnxBackbone, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.backbone = backbone
+        self.session = ort.InferenceSession(str(backbone.path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    @property
+    def input_size(self) -> int:
+        return self.backbone.input_size
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(images, dtype=np.float32)
+        return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)

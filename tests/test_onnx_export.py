@@ -1,0 +1,56 @@
+"""ONNX export: all nine backbones export and match Keras; embeddings equal Keras' own predict."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extract.dataset import load_dataset
+from extract.images import read_rgb
+from extract.onnx_export import get_onnx_backbone, keras_preprocess_input
+from extract.registry import BACKBONES, get_backbone
+from extract.runner import OnnxEmbedder
+from extract.weights import build_keras_backbone, resolve_weights
+
+
+def cosine_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_every_backbone_exports_and_matches_keras(name: str, tmp_path: Path):
+    config = get_backbone(name)
+    source = resolve_weights(config, random_weights=True)
+    exported = get_onnx_backbone(config, config.min_input_size, source, tmp_path)
+    assert exported.max_relative_error <= 1e-4
+    assert exported.path.is_file() and exported.path.with_suffix(".json").is_file()
+    again = get_onnx_backbone(config, config.min_input_size, source, tmp_path)   # from the disk cache
+    assert again.sha256 == exported.sha256
+    out = OnnxEmbedder(exported, threads=1).embed(np.zeros((1, config.min_input_size, config.min_input_size, 3)))
+    assert out.shape == (1, config.feature_dim)
+
+
+def _keras_vs_onnx(config, size: int, source, images: np.ndarray, cache: Path) -> np.ndarray:
+    model = build_keras_backbone(config, size, source)
+    reference = model.predict(keras_preprocess_input(config)(images.astype(np.float32)), verbose=0)
+    onnx = OnnxEmbedder(get_onnx_backbone(config, size, source, cache)).embed(images)
+    return cosine_per_row(reference, onnx)
+
+
+def test_onnx_equals_keras_predict_on_decoded_images(class_tree: Path, tmp_path: Path):
+    config = get_backbone("vgg16")
+    images = np.stack([read_rgb(s.path, 32) for s in load_dataset(class_tree).samples])
+    cosines = _keras_vs_onnx(config, 32, resolve_weights(config, random_weights=True), images, tmp_path)
+    assert cosines.min() >= 0.9999
+
+
+@pytest.mark.parametrize("name", ["vgg16", "xception"])
+def test_real_weights_on_real_images(name: str, shared_data: Path, shared_weights: Path, tmp_path: Path):
+    config = get_backbone(name)
+    samples = load_dataset(shared_data, split="test").samples[::15]   # 6 images of all three classes
+    size = config.default_input_size
+    images = np.stack([read_rgb(s.path, size) for s in samples])
+    source = resolve_weights(config, weights_dir=shared_weights)
+    cosines = _keras_vs_onnx(config, size, source, images, tmp_path)
+    assert cosines.min() >= 0.9999, cosines
