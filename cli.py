@@ -80,6 +80,45 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def audit_pointer_line(data: Path) -> str | None:
+    """The audit's one-line pointer for this data, when an audit of it exists."""
+    try:
+        from audit.run import audit_pointer
+        from extract.dataset import load_dataset
+    except ImportError:
+        return None
+    return audit_pointer(load_dataset(data))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from classify.compare import CompareSettings, run_compare
+    from classify.report import summary_rows, text_table
+
+    data = args.data or default_data()
+    settings = CompareSettings(data=data, extract=extract_settings(args), backbones=args.backbone, heads=args.heads,
+                               protocol=args.protocol, seed=args.seed, seeds=args.seeds, folds=args.folds,
+                               repeats=args.repeats, test_size=args.test_size, group_by=args.group_by,
+                               concat=args.concat, tune=args.tune, save=args.save, out_dir=args.out,
+                               run_name=args.name, n_jobs=args.jobs)
+    run = run_compare(settings)
+    print(text_table(summary_rows(run.summary)))
+    print(f"\nrun folder: {run.run_dir} (report.md, results.json, results.csv, plots, record.json)")
+    pointer = audit_pointer_line(data)
+    if pointer:
+        print(pointer)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from classify.predict import predict_images
+
+    out, skipped = predict_images(args.images, args.model, extract_settings(args), args.out)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason.split(': ', 1)[-1]}")
+    print(f"predictions: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,6 +133,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="embed a folder of images into the HDF5 cache")
     add_backbone_flags(p)
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("compare", help="benchmark scikit-learn heads on cached embeddings")
+    add_backbone_flags(p)
+    p.add_argument("--heads", default="all", help="comma list of logreg,linsvm,rbfsvm,knn,rf,hgb,mlp or 'all'")
+    p.add_argument("--protocol", choices=("paper", "cv", "holdout"), default="paper",
+                   help="paper: seeded stratified 80/20 of train/; cv: repeated stratified k-fold of train/; "
+                        "holdout: fit on train/, evaluate on test/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=10, help="paper protocol: number of seeded splits")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--test-size", type=float, default=0.2)
+    p.add_argument("--group-by", default=None, help="patient_id: no patient on both sides of a split")
+    p.add_argument("--concat", action="store_true", help="also evaluate all backbones' embeddings concatenated")
+    p.add_argument("--tune", action="store_true", help="tune each head by inner CV on the training fold only")
+    p.add_argument("--save", action="store_true", help="refit each head on all evaluated images and save it")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders")
+    p.add_argument("--name", default=None, help="run folder name (default: compare-PROTOCOL-TIMESTAMP)")
+    p.add_argument("--jobs", type=int, default=-1, help="parallel fits (default: all cores)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("predict", help="class probabilities for new images from a saved head")
+    p.add_argument("images", type=Path, help="an image file or a folder of images")
+    p.add_argument("--model", type=Path, required=True, help="a .joblib head written by compare --save")
+    add_backbone_flags(p)
+    p.add_argument("--out", type=Path, default=None, help="CSV to write (default: beside the model)")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

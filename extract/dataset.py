@@ -165,6 +165,7 @@ def load_dataset(source: str | Path, split: str | None = None) -> Dataset:
     source = Path(source).expanduser()
     if not source.exists():
         raise CxrError(f"{source}: no such file or folder")
+    source = source.resolve()
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise CxrError(f"{source}: give a folder of class subfolders or a .csv file with path,label columns")
@@ -179,7 +180,7 @@ def load_dataset(source: str | Path, split: str | None = None) -> Dataset:
         where = f" in split '{split}'" if split else ""
         raise CxrError(f"{source}: no images found{where} (readable suffixes: {' '.join(IMAGE_SUFFIXES)})")
     samples.sort(key=lambda s: (s.split, s.label, str(s.path)))
-    return Dataset(root.resolve(), hash_samples(samples), has_groups=has_groups)
+    return Dataset(root, hash_samples(samples), has_groups=has_groups)
 
 
 def images_in_folder(folder: str | Path) -> list[Path]:
@@ -187,6 +188,7 @@ def images_in_folder(folder: str | Path) -> list[Path]:
     folder = Path(folder).expanduser()
     if not folder.exists():
         raise CxrError(f"{folder}: no such file or folder")
+    folder = folder.resolve()
     paths = [folder] if folder.is_file() else _images_under(folder)
     if not paths:
         raise CxrError(f"{folder}: no images found (readable suffixes: {' '.join(IMAGE_SUFFIXES)})")

@@ -1,0 +1,235 @@
+"""``cli.py compare``: scikit-learn heads on cached embeddings, evaluated on identical splits.
+
+For every backbone the embeddings come from the HDF5 cache (extracted first when missing). The splits are
+computed once on the evaluated images, so every backbone and head is scored on exactly the same test sets
+with the same metrics (``classify.metrics``). Fits run in parallel processes, one BLAS thread each.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from joblib import Parallel, delayed
+from threadpoolctl import threadpool_limits
+
+from classify.heads import make_head, make_tuned_head, parse_head_list
+from classify.metrics import classification_metrics, headline, summarize
+from classify.protocols import Split, check_splittable, cv_splits, holdout_split, paper_splits
+from classify.results import Evaluation, save_results, test_fingerprint
+from core.errors import CxrError
+from core.record import run_record, write_json
+from extract.dataset import Dataset, load_dataset
+from extract.pipeline import ExtractSettings, FeatureSet, load_features
+from extract.registry import parse_backbone_list
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("paper", "cv", "holdout")
+GROUP_COLUMNS = ("patient_id", "group")
+CONCAT_NAME = "concat"
+SUMMARY_METRICS = ("accuracy", "covid_sensitivity", "covid_specificity", "macro_f1", "roc_auc_macro")
+
+
+@dataclass
+class CompareSettings:
+    """Every setting of a comparison; defaults are the paper's protocol with all heads on VGG16."""
+
+    data: Path
+    extract: ExtractSettings = field(default_factory=ExtractSettings)
+    backbones: str = "vgg16"
+    heads: str = "all"
+    protocol: str = "paper"
+    seed: int = 0
+    seeds: int = 10              # paper protocol: splits with seeds seed .. seed+seeds-1
+    folds: int = 5
+    repeats: int = 1
+    test_size: float = 0.2
+    group_by: str | None = None  # "patient_id": no patient on both sides of a split
+    concat: bool = False         # also evaluate the concatenated embeddings of all backbones
+    tune: bool = False           # inner-CV hyper-parameter search inside each training fold
+    save: bool = False           # refit each head on all evaluated images and save it with joblib
+    out_dir: Path = Path("runs")
+    run_name: str | None = None
+    n_jobs: int = -1
+
+    def record(self) -> dict[str, object]:
+        return {"data": str(self.data), "backbones": self.backbones, "heads": self.heads,
+                "protocol": self.protocol, "seed": self.seed, "seeds": self.seeds, "folds": self.folds,
+                "repeats": self.repeats, "test_size": self.test_size, "group_by": self.group_by,
+                "concat": self.concat, "tune": self.tune, "save": self.save, "extract": self.extract.record()}
+
+
+@dataclass
+class CompareRun:
+    run_dir: Path
+    class_names: list[str]
+    evaluations: list[Evaluation]
+    summary: list[dict]
+
+
+def evaluation_pool(dataset: Dataset, protocol: str) -> Dataset:
+    """The images a protocol evaluates: train/ for paper and cv when split folders exist, else all."""
+    if protocol not in PROTOCOLS:
+        raise CxrError(f"unknown protocol '{protocol}'; choose from: {', '.join(PROTOCOLS)}")
+    if protocol in ("paper", "cv") and "train" in dataset.splits:
+        return dataset.subset("train")
+    return dataset
+
+
+def make_splits(settings: CompareSettings, labels: np.ndarray, splits: np.ndarray,
+                groups: np.ndarray | None, class_names: list[str]) -> list[Split]:
+    """The protocol's splits over the evaluated images (same seed -> same splits)."""
+    if settings.protocol == "paper":
+        return paper_splits(labels, [settings.seed + i for i in range(settings.seeds)], settings.test_size, groups)
+    if settings.protocol == "cv":
+        check_splittable(labels, settings.folds, class_names, groups)
+        return cv_splits(labels, settings.folds, settings.repeats, settings.seed, groups)
+    found = holdout_split(splits)
+    if groups is not None:
+        shared = set(groups[found[0].train_idx]) & set(groups[found[0].test_idx])
+        if shared:
+            log.warning("holdout: %d groups are on both sides of the fixed split (see cli.py audit)", len(shared))
+    return found
+
+
+def resolve_groups(dataset: Dataset, group_by: str | None) -> np.ndarray | None:
+    if not group_by:
+        return None
+    if group_by not in GROUP_COLUMNS:
+        raise CxrError(f"--group-by takes one of: {', '.join(GROUP_COLUMNS)}; got '{group_by}'")
+    if not dataset.has_groups:
+        raise CxrError(f"{dataset.root}: no '{group_by}' column (add a manifest.csv with path,patient_id "
+                       f"beside the class folders, or a group column to the dataset CSV)")
+    groups = np.array(dataset.groups)
+    missing = int((groups == "").sum())
+    if missing:
+        raise CxrError(f"{dataset.root}: {missing} images have no {group_by}; every image needs one to group by it")
+    return groups
+
+
+def _fit_and_score(backbone: str, head: str, X: np.ndarray, y: np.ndarray, split: Split, shas: list[str],
+                   class_names: list[str], seed: int, tune: bool) -> Evaluation:
+    with threadpool_limits(1):
+        model = make_tuned_head(head, seed) if tune else make_head(head, seed)
+        start = time.perf_counter()
+        model.fit(X[split.train_idx], y[split.train_idx])
+        fitted = time.perf_counter()
+        proba = model.predict_proba(X[split.test_idx])
+        predicted = np.asarray(model.classes_)[proba.argmax(1)]
+        done = time.perf_counter()
+    metrics = classification_metrics(y[split.test_idx], predicted, class_names, proba)
+    extra = {"best_params": {k: repr(v) for k, v in model.best_params_.items()}} if tune else {}
+    return Evaluation(backbone, head, split.protocol, split.repeat, split.fold, len(split.train_idx),
+                      len(split.test_idx), test_fingerprint(shas[i] for i in split.test_idx), metrics,
+                      fitted - start, done - fitted, extra)
+
+
+def summarize_evaluations(evaluations: list[Evaluation], positive_class: str = "covid") -> list[dict]:
+    """Mean, std and 95% interval of the headline metrics per (backbone, model, protocol)."""
+    keys: dict[tuple[str, str, str], list[Evaluation]] = {}
+    for evaluation in evaluations:
+        keys.setdefault((evaluation.backbone, evaluation.model, evaluation.protocol), []).append(evaluation)
+    rows = []
+    for (backbone, model, protocol), group in keys.items():
+        flat = [headline(e.metrics, positive_class) for e in group]
+        row = {"backbone": backbone, "model": model, "protocol": protocol, "n_evaluations": len(group),
+               "fit_seconds": float(np.mean([e.fit_seconds for e in group])),
+               "predict_seconds": float(np.mean([e.predict_seconds for e in group])),
+               "confusion_matrix": np.sum([e.metrics["confusion_matrix"] for e in group], axis=0).tolist()}
+        for metric in SUMMARY_METRICS:
+            values = [f[metric.replace("covid", positive_class)] for f in flat]
+            values = [v for v in values if v is not None]
+            row[metric] = summarize(values) if values else None
+        rows.append(row)
+    return rows
+
+
+def _aligned(features: dict[str, FeatureSet]) -> tuple[list, dict[str, np.ndarray]]:
+    """Keep the images every backbone could read, in the same order for all."""
+    common = set.intersection(*(set(f.sha256) for f in features.values()))
+    reference = next(iter(features.values()))
+    samples = [s for s in reference.samples if s.sha256 in common]
+    arrays = {}
+    for name, feature_set in features.items():
+        row = {sha: i for i, sha in enumerate(feature_set.sha256)}
+        arrays[name] = feature_set.embeddings[[row[s.sha256] for s in samples]]
+    return samples, arrays
+
+
+def default_run_dir(settings: CompareSettings, prefix: str = "compare") -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    grouped = "-grouped" if settings.group_by else ""
+    return Path(settings.out_dir) / (settings.run_name or f"{prefix}-{settings.protocol}{grouped}-{stamp}")
+
+
+def run_compare(settings: CompareSettings) -> CompareRun:
+    """Extract (when needed), split, fit every head on every backbone, score, and write the run folder."""
+    from classify.report import write_compare_report
+    from classify.saved_model import save_head
+
+    started = time.perf_counter()
+    configs = parse_backbone_list(settings.backbones)
+    heads = parse_head_list(settings.heads)
+    dataset = load_dataset(settings.data)
+    pool = evaluation_pool(dataset, settings.protocol)
+    resolve_groups(pool, settings.group_by)  # fail before extracting when grouping cannot work
+
+    features: dict[str, FeatureSet] = {}
+    extraction: dict[str, dict] = {}
+    for config in configs:
+        feature_set, result = load_features(dataset, replace(settings.extract, backbone=config.name))
+        features[config.name] = feature_set
+        extraction[config.name] = {"cache": str(result.cache_path), "weights": result.weights.describe(),
+                                   "weights_sha256": result.weights.sha256, "onnx_sha256": result.onnx_sha256,
+                                   "computed": result.n_computed, "skipped": result.failures,
+                                   "input_size": feature_set.attrs.get("input_size")}
+    pool_shas = {s.sha256 for s in pool.samples}
+    samples, arrays = _aligned({k: FeatureSet(v.embeddings, v.samples, v.class_names)
+                                for k, v in features.items()})
+    keep = [i for i, s in enumerate(samples) if s.sha256 in pool_shas]
+    samples = [samples[i] for i in keep]
+    arrays = {k: v[keep] for k, v in arrays.items()}
+    if settings.concat and len(arrays) > 1:
+        arrays[CONCAT_NAME] = np.hstack(list(arrays.values()))
+    class_names = list(dataset.class_names)
+    index = {name: i for i, name in enumerate(class_names)}
+    y = np.array([index[s.label] for s in samples])
+    evaluated = Dataset(dataset.root, samples, class_names, dataset.has_groups)
+    groups = resolve_groups(evaluated, settings.group_by)
+    splits = make_splits(settings, y, np.array([s.split for s in samples]), groups, class_names)
+    shas = [s.sha256 for s in samples]
+
+    tasks = [(backbone, head, split) for split in splits for backbone in arrays for head in heads]
+    evaluations = Parallel(n_jobs=settings.n_jobs)(
+        delayed(_fit_and_score)(backbone, head, arrays[backbone], y, split, shas, class_names, settings.seed,
+                                settings.tune)
+        for backbone, head, split in tasks)
+    summary = summarize_evaluations(evaluations)
+
+    run_dir = default_run_dir(settings)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = run_record("compare", settings.record(), seed=settings.seed, dataset_root=str(dataset.root),
+                        dataset_fingerprint=dataset.fingerprint, evaluated_images=len(samples),
+                        evaluated_fingerprint=test_fingerprint(shas), extraction=extraction,
+                        n_splits=len(splits), seconds=round(time.perf_counter() - started, 2))
+    if settings.save:
+        record["saved_models"] = []
+        for backbone, X in arrays.items():
+            parts = [c.name for c in configs] if backbone == CONCAT_NAME else [backbone]
+            for head in heads:
+                with threadpool_limits(1):
+                    model = (make_tuned_head(head, settings.seed) if settings.tune
+                             else make_head(head, settings.seed)).fit(X, y)
+                path = save_head(run_dir / f"{backbone}-{head}.joblib", model, class_names,
+                                 [{"backbone": p, **extraction[p]} for p in parts],
+                                 {"trained_on": test_fingerprint(shas), "n_train": len(y), "head": head,
+                                  "seed": settings.seed, "tune": settings.tune, "dataset": str(dataset.root)})
+                record["saved_models"].append(str(path))
+    write_json(run_dir / "record.json", record)
+    save_results(run_dir, "compare", class_names, record, evaluations, summary)
+    write_compare_report(run_dir, class_names, evaluations, summary, record)
+    return CompareRun(run_dir, class_names, evaluations, summary)

@@ -1,0 +1,115 @@
+"""compare and predict end to end on a tiny synthetic dataset (random-weight MobileNetV2 at 32 px)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import cli
+from classify.compare import CompareSettings, run_compare
+from classify.predict import predict_images
+from classify.results import load_results
+from core.errors import CxrError
+from extract.pipeline import ExtractSettings
+from tests.conftest import write_class_tree
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory) -> Path:
+    root = write_class_tree(tmp_path_factory.mktemp("cmp") / "data", per_class=10, splits=("train", "test"))
+    lines = ["path,split,label,sha256,patient_id,view"]
+    for path in sorted(root.rglob("*.png")):
+        rel = path.relative_to(root)
+        patient = f"{rel.parts[1]}-{int(path.stem.split('_')[1]) // 2}"   # two images per patient
+        lines.append(f"{rel.as_posix()},{rel.parts[0]},{rel.parts[1]},x,{patient},PA")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def extract_settings(tmp_path_factory) -> ExtractSettings:
+    return ExtractSettings(backbone="mobilenetv2", random_weights=True, input_size=32, progress=False,
+                           cache_dir=tmp_path_factory.mktemp("features"))
+
+
+def settings(dataset_dir: Path, extract_settings: ExtractSettings, tmp_path: Path, **kw) -> CompareSettings:
+    base = dict(data=dataset_dir, extract=extract_settings, backbones="mobilenetv2", heads="logreg,knn",
+                seeds=3, out_dir=tmp_path, n_jobs=1)
+    return CompareSettings(**{**base, **kw})
+
+
+def test_paper_protocol_writes_a_complete_run_folder(dataset_dir, extract_settings, tmp_path):
+    run = run_compare(settings(dataset_dir, extract_settings, tmp_path, run_name="a"))
+    assert len(run.evaluations) == 3 * 2
+    assert all(e.n_test == 6 and e.n_train == 24 for e in run.evaluations)   # 20% of the 30 train/ images
+    for name in ("results.json", "results.csv", "report.md", "record.json", "accuracy.png",
+                 "confusion-mobilenetv2-logreg.png"):
+        assert (run.run_dir / name).is_file(), name
+    record = json.loads((run.run_dir / "record.json").read_text())
+    assert record["seed"] == 0 and record["versions"]["numpy"]
+    assert record["extraction"]["mobilenetv2"]["weights_sha256"] == "random:seed0"
+    assert "| mobilenetv2 | logreg |" in (run.run_dir / "report.md").read_text()
+    again = run_compare(settings(dataset_dir, extract_settings, tmp_path, run_name="b"))
+    first = [(e.test_fingerprint, e.metrics["accuracy"]) for e in run.evaluations]
+    assert first == [(e.test_fingerprint, e.metrics["accuracy"]) for e in again.evaluations]
+    assert load_results(run.run_dir)["evaluations"][0].backbone == "mobilenetv2"
+
+
+def test_cv_grouped_and_holdout(dataset_dir, extract_settings, tmp_path):
+    cv = run_compare(settings(dataset_dir, extract_settings, tmp_path, protocol="cv", folds=3, repeats=2,
+                              heads="logreg"))
+    assert len(cv.evaluations) == 6 and sum(e.n_test for e in cv.evaluations) == 2 * 30
+    grouped = run_compare(settings(dataset_dir, extract_settings, tmp_path, protocol="cv", folds=3,
+                                   heads="logreg", group_by="patient_id"))
+    assert len(grouped.evaluations) == 3
+    holdout = run_compare(settings(dataset_dir, extract_settings, tmp_path, protocol="holdout", heads="knn"))
+    assert [(e.n_train, e.n_test) for e in holdout.evaluations] == [(30, 30)]
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(protocol="cv", folds=11), "has 10 images but 11-fold"),
+    (dict(group_by="patient_id", data_kind="nogroups"), "no 'patient_id' column"),
+    (dict(data_kind="oneclass"), "only one class"),
+    (dict(heads="logreg,boosted-unicorn"), "boosted-unicorn"),
+])
+def test_bad_requests_fail_with_one_line(dataset_dir, extract_settings, tmp_path, kw, message):
+    kind = kw.pop("data_kind", None)
+    data = dataset_dir
+    if kind == "nogroups":
+        data = write_class_tree(tmp_path / "ng", per_class=5)
+    elif kind == "oneclass":
+        data = write_class_tree(tmp_path / "one", classes=("covid",), per_class=6)
+    with pytest.raises(CxrError, match=message):
+        run_compare(settings(data, extract_settings, tmp_path, **{**kw, "data": data}))
+
+
+def test_save_then_predict_and_refusals(dataset_dir, extract_settings, tmp_path):
+    run = run_compare(settings(dataset_dir, extract_settings, tmp_path, heads="logreg", save=True, seeds=1))
+    model = run.run_dir / "mobilenetv2-logreg.joblib"
+    out, skipped = predict_images(dataset_dir / "test", model, extract_settings, tmp_path / "p.csv")
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 30 and not skipped
+    assert set(rows[0]) == {"path", "sha256", "predicted", "p_covid", "p_normal", "p_pneumonia"}
+    assert abs(sum(float(rows[0][f"p_{c}"]) for c in ("covid", "normal", "pneumonia")) - 1) < 1e-5
+    with pytest.raises(CxrError, match="weights found here"):
+        other = tmp_path / "w"
+        other.mkdir()
+        (other / "mobilenetv2_other.h5").write_bytes(b"not the same weights")
+        from dataclasses import replace
+        predict_images(dataset_dir / "test", model, replace(extract_settings, random_weights=False,
+                                                             weights_dir=other))
+    model.write_bytes(model.read_bytes() + b"\0")
+    with pytest.raises(CxrError, match="refusing to load a changed file"):
+        predict_images(dataset_dir / "test", model, extract_settings)
+
+
+def test_cli_compare_and_errors(dataset_dir, extract_settings, tmp_path, capsys):
+    code = cli.main(["compare", "--data", str(dataset_dir), "--backbone", "mobilenetv2", "--random-weights",
+                     "--input-size", "32", "--cache-dir", str(extract_settings.cache_dir), "--heads", "knn",
+                     "--seeds", "2", "--out", str(tmp_path), "--no-progress", "--jobs", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "mobilenetv2" in printed and "run folder:" in printed
+    assert cli.main(["compare", "--data", str(tmp_path / "missing"), "--random-weights"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
