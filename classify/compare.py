@@ -89,11 +89,18 @@ def make_splits(settings: CompareSettings, labels: np.ndarray, splits: np.ndarra
         check_splittable(labels, settings.folds, class_names, groups)
         return cv_splits(labels, settings.folds, settings.repeats, settings.seed, groups)
     found = holdout_split(splits)
-    if groups is not None:
-        shared = set(groups[found[0].train_idx]) & set(groups[found[0].test_idx])
-        if shared:
-            log.warning("holdout: %d groups are on both sides of the fixed split (see cli.py audit)", len(shared))
-    return found
+    if groups is None:
+        return found
+    # A fixed split cannot be re-drawn: drop from the test side the images of patients seen in training.
+    split = found[0]
+    seen = set(groups[split.train_idx])
+    kept = np.array([i for i in split.test_idx if groups[i] not in seen], dtype=int)
+    log.warning("holdout grouped by patient: %d of %d test images belong to patients in train/ and are left out",
+                len(split.test_idx) - len(kept), len(split.test_idx))
+    if len(np.unique(labels[kept])) < 2:
+        raise CxrError("holdout grouped by patient: fewer than two classes left in test/ after removing "
+                       "patients that are also in train/")
+    return [Split(split.protocol, split.repeat, split.fold, split.train_idx, kept)]
 
 
 def resolve_groups(dataset: Dataset, group_by: str | None) -> np.ndarray | None:

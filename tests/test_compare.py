@@ -113,3 +113,19 @@ def test_cli_compare_and_errors(dataset_dir, extract_settings, tmp_path, capsys)
     assert code == 0 and "mobilenetv2" in printed and "run folder:" in printed
     assert cli.main(["compare", "--data", str(tmp_path / "missing"), "--random-weights"]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_grouped_holdout_drops_test_patients_seen_in_training(tmp_path, extract_settings):
+    root = write_class_tree(tmp_path / "d", per_class=4, splits=("train", "test"))
+    lines = ["path,patient_id"]
+    for path in sorted(root.rglob("*.png")):
+        rel = path.relative_to(root).as_posix()
+        shared = rel.startswith("test/") and path.stem == "img_000"      # one test image per class: a train patient
+        lines.append(f"{rel},{'train-' + path.parent.name if shared else rel}")
+    for path in sorted((root / "train").rglob("img_000.png")):
+        lines = [l if not l.startswith(path.relative_to(root).as_posix()) else
+                 f"{path.relative_to(root).as_posix()},train-{path.parent.name}" for l in lines]
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    run = run_compare(settings(root, extract_settings, tmp_path, protocol="holdout", heads="knn",
+                               group_by="patient_id"))
+    assert [(e.n_train, e.n_test) for e in run.evaluations] == [(12, 9)]
