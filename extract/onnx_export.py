@@ -10,6 +10,7 @@ batch; a max relative error above ``MAX_RELATIVE_ERROR`` is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -67,10 +68,36 @@ def relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.max(np.abs(reference - candidate)) / scale)
 
 
-def _export(config: BackboneConfig, input_size: int, source: WeightsSource, target: Path, opset: int) -> float:
-    import tensorflow as tf
+@contextlib.contextmanager
+def _optimizer_without_graph_copies():
+    """tf2onnx deep-copies the whole graph before each optimizer pass so that a failing pass can be skipped;
+    on NASNetLarge that copying is about a third of the export time. Run the passes in place instead; if one
+    fails, the caller retries the plain conversion."""
+    from tf2onnx import optimizer
+
+    original = optimizer.optimize_graph
+    optimizer.optimize_graph = lambda graph, catch_errors=True, optimizers=None: original(
+        graph, catch_errors=False, optimizers=optimizers)
+    try:
+        yield
+    finally:
+        optimizer.optimize_graph = original
+
+
+def _convert(embed, spec, opset: int, path: Path) -> None:
     import tf2onnx
+
+    try:
+        with _optimizer_without_graph_copies():
+            tf2onnx.convert.from_function(embed, input_signature=spec, opset=opset, output_path=str(path))
+    except Exception as exc:  # noqa: BLE001 - an optimizer pass failed in place: do it the careful way
+        log.info("fast tf2onnx conversion failed (%s); converting with graph copies", exc)
+        tf2onnx.convert.from_function(embed, input_signature=spec, opset=opset, output_path=str(path))
+
+
+def _export(config: BackboneConfig, input_size: int, source: WeightsSource, target: Path, opset: int) -> float:
     import onnxruntime as ort
+    import tensorflow as tf
 
     model = build_keras_backbone(config, input_size, source)
     preprocess_input = keras_preprocess_input(config)
@@ -81,7 +108,7 @@ def _export(config: BackboneConfig, input_size: int, source: WeightsSource, targ
         return model(preprocess_input(pixels), training=False)
 
     tmp = target.with_suffix(".onnx.tmp")
-    tf2onnx.convert.from_function(embed, input_signature=spec, opset=opset, output_path=str(tmp))
+    _convert(embed, spec, opset, tmp)
     rng = np.random.default_rng(0)
     batch = rng.uniform(0, 255, size=(2, input_size, input_size, 3)).astype(np.float32)
     reference = model.predict(preprocess_input(batch.copy()), verbose=0)
