@@ -119,6 +119,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from audit.run import AuditSettings, run_audit
+
+    settings = AuditSettings(data=args.data or default_data(), backbone=args.backbone, weights_file=args.weights,
+                             weights_dir=args.weights_dir, random_weights=args.random_weights,
+                             input_size=args.input_size, cache_dir=args.cache_dir, out_dir=args.out,
+                             runs_dir=args.runs_dir, seed=args.seed, strict=args.strict,
+                             progress=not args.no_progress)
+    report = run_audit(settings)
+    print(report.verdict)
+    for finding in report.findings:
+        print(f"- {finding}")
+    print(f"report: {report.out_dir / 'audit.md'} ({report.timings['total']:.0f} s)")
+    return report.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_backbone_flags(p)
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: beside the model)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("audit", help="duplicates, patient leakage and shortcuts in a dataset")
+    add_backbone_flags(p, many=False)
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: runs/audit/<dataset id>/)")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where audits are kept and looked up")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when the audit finds anything")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 

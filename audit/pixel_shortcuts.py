@@ -1,0 +1,143 @@
+"""Pixel shortcuts, in the spirit of Maguolo & Nanni (2021): does the classifier still work without the lungs?
+
+The embeddings of three views of every image are classified with the same head and cross-validation:
+- ``full``:        the resized image as the network sees it;
+- ``no-center``:   the central box (80 % of each side, 64 % of the area: the lungs and heart) set to 0, so
+                   only a frame 10 % of the side wide is left;
+- ``border-only``: everything set to 0 except a frame 5 % of the side wide (19 % of the area): corners,
+                   edges, burnt-in markers, collimation, the image's own border.
+When the masked views are still classified well above chance, the classes differ in something outside the
+chest -- source, age, equipment, labels -- and a high accuracy on full images says little about disease.
+Views are ``extract.pipeline.ImageView`` objects: their features are cached under their own names.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from classify.heads import make_head
+from classify.metrics import classification_metrics, summarize
+from classify.protocols import cv_splits
+from core.errors import CxrError
+from extract.dataset import Dataset
+from extract.pipeline import ExtractSettings, FeatureSet, ImageView, load_features
+
+CENTER_FRACTION = 0.8
+"""Side fraction of the central box blacked out by the no-center view."""
+BORDER_FRACTION = 0.05
+"""Width of the frame the border-only view keeps, as a fraction of the side."""
+MARGIN = 0.2
+"""Accuracy above chance from which a masked view counts as "still separable"."""
+
+
+def mask_center(image: np.ndarray, fraction: float = CENTER_FRACTION) -> np.ndarray:
+    """A copy of ``image`` (H x W x C) with the central box of ``fraction`` of each side set to 0."""
+    out = np.array(image, copy=True)
+    height, width = out.shape[:2]
+    dy, dx = round(height * (1 - fraction) / 2), round(width * (1 - fraction) / 2)
+    out[dy:height - dy, dx:width - dx] = 0
+    return out
+
+
+def border_only(image: np.ndarray, band: float = BORDER_FRACTION) -> np.ndarray:
+    """A copy of ``image`` with everything but an outer frame ``band`` of each side wide set to 0."""
+    out = np.array(image, copy=True)
+    height, width = out.shape[:2]
+    dy, dx = max(1, round(height * band)), max(1, round(width * band))
+    out[dy:height - dy, dx:width - dx] = 0
+    return out
+
+
+NO_CENTER = ImageView(f"nocenter{round(CENTER_FRACTION * 100)}", mask_center)
+BORDER_ONLY = ImageView(f"border{round(BORDER_FRACTION * 100):02d}", border_only)
+VIEWS: dict[str, ImageView | None] = {"full": None, "no-center": NO_CENTER, "border-only": BORDER_ONLY}
+"""Report name -> view (None = the unmasked image)."""
+
+
+@dataclass
+class ViewScore:
+    """Cross-validated accuracy of the head on one view's embeddings."""
+
+    view: str
+    n_images: int
+    accuracy: dict              # summarize() over the folds
+    balanced_accuracy: float    # macro recall of the out-of-fold predictions
+    per_class_recall: dict[str, float]
+    confusion_matrix: list[list[int]]
+    extract_seconds: float
+    n_computed: int
+
+
+@dataclass
+class PixelShortcutResult:
+    head: str
+    folds: int
+    grouped: bool
+    chance: float
+    scores: dict[str, ViewScore]
+    skipped: str = ""
+
+    @property
+    def separable_without_lungs(self) -> bool:
+        masked = [self.scores[v] for v in ("no-center", "border-only") if v in self.scores]
+        return any(s.accuracy["mean"] > self.chance + MARGIN for s in masked)
+
+    def to_dict(self) -> dict:
+        return {"head": self.head, "folds": self.folds, "grouped": self.grouped, "chance": self.chance,
+                "margin": MARGIN, "center_fraction": CENTER_FRACTION, "border_fraction": BORDER_FRACTION,
+                "separable_without_lungs": self.separable_without_lungs, "skipped": self.skipped,
+                "scores": {k: asdict(v) for k, v in self.scores.items()}}
+
+
+def cross_validated_accuracy(features: FeatureSet, head: str = "logreg", folds: int = 5, seed: int = 0,
+                             grouped: bool = True) -> tuple[dict, dict]:
+    """(summarize() of fold accuracies, classification_metrics of the out-of-fold predictions).
+
+    Folds are stratified, and grouped by patient when ``grouped`` and every image has a group.
+    """
+    labels = features.labels
+    groups = features.groups if grouped and len(features.samples) and all(features.groups) else None
+    splits = cv_splits(labels, folds=folds, repeats=1, seed=seed, groups=groups)
+    predicted = np.empty_like(labels)
+    fold_accuracy = []
+    for split in splits:
+        model = make_head(head, seed)
+        model.fit(features.embeddings[split.train_idx], labels[split.train_idx])
+        predicted[split.test_idx] = model.predict(features.embeddings[split.test_idx])
+        fold_accuracy.append(float(np.mean(predicted[split.test_idx] == labels[split.test_idx])))
+    return summarize(fold_accuracy), classification_metrics(labels, predicted, features.class_names)
+
+
+def pixel_shortcuts(dataset: Dataset, settings: ExtractSettings, head: str = "logreg", folds: int = 5,
+                    seed: int = 0, full: FeatureSet | None = None) -> PixelShortcutResult:
+    """Embed each view (cached), cross-validate ``head`` on each, and compare with chance.
+
+    full: the unmasked features when the caller already has them (saves a cache read).
+    """
+    labels = np.array(dataset.label_indices)
+    chance = float(np.bincount(labels).max() / len(labels))
+    grouped = dataset.has_groups and all(dataset.groups)
+    result = PixelShortcutResult(head, folds, grouped, chance, {})
+    for name, view in VIEWS.items():
+        if view is None and full is not None:
+            features, seconds, computed = full, 0.0, 0
+        else:
+            features, extract = load_features(dataset, _with_view(settings, view))
+            seconds, computed = extract.seconds, extract.n_computed
+        try:
+            accuracy, metrics = cross_validated_accuracy(features, head, folds, seed, grouped)
+        except CxrError as exc:
+            result.skipped = f"no cross-validation: {exc}"
+            return result
+        result.scores[name] = ViewScore(
+            name, len(features.samples), accuracy, float(metrics["macro"]["recall"]),
+            {k: round(v["recall"], 4) for k, v in metrics["per_class"].items()}, metrics["confusion_matrix"],
+            round(seconds, 2), computed)
+    return result
+
+
+def _with_view(settings: ExtractSettings, view: ImageView | None) -> ExtractSettings:
+    from dataclasses import replace
+
+    return replace(settings, view=view)

@@ -1,0 +1,261 @@
+"""``run_audit``: every check on one dataset, one report folder, and pointers for later runs.
+
+Order: read the dataset (sha256 of every file) -> embed the full images (cached) -> duplicates ->
+patient leakage -> acquisition shortcuts -> pixel shortcuts (two masked views, cached) -> findings ->
+audit.md / audit.json / duplicates.png in ``out_dir`` (default ``runs/audit/<dataset cache id>/``).
+
+``latest_audit_for(dataset)`` finds the newest audit.json under ``runs/audit/`` whose dataset fingerprint
+equals the dataset's, or whose images include all of the dataset's (an audit of the whole set covers a
+run on its train split); ``audit_pointer(dataset)`` turns it into the one line compare and finetune print.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from audit.acquisition import AcquisitionResult, acquisition_shortcuts
+from audit.duplicates import HASH_CACHE_NAME, DuplicateRule, DuplicateScan, find_duplicates
+from audit.leakage import LeakageResult, patient_leakage
+from audit.pixel_shortcuts import PixelShortcutResult, pixel_shortcuts
+from audit.report import AUDIT_JSON, write_report
+from core.record import run_record
+from extract.dataset import Dataset, load_dataset
+from extract.pipeline import DEFAULT_CACHE_DIR, ExtractSettings, dataset_cache_id, load_features
+
+DEFAULT_RUNS_DIR = Path("runs")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """What to audit and how; the CLI maps its flags onto these fields one to one."""
+
+    data: str | Path
+    backbone: str = "vgg16"
+    weights_file: str | Path | None = None
+    weights_dir: str | Path | None = None
+    random_weights: bool = False
+    input_size: int | None = None          # network input side; None = the backbone's own (224 for VGG16)
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    out_dir: Path | None = None            # None -> runs/audit/<dataset cache id>/
+    runs_dir: Path = DEFAULT_RUNS_DIR      # where the default out_dir lives and pointers look
+    seed: int = 0
+    folds: int = 5
+    head: str = "logreg"
+    strict: bool = False                   # the CLI exits 1 when strict and findings exist
+    progress: bool = True
+    rule: DuplicateRule = field(default_factory=DuplicateRule)
+
+    def extract_settings(self) -> ExtractSettings:
+        return ExtractSettings(backbone=self.backbone, weights_file=self.weights_file, weights_dir=self.weights_dir,
+                               random_weights=self.random_weights, input_size=self.input_size,
+                               cache_dir=Path(self.cache_dir), progress=self.progress)
+
+    def record(self) -> dict[str, Any]:
+        return {"data": str(self.data), "backbone": self.backbone, "weights_file": str(self.weights_file or ""),
+                "weights_dir": str(self.weights_dir or ""), "random_weights": self.random_weights,
+                "input_size": self.input_size, "cache_dir": str(self.cache_dir), "out_dir": str(self.out_dir or ""),
+                "seed": self.seed, "folds": self.folds, "head": self.head, "strict": self.strict,
+                "rule": vars(self.rule)}
+
+
+@dataclass
+class AuditReport:
+    """The audit's results; ``findings`` are the one-line problems (empty = nothing found)."""
+
+    dataset: Dataset
+    settings: AuditSettings
+    duplicates: DuplicateScan
+    leakage: LeakageResult
+    acquisition: AcquisitionResult
+    pixels: PixelShortcutResult
+    findings: list[str]
+    verdict: str
+    timings: dict[str, float]
+    payload: dict[str, Any]
+    out_dir: Path
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """1 when the settings are strict and something was found, else 0."""
+        return 1 if self.settings.strict and self.findings else 0
+
+
+def default_out_dir(dataset: Dataset, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path:
+    return Path(runs_dir) / "audit" / dataset_cache_id(dataset)
+
+
+def _findings(dup: DuplicateScan, leak: LeakageResult, acq: AcquisitionResult,
+              pix: PixelShortcutResult) -> list[str]:
+    found = []
+    if dup.exact:
+        cross = sum(p.cross_split for p in dup.exact)
+        found.append(f"{len(dup.exact)} exact duplicate pair(s) (same bytes), {cross} across splits")
+    if dup.near:
+        cross = sum(p.cross_split for p in dup.near)
+        other = sum(not p.same_patient for p in dup.near)
+        found.append(f"{len(dup.near)} near-duplicate pair(s) in {len(dup.clusters())} cluster(s): {cross} across "
+                     f"splits, {other} between different patient ids")
+    if dup.unreadable:
+        found.append(f"{len(dup.unreadable)} unreadable image(s)")
+    if leak.checked and leak.leaked:
+        found.append(f"{len(leak.leaked)} patient(s) in more than one split "
+                     f"({sum(p.n_images for p in leak.leaked)} images)")
+    if acq.shortcut:
+        found.append(f"file properties alone predict the class: accuracy {acq.accuracy['mean']:.2f} "
+                     f"vs chance {acq.chance:.2f}")
+    if pix.separable_without_lungs:
+        full = pix.scores.get("full")
+        masked = ", ".join(f"{k} {v.accuracy['mean']:.2f}" for k, v in pix.scores.items() if k != "full")
+        found.append(f"classes separable without the lungs: {masked}"
+                     + (f" vs full {full.accuracy['mean']:.2f}" if full else "") + f" (chance {pix.chance:.2f})")
+    return found
+
+
+def _verdict(dup: DuplicateScan, leak: LeakageResult, acq: AcquisitionResult, pix: PixelShortcutResult) -> str:
+    parts = []
+    if pix.separable_without_lungs or acq.shortcut:
+        text = "The classes can be told apart without looking at the disease:"
+        reasons = []
+        if acq.shortcut:
+            reasons.append(f"file format, colour mode and size alone predict the class with "
+                           f"{100 * acq.accuracy['mean']:.0f}% accuracy (chance {100 * acq.chance:.0f}%)")
+        if pix.separable_without_lungs:
+            scores = pix.scores
+            masked = " and ".join(f"{100 * scores[k].accuracy['mean']:.0f}% with {k.replace('-', ' ')}"
+                                  for k in ("no-center", "border-only") if k in scores)
+            full = f" ({100 * scores['full'].accuracy['mean']:.0f}% on full images)" if "full" in scores else ""
+            reasons.append(f"with the lungs blacked out the classifier still reaches {masked}{full}")
+        parts.append(text + " " + "; ".join(reasons) + ". High accuracy on this data is not evidence of "
+                     "disease detection.")
+    problems = []
+    if dup.exact or dup.near:
+        cross = sum(p.cross_split for p in dup.pairs)
+        problems.append(f"{len(dup.exact)} exact and {len(dup.near)} near-duplicate image pairs "
+                        f"({cross} across splits)")
+    if leak.checked and leak.leaked:
+        problems.append(f"{len(leak.leaked)} patients in more than one split")
+    if problems:
+        parts.append("The splits are not independent: " + ", ".join(problems)
+                     + "; evaluate with patient-grouped folds and drop or merge duplicates.")
+    if not parts:
+        return ("No duplicates, leakage or shortcuts were found by these checks (which can only show problems, "
+                "not prove their absence).")
+    return " ".join(parts)
+
+
+def _payload(dataset: Dataset, settings: AuditSettings, dup: DuplicateScan, leak: LeakageResult,
+             acq: AcquisitionResult, pix: PixelShortcutResult, findings: list[str], verdict: str,
+             timings: dict[str, float], weights: str) -> dict[str, Any]:
+    counts: dict[str, dict[str, int]] = {}
+    for sample in dataset.samples:
+        counts.setdefault(sample.split, Counter())[sample.label] += 1
+    pairs = [p.to_dict() for p in dup.pairs]
+    return {
+        "kind": "audit",
+        "record": run_record("audit", settings.record(), dataset_fingerprint=dataset.fingerprint),
+        "settings": settings.record(),
+        "weights": weights,
+        "dataset": {"root": str(dataset.root), "fingerprint": dataset.fingerprint,
+                    "cache_id": dataset_cache_id(dataset), "n_images": len(dataset),
+                    "class_names": dataset.class_names, "has_groups": dataset.has_groups,
+                    "counts": {k: dict(sorted(v.items())) for k, v in sorted(counts.items())},
+                    "sha256": sorted({s.sha256 for s in dataset.samples})},
+        "verdict": verdict,
+        "findings": findings,
+        "duplicates": {"rule": vars(dup.rule), "n_exact": len(dup.exact), "n_near": len(dup.near),
+                       "n_near_cross_split": sum(p.cross_split for p in dup.near),
+                       "n_near_different_patient": sum(not p.same_patient for p in dup.near),
+                       "n_near_cross_label": sum(p.cross_label for p in dup.near),
+                       "different_patient_pairs": dup.different_patient_stats(),
+                       "clusters": dup.clusters(), "borderline": dup.borderline(),
+                       "unreadable": dup.unreadable, "pairs": pairs},
+        "leakage": leak.to_dict(),
+        "acquisition": acq.to_dict(),
+        "pixel_shortcuts": pix.to_dict(),
+        "timings": timings,
+    }
+
+
+def run_audit(settings: AuditSettings) -> AuditReport:
+    """Run every check on ``settings.data`` and write the report folder (module docstring)."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 2)
+        return now
+
+    tick = started
+    dataset = load_dataset(settings.data)
+    tick = lap("read_dataset", tick)
+    extract = settings.extract_settings()
+    full, result = load_features(dataset, extract)
+    tick = lap("embed_full", tick)
+    embeddings = {s.sha256: full.embeddings[i] for i, s in enumerate(full.samples)}
+    hash_cache = Path(settings.cache_dir) / dataset_cache_id(dataset) / HASH_CACHE_NAME
+    duplicates = find_duplicates(dataset, embeddings, settings.rule, cache_path=hash_cache)
+    tick = lap("duplicates", tick)
+    leakage = patient_leakage(dataset)
+    acquisition = acquisition_shortcuts(dataset, settings.seed, settings.folds)
+    tick = lap("leakage_acquisition", tick)
+    pixels = pixel_shortcuts(dataset, extract, settings.head, settings.folds, settings.seed, full=full)
+    tick = lap("pixel_shortcuts", tick)
+    findings = _findings(duplicates, leakage, acquisition, pixels)
+    verdict = _verdict(duplicates, leakage, acquisition, pixels)
+    out_dir = Path(settings.out_dir) if settings.out_dir else default_out_dir(dataset, settings.runs_dir)
+    timings["total_before_report"] = round(tick - started, 2)
+    payload = _payload(dataset, settings, duplicates, leakage, acquisition, pixels, findings, verdict, timings,
+                       result.weights.describe())
+    report = AuditReport(dataset, settings, duplicates, leakage, acquisition, pixels, findings, verdict, timings,
+                         payload, out_dir)
+    report.paths = write_report(report, out_dir)
+    timings["total"] = round(time.perf_counter() - started, 2)
+    return report
+
+
+def _audits_under(runs_dir: Path) -> list[Path]:
+    base = Path(runs_dir) / "audit"
+    return sorted(base.glob(f"**/{AUDIT_JSON}")) if base.is_dir() else []
+
+
+def latest_audit_for(dataset: Dataset, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path | None:
+    """The newest audit folder for this data: same fingerprint, or an audit covering all of its images."""
+    best: tuple[int, str, Path] | None = None
+    wanted = {s.sha256 for s in dataset.samples}
+    for path in _audits_under(Path(runs_dir)):
+        try:
+            payload = json.loads(path.read_text())
+            data = payload["dataset"]
+            created = payload["record"]["created"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if data.get("fingerprint") == dataset.fingerprint:
+            rank = 1
+        elif wanted and wanted <= set(data.get("sha256", [])):
+            rank = 0
+        else:
+            continue
+        if best is None or (rank, created) > best[:2]:
+            best = (rank, created, path.parent)
+    return best[2] if best else None
+
+
+def audit_pointer(dataset: Dataset, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> str | None:
+    """One line for compare/finetune to print when an audit of this data exists, else None."""
+    folder = latest_audit_for(dataset, runs_dir)
+    if folder is None:
+        return None
+    try:
+        payload = json.loads((folder / AUDIT_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    findings = payload.get("findings", [])
+    scope = "this data" if payload["dataset"].get("fingerprint") == dataset.fingerprint else "a superset of this data"
+    summary = f"{len(findings)} finding(s), e.g. {findings[0]}" if findings else "no findings"
+    return f"audit of {scope} ({payload['record']['created'][:10]}): {summary} -> {folder / 'audit.md'}"
