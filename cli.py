@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="class probabilities for new images from a saved head")
     p.add_argument("images", type=Path, help="an image file or a folder of images")
-    p.add_argument("--model", type=Path, required=True, help="a .joblib head written by compare --save")
+    p.add_argument("--model", type=Path, required=True, help="a .joblib head written by compare --save, or a finetune run folder")
     add_backbone_flags(p)
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: beside the model)")
     p.set_defaults(func=cmd_predict)

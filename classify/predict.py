@@ -1,11 +1,17 @@
-"""``cli.py predict``: class probabilities for new images from a head saved by ``compare --save``.
+"""``cli.py predict``: class probabilities for new images from a saved model.
 
-Embeddings are computed through the same cache code as extraction, with the backbone, input size and
-weights the head was trained on; weights whose sha256 differ from the recorded ones are refused.
+Two kinds of model:
+- a head saved by ``compare --save`` (``NAME.joblib`` + ``NAME.json``): embeddings are computed through the
+  same cache code as extraction, with the backbone, input size and weights the head was trained on; weights
+  whose sha256 differ from the recorded ones are refused;
+- a fine-tuned model (a finetune run folder, or its ``model.json`` / ``model.onnx``): the whole network is one
+  ONNX file (raw pixels in, probabilities out), checked against the sha256 in model.json, run with
+  onnxruntime on images decoded by the one decoding rule.
 """
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +19,7 @@ import numpy as np
 
 from classify.saved_model import load_head, read_head_info
 from core.errors import CxrError
+from core.hashing import sha256_file
 from extract.dataset import Dataset, Sample, hash_samples, images_in_folder
 from extract.pipeline import ExtractSettings, load_features
 from extract.registry import get_backbone
@@ -40,9 +47,53 @@ def check_weights(part: dict, settings: ExtractSettings) -> ExtractSettings:
     return replace(settings, backbone=config.name, input_size=int(part["input_size"]), weights_file=weights_file)
 
 
+FINETUNE_JSON = "model.json"
+
+
+def finetuned_model_json(model_path: str | Path) -> Path | None:
+    """model.json of a fine-tuned model given as its run folder, model.json or model.onnx; else None."""
+    path = Path(model_path)
+    candidate = path / FINETUNE_JSON if path.is_dir() else path.with_name(FINETUNE_JSON)
+    if path.is_dir() or path.suffix == ".onnx" or path.name == FINETUNE_JSON:
+        if not candidate.is_file():
+            raise CxrError(f"{model_path}: no {FINETUNE_JSON} found (give a finetune run folder or a .joblib head)")
+        return candidate
+    return None
+
+
+def _finetuned_probabilities(info_path: Path, dataset: Dataset, settings: ExtractSettings):
+    import onnxruntime as ort
+
+    from extract.pipeline import decoded_batches
+
+    info = json.loads(info_path.read_text())
+    if info.get("kind") != "finetune" or not info.get("onnx_file"):
+        raise CxrError(f"{info_path}: not a fine-tuned model with an ONNX export")
+    onnx_path = info_path.parent / info["onnx_file"]
+    if not onnx_path.is_file() or sha256_file(onnx_path) != info["onnx_sha256"]:
+        raise CxrError(f"{onnx_path}: missing or changed since it was saved (sha256 differs from {info_path.name})")
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    readable, blocks, skipped = [], [], []
+    for good, batch, bad in decoded_batches(dataset.samples, int(info["input_size"]), settings.batch_size,
+                                            settings.decode_workers):
+        skipped += [(dataset.relative(s), reason) for s, reason in bad]
+        if good:
+            readable += good
+            blocks.append(session.run(None, {session.get_inputs()[0].name: batch.astype(np.float32)})[0])
+    if not readable:
+        raise CxrError(f"{dataset.root}: none of the {len(dataset)} images could be read")
+    return readable, np.vstack(blocks), list(info["class_names"]), skipped
+
+
 def predict_images(images: str | Path, model_path: str | Path, settings: ExtractSettings,
                    out_csv: str | Path | None = None) -> tuple[Path, list[tuple[str, str]]]:
     """Write a CSV (path, sha256, predicted, one probability column per class); return it and skipped files."""
+    finetuned = finetuned_model_json(model_path)
+    if finetuned is not None:
+        dataset = unlabeled_dataset(images, [])
+        readable, proba, classes, skipped = _finetuned_probabilities(finetuned, dataset, settings)
+        default_out = finetuned.parent / "predictions.csv"
+        return _write_predictions(Path(out_csv or default_out), dataset, readable, proba, classes), skipped
     info = read_head_info(model_path)
     parts = [check_weights(part, settings) for part in info["backbones"]]
     dataset = unlabeled_dataset(images, info["class_names"])
@@ -57,10 +108,15 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
     proba = model.predict_proba(np.hstack(blocks))
     classes = [info["class_names"][int(c)] for c in model.classes_]
     out_csv = Path(out_csv or Path(model_path).with_name(Path(model_path).stem + "-predictions.csv"))
+    return _write_predictions(out_csv, dataset, readable, proba, classes), sorted(set(skipped))
+
+
+def _write_predictions(out_csv: Path, dataset: Dataset, readable: list[Sample], proba: np.ndarray,
+                       classes: list[str]) -> Path:
     with open(out_csv, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "sha256", "predicted"] + [f"p_{c}" for c in classes])
         for sample, probabilities in zip(readable, proba):
             writer.writerow([dataset.relative(sample), sample.sha256, classes[int(np.argmax(probabilities))]] +
                             [f"{p:.6f}" for p in probabilities])
-    return out_csv, sorted(set(skipped))
+    return out_csv
