@@ -12,6 +12,7 @@ records the weights' identity: the file's sha256, or ``random:seed<N>``.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,10 @@ def build_keras_backbone(config: BackboneConfig, input_size: int, source: Weight
             warnings.filterwarnings("ignore", message="Skipping nested container")
             model.load_weights(str(source.path))
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CxrError(f"{source.path} does not fit {config.name}: {first_line}") from exc
+        text = str(exc).strip()
+        counted = re.search(r"A total of (\d+) objects could not be loaded", text)
+        detail = (f"{counted.group(1)} layers could not be loaded from it" if counted
+                  else (text.splitlines()[0][:160] if text else type(exc).__name__))
+        raise CxrError(f"{source.path} does not fit {config.name} ({detail}): is it another architecture's "
+                       f"weights file?") from exc
     return model
