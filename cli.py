@@ -35,7 +35,8 @@ def default_weights_dir() -> str | None:
     return os.environ.get("CXR_WEIGHTS_DIR") or (str(shared) if shared.is_dir() else None)
 
 
-def add_backbone_flags(parser: argparse.ArgumentParser, many: bool = True) -> None:
+def add_backbone_flags(parser: argparse.ArgumentParser, many: bool = True, input_size: int | None = None,
+                       batch_size: int = 16) -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="dataset folder (<class>/ or <split>/<class>/) or CSV; default: ../shared's "
                              "covid19-xray, else data/sample")
@@ -45,9 +46,10 @@ def add_backbone_flags(parser: argparse.ArgumentParser, many: bool = True) -> No
     parser.add_argument("--weights-dir", default=default_weights_dir(),
                         help="folder searched for <backbone>_*.h5 (also $CXR_WEIGHTS_DIR); default ../shared/weights")
     parser.add_argument("--random-weights", action="store_true", help="random weights (tests only, never a fallback)")
-    parser.add_argument("--input-size", type=int, default=None, help="square input size (default: the backbone's)")
+    parser.add_argument("--input-size", type=int, default=input_size,
+                        help=f"square input size (default: {input_size or 'the backbone' + chr(39) + 's'})")
     parser.add_argument("--cache-dir", type=Path, default=Path("features"), help="feature and ONNX cache folder")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"default {batch_size}")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -119,6 +121,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from finetune.train import FinetuneSettings, run_finetune
+
+    data = args.data or default_data()
+    settings = FinetuneSettings(data=data, backbone=args.backbone, weights_file=args.weights,
+                                weights_dir=args.weights_dir, random_weights=args.random_weights,
+                                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                input_size=args.input_size, seed=args.seed, fast=args.fast, views=args.views,
+                                augment=not args.no_augment, dense_units=args.dense_units, dropout=args.dropout,
+                                test_size=args.test_size, group_split=args.group_by == "patient_id",
+                                run_dir=args.run_dir, out_dir=args.out, cache_dir=args.cache_dir,
+                                threads=args.threads, progress=not args.no_progress)
+    run_dir = run_finetune(settings)
+    print(f"run folder: {run_dir} (report.md, results.json, curves.png, confusion.png, model.keras, model.onnx)")
+    pointer = audit_pointer_line(data)
+    if pointer:
+        print(pointer)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from classify.side_by_side import side_by_side, write_side_by_side
+    from classify.report import text_table
+
+    rows, notes = side_by_side(args.runs)
+    print(text_table(rows))
+    for note in notes:
+        print(f"note: {note}")
+    out = write_side_by_side(args.runs, args.out)
+    print(f"\nreport: {out}")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from audit.run import AuditSettings, run_audit
 
@@ -176,6 +211,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_backbone_flags(p)
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: beside the model)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("finetune", help="the paper's frozen-body + dense-head Keras training")
+    add_backbone_flags(p, many=False, input_size=224, batch_size=8)
+    p.add_argument("--epochs", type=int, default=35)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0, help="split, initialisation, augmentation and batch order")
+    p.add_argument("--fast", action="store_true", help="train the head on a cached bank of augmented views")
+    p.add_argument("--views", type=int, default=10, help="--fast: augmented views per training image (1: none)")
+    p.add_argument("--no-augment", action="store_true", help="plain loop without augmentation")
+    p.add_argument("--dense-units", type=int, default=64, help="hidden units of the head (see finetune/model.py)")
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--test-size", type=float, default=0.2)
+    p.add_argument("--group-by", default=None, help="patient_id: keep each patient on one side of the split")
+    p.add_argument("--run-dir", type=Path, default=None, help="exact run folder")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("report", help="fine-tuned models and heads side by side on the same test images")
+    p.add_argument("runs", nargs="+", type=Path, help="finetune and compare run folders")
+    p.add_argument("--out", type=Path, default=Path("runs") / "side-by-side.md")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("audit", help="duplicates, patient leakage and shortcuts in a dataset")
     add_backbone_flags(p, many=False)
