@@ -171,3 +171,12 @@ def test_memory_stays_bounded_on_thousands_of_files(tmp_path: Path, cache_dir: P
     print(f"peak RSS: 300 files {small['maxrss_kb'] / 1024:.0f} MB, 3000 files {large['maxrss_kb'] / 1024:.0f} MB")
     # 10x the files: decoded images (3000 x 96 x 96 x 3 = 83 MB if all were held) must not accumulate.
     assert growth_mb < 40
+
+
+def test_damaged_cache_file_is_kept_aside_and_rebuilt(tmp_path: Path, cache_dir: Path):
+    root = write_class_tree(tmp_path / "d", per_class=2)
+    first = extract_features(load_dataset(root), settings(cache_dir))
+    first.cache_path.write_bytes(first.cache_path.read_bytes()[:200])     # truncated HDF5
+    again = extract_features(load_dataset(root), settings(cache_dir))
+    assert again.n_computed == 6
+    assert list(first.cache_path.parent.glob(first.cache_path.name + ".damaged-*"))
