@@ -85,7 +85,6 @@ def bench_backbone(name: str, data: Path, weights_dir: str, n_images: int, batch
     keras_rate = rate(lambda b: model.predict(preprocess(b.astype(np.float32)), batch_size=batch_size, verbose=0),
                       batches, repeats)
     flops = model_flops(model, size)
-    del model
 
     settings = ExtractSettings(backbone=name, weights_dir=weights_dir, cache_dir=cache_root, batch_size=batch_size,
                                progress=False)

@@ -9,11 +9,7 @@ import numpy as np
 
 from classify.metrics import headline, metrics_from_confusion
 from classify.results import Evaluation
-
-PAPER_TABLE1_ACCURACY = {"vgg16": 0.9588, "vgg19": 0.9503, "mobilenetv2": 0.3970, "inceptionv3": 0.5441,
-                         "xception": 0.7647, "inceptionresnetv2": 0.5588, "densenet201": 0.3823,
-                         "resnet152v2": 0.6176, "nasnetlarge": 0.8123}
-"""Overall accuracy of Makris et al. 2020, Table 1 (one random 80/20 split, fine-tuned, 224 px)."""
+from core.paper import paper_accuracy
 
 
 def _cell(stat: dict | None, digits: int = 3) -> str:
@@ -153,7 +149,7 @@ def write_compare_report(run_dir: Path, class_names: list[str], evaluations: lis
             best[r["backbone"]] = r
     lines += ["## Per class, best head of each backbone (confusion matrix summed over splits)", ""]
     for backbone, r in sorted(best.items()):
-        paper = PAPER_TABLE1_ACCURACY.get(backbone)
+        paper = paper_accuracy(backbone)
         paper_text = f"; the paper's fine-tuned {backbone}: {paper:.4f} on one split" if paper else ""
         lines += [f"### {backbone} + {r['model']}{paper_text}", "", per_class_table(r["confusion_matrix"], class_names),
                   "", f"![confusion](confusion-{backbone}-{r['model']}.png)", ""]

@@ -12,7 +12,8 @@ from typing import Sequence
 import numpy as np
 
 from classify.metrics import headline, summarize
-from classify.report import PAPER_TABLE1_ACCURACY, markdown_table
+from classify.report import markdown_table
+from core.paper import paper_accuracy
 from classify.results import Evaluation, load_results
 from core.errors import CxrError
 
@@ -29,7 +30,7 @@ def _row(label: str, backbone: str, evaluations: list[Evaluation]) -> dict[str, 
         stat = summarize(values)
         return f"{stat['mean']:.3f} ± {stat['std']:.3f}" if stat["n"] > 1 else f"{stat['mean']:.3f}"
 
-    paper = PAPER_TABLE1_ACCURACY.get(backbone)
+    paper = paper_accuracy(backbone)
     return {"backbone": backbone, "model": label, "test sets": str(len(evaluations)), "accuracy": cell("accuracy"),
             "covid sens": cell("covid_sensitivity"), "covid spec": cell("covid_specificity"),
             "macro F1": cell("macro_f1"),

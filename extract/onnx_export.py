@@ -84,43 +84,49 @@ def _optimizer_without_graph_copies():
         optimizer.optimize_graph = original
 
 
-def _convert(embed, spec, opset: int, path: Path) -> None:
+def _convert(function, spec, opset: int, path: Path) -> None:
     import tf2onnx
 
     try:
         with _optimizer_without_graph_copies():
-            tf2onnx.convert.from_function(embed, input_signature=spec, opset=opset, output_path=str(path))
+            tf2onnx.convert.from_function(function, input_signature=spec, opset=opset, output_path=str(path))
     except Exception as exc:  # noqa: BLE001 - an optimizer pass failed in place: do it the careful way
         log.info("fast tf2onnx conversion failed (%s); converting with graph copies", exc)
-        tf2onnx.convert.from_function(embed, input_signature=spec, opset=opset, output_path=str(path))
+        tf2onnx.convert.from_function(function, input_signature=spec, opset=opset, output_path=str(path))
 
 
-def _export(config: BackboneConfig, input_size: int, source: WeightsSource, target: Path, opset: int) -> float:
+def export_checked(model_fn, input_size: int, target: Path, check_batch: np.ndarray, reference: np.ndarray,
+                   error_fn, max_error: float, what: str, opset: int = DEFAULT_OPSET) -> float:
+    """Convert ``model_fn`` (raw RGB float32 NHWC pixels -> outputs) to ONNX at ``target`` with tf2onnx.
+
+    The ONNX outputs on ``check_batch`` are compared with ``reference`` (Keras' outputs) by ``error_fn``; above
+    ``max_error`` the file is refused. Written beside ``target`` first, renamed on success. Used for the
+    headless backbones here and for whole fine-tuned models (finetune/export.py).
+    """
     import onnxruntime as ort
     import tensorflow as tf
 
-    model = build_keras_backbone(config, input_size, source)
-    preprocess_input = keras_preprocess_input(config)
     spec = (tf.TensorSpec((None, input_size, input_size, 3), tf.float32, name=INPUT_NAME),)
-
-    @tf.function(input_signature=spec)
-    def embed(pixels):
-        return model(preprocess_input(pixels), training=False)
-
-    tmp = target.with_suffix(".onnx.tmp")
-    _convert(embed, spec, opset, tmp)
-    rng = np.random.default_rng(0)
-    batch = rng.uniform(0, 255, size=(2, input_size, input_size, 3)).astype(np.float32)
-    reference = model.predict(preprocess_input(batch.copy()), verbose=0)
+    function = tf.function(model_fn, input_signature=spec)
+    tmp = target.with_name(target.name + ".tmp")
+    _convert(function, spec, opset, tmp)
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    exported = session.run(None, {session.get_inputs()[0].name: batch})[0]
-    error = relative_error(reference, exported)
-    if not np.isfinite(error) or error > MAX_RELATIVE_ERROR:
+    exported = session.run(None, {session.get_inputs()[0].name: np.asarray(check_batch, np.float32)})[0]
+    error = error_fn(reference, exported) if len(check_batch) else 0.0
+    if not np.isfinite(error) or error > max_error:
         tmp.unlink(missing_ok=True)
-        raise CxrError(f"ONNX export of {config.name} differs from Keras: max relative error {error:.2e} "
-                       f"> {MAX_RELATIVE_ERROR:.0e}")
+        raise CxrError(f"ONNX export of {what} differs from Keras: error {error:.2e} > {max_error:.0e}")
     tmp.replace(target)
     return error
+
+
+def _export(config: BackboneConfig, input_size: int, source: WeightsSource, target: Path, opset: int) -> float:
+    model = build_keras_backbone(config, input_size, source)
+    preprocess_input = keras_preprocess_input(config)
+    batch = np.random.default_rng(0).uniform(0, 255, size=(2, input_size, input_size, 3)).astype(np.float32)
+    reference = model.predict(preprocess_input(batch.copy()), verbose=0)
+    return export_checked(lambda pixels: model(preprocess_input(pixels), training=False), input_size, target,
+                          batch, reference, relative_error, MAX_RELATIVE_ERROR, config.name, opset)
 
 
 def get_onnx_backbone(config: BackboneConfig, input_size: int, source: WeightsSource, cache_dir: str | Path,

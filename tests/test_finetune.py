@@ -119,6 +119,35 @@ def test_held_out_scores_match_keras():
     assert accuracy == pytest.approx(2 / 3)
 
 
+def test_view_bank_computes_each_view_once_whatever_k(tmp_path, monkeypatch):
+    from extract.onnx_export import OnnxBackbone
+    from finetune import bank
+
+    class CountingEmbedder:
+        calls = 0
+
+        def __init__(self, backbone, threads=None):
+            pass
+
+        def embed(self, images):
+            CountingEmbedder.calls += len(images)
+            return images.reshape(len(images), -1)[:, :512].astype(np.float32)
+
+    monkeypatch.setattr(bank, "OnnxEmbedder", CountingEmbedder)
+    body = OnnxBackbone(BACKBONES["vgg16"], SIZE, tmp_path / "x.onnx", "", "random:seed0", 17, 0.0)
+    images = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    shas = [f"{i:064x}" for i in range(4)]
+    first, stats = bank.bank_features(body, shas, images, [3, 3, 1, 1], 3, PAPER_AUGMENTATION, tmp_path)
+    assert stats.computed == CountingEmbedder.calls == 8 and np.isnan(first[2, 1:]).all()
+    np.testing.assert_array_equal(first[0, 0], images[0].reshape(-1)[:512])  # view 0 = the image itself
+    fewer, stats = bank.bank_features(body, shas, images, [2, 2, 2, 2], 2, PAPER_AUGMENTATION, tmp_path)
+    assert stats.computed == 2 and stats.cached == 6  # only view 1 of images 2 and 3 was missing
+    np.testing.assert_array_equal(fewer[:2], first[:2, :2])
+    more, stats = bank.bank_features(body, shas, images, [4, 4, 4, 4], 4, PAPER_AUGMENTATION, tmp_path)
+    assert stats.computed == 2 * 1 + 2 * 2 and stats.cached == 10  # view 3 of 0, 1; views 2, 3 of 2, 3
+    np.testing.assert_array_equal(more[:, :2], fewer)
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 
@@ -205,3 +234,25 @@ def test_missing_weights_fail_before_anything_is_written(dataset_dir, cache_dir,
         run_finetune(settings(dataset_dir, run_dir, cache_dir, random_weights=False, weights_dir=empty,
                               allow_download=False))
     assert not run_dir.exists()
+
+
+def test_predict_runs_the_fine_tuned_onnx_model_and_refuses_a_changed_file(plain_run, dataset_dir, tmp_path):
+    import csv
+
+    from classify.predict import predict_images
+    from core.errors import CxrError
+    from extract.pipeline import ExtractSettings
+
+    out, skipped = predict_images(dataset_dir / "test", plain_run, ExtractSettings(progress=False), tmp_path / "p.csv")
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 6 and not skipped
+    assert {r["predicted"] for r in rows} <= set(CLASSES)
+    assert abs(sum(float(rows[0][f"p_{c}"]) for c in CLASSES) - 1) < 1e-4
+    onnx = plain_run / "model.onnx"
+    original = onnx.read_bytes()
+    onnx.write_bytes(original + b"\0")
+    try:
+        with pytest.raises(CxrError, match="changed since it was saved"):
+            predict_images(dataset_dir / "test", plain_run, ExtractSettings(progress=False), tmp_path / "q.csv")
+    finally:
+        onnx.write_bytes(original)

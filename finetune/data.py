@@ -1,0 +1,74 @@
+"""The images a fine-tuning run sees: decoded once into memory, and the paper's 80/20 split of them.
+
+The split is ``classify.protocols.paper_splits`` on the same labels (and, when asked, patient groups) that
+compare uses, so for the same seed finetune and compare test on the same images (same test fingerprint).
+The paper kept no validation set apart from the test set: the per-epoch "validation" curves (its figure 2)
+are the held-out 20 % evaluated after every epoch, and so are ours.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from classify.protocols import Split, paper_splits
+from classify.results import test_fingerprint
+from core.errors import CxrError
+from extract.dataset import Dataset, Sample
+from extract.images import read_rgb
+
+
+@dataclass
+class SplitImages:
+    """Decoded images (uint8, N x S x S x 3) and integer labels of the training and test sides."""
+
+    split: Split
+    train_samples: list[Sample]
+    test_samples: list[Sample]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def test_fingerprint(self) -> str:
+        return test_fingerprint(s.sha256 for s in self.test_samples)
+
+
+def select_split_subset(dataset: Dataset, split: str | None = "train") -> Dataset:
+    """The samples the 80/20 split is drawn from: one split folder (the paper's 336 images are train/),
+    or the whole dataset when it has no split folders. Raises CxrError when the split is empty."""
+    if split and any(s.split for s in dataset.samples):
+        subset = dataset.subset(split)
+        if not subset.samples:
+            found = ", ".join(sorted({s.split for s in dataset.samples}))
+            raise CxrError(f"{dataset.root}: no images in split '{split}' (splits found: {found})")
+        return subset
+    return dataset
+
+
+def paper_split(dataset: Dataset, seed: int, test_size: float = 0.2, group_split: bool = False) -> Split:
+    """The paper's seeded, stratified 80/20 split of ``dataset`` (patient-grouped when group_split)."""
+    groups = None
+    if group_split:
+        if not dataset.has_groups or not all(dataset.groups):
+            raise CxrError(f"{dataset.root}: a patient-grouped split needs a group/patient_id for every image")
+        groups = dataset.groups
+    return paper_splits(np.asarray(dataset.label_indices), [seed], test_size=test_size, groups=groups)[0]
+
+
+def decode_images(samples: list[Sample], size: int, workers: int = 2) -> np.ndarray:
+    """Every sample read with ``read_rgb`` at size x size, stacked as uint8 (N, size, size, 3)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        images = list(pool.map(lambda s: read_rgb(s.path, size), samples))
+    return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+
+
+def load_split_images(dataset: Dataset, split: Split, size: int, workers: int = 2) -> SplitImages:
+    """Decode all images of the dataset once and cut them along the split."""
+    images = decode_images(dataset.samples, size, workers)
+    labels = np.asarray(dataset.label_indices, dtype=np.int64)
+    train, test = split.train_idx, split.test_idx
+    return SplitImages(split, [dataset.samples[i] for i in train], [dataset.samples[i] for i in test],
+                       images[train], labels[train], images[test], labels[test])
