@@ -346,8 +346,8 @@ def test_no_pointer_for_other_data(tmp_path):
     assert audit_pointer(dataset, tmp_path / "runs") is None
 
 
-def test_module_entry_exits_2_on_a_bad_path(tmp_path, capsys):
-    from audit.__main__ import main
+def test_cli_audit_exits_2_on_a_bad_path(tmp_path, capsys):
+    from cli import main
 
-    assert main(["--data", str(tmp_path / "missing"), "--random-weights", "--no-progress"]) == 2
+    assert main(["audit", "--data", str(tmp_path / "missing"), "--random-weights", "--no-progress"]) == 2
     assert "no such file" in capsys.readouterr().err
