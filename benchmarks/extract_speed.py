@@ -8,6 +8,10 @@ onnxruntime and through Keras ``model.predict(preprocess_input(x))`` (one warm-u
 best of --repeats passes); then the end-to-end rate (read, decode, resize, infer, write a fresh HDF5 cache)
 on the whole dataset; then the ceiling = measured float32 matmul FLOP/s / the backbone's FLOPs per image.
 Prints a Markdown table and writes it (with the machine) to --out as JSON.
+
+Where OPENBLAS_CORETYPE pins numpy's OpenBLAS to an older kernel, the matmul peak (and so the ceiling)
+reads low: run it as ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/extract_speed.py``;
+the kernels used are recorded. Neither onnxruntime nor TensorFlow uses OpenBLAS.
 """
 from __future__ import annotations
 
@@ -117,10 +121,14 @@ def main() -> None:
             rows.append(bench_backbone(name, args.data, args.weights_dir, args.images, args.batch_size,
                                        args.repeats, peak, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
+    from threadpoolctl import threadpool_info
+
+    blas = [f"{i['internal_api']}:{i.get('architecture')}" for i in threadpool_info() if i["user_api"] == "blas"]
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "numpy_blas_kernels": blas, "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", ""),
                "cpus": default_threads(), "loadavg_at_end": os.getloadavg(), "matmul_gflop_s": peak / 1e9,
                "versions": library_versions()}
-    print(f"\nmachine: {machine['cpus']} cores, float32 matmul {peak / 1e9:.0f} GFLOP/s, "
+    print(f"\nmachine: {machine['cpus']} cores, float32 matmul {peak / 1e9:.0f} GFLOP/s ({', '.join(blas)}), "
           f"load average at end {machine['loadavg_at_end'][0]:.2f}")
     print("| backbone | input | onnxruntime img/s | Keras img/s | ratio | end-to-end img/s | e2e / onnx "
           "| inference share of e2e | decode-only img/s | GFLOP/img | ceiling img/s | onnx / ceiling |")
