@@ -34,11 +34,6 @@ class Sample:
     group: str = ""
     sha256: str = ""
 
-    @property
-    def key(self) -> str:
-        """Display path relative to the dataset root when possible."""
-        return str(self.path)
-
 
 @dataclass
 class Dataset:

@@ -11,7 +11,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -64,10 +64,6 @@ class ExtractSettings:
     @property
     def config(self) -> BackboneConfig:
         return get_backbone(self.backbone)
-
-    def with_backbone(self, name: str) -> "ExtractSettings":
-        """The same settings for another backbone (a weights *file* only applies to the first)."""
-        return replace(self, backbone=name)
 
     def record(self) -> dict[str, object]:
         return {"backbone": self.backbone, "input_size": self.config.input_size(self.input_size),
