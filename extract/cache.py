@@ -205,6 +205,16 @@ class FeatureCache:
         return block
 
 
+def _attrs(handle: h5py.File) -> dict[str, object]:
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in handle.attrs.items()}
+
+
+def read_cache_attrs(path: str | Path) -> dict[str, object]:
+    """The attributes of a cache file only (no embeddings read)."""
+    with h5py.File(path, "r") as handle:
+        return _attrs(handle)
+
+
 def read_cache(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, object]]:
     """(embeddings, columns, attrs) of a cache file, for readers that need no extraction."""
     with h5py.File(path, "r") as handle:
@@ -212,5 +222,5 @@ def read_cache(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray], dic
         columns = {"sha256": handle["sha256"][:].astype(str)}
         for column in ("path", "label", "split", "group"):
             columns[column] = handle[column][:].astype(str)
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in handle.attrs.items()}
+        attrs = _attrs(handle)
     return embeddings, columns, attrs

@@ -19,7 +19,7 @@ import numpy as np
 
 from core.errors import CxrError
 from core.record import library_versions
-from extract.cache import CacheRow, FeatureCache, read_cache
+from extract.cache import CacheRow, FeatureCache, read_cache, read_cache_attrs
 from extract.dataset import Dataset, Sample
 from extract.images import ImageDecodeError, read_rgb
 from extract.onnx_export import DEFAULT_OPSET, OnnxBackbone, get_onnx_backbone
@@ -246,7 +246,7 @@ def _onnx_attrs(onnx: OnnxBackbone | None, path: Path) -> dict[str, object]:
     if onnx is not None:
         return {"onnx_sha256": onnx.sha256, "onnx_max_relative_error": onnx.max_relative_error}
     if path.exists():
-        _, _, attrs = read_cache(path)
+        attrs = read_cache_attrs(path)
         return {k: attrs[k] for k in ("onnx_sha256", "onnx_max_relative_error") if k in attrs}
     return {}
 
