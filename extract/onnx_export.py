@@ -121,12 +121,23 @@ def export_checked(model_fn, input_size: int, target: Path, check_batch: np.ndar
 
 
 def _export(config: BackboneConfig, input_size: int, source: WeightsSource, target: Path, opset: int) -> float:
+    import gc
+
+    import keras
+
     model = build_keras_backbone(config, input_size, source)
     preprocess_input = keras_preprocess_input(config)
     batch = np.random.default_rng(0).uniform(0, 255, size=(2, input_size, input_size, 3)).astype(np.float32)
     reference = model.predict(preprocess_input(batch.copy()), verbose=0)
-    return export_checked(lambda pixels: model(preprocess_input(pixels), training=False), input_size, target,
-                          batch, reference, relative_error, MAX_RELATIVE_ERROR, config.name, opset)
+    try:
+        return export_checked(lambda pixels: model(preprocess_input(pixels), training=False), input_size, target,
+                              batch, reference, relative_error, MAX_RELATIVE_ERROR, config.name, opset)
+    finally:
+        # The Keras model and the traced TF graphs are only needed for the export: exporting several
+        # backbones in one process (compare, the tests) otherwise keeps every one of them in memory.
+        del model
+        keras.backend.clear_session()
+        gc.collect()
 
 
 def get_onnx_backbone(config: BackboneConfig, input_size: int, source: WeightsSource, cache_dir: str | Path,
