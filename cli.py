@@ -17,34 +17,49 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.settings import BackboneSettings
 
-from core.errors import CxrError  # noqa: E402
+DATA_ENV = "CXR_DATA"
+WEIGHTS_ENV = "CXR_WEIGHTS_DIR"
+SHARED_DATASET = Path("shared") / "data" / "covid19-xray"
+SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample"   # package data, installed with the code
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "covid19-xray"
-SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample"
+
+def _shared_folder() -> Path | None:
+    """``shared/`` in the current directory or beside it (``../shared``), where the project's data lives."""
+    for base in (Path.cwd(), Path.cwd().parent):
+        if (base / SHARED_DATASET).is_dir():
+            return base / "shared"
+    return None
 
 
 def default_data() -> Path:
-    """../shared's dataset when it is there, else the small bundled sample."""
-    return DEFAULT_DATA if DEFAULT_DATA.is_dir() else SAMPLE_DATA
+    """$CXR_DATA, else ../shared's covid19-xray (looked up from the current directory), else the bundled sample."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    shared = _shared_folder()
+    return shared / "data" / "covid19-xray" if shared else SAMPLE_DATA
 
 
 def default_weights_dir() -> str | None:
-    shared = DEFAULT_DATA.parent.parent / "weights"
-    return os.environ.get("CXR_WEIGHTS_DIR") or (str(shared) if shared.is_dir() else None)
+    """$CXR_WEIGHTS_DIR, else ../shared/weights when it exists (looked up from the current directory)."""
+    if os.environ.get(WEIGHTS_ENV):
+        return os.environ[WEIGHTS_ENV]
+    shared = _shared_folder()
+    return str(shared / "weights") if shared and (shared / "weights").is_dir() else None
 
 
 def add_backbone_flags(parser: argparse.ArgumentParser, many: bool = True, input_size: int | None = None,
                        batch_size: int = 16) -> None:
     parser.add_argument("--data", type=Path, default=None,
-                        help="dataset folder (<class>/ or <split>/<class>/) or CSV; default: ../shared's "
-                             "covid19-xray, else data/sample")
+                        help="dataset folder (<class>/ or <split>/<class>/) or CSV; default: $CXR_DATA, else "
+                             "../shared/data/covid19-xray, else the bundled sample")
     parser.add_argument("--backbone", "--backbones", dest="backbone", default="vgg16",
                         help="backbone name" + (", comma list or 'all'" if many else ""))
     parser.add_argument("--weights", type=Path, default=None, help="weights file for the (single) backbone")
-    parser.add_argument("--weights-dir", default=default_weights_dir(),
-                        help="folder searched for <backbone>_*.h5 (also $CXR_WEIGHTS_DIR); default ../shared/weights")
+    parser.add_argument("--weights-dir", default=None,
+                        help="folder searched for <backbone>_*.h5; default $CXR_WEIGHTS_DIR, else ../shared/weights")
     parser.add_argument("--random-weights", action="store_true", help="random weights (tests only, never a fallback)")
     parser.add_argument("--input-size", type=int, default=input_size,
                         help=f"square input size (default: {input_size or 'the backbone' + chr(39) + 's'})")
@@ -54,27 +69,28 @@ def add_backbone_flags(parser: argparse.ArgumentParser, many: bool = True, input
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def extract_settings(args: argparse.Namespace):
-    from extract.pipeline import ExtractSettings
-
-    return ExtractSettings(backbone=args.backbone.split(",")[0], weights_file=args.weights,
-                           weights_dir=args.weights_dir, random_weights=args.random_weights,
-                           input_size=args.input_size, cache_dir=args.cache_dir, batch_size=args.batch_size,
-                           threads=args.threads, progress=not args.no_progress)
+def common_settings(args: argparse.Namespace) -> BackboneSettings:
+    """The one BackboneSettings every stage shares, from the common flags."""
+    return BackboneSettings(backbone=args.backbone.split(",")[0].strip() or "vgg16", weights_file=args.weights,
+                            weights_dir=args.weights_dir or default_weights_dir(), random_weights=args.random_weights,
+                            input_size=args.input_size, cache_dir=args.cache_dir, threads=args.threads,
+                            progress=not args.no_progress)
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from extract.commands import backbone_table, format_table
+    from cxr_transfer.core.tables import text_table
+    from cxr_transfer.extract.commands import backbone_table
 
-    print(format_table(backbone_table(args.weights_dir, args.input_size)))
+    print(text_table(backbone_table(args.weights_dir or default_weights_dir(), args.input_size)))
     return 0
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from extract.commands import extract_many
+    from cxr_transfer.extract.commands import extract_many
+    from cxr_transfer.extract.pipeline import ExtractSettings
 
-    data = args.data or default_data()
-    results = extract_many(data, args.backbone, extract_settings(args))
+    settings = ExtractSettings(common=common_settings(args), batch_size=args.batch_size)
+    results = extract_many(args.data or default_data(), args.backbone, settings)
     for result in results:
         print(result.summary())
         for path, reason in result.failures:
@@ -84,25 +100,23 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def audit_pointer_line(data: Path) -> str | None:
     """The audit's one-line pointer for this data, when an audit of it exists."""
-    try:
-        from audit.run import audit_pointer
-        from extract.dataset import load_dataset
-    except ImportError:
-        return None
+    from cxr_transfer.audit.run import audit_pointer
+    from cxr_transfer.extract.dataset import load_dataset
+
     return audit_pointer(load_dataset(data))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from classify.compare import CompareSettings, run_compare
-    from classify.report import summary_rows, text_table
+    import cxr_transfer
+    from cxr_transfer.classify.report import summary_rows
+    from cxr_transfer.core.tables import text_table
 
     data = args.data or default_data()
-    settings = CompareSettings(data=data, extract=extract_settings(args), backbones=args.backbone, heads=args.heads,
-                               protocol=args.protocol, seed=args.seed, seeds=args.seeds, folds=args.folds,
-                               repeats=args.repeats, test_size=args.test_size, group_by=args.group_by,
-                               concat=args.concat, tune=args.tune, save=args.save, out_dir=args.out,
-                               run_name=args.name, n_jobs=args.jobs)
-    run = run_compare(settings)
+    run = cxr_transfer.compare(data, args.backbone, args.heads, common=common_settings(args),
+                               batch_size=args.batch_size, protocol=args.protocol, seed=args.seed, seeds=args.seeds,
+                               folds=args.folds, repeats=args.repeats, test_size=args.test_size,
+                               group_by=args.group_by, concat=args.concat, tune=args.tune, save=args.save,
+                               out_dir=args.out, run_name=args.name, n_jobs=args.jobs)
     print(text_table(summary_rows(run.summary)))
     print(f"\nrun folder: {run.run_dir} (report.md, results.json, results.csv, plots, record.json)")
     pointer = audit_pointer_line(data)
@@ -112,9 +126,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from classify.predict import predict_images
+    import cxr_transfer
 
-    out, skipped = predict_images(args.images, args.model, extract_settings(args), args.out)
+    out, skipped = cxr_transfer.predict(args.images, args.model, out=args.out, common=common_settings(args),
+                                        batch_size=args.batch_size)
     for path, reason in skipped:
         print(f"skipped {path}: {reason.split(': ', 1)[-1]}")
     print(f"predictions: {out}")
@@ -122,18 +137,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from finetune.train import FinetuneSettings, run_finetune
+    import cxr_transfer
 
     data = args.data or default_data()
-    settings = FinetuneSettings(data=data, backbone=args.backbone, weights_file=args.weights,
-                                weights_dir=args.weights_dir, random_weights=args.random_weights,
-                                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                input_size=args.input_size, seed=args.seed, fast=args.fast, views=args.views,
-                                augment=not args.no_augment, dense_units=args.dense_units, dropout=args.dropout,
-                                test_size=args.test_size, group_split=args.group_by == "patient_id",
-                                run_dir=args.run_dir, out_dir=args.out, cache_dir=args.cache_dir,
-                                threads=args.threads, progress=not args.no_progress)
-    run_dir = run_finetune(settings)
+    run_dir = cxr_transfer.finetune(data, args.backbone, common=common_settings(args), epochs=args.epochs,
+                                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, fast=args.fast,
+                                    views=args.views, augment=not args.no_augment, dense_units=args.dense_units,
+                                    dropout=args.dropout, test_size=args.test_size, group_by=args.group_by,
+                                    run_dir=args.run_dir, out_dir=args.out)
     print(f"run folder: {run_dir} (report.md, results.json, curves.png, confusion.png, model.keras, model.onnx)")
     pointer = audit_pointer_line(data)
     if pointer:
@@ -142,8 +153,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from classify.side_by_side import side_by_side, write_side_by_side
-    from classify.report import text_table
+    from cxr_transfer.classify.side_by_side import side_by_side, write_side_by_side
+    from cxr_transfer.core.tables import text_table
 
     rows, notes = side_by_side(args.runs)
     print(text_table(rows))
@@ -155,14 +166,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from audit.run import AuditSettings, run_audit
+    import cxr_transfer
 
-    settings = AuditSettings(data=args.data or default_data(), backbone=args.backbone, weights_file=args.weights,
-                             weights_dir=args.weights_dir, random_weights=args.random_weights,
-                             input_size=args.input_size, cache_dir=args.cache_dir, out_dir=args.out,
-                             runs_dir=args.runs_dir, seed=args.seed, strict=args.strict,
-                             progress=not args.no_progress)
-    report = run_audit(settings)
+    report = cxr_transfer.audit(args.data or default_data(), args.backbone, common=common_settings(args),
+                                out_dir=args.out, runs_dir=args.runs_dir, seed=args.seed, strict=args.strict)
     print(report.verdict)
     for finding in report.findings:
         print(f"- {finding}")
@@ -171,13 +178,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="cxr-transfer", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("backbones", help="list the backbone registry and where weights were found")
-    p.add_argument("--weights-dir", default=default_weights_dir())
+    p.add_argument("--weights-dir", default=None, help="default $CXR_WEIGHTS_DIR, else ../shared/weights")
     p.add_argument("--input-size", type=int, default=None)
     p.set_defaults(func=cmd_backbones)
 
@@ -223,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-units", type=int, default=64, help="hidden units of the head (see finetune/model.py)")
     p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument("--test-size", type=float, default=0.2)
-    p.add_argument("--group-by", default=None, help="patient_id: keep each patient on one side of the split")
+    p.add_argument("--group-by", default=None, help="patient_id (or group): keep each patient on one side of the split")
     p.add_argument("--run-dir", type=Path, default=None, help="exact run folder")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders")
     p.set_defaults(func=cmd_finetune)

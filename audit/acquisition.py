@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from classify.metrics import classification_metrics, summarize
-from classify.protocols import cv_splits
-from core.errors import CxrError
-from extract.dataset import Dataset
+from cxr_transfer.classify.metrics import classification_metrics, summarize
+from cxr_transfer.classify.protocols import cv_splits
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.extract.dataset import Dataset
 
 MARGIN = 0.2
 """Accuracy above chance from which file properties count as a shortcut."""

@@ -23,13 +23,23 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from audit.duplicates import (HASH_BITS, DuplicateRule, cosine_matrix, grey_for_hash, hash_files,
-                              phash_distance, phash_distance_matrix, view_hashes)
-from audit.transforms import TRANSFORMS, save_grey
-from core.record import run_record, write_json
-from extract.dataset import load_dataset
-from extract.images import read_rgb
-from extract.pipeline import ExtractSettings, load_features
+from cxr_transfer.audit.duplicates import (
+    HASH_BITS,
+    DuplicateRule,
+    cosine_matrix,
+    grey_for_hash,
+    hash_files,
+    phash_distance,
+    phash_distance_matrix,
+    view_hashes,
+)
+from cxr_transfer.audit.transforms import TRANSFORMS, save_grey
+from cxr_transfer.core.plotting import subplots
+from cxr_transfer.core.record import run_record, write_json
+from cxr_transfer.core.settings import BackboneSettings
+from cxr_transfer.extract.dataset import load_dataset
+from cxr_transfer.extract.images import read_rgb
+from cxr_transfer.extract.pipeline import ExtractSettings, load_features
 
 
 def _quantiles(values: np.ndarray) -> dict:
@@ -74,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = ExtractSettings(backbone=args.backbone, weights_file=args.weights_file, weights_dir=args.weights_dir,
-                               random_weights=args.random_weights, cache_dir=Path(args.cache_dir))
+    settings = ExtractSettings(BackboneSettings(backbone=args.backbone, weights_file=args.weights_file,
+                                                weights_dir=args.weights_dir, random_weights=args.random_weights,
+                                                cache_dir=Path(args.cache_dir)))
     dataset = load_dataset(args.data)
     features, _ = load_features(dataset, settings)
     emb = {s.sha256: features.embeddings[i] for i, s in enumerate(features.samples)}
@@ -148,15 +159,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _plot(path: Path, neg_ph, neg_cos, pos_ph, pos_cos, transforms, rule: DuplicateRule) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 6))
+    fig, ax = subplots(figsize=(8, 6))
     ax.scatter(neg_ph + np.random.default_rng(0).uniform(-0.3, 0.3, neg_ph.size), neg_cos, s=2, c="0.6",
                alpha=0.3, label=f"different patients ({neg_ph.size} pairs)")
-    palette = [c for c in plt.get_cmap("tab10").colors if len(set(c)) > 1]  # no grey: negatives are grey
+    import matplotlib
+
+    palette = [c for c in matplotlib.colormaps["tab10"].colors if len(set(c)) > 1]  # no grey: negatives are grey
     for k, name in enumerate(dict.fromkeys(transforms)):
         mask = np.array([t == name for t in transforms])
         ax.scatter(pos_ph[mask], pos_cos[mask], s=12, color=palette[k % len(palette)], label=f"edited copy: {name}")
@@ -169,7 +177,6 @@ def _plot(path: Path, neg_ph, neg_cos, pos_ph, pos_cos, transforms, rule: Duplic
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from extract.dataset import Dataset, Sample
-from extract.images import ImageDecodeError, read_rgb
+from cxr_transfer.extract.dataset import Dataset, Sample
+from cxr_transfer.extract.images import ImageDecodeError, read_rgb
 
 HASH_DECODE_SIZE = 256
 """Images are decoded straight to 256 x 256 (JPEG draft mode) before hashing (pHash works on 64 px)."""

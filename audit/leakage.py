@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
-from extract.dataset import Dataset
+from cxr_transfer.extract.dataset import Dataset
 
 
 @dataclass

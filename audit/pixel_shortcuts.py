@@ -16,12 +16,17 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from classify.heads import make_head
-from classify.metrics import classification_metrics, summarize
-from classify.protocols import cv_splits
-from core.errors import CxrError
-from extract.dataset import Dataset
-from extract.pipeline import ExtractSettings, FeatureSet, ImageView, load_features
+from cxr_transfer.classify.heads import make_head
+from cxr_transfer.classify.metrics import classification_metrics, summarize
+from cxr_transfer.classify.protocols import cv_splits
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.extract.dataset import Dataset
+from cxr_transfer.extract.pipeline import (
+    ExtractSettings,
+    FeatureSet,
+    ImageView,
+    load_features,
+)
 
 CENTER_FRACTION = 0.8
 """Side fraction of the central box blacked out by the no-center view."""

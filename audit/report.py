@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from core.record import write_json
-from extract.images import ImageDecodeError, read_rgb
-
-if TYPE_CHECKING:  # pragma: no cover
-    from audit.run import AuditReport
+from cxr_transfer.core.plotting import subplots
+from cxr_transfer.core.record import write_json
+from cxr_transfer.core.tables import mean_std
+from cxr_transfer.extract.images import ImageDecodeError, read_rgb
 
 AUDIT_JSON = "audit.json"
 AUDIT_MD = "audit.md"
@@ -27,22 +26,17 @@ def _pct(value: float | None) -> str:
 def _acc(summary: dict | None) -> str:
     if not summary:
         return "n/a"
-    return f"{100 * summary['mean']:.1f}% ± {100 * summary['std']:.1f}"
+    return mean_std(summary, digits=1, scale=100, suffix="%")
 
 
 def write_sheet(pairs: list[dict], root: Path, path: Path, cap: int = SHEET_CAP) -> tuple[int, bool]:
     """Draw up to ``cap`` pairs, two pairs per row; returns (pairs drawn, capped?). Nothing when no pairs."""
     if not pairs:
         return 0, False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = pairs[:cap]
     per_row = 2
     rows = (len(shown) + per_row - 1) // per_row
-    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(4 * 2.6, rows * 3.0), squeeze=False)
+    fig, axes = subplots(rows, 2 * per_row, figsize=(4 * 2.6, rows * 3.0), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for k, pair in enumerate(shown):
@@ -63,7 +57,6 @@ def write_sheet(pairs: list[dict], root: Path, path: Path, cap: int = SHEET_CAP)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return len(shown), len(pairs) > cap
 
 
@@ -191,10 +184,10 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def write_report(report: "AuditReport", out_dir: Path) -> dict[str, Path]:
-    """Write the three files; returns their paths (the sheet only when there are pairs)."""
+def write_report(payload: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write audit.json, audit.md and the duplicate sheet from the audit's payload; returns their paths (the
+    sheet only when there are pairs). ``payload`` gains the sheet's pair count."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = report.payload
     pairs = payload["duplicates"]["pairs"]
     sheet = out_dir / SHEET_PNG
     if sheet.exists():

@@ -17,47 +17,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from audit.acquisition import AcquisitionResult, acquisition_shortcuts
-from audit.duplicates import HASH_CACHE_NAME, DuplicateRule, DuplicateScan, find_duplicates
-from audit.leakage import LeakageResult, patient_leakage
-from audit.pixel_shortcuts import PixelShortcutResult, pixel_shortcuts
-from audit.report import AUDIT_JSON, write_report
-from core.record import run_record
-from extract.dataset import Dataset, load_dataset
-from extract.pipeline import DEFAULT_CACHE_DIR, ExtractSettings, dataset_cache_id, load_features
+from cxr_transfer.audit.acquisition import AcquisitionResult, acquisition_shortcuts
+from cxr_transfer.audit.duplicates import (
+    HASH_CACHE_NAME,
+    DuplicateRule,
+    DuplicateScan,
+    find_duplicates,
+)
+from cxr_transfer.audit.leakage import LeakageResult, patient_leakage
+from cxr_transfer.audit.pixel_shortcuts import PixelShortcutResult, pixel_shortcuts
+from cxr_transfer.audit.report import AUDIT_JSON, write_report
+from cxr_transfer.core.cache_keys import dataset_cache_id
+from cxr_transfer.core.record import run_record
+from cxr_transfer.core.settings import BackboneSettings, UsesBackboneSettings
+from cxr_transfer.extract.dataset import Dataset, load_dataset
+from cxr_transfer.extract.pipeline import ExtractSettings, load_features
 
 DEFAULT_RUNS_DIR = Path("runs")
 
 
 @dataclass(frozen=True)
-class AuditSettings:
-    """What to audit and how; the CLI maps its flags onto these fields one to one."""
+class AuditSettings(UsesBackboneSettings):
+    """What to audit and how: the shared backbone settings plus the audit's own."""
 
     data: str | Path
-    backbone: str = "vgg16"
-    weights_file: str | Path | None = None
-    weights_dir: str | Path | None = None
-    random_weights: bool = False
-    input_size: int | None = None          # network input side; None = the backbone's own (224 for VGG16)
-    cache_dir: Path = DEFAULT_CACHE_DIR
+    common: BackboneSettings = field(default_factory=BackboneSettings)
     out_dir: Path | None = None            # None -> runs/audit/<dataset cache id>/
     runs_dir: Path = DEFAULT_RUNS_DIR      # where the default out_dir lives and pointers look
     seed: int = 0
     folds: int = 5
     head: str = "logreg"
     strict: bool = False                   # the CLI exits 1 when strict and findings exist
-    progress: bool = True
     rule: DuplicateRule = field(default_factory=DuplicateRule)
 
     def extract_settings(self) -> ExtractSettings:
-        return ExtractSettings(backbone=self.backbone, weights_file=self.weights_file, weights_dir=self.weights_dir,
-                               random_weights=self.random_weights, input_size=self.input_size,
-                               cache_dir=Path(self.cache_dir), progress=self.progress)
+        return ExtractSettings(common=self.common)
 
     def record(self) -> dict[str, Any]:
-        return {"data": str(self.data), "backbone": self.backbone, "weights_file": str(self.weights_file or ""),
-                "weights_dir": str(self.weights_dir or ""), "random_weights": self.random_weights,
-                "input_size": self.input_size, "cache_dir": str(self.cache_dir), "out_dir": str(self.out_dir or ""),
+        return {"data": str(self.data), **self.common.record(), "out_dir": str(self.out_dir or ""),
                 "seed": self.seed, "folds": self.folds, "head": self.head, "strict": self.strict,
                 "rule": vars(self.rule)}
 
@@ -86,7 +83,7 @@ class AuditReport:
 
 
 def default_out_dir(dataset: Dataset, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path:
-    return Path(runs_dir) / "audit" / dataset_cache_id(dataset)
+    return Path(runs_dir) / "audit" / dataset_cache_id(dataset.root)
 
 
 def _findings(dup: DuplicateScan, leak: LeakageResult, acq: AcquisitionResult,
@@ -161,7 +158,7 @@ def _payload(dataset: Dataset, settings: AuditSettings, dup: DuplicateScan, leak
         "settings": settings.record(),
         "weights": weights,
         "dataset": {"root": str(dataset.root), "fingerprint": dataset.fingerprint,
-                    "cache_id": dataset_cache_id(dataset), "n_images": len(dataset),
+                    "cache_id": dataset_cache_id(dataset.root), "n_images": len(dataset),
                     "class_names": dataset.class_names, "has_groups": dataset.has_groups,
                     "counts": {k: dict(sorted(v.items())) for k, v in sorted(counts.items())},
                     "sha256": sorted({s.sha256 for s in dataset.samples})},
@@ -198,7 +195,7 @@ def run_audit(settings: AuditSettings) -> AuditReport:
     full, result = load_features(dataset, extract)
     tick = lap("embed_full", tick)
     embeddings = {s.sha256: full.embeddings[i] for i, s in enumerate(full.samples)}
-    hash_cache = Path(settings.cache_dir) / dataset_cache_id(dataset) / HASH_CACHE_NAME
+    hash_cache = Path(settings.cache_dir) / dataset_cache_id(dataset.root) / HASH_CACHE_NAME
     duplicates = find_duplicates(dataset, embeddings, settings.rule, cache_path=hash_cache)
     tick = lap("duplicates", tick)
     leakage = patient_leakage(dataset)
@@ -214,7 +211,7 @@ def run_audit(settings: AuditSettings) -> AuditReport:
                        result.weights.describe())
     report = AuditReport(dataset, settings, duplicates, leakage, acquisition, pixels, findings, verdict, timings,
                          payload, out_dir)
-    report.paths = write_report(report, out_dir)
+    report.paths = write_report(report.payload, out_dir)
     timings["total"] = round(time.perf_counter() - started, 2)
     return report
 

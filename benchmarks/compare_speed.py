@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from classify.compare import CompareSettings, run_compare  # noqa: E402
-from extract.dataset import load_dataset  # noqa: E402
-from extract.pipeline import ExtractSettings, extract_features  # noqa: E402
+from cxr_transfer.classify.compare import CompareSettings, run_compare
+from cxr_transfer.core.settings import BackboneSettings
+from cxr_transfer.extract.dataset import load_dataset
+from cxr_transfer.extract.pipeline import ExtractSettings, extract_features
 
 
 def main() -> None:
@@ -31,7 +29,7 @@ def main() -> None:
     parser.add_argument("--backbones", default="vgg16,xception")
     parser.add_argument("--cache-dir", type=Path, default=here / "features")
     args = parser.parse_args()
-    extract = ExtractSettings(weights_dir=args.weights_dir, cache_dir=args.cache_dir, progress=False)
+    extract = ExtractSettings(BackboneSettings(weights_dir=args.weights_dir, cache_dir=args.cache_dir, progress=False))
     dataset = load_dataset(args.data)
     for name in args.backbones.split(","):
         extract_features(dataset, replace(extract, backbone=name))

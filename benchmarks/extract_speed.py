@@ -19,24 +19,22 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from core.record import library_versions  # noqa: E402
-from extract.dataset import load_dataset  # noqa: E402
-from extract.images import read_rgb  # noqa: E402
-from extract.onnx_export import get_onnx_backbone, keras_preprocess_input  # noqa: E402
-from extract.pipeline import ExtractSettings, extract_features  # noqa: E402
-from extract.registry import get_backbone  # noqa: E402
-from extract.runner import OnnxEmbedder, default_threads  # noqa: E402
-from extract.weights import build_keras_backbone, resolve_weights  # noqa: E402
+from cxr_transfer.core.record import library_versions
+from cxr_transfer.core.settings import BackboneSettings
+from cxr_transfer.extract.dataset import load_dataset
+from cxr_transfer.extract.images import read_rgb
+from cxr_transfer.extract.onnx_export import get_onnx_backbone, keras_preprocess_input
+from cxr_transfer.extract.pipeline import ExtractSettings, extract_features
+from cxr_transfer.extract.registry import get_backbone
+from cxr_transfer.extract.runner import OnnxEmbedder, default_threads
+from cxr_transfer.extract.weights import build_keras_backbone, resolve_weights
 
 
 def matmul_flops(n: int = 4096, repeats: int = 5) -> float:
@@ -57,7 +55,9 @@ def _timed(fn) -> float:
 def model_flops(model, size: int) -> float:
     """Floating-point operations of one forward pass for one image (TensorFlow's profiler, multiply+add = 2)."""
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2_as_graph
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2_as_graph,
+    )
 
     concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(
         tf.TensorSpec((1, size, size, 3), tf.float32))
@@ -90,8 +90,8 @@ def bench_backbone(name: str, data: Path, weights_dir: str, n_images: int, batch
                       batches, repeats)
     flops = model_flops(model, size)
 
-    settings = ExtractSettings(backbone=name, weights_dir=weights_dir, cache_dir=cache_root, batch_size=batch_size,
-                               progress=False)
+    settings = ExtractSettings(BackboneSettings(backbone=name, weights_dir=weights_dir, cache_dir=cache_root,
+                                                progress=False), batch_size=batch_size)
     decode_time = _timed(lambda: [read_rgb(s.path, size) for s in dataset.samples])
     result = extract_features(dataset, settings)
     return {"backbone": name, "input": size, "batch": batch_size, "onnx_img_s": onnx_rate, "keras_img_s": keras_rate,

@@ -5,11 +5,9 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from classify.results import load_results  # noqa: E402
+from cxr_transfer.classify.results import load_results
+from cxr_transfer.core.tables import mean_std
 
 
 def column_name(settings: dict) -> str:
@@ -35,8 +33,7 @@ def main(run_dirs: list[str]) -> None:
         for name in order:
             row = columns[name].get((backbone, model))
             acc = row and row["accuracy"]
-            cells.append("-" if not acc else (f"{acc['mean']:.3f} ± {acc['std']:.3f}" if acc["n"] > 1
-                                             else f"{acc['mean']:.3f}"))
+            cells.append(mean_std(acc))
         print(f"| {backbone} | {model} | " + " | ".join(cells) + " |")
 
 

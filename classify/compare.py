@@ -9,27 +9,33 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from joblib import Parallel, delayed
 from threadpoolctl import threadpool_limits
 
-from classify.heads import make_head, make_tuned_head, parse_head_list
-from classify.metrics import classification_metrics, headline, summarize
-from classify.protocols import Split, check_splittable, cv_splits, holdout_split, paper_splits
-from classify.results import Evaluation, save_results, test_fingerprint
-from core.errors import CxrError
-from core.record import run_record, write_json
-from extract.dataset import Dataset, load_dataset
-from extract.pipeline import ExtractSettings, FeatureSet, load_features
-from extract.registry import parse_backbone_list
+from cxr_transfer.classify.heads import make_head, make_tuned_head, parse_head_list
+from cxr_transfer.classify.metrics import classification_metrics, headline, summarize
+from cxr_transfer.classify.protocols import (
+    Split,
+    check_splittable,
+    cv_splits,
+    holdout_split,
+    paper_splits,
+    resolve_groups,
+)
+from cxr_transfer.classify.results import Evaluation, save_results, test_fingerprint
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.record import run_record, write_json
+from cxr_transfer.extract.dataset import Dataset, load_dataset
+from cxr_transfer.extract.pipeline import ExtractSettings, FeatureSet, load_features
+from cxr_transfer.extract.registry import parse_backbone_list
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("paper", "cv", "holdout")
-GROUP_COLUMNS = ("patient_id", "group")
 CONCAT_NAME = "concat"
 SUMMARY_METRICS = ("accuracy", "covid_sensitivity", "covid_specificity", "macro_f1", "roc_auc_macro")
 
@@ -103,21 +109,6 @@ def make_splits(settings: CompareSettings, labels: np.ndarray, splits: np.ndarra
     return [Split(split.protocol, split.repeat, split.fold, split.train_idx, kept)]
 
 
-def resolve_groups(dataset: Dataset, group_by: str | None) -> np.ndarray | None:
-    if not group_by:
-        return None
-    if group_by not in GROUP_COLUMNS:
-        raise CxrError(f"--group-by takes one of: {', '.join(GROUP_COLUMNS)}; got '{group_by}'")
-    if not dataset.has_groups:
-        raise CxrError(f"{dataset.root}: no '{group_by}' column (add a manifest.csv with path,patient_id "
-                       f"beside the class folders, or a group column to the dataset CSV)")
-    groups = np.array(dataset.groups)
-    missing = int((groups == "").sum())
-    if missing:
-        raise CxrError(f"{dataset.root}: {missing} images have no {group_by}; every image needs one to group by it")
-    return groups
-
-
 def _fit_and_score(backbone: str, head: str, X: np.ndarray, y: np.ndarray, split: Split, shas: list[str],
                    class_names: list[str], seed: int, tune: bool) -> Evaluation:
     with threadpool_limits(1):
@@ -175,8 +166,8 @@ def default_run_dir(settings: CompareSettings, prefix: str = "compare") -> Path:
 
 def run_compare(settings: CompareSettings) -> CompareRun:
     """Extract (when needed), split, fit every head on every backbone, score, and write the run folder."""
-    from classify.report import write_compare_report
-    from classify.saved_model import save_head
+    from cxr_transfer.classify.report import write_compare_report
+    from cxr_transfer.classify.saved_model import save_head
 
     started = time.perf_counter()
     configs = parse_backbone_list(settings.backbones)
@@ -188,7 +179,7 @@ def run_compare(settings: CompareSettings) -> CompareRun:
     features: dict[str, FeatureSet] = {}
     extraction: dict[str, dict] = {}
     for config in configs:
-        feature_set, result = load_features(dataset, replace(settings.extract, backbone=config.name))
+        feature_set, result = load_features(dataset, settings.extract.with_backbone(config.name))
         features[config.name] = feature_set
         extraction[config.name] = {"cache": str(result.cache_path), "weights": result.weights.describe(),
                                    "weights_sha256": result.weights.sha256, "onnx_sha256": result.onnx_sha256,

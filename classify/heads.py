@@ -11,6 +11,9 @@ threads only add overhead, and on a busy 2-core machine they made 7-head 5-fold 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.calibration import CalibratedClassifierCV
@@ -24,10 +27,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from core.errors import CxrError
-
-HEAD_NAMES: tuple[str, ...] = ("logreg", "linsvm", "rbfsvm", "knn", "rf", "hgb", "mlp")
-"""All heads, in the stable order reports list them."""
+from cxr_transfer.core.errors import CxrError
 
 HGB_PCA_COMPONENTS = 64
 """Dimensions kept before gradient boosting; HGB on raw 2048-dim features is far too slow."""
@@ -59,7 +59,7 @@ class CappedPCA(TransformerMixin, BaseEstimator):
         return self.pca_.transform(X)
 
 
-def _calibrated_svm(kernel: str) -> CalibratedClassifierCV:
+def _calibrated_svm(kernel: str, C: float = 1.0) -> CalibratedClassifierCV:
     """An SVC whose probabilities come from temperature scaling.
 
     ``SVC(probability=True)`` is deprecated in scikit-learn 1.9. Temperature scaling with
@@ -69,72 +69,95 @@ def _calibrated_svm(kernel: str) -> CalibratedClassifierCV:
     The calibration folds are unshuffled StratifiedKFold, hence deterministic.
     """
     return CalibratedClassifierCV(
-        SVC(kernel=kernel, C=1.0),
+        SVC(kernel=kernel, C=C),
         method="temperature",
         cv=SVM_CALIBRATION_FOLDS,
         ensemble=False,
     )
 
 
-def _check_name(name: str) -> None:
-    if name not in HEAD_NAMES:
-        raise CxrError(f"unknown head '{name}'; valid heads: {', '.join(HEAD_NAMES)}")
+def _scaled(step: Any) -> list[tuple[str, Any]]:
+    return [("scale", StandardScaler()), ("clf", step)]
 
 
-def make_head(name: str, seed: int = 0) -> Pipeline:
-    """Build an unfitted head by name; every randomized step gets ``seed``.
+@dataclass(frozen=True)
+class HeadSpec:
+    """One registered head: how to build it, what its defaults are and what ``--tune`` searches.
 
-    logreg: standardize + LogisticRegression(C=1, max_iter=5000).
-    linsvm / rbfsvm: standardize + SVC (linear / RBF) with temperature-scaled probabilities.
-    knn: standardize + 5 nearest neighbours.
-    rf: 300-tree random forest on raw features (trees need no scaling), all cores.
-    hgb: standardize + PCA to 64 dims + HistGradientBoosting; HGB on raw 2048-dim features
-        is slow, the PCA keeps 5-fold on 336 x 2048 at a second or two.
-    mlp: standardize + one hidden layer of 256 units (adam, up to 500 epochs).
+    ``build(seed, **params)`` returns the Pipeline steps; ``params`` are the default keyword arguments and
+    ``grid`` the tuning grid, keyed by Pipeline parameter names (2-8 points each, so nested 5 x 3-fold
+    tuning on ~336 images stays practical).
     """
-    _check_name(name)
-    scale = ("scale", StandardScaler())
-    if name == "logreg":
-        steps = [scale, ("clf", LogisticRegression(C=1.0, max_iter=5000, random_state=seed))]
-    elif name == "linsvm":
-        steps = [scale, ("clf", _calibrated_svm("linear"))]
-    elif name == "rbfsvm":
-        steps = [scale, ("clf", _calibrated_svm("rbf"))]
-    elif name == "knn":
-        steps = [scale, ("clf", KNeighborsClassifier(n_neighbors=5))]
-    elif name == "rf":
-        steps = [("clf", RandomForestClassifier(n_estimators=300, n_jobs=-1, random_state=seed))]
-    elif name == "hgb":
-        steps = [
-            scale,
-            ("reduce", CappedPCA(n_components=HGB_PCA_COMPONENTS, random_state=seed)),
-            ("clf", HistGradientBoostingClassifier(random_state=seed)),
-        ]
-    else:  # mlp
-        steps = [
-            scale,
-            ("clf", MLPClassifier(hidden_layer_sizes=(256,), early_stopping=False, max_iter=500, random_state=seed)),
-        ]
-    return Pipeline(steps)
+
+    name: str
+    description: str
+    build: Callable[..., list[tuple[str, Any]]]
+    params: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+
+
+HEADS: dict[str, HeadSpec] = {spec.name: spec for spec in (
+    HeadSpec(name="logreg", description="standardize + LogisticRegression(C=1, max_iter=5000)",
+             build=lambda seed, C, max_iter: _scaled(LogisticRegression(C=C, max_iter=max_iter, random_state=seed)),
+             params={"C": 1.0, "max_iter": 5000},
+             grid={"clf__C": [0.01, 0.1, 1.0, 10.0]}),
+    HeadSpec(name="linsvm", description="standardize + linear SVC, temperature-scaled probabilities",
+             build=lambda seed, C: _scaled(_calibrated_svm("linear", C)),
+             params={"C": 1.0},
+             grid={"clf__estimator__C": [0.001, 0.01, 0.1, 1.0]}),
+    HeadSpec(name="rbfsvm", description="standardize + RBF SVC, temperature-scaled probabilities",
+             build=lambda seed, C: _scaled(_calibrated_svm("rbf", C)),
+             params={"C": 1.0},
+             grid={"clf__estimator__C": [0.1, 1.0, 10.0, 100.0]}),
+    HeadSpec(name="knn", description="standardize + k nearest neighbours (k=5)",
+             build=lambda seed, n_neighbors: _scaled(KNeighborsClassifier(n_neighbors=n_neighbors)),
+             params={"n_neighbors": 5},
+             grid={"clf__n_neighbors": [3, 5, 9, 15], "clf__weights": ["uniform", "distance"]}),
+    HeadSpec(name="rf", description="random forest of 300 trees on raw features (trees need no scaling), all cores",
+             build=lambda seed, n_estimators: [("clf", RandomForestClassifier(n_estimators=n_estimators, n_jobs=-1,
+                                                                              random_state=seed))],
+             params={"n_estimators": 300},
+             grid={"clf__max_features": ["sqrt", "log2"], "clf__min_samples_leaf": [1, 3]}),
+    HeadSpec(name="hgb", description="standardize + PCA to 64 dims + HistGradientBoosting (raw 2048 dims is "
+                                     "far too slow)",
+             build=lambda seed, n_components: [("scale", StandardScaler()),
+                                               ("reduce", CappedPCA(n_components=n_components, random_state=seed)),
+                                               ("clf", HistGradientBoostingClassifier(random_state=seed))],
+             params={"n_components": HGB_PCA_COMPONENTS},
+             grid={"clf__learning_rate": [0.05, 0.1], "clf__max_leaf_nodes": [15, 31]}),
+    # alpha >= 0.1 needs 200-300 adam epochs on 2048 dims (30 s+ per fit); the grid's values converge in ~20
+    HeadSpec(name="mlp", description="standardize + one hidden layer of 256 units (adam, up to 500 epochs)",
+             build=lambda seed, hidden, max_iter: _scaled(MLPClassifier(hidden_layer_sizes=(hidden,),
+                                                                        early_stopping=False, max_iter=max_iter,
+                                                                        random_state=seed)),
+             params={"hidden": 256, "max_iter": 500},
+             grid={"clf__alpha": [1e-4, 1e-3, 1e-2]}),
+)}
+
+HEAD_NAMES: tuple[str, ...] = tuple(HEADS)
+"""All heads, in the stable order reports list them."""
+
+
+def get_head(name: str) -> HeadSpec:
+    """The registry entry of a head; unknown names list the valid ones."""
+    if name not in HEADS:
+        raise CxrError(f"unknown head '{name}'; valid heads: {', '.join(HEAD_NAMES)}")
+    return HEADS[name]
+
+
+def make_head(name: str, seed: int = 0, **params: Any) -> Pipeline:
+    """Build an unfitted head by name (see ``HEADS``); every randomized step gets ``seed``; ``params``
+    override the entry's defaults."""
+    spec = get_head(name)
+    unknown = set(params) - set(spec.params)
+    if unknown:
+        raise TypeError(f"head '{name}' takes the parameters {sorted(spec.params)}; got {sorted(unknown)} instead")
+    return Pipeline(spec.build(seed, **{**spec.params, **params}))
 
 
 def param_grid(name: str) -> dict:
-    """A small hyper-parameter grid for ``--tune``, keyed by Pipeline parameter names.
-
-    Grids stay at 2-8 points so nested 5 x 3-fold tuning on ~336 images remains practical.
-    """
-    _check_name(name)
-    grids: dict[str, dict] = {
-        "logreg": {"clf__C": [0.01, 0.1, 1.0, 10.0]},
-        "linsvm": {"clf__estimator__C": [0.001, 0.01, 0.1, 1.0]},
-        "rbfsvm": {"clf__estimator__C": [0.1, 1.0, 10.0, 100.0]},
-        "knn": {"clf__n_neighbors": [3, 5, 9, 15], "clf__weights": ["uniform", "distance"]},
-        "rf": {"clf__max_features": ["sqrt", "log2"], "clf__min_samples_leaf": [1, 3]},
-        "hgb": {"clf__learning_rate": [0.05, 0.1], "clf__max_leaf_nodes": [15, 31]},
-        # alpha >= 0.1 needs 200-300 adam epochs on 2048 dims (30 s+ per fit); these converge in ~20
-        "mlp": {"clf__alpha": [1e-4, 1e-3, 1e-2]},
-    }
-    return grids[name]
+    """The head's hyper-parameter grid for ``--tune``, keyed by Pipeline parameter names."""
+    return dict(get_head(name).grid)
 
 
 def make_tuned_head(name: str, seed: int = 0, inner_folds: int = 3) -> GridSearchCV:

@@ -13,7 +13,7 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from core.errors import CxrError
+from cxr_transfer.core.errors import CxrError
 
 HEADLINE_METRICS: tuple[str, ...] = ("accuracy", "covid_sensitivity", "covid_specificity", "macro_f1")
 """Names reports show first (for the default positive class "covid")."""

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from classify.saved_model import load_head, read_head_info
-from core.errors import CxrError
-from core.hashing import sha256_file
-from extract.dataset import Dataset, Sample, hash_samples, images_in_folder
-from extract.pipeline import ExtractSettings, load_features
-from extract.registry import get_backbone
-from extract.weights import resolve_weights
+from cxr_transfer.classify.saved_model import load_head, read_head_info
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.extract.dataset import Dataset, Sample, hash_samples, images_in_folder
+from cxr_transfer.extract.pipeline import ExtractSettings, load_features
+from cxr_transfer.extract.registry import get_backbone
+from cxr_transfer.extract.weights import resolve_weights
 
 
 def unlabeled_dataset(images: str | Path, class_names: list[str]) -> Dataset:
@@ -44,7 +44,8 @@ def check_weights(part: dict, settings: ExtractSettings) -> ExtractSettings:
         raise CxrError(f"the model's {config.name} features came from weights with sha256 "
                        f"{part['weights_sha256'][:16]}..., but the weights found here ({source.describe()}) have "
                        f"{source.sha256[:16]}...; pass the same weights with --weights or --weights-dir")
-    return replace(settings, backbone=config.name, input_size=int(part["input_size"]), weights_file=weights_file)
+    return replace(settings, common=replace(settings.common, backbone=config.name, input_size=int(part["input_size"]),
+                                            weights_file=weights_file))
 
 
 FINETUNE_JSON = "model.json"
@@ -64,7 +65,7 @@ def finetuned_model_json(model_path: str | Path) -> Path | None:
 def _finetuned_probabilities(info_path: Path, dataset: Dataset, settings: ExtractSettings):
     import onnxruntime as ort
 
-    from extract.pipeline import decoded_batches
+    from cxr_transfer.extract.pipeline import decoded_batches
 
     info = json.loads(info_path.read_text())
     if info.get("kind") != "finetune" or not info.get("onnx_file"):

@@ -11,9 +11,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import (
+    RepeatedStratifiedKFold,
+    StratifiedGroupKFold,
+    train_test_split,
+)
 
-from core.errors import CxrError
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.extract.dataset import GROUP_COLUMNS, Dataset
 
 
 @dataclass(frozen=True)
@@ -182,3 +187,18 @@ def holdout_split(split_names: Sequence[str], train: str = "train", test: str = 
         if idx.size == 0:
             raise CxrError(f"no images in {role} split '{wanted}' (split names found: {found})")
     return [Split("holdout", 0, 0, train_idx, test_idx)]
+
+
+def resolve_groups(dataset: Dataset, group_by: str | None) -> np.ndarray | None:
+    if not group_by:
+        return None
+    if group_by not in GROUP_COLUMNS:
+        raise CxrError(f"--group-by takes one of: {', '.join(GROUP_COLUMNS)}; got '{group_by}'")
+    if not dataset.has_groups:
+        raise CxrError(f"{dataset.root}: no '{group_by}' column (add a manifest.csv with path,patient_id "
+                       f"beside the class folders, or a group column to the dataset CSV)")
+    groups = np.array(dataset.groups)
+    missing = int((groups == "").sum())
+    if missing:
+        raise CxrError(f"{dataset.root}: {missing} images have no {group_by}; every image needs one to group by it")
+    return groups

@@ -7,17 +7,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from classify.metrics import headline, metrics_from_confusion
-from classify.results import Evaluation
-from core.paper import paper_accuracy
-
-
-def _cell(stat: dict | None, digits: int = 3) -> str:
-    if not stat:
-        return "-"
-    if stat["n"] == 1:
-        return f"{stat['mean']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+from cxr_transfer.classify.metrics import headline, metrics_from_confusion
+from cxr_transfer.classify.results import Evaluation
+from cxr_transfer.core.paper import paper_accuracy
+from cxr_transfer.core.plotting import subplots
+from cxr_transfer.core.tables import markdown_table, mean_std, text_table  # noqa: F401 (re-exported)
 
 
 def summary_rows(summary: list[dict]) -> list[dict[str, str]]:
@@ -27,28 +21,11 @@ def summary_rows(summary: list[dict]) -> list[dict[str, str]]:
     for r in ordered:
         acc = r["accuracy"]
         interval = f"[{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]" if acc and acc["n"] > 1 else "-"
-        rows.append({"backbone": r["backbone"], "model": r["model"], "accuracy": _cell(acc), "95% CI": interval,
-                     "covid sens": _cell(r["covid_sensitivity"]), "covid spec": _cell(r["covid_specificity"]),
-                     "macro F1": _cell(r["macro_f1"]), "AUC": _cell(r["roc_auc_macro"]),
+        rows.append({"backbone": r["backbone"], "model": r["model"], "accuracy": mean_std(acc), "95% CI": interval,
+                     "covid sens": mean_std(r["covid_sensitivity"]), "covid spec": mean_std(r["covid_specificity"]),
+                     "macro F1": mean_std(r["macro_f1"]), "AUC": mean_std(r["roc_auc_macro"]),
                      "fit s": f"{r['fit_seconds']:.2f}", "n": str(r["n_evaluations"])})
     return rows
-
-
-def text_table(rows: list[dict[str, str]]) -> str:
-    if not rows:
-        return "(no rows)"
-    columns = list(rows[0])
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
-    return "\n".join(lines + ["  ".join(r[c].ljust(widths[c]) for c in columns) for r in rows])
-
-
-def markdown_table(rows: list[dict[str, str]]) -> str:
-    if not rows:
-        return "(no rows)"
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(r[c] for c in columns) + " |" for r in rows])
 
 
 def per_class_table(confusion: Sequence[Sequence[int]], class_names: list[str]) -> str:
@@ -78,13 +55,8 @@ def write_results_csv(path: Path, evaluations: list[Evaluation]) -> None:
 
 
 def plot_confusion(path: Path, confusion: Sequence[Sequence[int]], class_names: list[str], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     matrix = np.asarray(confusion)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    fig, ax = subplots(figsize=(4.2, 3.8))
     ax.imshow(matrix, cmap="Blues")
     for (i, j), value in np.ndenumerate(matrix):
         ax.text(j, i, str(value), ha="center", va="center",
@@ -96,20 +68,14 @@ def plot_confusion(path: Path, confusion: Sequence[Sequence[int]], class_names: 
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_accuracy_bars(path: Path, summary: list[dict]) -> None:
     """Accuracy by backbone and model, error bars = std over splits."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     backbones = sorted({r["backbone"] for r in summary})
     models = sorted({r["model"] for r in summary})
     width = 0.8 / max(len(backbones), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(models) + 2), 4))
+    fig, ax = subplots(figsize=(max(6, 1.1 * len(models) + 2), 4))
     for k, backbone in enumerate(backbones):
         rows = {r["model"]: r for r in summary if r["backbone"] == backbone}
         means = [rows[m]["accuracy"]["mean"] if m in rows else np.nan for m in models]
@@ -122,7 +88,6 @@ def plot_accuracy_bars(path: Path, summary: list[dict]) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_compare_report(run_dir: Path, class_names: list[str], evaluations: list[Evaluation],

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from core.errors import CxrError
-from core.hashing import sha256_strings
-from core.record import write_json
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.hashing import sha256_strings
+from cxr_transfer.core.record import write_json
 
 RESULTS_FILE = "results.json"
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import joblib
 
-from core.errors import CxrError
-from core.hashing import sha256_file
-from core.record import library_versions, now_iso, write_json
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.core.record import library_versions, now_iso, write_json
 
 FORMAT = "cxr-transfer/head/1"
 

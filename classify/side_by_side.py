@@ -11,11 +11,12 @@ from typing import Sequence
 
 import numpy as np
 
-from classify.metrics import headline, summarize
-from classify.report import markdown_table
-from core.paper import paper_accuracy
-from classify.results import Evaluation, load_results
-from core.errors import CxrError
+from cxr_transfer.classify.metrics import headline, summarize
+from cxr_transfer.classify.report import markdown_table
+from cxr_transfer.classify.results import Evaluation, load_results
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.paper import paper_accuracy
+from cxr_transfer.core.tables import mean_std
 
 HEAD_KIND = "compare"
 
@@ -27,8 +28,7 @@ def _row(label: str, backbone: str, evaluations: list[Evaluation]) -> dict[str, 
         values = [f[key] for f in flat if f[key] is not None]
         if not values:
             return "-"
-        stat = summarize(values)
-        return f"{stat['mean']:.3f} ± {stat['std']:.3f}" if stat["n"] > 1 else f"{stat['mean']:.3f}"
+        return mean_std(summarize(values))
 
     paper = paper_accuracy(backbone)
     return {"backbone": backbone, "model": label, "test sets": str(len(evaluations)), "accuracy": cell("accuracy"),

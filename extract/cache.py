@@ -29,8 +29,8 @@ from typing import Iterable
 import h5py
 import numpy as np
 
-from core.errors import CxrError
-from core.record import now_iso
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.record import now_iso
 
 log = logging.getLogger(__name__)
 

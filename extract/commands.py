@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 
-from extract.dataset import load_dataset
-from extract.pipeline import ExtractResult, ExtractSettings, extract_features
-from extract.registry import BACKBONES, parse_backbone_list
-from extract.weights import resolve_weights
+from cxr_transfer.extract.dataset import load_dataset
+from cxr_transfer.extract.pipeline import (
+    ExtractResult,
+    ExtractSettings,
+    extract_features,
+)
+from cxr_transfer.extract.registry import BACKBONES, parse_backbone_list
+from cxr_transfer.extract.weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +20,7 @@ def extract_many(data: str | Path, backbones: str, settings: ExtractSettings) ->
     """Extract the dataset with each backbone of a comma list; a --weights file goes to the only backbone."""
     configs = parse_backbone_list(backbones)
     if settings.weights_file and len(configs) > 1:
-        from core.errors import CxrError
+        from cxr_transfer.core.errors import CxrError
 
         raise CxrError("--weights FILE names one file: use it with one backbone, or use --weights-dir for several")
     dataset = load_dataset(data)
@@ -25,7 +28,7 @@ def extract_many(data: str | Path, backbones: str, settings: ExtractSettings) ->
     for config in configs:
         resolve_weights(config, settings.weights_file, settings.weights_dir, settings.random_weights,
                         allow_download=True)
-    return [extract_features(dataset, replace(settings, backbone=c.name)) for c in configs]
+    return [extract_features(dataset, settings.with_backbone(c.name)) for c in configs]
 
 
 def backbone_table(weights_dir: str | Path | None = None, input_size: int | None = None) -> list[dict[str, str]]:
@@ -41,14 +44,3 @@ def backbone_table(weights_dir: str | Path | None = None, input_size: int | None
                      "preprocess": f"{config.keras_module}.preprocess_input ({config.preprocessing})",
                      "dim": str(config.feature_dim), "weights": found})
     return rows
-
-
-def format_table(rows: list[dict[str, str]]) -> str:
-    """Plain aligned text table for the terminal."""
-    if not rows:
-        return ""
-    columns = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(lines)

@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.errors import CxrError
-from core.hashing import sha256_file, sha256_strings
-from extract.images import IMAGE_SUFFIXES, is_image_file
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.hashing import sha256_file, sha256_strings
+from cxr_transfer.extract.images import IMAGE_SUFFIXES, is_image_file
 
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 MANIFEST_NAME = "manifest.csv"

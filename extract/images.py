@@ -13,20 +13,26 @@ still at least the target size: a 4000 px covid figure then costs a fraction of 
 """
 from __future__ import annotations
 
-import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from core.errors import CxrError
+from cxr_transfer.core.errors import CxrError
+
+if TYPE_CHECKING:
+    from cxr_transfer.extract.dataset import Sample
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
-# A decompression bomb is an error, not a warning: a 200-megapixel "X-ray" is not one.
-Image.MAX_IMAGE_PIXELS = 120_000_000
-warnings.simplefilter("error", Image.DecompressionBombWarning)
+MAX_PIXELS = 120_000_000
+"""Larger images are refused as decompression bombs (checked from the header, before any pixel is decoded;
+Pillow's own global limit is left as the user set it)."""
 
 
 class ImageDecodeError(CxrError):
@@ -87,6 +93,9 @@ def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
         if path.stat().st_size == 0:
             raise ImageDecodeError(f"{path}: empty file (0 bytes)")
         with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise ImageDecodeError(f"{path}: {image.width}x{image.height} pixels is over the limit of "
+                                       f"{MAX_PIXELS:,} (a decompression bomb, not an X-ray)")
             if size is not None and image.format == "JPEG":
                 image.draft(image.mode if image.mode in ("L", "RGB") else None, (size, size))
             image.load()
@@ -100,3 +109,53 @@ def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[0] < 2 or rgb.shape[1] < 2:
         raise ImageDecodeError(f"{path}: degenerate image of shape {rgb.shape}")
     return resize_square(rgb, size) if size is not None else rgb
+
+
+@dataclass(frozen=True)
+class ImageView:
+    """A deterministic change applied to every resized image before the network (e.g. the audit's masks).
+
+    The name is part of the cache file name, so features of different views never mix.
+    """
+
+    name: str
+    apply: Callable[[np.ndarray], np.ndarray]
+
+
+def _decode(sample: "Sample", size: int, view: ImageView | None) -> np.ndarray | str:
+    try:
+        image = read_rgb(sample.path, size)
+    except ImageDecodeError as exc:
+        return str(exc)
+    return view.apply(image) if view else image
+
+
+def decoded_batches(samples: "list[Sample]", size: int, batch_size: int, workers: int,
+                    view: ImageView | None = None, ahead: int = 2
+                    ) -> Iterator[tuple[list[Sample], np.ndarray, list[tuple[Sample, str]]]]:
+    """Yield (samples, uint8 batch, failures) while the next ``ahead`` batches decode in threads.
+
+    Memory stays bounded by (ahead + 1) batches whatever the number of samples.
+    """
+    pending: deque[tuple[list[Sample], list[Future]]] = deque()
+
+    def collect(batch: list[Sample], futures: list[Future]):
+        good, arrays, failures = [], [], []
+        for sample, future in zip(batch, futures):
+            result = future.result()
+            if isinstance(result, str):
+                failures.append((sample, result))
+            else:
+                good.append(sample)
+                arrays.append(result)
+        stacked = np.stack(arrays) if arrays else np.empty((0, size, size, 3), np.uint8)
+        return good, stacked, failures
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start:start + batch_size]
+            pending.append((batch, [pool.submit(_decode, s, size, view) for s in batch]))
+            if len(pending) > ahead:
+                yield collect(*pending.popleft())
+        while pending:
+            yield collect(*pending.popleft())

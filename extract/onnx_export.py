@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import CxrError
-from core.hashing import sha256_file
-from core.record import library_versions, now_iso, write_json
-from extract.registry import BackboneConfig
-from extract.weights import WeightsSource, build_keras_backbone
+from cxr_transfer.core.cache_keys import model_key
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.core.record import library_versions, now_iso, write_json
+from cxr_transfer.extract.registry import BackboneConfig
+from cxr_transfer.extract.weights import WeightsSource, build_keras_backbone
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ class OnnxBackbone:
 
 def onnx_cache_path(cache_dir: Path, config: BackboneConfig, input_size: int, weights_sha256: str,
                     opset: int) -> Path:
-    weights_key = weights_sha256.replace(":", "-")[:16]
-    return Path(cache_dir) / "onnx" / f"{config.name}-{input_size}-{weights_key}-opset{opset}.onnx"
+    return Path(cache_dir) / "onnx" / f"{model_key(config.name, input_size, weights_sha256, f'opset{opset}')}.onnx"
 
 
 def keras_preprocess_input(config: BackboneConfig):

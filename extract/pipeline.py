@@ -6,70 +6,67 @@ Only images whose sha256 is not cached yet are decoded and run through the netwo
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
-from core.errors import CxrError
-from core.record import library_versions
-from extract.cache import CacheRow, FeatureCache, read_cache, read_cache_attrs
-from extract.dataset import Dataset, Sample
-from extract.images import ImageDecodeError, read_rgb
-from extract.onnx_export import DEFAULT_OPSET, OnnxBackbone, get_onnx_backbone
-from extract.registry import BackboneConfig, get_backbone
-from extract.runner import OnnxEmbedder
-from extract.weights import WeightsSource, resolve_weights
+from cxr_transfer.core.cache_keys import dataset_cache_id, model_key
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.record import library_versions
+from cxr_transfer.core.settings import (
+    DEFAULT_CACHE_DIR,
+    BackboneSettings,
+    UsesBackboneSettings,
+)
+from cxr_transfer.extract.cache import (
+    CacheRow,
+    FeatureCache,
+    read_cache,
+    read_cache_attrs,
+)
+from cxr_transfer.extract.dataset import Dataset, Sample
+from cxr_transfer.extract.images import ImageView, decoded_batches
+from cxr_transfer.extract.onnx_export import (
+    DEFAULT_OPSET,
+    OnnxBackbone,
+    get_onnx_backbone,
+)
+from cxr_transfer.extract.registry import BackboneConfig, get_backbone
+from cxr_transfer.extract.runner import OnnxEmbedder
+from cxr_transfer.extract.weights import WeightsSource, resolve_weights
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path("features")
+__all__ = ["DEFAULT_CACHE_DIR", "ExtractSettings", "ExtractResult", "FeatureSet", "ImageView", "cache_file",
+           "extract_features", "load_features"]
 
 
 @dataclass(frozen=True)
-class ImageView:
-    """A deterministic change applied to every resized image before the network (e.g. the audit's masks).
+class ExtractSettings(UsesBackboneSettings):
+    """Everything that decides which features are computed and how fast: the shared backbone settings
+    (``common``) plus what only extraction needs."""
 
-    The name is part of the cache file name, so features of different views never mix.
-    """
-
-    name: str
-    apply: Callable[[np.ndarray], np.ndarray]
-
-
-@dataclass(frozen=True)
-class ExtractSettings:
-    """Everything that decides which features are computed and how fast."""
-
-    backbone: str = "vgg16"
-    weights_file: str | Path | None = None
-    weights_dir: str | Path | None = None
-    random_weights: bool = False
-    input_size: int | None = None
-    cache_dir: Path = DEFAULT_CACHE_DIR
+    common: BackboneSettings = field(default_factory=BackboneSettings)
     batch_size: int = 16
-    threads: int | None = None
     decode_workers: int = 2
     flush_every: int = 256
     opset: int = DEFAULT_OPSET
     view: ImageView | None = None
-    progress: bool = True
 
     @property
     def config(self) -> BackboneConfig:
         return get_backbone(self.backbone)
 
+    def with_backbone(self, name: str) -> "ExtractSettings":
+        """The same settings for another backbone."""
+        return replace(self, common=self.common.with_backbone(name))
+
     def record(self) -> dict[str, object]:
-        return {"backbone": self.backbone, "input_size": self.config.input_size(self.input_size),
-                "weights_file": str(self.weights_file or ""), "weights_dir": str(self.weights_dir or ""),
-                "random_weights": self.random_weights, "batch_size": self.batch_size, "threads": self.threads,
-                "decode_workers": self.decode_workers, "opset": self.opset,
+        return {**self.common.record(), "input_size": self.config.input_size(self.input_size),
+                "batch_size": self.batch_size, "decode_workers": self.decode_workers, "opset": self.opset,
                 "view": self.view.name if self.view else "full"}
 
 
@@ -126,56 +123,11 @@ class FeatureSet:
         return [s.sha256 for s in self.samples]
 
 
-def dataset_cache_id(dataset: Dataset) -> str:
-    """A folder name for a dataset's caches: its folder name plus a hash of its absolute path."""
-    return f"{dataset.root.name}-{hashlib.sha256(str(dataset.root).encode()).hexdigest()[:8]}"
-
-
 def cache_file(dataset: Dataset, settings: ExtractSettings, weights_sha256: str) -> Path:
-    config = settings.config
-    size = config.input_size(settings.input_size)
-    view = f"-{settings.view.name}" if settings.view else ""
-    weights_key = weights_sha256.replace(":", "-")[:16]
-    return Path(settings.cache_dir) / dataset_cache_id(dataset) / f"{config.name}-{size}-{weights_key}{view}.h5"
-
-
-def _decode(sample: Sample, size: int, view: ImageView | None) -> np.ndarray | str:
-    try:
-        image = read_rgb(sample.path, size)
-    except ImageDecodeError as exc:
-        return str(exc)
-    return view.apply(image) if view else image
-
-
-def decoded_batches(samples: list[Sample], size: int, batch_size: int, workers: int,
-                    view: ImageView | None = None, ahead: int = 2
-                    ) -> Iterator[tuple[list[Sample], np.ndarray, list[tuple[Sample, str]]]]:
-    """Yield (samples, uint8 batch, failures) while the next ``ahead`` batches decode in threads.
-
-    Memory stays bounded by (ahead + 1) batches whatever the number of samples.
-    """
-    pending: deque[tuple[list[Sample], list[Future]]] = deque()
-
-    def collect(batch: list[Sample], futures: list[Future]):
-        good, arrays, failures = [], [], []
-        for sample, future in zip(batch, futures):
-            result = future.result()
-            if isinstance(result, str):
-                failures.append((sample, result))
-            else:
-                good.append(sample)
-                arrays.append(result)
-        stacked = np.stack(arrays) if arrays else np.empty((0, size, size, 3), np.uint8)
-        return good, stacked, failures
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start:start + batch_size]
-            pending.append((batch, [pool.submit(_decode, s, size, view) for s in batch]))
-            if len(pending) > ahead:
-                yield collect(*pending.popleft())
-        while pending:
-            yield collect(*pending.popleft())
+    """Where a dataset's embeddings for these settings live (``core.cache_keys`` names it)."""
+    size = settings.config.input_size(settings.input_size)
+    name = model_key(settings.config.name, size, weights_sha256, settings.view.name if settings.view else "")
+    return Path(settings.cache_dir) / dataset_cache_id(dataset.root) / f"{name}.h5"
 
 
 def _progress(total: int, enabled: bool, label: str):

@@ -3,13 +3,13 @@
 Like timm's pretrained configs: each entry names the Keras application factory, its ImageNet input size,
 its ``preprocess_input`` module (the mode is recorded), its pooled feature dimension, the file names a
 weights directory is searched for, and the smallest input the architecture accepts. Adding a backbone is
-one ``BackboneConfig`` line in ``BACKBONES``.
+one keyword ``BackboneConfig(...)`` entry in ``BACKBONES``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.errors import CxrError
+from cxr_transfer.core.errors import CxrError
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class BackboneConfig:
     min_input_size: int       # smallest square input Keras accepts with include_top=False
     keras_weights_file: str   # Keras' own cached file name for the headless ImageNet weights
     keras_weights_dir: str = ""  # folder of that file on Keras' download server (default: keras_module)
+    keras_weights_md5: str | None = None  # the file hash Keras publishes; checked by keras.utils.get_file
 
     @property
     def keras_weights_url(self) -> str:
@@ -38,24 +39,43 @@ class BackboneConfig:
 
 KERAS_WEIGHTS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
 BACKBONES: dict[str, BackboneConfig] = {c.name: c for c in (
-    BackboneConfig("vgg16", "VGG16", "vgg16", "caffe", 224, 512, 32,
-                   "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    BackboneConfig("vgg19", "VGG19", "vgg19", "caffe", 224, 512, 32,
-                   "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    BackboneConfig("mobilenetv2", "MobileNetV2", "mobilenet_v2", "tf", 224, 1280, 32,
-                   "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5", "mobilenet_v2"),
-    BackboneConfig("inceptionv3", "InceptionV3", "inception_v3", "tf", 299, 2048, 75,
-                   "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    BackboneConfig("xception", "Xception", "xception", "tf", 299, 2048, 71,
-                   "xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    BackboneConfig("inceptionresnetv2", "InceptionResNetV2", "inception_resnet_v2", "tf", 299, 1536, 75,
-                   "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    BackboneConfig("densenet201", "DenseNet201", "densenet", "torch", 224, 1920, 32,
-                   "densenet201_weights_tf_dim_ordering_tf_kernels_notop.h5", "densenet"),
-    BackboneConfig("resnet152v2", "ResNet152V2", "resnet_v2", "tf", 224, 2048, 32,
-                   "resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5", "resnet"),
-    BackboneConfig("nasnetlarge", "NASNetLarge", "nasnet", "tf", 331, 4032, 32,
-                   "NASNet-large-no-top.h5"),
+    BackboneConfig(name="vgg16", keras_factory="VGG16", keras_module="vgg16", preprocessing="caffe",
+                   default_input_size=224, feature_dim=512, min_input_size=32,
+                   keras_weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   keras_weights_md5="6d6bbae143d832006294945121d1f1fc"),
+    BackboneConfig(name="vgg19", keras_factory="VGG19", keras_module="vgg19", preprocessing="caffe",
+                   default_input_size=224, feature_dim=512, min_input_size=32,
+                   keras_weights_file="vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   keras_weights_md5="253f8cb515780f3b799900260a226db6"),
+    BackboneConfig(name="mobilenetv2", keras_factory="MobileNetV2", keras_module="mobilenet_v2", preprocessing="tf",
+                   default_input_size=224, feature_dim=1280, min_input_size=32,
+                   keras_weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+                   keras_weights_dir="mobilenet_v2",
+                   keras_weights_md5=None),  # Keras publishes no hash for MobileNetV2's files
+    BackboneConfig(name="inceptionv3", keras_factory="InceptionV3", keras_module="inception_v3", preprocessing="tf",
+                   default_input_size=299, feature_dim=2048, min_input_size=75,
+                   keras_weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   keras_weights_md5="bcbd6486424b2319ff4ef7d526e38f63"),
+    BackboneConfig(name="xception", keras_factory="Xception", keras_module="xception", preprocessing="tf",
+                   default_input_size=299, feature_dim=2048, min_input_size=71,
+                   keras_weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   keras_weights_md5="b0042744bf5b25fce3cb969f33bebb97"),
+    BackboneConfig(name="inceptionresnetv2", keras_factory="InceptionResNetV2", keras_module="inception_resnet_v2",
+                   preprocessing="tf", default_input_size=299, feature_dim=1536, min_input_size=75,
+                   keras_weights_file="inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   keras_weights_md5="d19885ff4a710c122648d3b5c3b684e4"),
+    BackboneConfig(name="densenet201", keras_factory="DenseNet201", keras_module="densenet", preprocessing="torch",
+                   default_input_size=224, feature_dim=1920, min_input_size=32,
+                   keras_weights_file="densenet201_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   keras_weights_dir="densenet", keras_weights_md5="c13680b51ded0fb44dff2d8f86ac8bb1"),
+    BackboneConfig(name="resnet152v2", keras_factory="ResNet152V2", keras_module="resnet_v2", preprocessing="tf",
+                   default_input_size=224, feature_dim=2048, min_input_size=32,
+                   keras_weights_file="resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   keras_weights_dir="resnet", keras_weights_md5="ed17cf2e0169df9d443503ef94b23b33"),
+    BackboneConfig(name="nasnetlarge", keras_factory="NASNetLarge", keras_module="nasnet", preprocessing="tf",
+                   default_input_size=331, feature_dim=4032, min_input_size=32,
+                   keras_weights_file="NASNet-large-no-top.h5",
+                   keras_weights_md5="d81d89dc07e6e56530c4e77faddd61b5"),
 )}
 
 PAPER_BACKBONES: tuple[str, ...] = tuple(BACKBONES)

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from extract.onnx_export import OnnxBackbone
+from cxr_transfer.extract.onnx_export import OnnxBackbone
 
 
 def default_threads() -> int:

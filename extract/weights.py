@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.errors import CxrError, WeightsNotFoundError
-from core.hashing import sha256_file
-from extract.registry import BackboneConfig
+from cxr_transfer.core.errors import CxrError, WeightsNotFoundError
+from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.extract.registry import BackboneConfig
 
 WEIGHTS_DIR_ENV = "CXR_WEIGHTS_DIR"
 WEIGHT_SUFFIXES = (".h5", ".keras")
@@ -68,7 +68,8 @@ def _download_imagenet(config: BackboneConfig, weights_dir: Path | None) -> Path
     import keras
 
     try:
-        return Path(keras.utils.get_file(config.keras_weights_file, config.keras_weights_url, cache_subdir="models"))
+        return Path(keras.utils.get_file(config.keras_weights_file, config.keras_weights_url, cache_subdir="models",
+                                         file_hash=config.keras_weights_md5))
     except Exception as exc:  # offline: URLError, OSError, ... depending on where it fails
         raise WeightsNotFoundError(_missing_message(config, weights_dir)) from exc
 

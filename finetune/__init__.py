@@ -9,4 +9,10 @@ Modules, one job each:
 - ``export``  model.keras, model.onnx (checked against Keras) and model.json;
 - ``report``  report.md, curves.png, confusion.png, history.csv;
 - ``train``   the training loops and the library entry point ``run_finetune(FinetuneSettings)``.
+
+The package is also the API function: ``cxr_transfer.finetune(data, backbone, ...)`` (see ``cxr_transfer.api``).
 """
+from cxr_transfer.api import finetune as _finetune
+from cxr_transfer.core.callable_module import make_module_callable
+
+make_module_callable(__name__, _finetune)

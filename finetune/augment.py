@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from core.hashing import sha256_strings
+from cxr_transfer.core.hashing import sha256_strings
 
 
 @dataclass(frozen=True)

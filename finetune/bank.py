@@ -18,9 +18,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from extract.onnx_export import OnnxBackbone
-from extract.runner import OnnxEmbedder
-from finetune.augment import AugmentParams, augment_image, view_rng
+from cxr_transfer.core.cache_keys import model_key
+from cxr_transfer.extract.onnx_export import OnnxBackbone
+from cxr_transfer.extract.runner import OnnxEmbedder
+from cxr_transfer.finetune.augment import AugmentParams, augment_image, view_rng
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ class BankStats:
 
 
 def bank_path(cache_dir: str | Path, backbone: OnnxBackbone, params: AugmentParams) -> Path:
-    weights_key = backbone.weights_sha256.replace(":", "-")[:16]
-    name = f"{backbone.config.name}-{backbone.input_size}-{weights_key}-aug{params.fingerprint()}.npz"
+    key = model_key(backbone.config.name, backbone.input_size, backbone.weights_sha256, f"aug{params.fingerprint()}")
+    name = f"{key}.npz"
     return Path(cache_dir) / BANK_DIR / name
 
 

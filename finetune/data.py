@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from classify.protocols import Split, paper_splits
-from classify.results import test_fingerprint
-from core.errors import CxrError
-from extract.dataset import Dataset, Sample
-from extract.images import read_rgb
+from cxr_transfer.classify.protocols import Split, paper_splits, resolve_groups
+from cxr_transfer.classify.results import test_fingerprint
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.extract.dataset import Dataset, Sample
+from cxr_transfer.extract.images import read_rgb
 
 
 @dataclass
@@ -48,13 +48,9 @@ def select_split_subset(dataset: Dataset, split: str | None = "train") -> Datase
     return dataset
 
 
-def paper_split(dataset: Dataset, seed: int, test_size: float = 0.2, group_split: bool = False) -> Split:
-    """The paper's seeded, stratified 80/20 split of ``dataset`` (patient-grouped when group_split)."""
-    groups = None
-    if group_split:
-        if not dataset.has_groups or not all(dataset.groups):
-            raise CxrError(f"{dataset.root}: a patient-grouped split needs a group/patient_id for every image")
-        groups = dataset.groups
+def paper_split(dataset: Dataset, seed: int, test_size: float = 0.2, group_by: str | None = None) -> Split:
+    """The paper's seeded, stratified 80/20 split of ``dataset`` (grouped by ``group_by`` when given)."""
+    groups = resolve_groups(dataset, group_by)
     return paper_splits(np.asarray(dataset.label_indices), [seed], test_size=test_size, groups=groups)[0]
 
 

@@ -12,10 +12,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from core.hashing import sha256_file
-from core.record import library_versions, now_iso, write_json
-from extract.onnx_export import DEFAULT_OPSET, export_checked
-from extract.weights import WeightsSource
+from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.core.record import library_versions, now_iso, write_json
+from cxr_transfer.extract.onnx_export import DEFAULT_OPSET, export_checked
+from cxr_transfer.extract.weights import WeightsSource
 
 MODEL_KERAS = "model.keras"
 MODEL_ONNX = "model.onnx"

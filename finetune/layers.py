@@ -9,8 +9,8 @@ from typing import Any
 
 import keras
 
-from extract.onnx_export import keras_preprocess_input
-from extract.registry import get_backbone
+from cxr_transfer.extract.onnx_export import keras_preprocess_input
+from cxr_transfer.extract.registry import get_backbone
 
 
 @keras.saving.register_keras_serializable(package="cxr_transfer", name="KerasPreprocess")

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from extract.registry import BackboneConfig
-from extract.weights import WeightsSource, build_keras_backbone
+from cxr_transfer.extract.registry import BackboneConfig
+from cxr_transfer.extract.weights import WeightsSource, build_keras_backbone
 
 PAPER_DENSE_UNITS = 64
 PAPER_DROPOUT = 0.5
@@ -36,7 +36,7 @@ def _keras():
 
 def load_finetuned(path: str) -> Any:
     """Load a saved fine-tuned model (.keras) with its custom preprocessing layer registered."""
-    import finetune.layers  # noqa: F401  (registers KerasPreprocess)
+    import cxr_transfer.finetune.layers  # noqa: F401  (registers KerasPreprocess)
 
     return _keras().saving.load_model(path)
 
@@ -60,7 +60,7 @@ def assemble(config: BackboneConfig, input_size: int, body: Any, head: Any) -> A
     keras = _keras()
     body.trainable = False
     inputs = keras.Input((input_size, input_size, 3), name="pixels")
-    from finetune.layers import KerasPreprocess
+    from cxr_transfer.finetune.layers import KerasPreprocess
 
     x = KerasPreprocess(config.name, name="preprocess")(inputs)
     x = body(x, training=False)

@@ -6,8 +6,8 @@ import csv
 from pathlib import Path
 from typing import Any, Sequence
 
-
-from core.paper import PAPER_TABLE1
+from cxr_transfer.core.paper import PAPER_TABLE1
+from cxr_transfer.core.plotting import subplots
 
 HISTORY_CSV = "history.csv"
 CURVES_PNG = "curves.png"
@@ -28,20 +28,10 @@ def write_history(run_dir: Path, history: Sequence[dict[str, float]]) -> Path:
     return path
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(run_dir: Path, history: Sequence[dict[str, float]], title: str) -> Path:
     """Training and validation (= held-out test, as in the paper) loss and accuracy per epoch."""
-    plt = _pyplot()
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
         ax.plot(epochs, [row[key] for row in history], marker=".", label=f"train {label}")
         ax.plot(epochs, [row[f"val_{key}"] for row in history], marker=".", label=f"validation {label}")
@@ -55,13 +45,12 @@ def plot_curves(run_dir: Path, history: Sequence[dict[str, float]], title: str) 
     fig.tight_layout()
     path = run_dir / CURVES_PNG
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def plot_confusion(run_dir: Path, matrix: Sequence[Sequence[int]], class_names: Sequence[str], title: str) -> Path:
     """Confusion matrix, rows = true class, columns = predicted (paper fig. 4)."""
-    from classify.report import plot_confusion as plot_matrix
+    from cxr_transfer.classify.report import plot_confusion as plot_matrix
 
     path = run_dir / CONFUSION_PNG
     plot_matrix(path, matrix, list(class_names), title)

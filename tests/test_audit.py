@@ -16,15 +16,41 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from audit import AuditSettings, DuplicateRule, audit_pointer, find_duplicates, latest_audit_for, run_audit
-from audit.acquisition import acquisition_shortcuts
-from audit.duplicates import grey_for_hash, phash_distance, phash_distance_matrix, view_hashes
-from audit.leakage import patient_leakage
-from audit.pixel_shortcuts import BORDER_ONLY, NO_CENTER, border_only, mask_center, pixel_shortcuts
-from audit.transforms import (combined, crop_5, crop_5_corner, equalise, reencode_jpeg, resize_half, save_grey,
-                              text_label)
-from extract.dataset import load_dataset
-from extract.pipeline import ExtractSettings, load_features
+from cxr_transfer.audit import (
+    AuditSettings,
+    DuplicateRule,
+    audit_pointer,
+    find_duplicates,
+    latest_audit_for,
+    run_audit,
+)
+from cxr_transfer.audit.acquisition import acquisition_shortcuts
+from cxr_transfer.audit.duplicates import (
+    grey_for_hash,
+    phash_distance,
+    phash_distance_matrix,
+    view_hashes,
+)
+from cxr_transfer.audit.leakage import patient_leakage
+from cxr_transfer.audit.pixel_shortcuts import (
+    BORDER_ONLY,
+    NO_CENTER,
+    border_only,
+    mask_center,
+    pixel_shortcuts,
+)
+from cxr_transfer.audit.transforms import (
+    combined,
+    crop_5,
+    crop_5_corner,
+    equalise,
+    reencode_jpeg,
+    resize_half,
+    save_grey,
+    text_label,
+)
+from cxr_transfer.extract.dataset import load_dataset
+from cxr_transfer.extract.pipeline import ExtractSettings, load_features
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REAL_DATA = SHARED / "data" / "covid19-xray"
@@ -61,7 +87,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def tiny_settings(cache_dir: Path) -> ExtractSettings:
-    return ExtractSettings(random_weights=True, input_size=32, cache_dir=cache_dir, progress=False, batch_size=32)
+    return ExtractSettings.from_options(random_weights=True, input_size=32, cache_dir=cache_dir, progress=False, batch_size=32)
 
 
 def hashes_of(grey: np.ndarray) -> np.ndarray:
@@ -155,7 +181,7 @@ def test_find_duplicates_finds_exact_copy_and_every_edit_across_splits(tmp_path,
 
 
 def test_hash_cache_is_reused_and_clusters_join_pairs(tmp_path, monkeypatch):
-    import audit.duplicates as duplicates
+    import cxr_transfer.audit.duplicates as duplicates
 
     write_edited_dataset(tmp_path / "data")
     dataset = load_dataset(tmp_path / "data")
@@ -314,7 +340,7 @@ def write_audit_dataset(root: Path) -> None:
 def test_run_audit_writes_report_and_pointer(tmp_path, cache_dir):
     write_audit_dataset(tmp_path / "data")
     runs = tmp_path / "runs"
-    settings = AuditSettings(data=tmp_path / "data", random_weights=True, input_size=32, cache_dir=cache_dir,
+    settings = AuditSettings.from_options(data=tmp_path / "data", random_weights=True, input_size=32, cache_dir=cache_dir,
                              runs_dir=runs, folds=3, strict=True, progress=False)
     report = run_audit(settings)
     assert report.out_dir.parent == runs / "audit"

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 import cli
-from classify.compare import CompareSettings, run_compare
-from classify.predict import predict_images
-from classify.results import load_results
-from core.errors import CxrError
-from extract.pipeline import ExtractSettings
-from tests.conftest import write_class_tree
+from cxr_transfer.classify.compare import CompareSettings, run_compare
+from cxr_transfer.classify.predict import predict_images
+from cxr_transfer.classify.results import load_results
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.synthetic import write_class_tree
+from cxr_transfer.extract.pipeline import ExtractSettings
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def dataset_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def extract_settings(tmp_path_factory) -> ExtractSettings:
-    return ExtractSettings(backbone="mobilenetv2", random_weights=True, input_size=32, progress=False,
+    return ExtractSettings.from_options(backbone="mobilenetv2", random_weights=True, input_size=32, progress=False,
                            cache_dir=tmp_path_factory.mktemp("features"))
 
 
@@ -97,9 +97,8 @@ def test_save_then_predict_and_refusals(dataset_dir, extract_settings, tmp_path)
         other = tmp_path / "w"
         other.mkdir()
         (other / "mobilenetv2_other.h5").write_bytes(b"not the same weights")
-        from dataclasses import replace
-        predict_images(dataset_dir / "test", model, replace(extract_settings, random_weights=False,
-                                                             weights_dir=other))
+        predict_images(dataset_dir / "test", model,
+                       ExtractSettings.from_options(extract_settings.common, random_weights=False, weights_dir=other))
     model.write_bytes(model.read_bytes() + b"\0")
     with pytest.raises(CxrError, match="refusing to load a changed file"):
         predict_images(dataset_dir / "test", model, extract_settings)

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import CxrError
-from core.hashing import sha256_file
-from extract.dataset import load_dataset
-from tests.conftest import write_class_tree
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.core.synthetic import write_class_tree
+from cxr_transfer.extract.dataset import load_dataset
 
 
 def test_class_folders(class_tree: Path):

@@ -14,11 +14,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.errors import CxrError
-from extract.cache import read_cache
-from extract.dataset import load_dataset
-from extract.pipeline import ExtractSettings, ImageView, extract_features, load_features
-from tests.conftest import ROOT, synthetic_xray, write_class_tree
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.synthetic import synthetic_xray, write_class_tree
+from cxr_transfer.extract.cache import read_cache
+from cxr_transfer.extract.dataset import load_dataset
+from cxr_transfer.extract.pipeline import (
+    ExtractSettings,
+    ImageView,
+    extract_features,
+    load_features,
+)
 
 TINY = dict(backbone="mobilenetv2", random_weights=True, input_size=32, batch_size=4, progress=False)
 
@@ -29,7 +34,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def settings(cache_dir: Path, **overrides) -> ExtractSettings:
-    return ExtractSettings(cache_dir=cache_dir, **{**TINY, **overrides})
+    return ExtractSettings.from_options(cache_dir=cache_dir, **{**TINY, **overrides})
 
 
 def test_second_run_computes_nothing_and_updates_are_incremental(tmp_path: Path, cache_dir: Path):
@@ -100,14 +105,13 @@ def test_empty_and_unreadable_folders_fail_clearly(tmp_path: Path, cache_dir: Pa
 
 _SLOW_RUN = """
 import sys, time
-sys.path.insert(0, {root!r})
 from pathlib import Path
-from extract.dataset import load_dataset
-from extract.pipeline import ExtractSettings, ImageView, extract_features
+from cxr_transfer.extract.dataset import load_dataset
+from cxr_transfer.extract.pipeline import ExtractSettings, ImageView, extract_features
 def slow(image):
     time.sleep(0.02)
     return image
-settings = ExtractSettings(backbone="mobilenetv2", random_weights=True, input_size=32, batch_size=4,
+settings = ExtractSettings.from_options(backbone="mobilenetv2", random_weights=True, input_size=32, batch_size=4,
                            cache_dir=Path({cache!r}), flush_every=8, progress=False, decode_workers=1,
                            view=ImageView("slowcopy", slow))
 extract_features(load_dataset({data!r}), settings)
@@ -118,7 +122,7 @@ def test_kill_minus_nine_leaves_a_cache_the_next_run_completes(tmp_path: Path, c
     root = write_class_tree(tmp_path / "d", per_class=40)
     # Warm the ONNX export in-process so the child only extracts.
     extract_features(load_dataset(write_class_tree(tmp_path / "warm", per_class=1)), settings(cache_dir))
-    script = _SLOW_RUN.format(root=str(ROOT), cache=str(cache_dir), data=str(root))
+    script = _SLOW_RUN.format(cache=str(cache_dir), data=str(root))
     child = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     deadline = time.time() + 120
     parts = []
@@ -142,11 +146,10 @@ def test_kill_minus_nine_leaves_a_cache_the_next_run_completes(tmp_path: Path, c
 
 _MEMORY_RUN = """
 import resource, sys, json
-sys.path.insert(0, {root!r})
 from pathlib import Path
-from extract.dataset import load_dataset
-from extract.pipeline import ExtractSettings, extract_features
-settings = ExtractSettings(backbone="mobilenetv2", random_weights=True, input_size=32, batch_size=16,
+from cxr_transfer.extract.dataset import load_dataset
+from cxr_transfer.extract.pipeline import ExtractSettings, extract_features
+settings = ExtractSettings.from_options(backbone="mobilenetv2", random_weights=True, input_size=32, batch_size=16,
                            cache_dir=Path({cache!r}), flush_every=128, progress=False)
 result = extract_features(load_dataset({data!r}), settings)
 print(json.dumps({{"computed": result.n_computed, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
@@ -154,7 +157,7 @@ print(json.dumps({{"computed": result.n_computed, "maxrss_kb": resource.getrusag
 
 
 def _peak_memory(root: Path, cache: Path) -> dict:
-    script = _MEMORY_RUN.format(root=str(ROOT), cache=str(cache), data=str(root))
+    script = _MEMORY_RUN.format(cache=str(cache), data=str(root))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -8,15 +8,22 @@ import cv2
 import numpy as np
 import pytest
 
-from classify.protocols import paper_splits
-from classify.results import load_results
-from classify.results import test_fingerprint as fingerprint_of
-from core.errors import WeightsNotFoundError
-from extract.dataset import load_dataset
-from extract.registry import BACKBONES
-from extract.weights import WeightsSource
-from finetune.augment import NO_AUGMENTATION, PAPER_AUGMENTATION, augment_batch, augment_image, view_rng
-from finetune.train import FinetuneSettings, held_out_scores, run_finetune
+from cxr_transfer.classify.protocols import paper_splits
+from cxr_transfer.classify.results import load_results
+from cxr_transfer.classify.results import test_fingerprint as fingerprint_of
+from cxr_transfer.core.errors import WeightsNotFoundError
+from cxr_transfer.extract.dataset import load_dataset
+from cxr_transfer.extract.registry import BACKBONES
+from cxr_transfer.extract.weights import WeightsSource
+from cxr_transfer.finetune.augment import (
+    NO_AUGMENTATION,
+    PAPER_AUGMENTATION,
+    augment_batch,
+    augment_image,
+    view_rng,
+)
+from cxr_transfer.finetune.loops import held_out_scores
+from cxr_transfer.finetune.train import FinetuneSettings, run_finetune
 
 keras = pytest.importorskip("keras")
 
@@ -47,7 +54,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def settings(data: Path, run_dir: Path, cache: Path, **overrides) -> FinetuneSettings:
     values = dict(random_weights=True, input_size=SIZE, epochs=2, run_dir=run_dir, cache_dir=cache, progress=False)
-    return FinetuneSettings(data, "vgg16", **{**values, **overrides})
+    return FinetuneSettings.from_options(data=data, backbone="vgg16", **{**values, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +73,7 @@ def fast_run(dataset_dir, cache_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_every_backbone_builds_and_takes_a_train_step(name):
-    from finetune.model import build_finetune_model
+    from cxr_transfer.finetune.model import build_finetune_model
 
     config = BACKBONES[name]
     size = max(config.min_input_size, SIZE)
@@ -83,7 +90,7 @@ def test_every_backbone_builds_and_takes_a_train_step(name):
 
 
 def test_head_alone_starts_like_the_full_models_head():
-    from finetune.model import build_finetune_model, build_head
+    from cxr_transfer.finetune.model import build_finetune_model, build_head
 
     config = BACKBONES["vgg16"]
     full = build_finetune_model(config, SIZE, RANDOM, seed=3)
@@ -120,8 +127,8 @@ def test_held_out_scores_match_keras():
 
 
 def test_view_bank_computes_each_view_once_whatever_k(tmp_path, monkeypatch):
-    from extract.onnx_export import OnnxBackbone
-    from finetune import bank
+    from cxr_transfer.extract.onnx_export import OnnxBackbone
+    from cxr_transfer.finetune import bank
 
     class CountingEmbedder:
         calls = 0
@@ -180,7 +187,7 @@ def test_both_paths_write_a_run_on_the_paper_split(run, request, dataset_dir):
 def test_plain_run_exports_an_onnx_model_that_matches_keras(plain_run, dataset_dir):
     import onnxruntime as ort
 
-    from finetune.model import load_finetuned
+    from cxr_transfer.finetune.model import load_finetuned
 
     info = json.loads((plain_run / "model.json").read_text())
     assert info["kind"] == "finetune" and info["backbone"] == "vgg16" and info["input_size"] == SIZE
@@ -239,11 +246,11 @@ def test_missing_weights_fail_before_anything_is_written(dataset_dir, cache_dir,
 def test_predict_runs_the_fine_tuned_onnx_model_and_refuses_a_changed_file(plain_run, dataset_dir, tmp_path):
     import csv
 
-    from classify.predict import predict_images
-    from core.errors import CxrError
-    from extract.pipeline import ExtractSettings
+    from cxr_transfer.classify.predict import predict_images
+    from cxr_transfer.core.errors import CxrError
+    from cxr_transfer.extract.pipeline import ExtractSettings
 
-    out, skipped = predict_images(dataset_dir / "test", plain_run, ExtractSettings(progress=False), tmp_path / "p.csv")
+    out, skipped = predict_images(dataset_dir / "test", plain_run, ExtractSettings.from_options(progress=False), tmp_path / "p.csv")
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 6 and not skipped
     assert {r["predicted"] for r in rows} <= set(CLASSES)
@@ -253,6 +260,6 @@ def test_predict_runs_the_fine_tuned_onnx_model_and_refuses_a_changed_file(plain
     onnx.write_bytes(original + b"\0")
     try:
         with pytest.raises(CxrError, match="changed since it was saved"):
-            predict_images(dataset_dir / "test", plain_run, ExtractSettings(progress=False), tmp_path / "q.csv")
+            predict_images(dataset_dir / "test", plain_run, ExtractSettings.from_options(progress=False), tmp_path / "q.csv")
     finally:
         onnx.write_bytes(original)

@@ -9,8 +9,14 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
-from classify.heads import HEAD_NAMES, make_head, make_tuned_head, param_grid, parse_head_list
-from core.errors import CxrError
+from cxr_transfer.classify.heads import (
+    HEAD_NAMES,
+    make_head,
+    make_tuned_head,
+    param_grid,
+    parse_head_list,
+)
+from cxr_transfer.core.errors import CxrError
 
 
 @pytest.fixture(autouse=True)

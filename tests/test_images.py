@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.images import ImageDecodeError, read_rgb
-from tests.conftest import synthetic_xray
+from cxr_transfer.core.synthetic import synthetic_xray
+from cxr_transfer.extract.images import ImageDecodeError, read_rgb
 
 
 def test_grey_jpeg_and_png_become_three_equal_channels(tmp_path: Path):

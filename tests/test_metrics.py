@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import precision_recall_fscore_support
 
-from classify.metrics import (
+from cxr_transfer.classify.metrics import (
     HEADLINE_METRICS,
     classification_metrics,
     confusion_matrix,
@@ -14,7 +14,7 @@ from classify.metrics import (
     metrics_from_confusion,
     summarize,
 )
-from core.errors import CxrError
+from cxr_transfer.core.errors import CxrError
 
 PAPER_CLASSES = ("covid", "normal", "pneumonia")
 

@@ -4,19 +4,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from extract.dataset import load_dataset
-from extract.images import read_rgb
-from extract.onnx_export import get_onnx_backbone, keras_preprocess_input
-from extract.registry import BACKBONES, get_backbone
-from extract.runner import OnnxEmbedder
-from extract.weights import build_keras_backbone, resolve_weights
-from tests.conftest import ROOT
+from cxr_transfer.extract.dataset import load_dataset
+from cxr_transfer.extract.images import read_rgb
+from cxr_transfer.extract.onnx_export import get_onnx_backbone, keras_preprocess_input
+from cxr_transfer.extract.registry import BACKBONES, get_backbone
+from cxr_transfer.extract.runner import OnnxEmbedder
+from cxr_transfer.extract.weights import build_keras_backbone, resolve_weights
 
 
 def cosine_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -25,13 +23,12 @@ def cosine_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 _EXPORT_ONE = """
 import sys
-sys.path.insert(0, {root!r})
 from pathlib import Path
 import numpy as np
-from extract.onnx_export import get_onnx_backbone
-from extract.registry import get_backbone
-from extract.runner import OnnxEmbedder
-from extract.weights import resolve_weights
+from cxr_transfer.extract.onnx_export import get_onnx_backbone
+from cxr_transfer.extract.registry import get_backbone
+from cxr_transfer.extract.runner import OnnxEmbedder
+from cxr_transfer.extract.weights import resolve_weights
 config = get_backbone({name!r})
 source = resolve_weights(config, random_weights=True)
 exported = get_onnx_backbone(config, config.min_input_size, source, Path({cache!r}))
@@ -45,11 +42,12 @@ print("ok", exported.max_relative_error)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_every_backbone_exports_and_matches_keras(name: str, tmp_path: Path):
     # One process per backbone: tf2onnx on NASNetLarge alone peaks near 20 GB; in a fresh process that
     # memory is returned at exit instead of adding to what the test session already holds.
-    script = _EXPORT_ONE.format(root=str(ROOT), name=name, cache=str(tmp_path))
+    script = _EXPORT_ONE.format(name=name, cache=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]

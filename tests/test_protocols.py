@@ -3,8 +3,14 @@
 import numpy as np
 import pytest
 
-from classify.protocols import Split, check_splittable, cv_splits, holdout_split, paper_splits
-from core.errors import CxrError
+from cxr_transfer.classify.protocols import (
+    Split,
+    check_splittable,
+    cv_splits,
+    holdout_split,
+    paper_splits,
+)
+from cxr_transfer.core.errors import CxrError
 
 CLASS_NAMES = ("covid", "normal", "pneumonia")
 

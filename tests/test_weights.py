@@ -3,10 +3,14 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import CxrError, WeightsNotFoundError
-from core.hashing import sha256_file
-from extract.registry import get_backbone, parse_backbone_list
-from extract.weights import WEIGHTS_DIR_ENV, build_keras_backbone, resolve_weights
+from cxr_transfer.core.errors import CxrError, WeightsNotFoundError
+from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.extract.registry import get_backbone, parse_backbone_list
+from cxr_transfer.extract.weights import (
+    WEIGHTS_DIR_ENV,
+    build_keras_backbone,
+    resolve_weights,
+)
 
 
 @pytest.fixture

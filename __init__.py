@@ -1,0 +1,25 @@
+"""cxr-transfer: which pretrained CNN and which classifier detect COVID-19 / pneumonia on your chest X-rays.
+
+    import cxr_transfer as cxr
+    cxr.list_backbones()                                   # the paper's nine
+    features = cxr.embed_folder("data/", "vgg16")          # cached ONNX embeddings of a folder
+    vectors = cxr.embed_images(uint8_images, "vgg16")      # embeddings of arrays, no files
+    run = cxr.compare("data/", "vgg16,xception", heads="all", protocol="paper")
+    run_dir = cxr.finetune("data/", "vgg16", epochs=35)
+    report = cxr.audit("data/")
+    csv_path, skipped = cxr.predict("new_images/", "runs/RUN/vgg16-logreg.joblib")
+
+Subpackages, one job each: ``extract`` (images, datasets, backbone registry, weights, ONNX export, HDF5
+cache), ``classify`` (metrics, heads, protocols, compare, predict), ``finetune`` (the paper's Keras
+training), ``audit`` (duplicates, leakage, shortcuts), ``core`` (errors, settings, hashing, records).
+Importing the package loads no deep-learning framework and changes no global state.
+"""
+from cxr_transfer import audit, finetune  # subpackages that are also callable: audit(...), finetune(...)
+from cxr_transfer.api import compare, embed_folder, embed_images, list_backbones, predict
+from cxr_transfer.core.errors import CxrError, WeightsNotFoundError
+from cxr_transfer.core.settings import BackboneSettings
+
+__version__ = "0.2.0"
+
+__all__ = ["BackboneSettings", "CxrError", "WeightsNotFoundError", "__version__", "audit", "compare",
+           "embed_folder", "embed_images", "finetune", "list_backbones", "predict"]

@@ -1,0 +1,157 @@
+"""The library API: the functions the command line calls, importable from ``cxr_transfer``.
+
+    import cxr_transfer as cxr
+    features = cxr.embed_folder("../shared/data/covid19-xray", "vgg16", weights_dir="../shared/weights")
+    features.embeddings.shape          # (425, 512), rows aligned with features.samples
+    run = cxr.compare("../shared/data/covid19-xray", "vgg16", heads="logreg,rbfsvm", weights_dir="../shared/weights")
+
+Every function takes the shared backbone settings either as keywords (``weights``/``weights_file``,
+``weights_dir``, ``random_weights``, ``input_size``, ``cache_dir``, ``threads``, ``progress``) or as one
+``common=BackboneSettings(...)``; the remaining keywords are the stage's own settings (see ``CompareSettings``,
+``FinetuneSettings``, ``AuditSettings``). Unknown keywords raise ``TypeError``; problems with the data or the
+weights raise ``CxrError`` (a ``ValueError``).
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cxr_transfer.core.settings import DEFAULT_CACHE_DIR, BackboneSettings
+
+if TYPE_CHECKING:
+    from cxr_transfer.audit.run import AuditReport
+    from cxr_transfer.classify.compare import CompareRun
+    from cxr_transfer.extract.pipeline import FeatureSet
+    from cxr_transfer.extract.registry import BackboneConfig
+
+_EXTRACT_KEYWORDS = frozenset({"batch_size", "decode_workers", "flush_every", "opset", "backbone", "weights",
+                               "weights_file", "weights_dir", "random_weights", "allow_download", "input_size",
+                               "cache_dir", "threads", "progress"})
+
+
+def _first_backbone(name: str | None) -> dict[str, str]:
+    return {"backbone": name} if name else {}
+
+
+def list_backbones() -> list[BackboneConfig]:
+    """The registry of the paper's nine backbones (input size, preprocessing, feature dimension, weight file)."""
+    from cxr_transfer.extract.registry import BACKBONES
+
+    return list(BACKBONES.values())
+
+
+def embed_folder(data: str | Path, backbone: str = "vgg16", *, weights: str | Path | None = None,
+                 weights_dir: str | Path | None = None, random_weights: bool = False, input_size: int | None = None,
+                 cache_dir: str | Path = DEFAULT_CACHE_DIR, batch_size: int = 16, threads: int | None = None,
+                 progress: bool = False) -> FeatureSet:
+    """Embeddings of every readable image of a dataset folder or CSV, through the HDF5 cache.
+
+    Returns a ``FeatureSet``: ``embeddings`` (float32, one row per readable image), ``samples`` (path, label,
+    split, group, sha256), ``labels``, ``class_names``. Only images not cached yet are computed.
+    """
+    from cxr_transfer.extract.dataset import load_dataset
+    from cxr_transfer.extract.pipeline import ExtractSettings, load_features
+
+    common = BackboneSettings(backbone=backbone, weights_file=weights, weights_dir=weights_dir,
+                              random_weights=random_weights, input_size=input_size, cache_dir=Path(cache_dir),
+                              threads=threads, progress=progress)
+    features, _ = load_features(load_dataset(data), ExtractSettings(common=common, batch_size=batch_size))
+    return features
+
+
+def embed_images(images: np.ndarray, backbone: str = "vgg16", *, weights: str | Path | None = None,
+                 weights_dir: str | Path | None = None, random_weights: bool = False, input_size: int | None = None,
+                 cache_dir: str | Path = DEFAULT_CACHE_DIR, batch_size: int = 16,
+                 threads: int | None = None) -> np.ndarray:
+    """Embeddings of images already in memory: uint8 (N, H, W, 3) RGB or (N, H, W) grey -> float32 (N, dim).
+
+    No embedding cache and no image files: each image is stretched to the network's input with the same rule
+    as image files (``extract.images.resize_square``). The ONNX export itself is cached in ``cache_dir/onnx``.
+    """
+    from cxr_transfer.extract.images import resize_square
+    from cxr_transfer.extract.onnx_export import get_onnx_backbone
+    from cxr_transfer.extract.registry import get_backbone
+    from cxr_transfer.extract.runner import OnnxEmbedder
+    from cxr_transfer.extract.weights import resolve_weights
+
+    if not isinstance(images, np.ndarray):
+        raise TypeError(f"images must be a numpy array, got {type(images).__name__} instead")
+    if images.dtype != np.uint8:
+        raise TypeError(f"images must be uint8 pixels in [0, 255], got dtype {images.dtype} instead")
+    if images.ndim == 3:
+        images = np.repeat(images[..., None], 3, axis=3)
+    if images.ndim != 4 or images.shape[3] != 3 or min(images.shape[1:3]) < 2:
+        raise ValueError(f"images must have shape (N, H, W, 3) or (N, H, W), got {images.shape} instead")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r} instead")
+    config = get_backbone(backbone)
+    size = config.input_size(input_size)
+    source = resolve_weights(config, weights, weights_dir, random_weights)
+    embedder = OnnxEmbedder(get_onnx_backbone(config, size, source, Path(cache_dir)), threads)
+    if len(images) == 0:
+        return np.empty((0, config.feature_dim), np.float32)
+    rows = []
+    for start in range(0, len(images), batch_size):
+        batch = np.stack([resize_square(np.ascontiguousarray(image), size) for image in images[start:start + batch_size]])
+        rows.append(embedder.embed(batch))
+    return np.concatenate(rows)
+
+
+def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *,
+            common: BackboneSettings | None = None, **options: Any) -> CompareRun:
+    """Score scikit-learn heads on cached embeddings under one protocol (``protocol='paper'|'cv'|'holdout'``).
+
+    Returns the ``CompareRun`` (run folder, every evaluation, the summary table). Stage keywords: those of
+    ``CompareSettings`` (protocol, seed, seeds, folds, repeats, group_by, tune, save, out_dir, ...) and
+    ``batch_size`` for the extraction.
+    """
+    from cxr_transfer.classify.compare import CompareSettings, run_compare
+    from cxr_transfer.extract.pipeline import ExtractSettings
+
+    first = backbones.split(",")[0].strip()
+    extract_options = {k: options.pop(k) for k in list(options) if k in _EXTRACT_KEYWORDS}
+    extract_settings = ExtractSettings.from_options(common, **_first_backbone(first), **extract_options)
+    unknown = sorted(set(options) - {f.name for f in fields(CompareSettings)} - {"data", "extract"})
+    if unknown:
+        raise TypeError(f"unknown setting(s) {', '.join(unknown)} for compare")
+    return run_compare(CompareSettings(data=Path(data), extract=extract_settings, backbones=backbones, heads=heads,
+                                       **options))
+
+
+def finetune(data: str | Path, backbone: str = "vgg16", *, common: BackboneSettings | None = None,
+             **options: Any) -> Path:
+    """The paper's frozen-body + dense-head Keras training; returns the run folder.
+
+    Defaults are the paper's (input 224, 35 epochs, batch 8, Adam 1e-3); stage keywords are those of
+    ``FinetuneSettings`` (epochs, batch_size, lr, seed, fast, views, group_by, out_dir, run_dir, ...).
+    """
+    from cxr_transfer.finetune.train import FinetuneSettings, run_finetune
+
+    if common is None:
+        options = {"input_size": 224, **options}   # the paper's size for all nine
+    settings = FinetuneSettings.from_options(common, data=data, **_first_backbone(backbone), **options)
+    return run_finetune(settings)
+
+
+def audit(data: str | Path, backbone: str = "vgg16", *, common: BackboneSettings | None = None,
+          **options: Any) -> AuditReport:
+    """Duplicates, patient leakage and acquisition / pixel shortcuts of a dataset; writes audit.md."""
+    from cxr_transfer.audit.run import AuditSettings, run_audit
+
+    return run_audit(AuditSettings.from_options(common, data=data, **_first_backbone(backbone), **options))
+
+
+def predict(images: str | Path, model: str | Path, *, out: str | Path | None = None,
+            common: BackboneSettings | None = None, **options: Any) -> tuple[Path, list[tuple[str, str]]]:
+    """Class probabilities for an image file or folder from a saved head (.joblib) or a finetune run folder.
+
+    Writes a CSV (path, sha256, predicted, one probability column per class) and returns it with the
+    (path, reason) of every skipped file. The model's backbone and input size come from the model itself.
+    """
+    from cxr_transfer.classify.predict import predict_images
+    from cxr_transfer.extract.pipeline import ExtractSettings
+
+    return predict_images(images, model, ExtractSettings.from_options(common, **options), out)

@@ -1,0 +1,98 @@
+"""The settings every stage shares (one object, built once by the CLI from its common flags).
+
+Extract, compare, finetune, audit and predict all need to know which backbone with which weights at which
+input size, where caches live, how many threads to use and whether to show progress. ``BackboneSettings``
+holds exactly that; each stage's own settings embed it as ``.common`` and add what only that stage needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CACHE_DIR = Path("features")
+
+
+@dataclass(frozen=True)
+class BackboneSettings:
+    """Which network, which weights, what input size, where caches go, how fast, how chatty."""
+
+    backbone: str = "vgg16"                  # registry name (see ``list_backbones()``)
+    weights_file: str | Path | None = None   # an explicit weights file for this backbone
+    weights_dir: str | Path | None = None    # a folder searched for <backbone>_*.h5 / Keras' own file name
+    random_weights: bool = False             # tests only: never a fallback
+    allow_download: bool = True              # let Keras fetch ImageNet weights when nothing local is found
+    input_size: int | None = None            # square input side; None = the backbone's ImageNet size
+    cache_dir: Path = DEFAULT_CACHE_DIR      # ONNX exports, HDF5 embeddings, hash caches
+    threads: int | None = None               # onnxruntime intra-op threads; None = all cores
+    progress: bool = True                    # progress bars / per-epoch lines on stderr
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backbone, str) or not self.backbone.strip():
+            raise TypeError(f"backbone must be a non-empty str, got {self.backbone!r} instead")
+        if self.input_size is not None and (isinstance(self.input_size, bool) or not isinstance(self.input_size, int)):
+            raise TypeError(f"input_size must be an int or None, got {self.input_size!r} instead")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)):
+            raise TypeError(f"threads must be an int or None, got {self.threads!r} instead")
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+
+    def with_backbone(self, name: str) -> "BackboneSettings":
+        """The same settings for another backbone (a weights file belongs to one backbone, so it is dropped
+        when the name changes)."""
+        if name == self.backbone:
+            return self
+        return replace(self, backbone=name, weights_file=None)
+
+    def record(self) -> dict[str, object]:
+        """JSON-ready form for run records."""
+        return {"backbone": self.backbone, "weights_file": str(self.weights_file or ""),
+                "weights_dir": str(self.weights_dir or ""), "random_weights": self.random_weights,
+                "input_size": self.input_size, "cache_dir": str(self.cache_dir), "threads": self.threads}
+
+
+def split_options(options: dict[str, Any],
+                  common: BackboneSettings | None = None) -> tuple[BackboneSettings, dict[str, Any]]:
+    """Separate the shared backbone settings from a stage's own keywords.
+
+    ``weights`` is accepted as a short name for ``weights_file``; keywords given next to ``common`` override it.
+    """
+    options = dict(options)
+    if "weights" in options:
+        if "weights_file" in options:
+            raise TypeError("give weights or weights_file, not both")
+        options["weights_file"] = options.pop("weights")
+    names = {f.name for f in fields(BackboneSettings)}
+    shared = {k: options.pop(k) for k in list(options) if k in names}
+    if common is not None and not isinstance(common, BackboneSettings):
+        raise TypeError(f"common must be a BackboneSettings, got {type(common).__name__} instead")
+    base = common or BackboneSettings()
+    return (replace(base, **shared) if shared else base), options
+
+
+class UsesBackboneSettings:
+    """Read-only shortcuts (``settings.backbone``, ``settings.cache_dir``, ...) to an embedded ``common``,
+    and ``from_options`` to build a stage's settings from flat keywords."""
+
+    common: BackboneSettings
+
+    @classmethod
+    def from_options(cls, common: BackboneSettings | None = None, **options: Any):
+        """``ExtractSettings.from_options(backbone="xception", random_weights=True, batch_size=8)``: shared
+        keywords go to ``common``, the rest to the stage; unknown keywords raise TypeError."""
+        shared, own = split_options(options, common)
+        own_names = {f.name for f in fields(cls)} - {"common"}
+        unknown = sorted(set(own) - own_names)
+        if unknown:
+            valid = sorted(own_names | {f.name for f in fields(BackboneSettings)} | {"weights"})
+            raise TypeError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(valid)}")
+        return cls(common=shared, **own)
+
+    backbone = property(lambda self: self.common.backbone)
+    weights_file = property(lambda self: self.common.weights_file)
+    weights_dir = property(lambda self: self.common.weights_dir)
+    random_weights = property(lambda self: self.common.random_weights)
+    allow_download = property(lambda self: self.common.allow_download)
+    input_size = property(lambda self: self.common.input_size)
+    cache_dir = property(lambda self: self.common.cache_dir)
+    threads = property(lambda self: self.common.threads)
+    progress = property(lambda self: self.common.progress)
