@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,3 +36,34 @@ def shared_weights() -> Path:
     if not (SHARED_WEIGHTS / "vgg16_imagenet_notop.weights.h5").is_file():
         pytest.skip("../shared/weights is not beside the repository")
     return SHARED_WEIGHTS
+
+
+@dataclass
+class CliResult:
+    """What one command-line run did: exit status and its two output streams."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def error_line(self) -> str:
+        """The single ``error: ...`` line of a refused run (asserts there is exactly one and no traceback)."""
+        assert "Traceback" not in self.stderr, self.stderr[-3000:]
+        lines = [line for line in self.stderr.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1, self.stderr[-3000:]
+        return lines[0]
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path):
+    """Run ``python -m cxr_transfer.cli ARGS`` in a subprocess (cwd: tmp_path unless given); returns a CliResult.
+
+    The command line as a user meets it: real argument parsing, real exit status, real stderr.
+    """
+    def run(*args: str | Path, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> CliResult:
+        done = subprocess.run([sys.executable, "-m", "cxr_transfer.cli", *map(str, args)], capture_output=True,
+                              text=True, encoding="utf-8", errors="replace", cwd=cwd or tmp_path, timeout=timeout,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
+        return CliResult(done.returncode, done.stdout, done.stderr)
+
+    return run
