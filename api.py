@@ -54,7 +54,9 @@ def embed_folder(data: str | Path, backbone: str = "vgg16", *, weights: str | Pa
     """
     from cxr_transfer.extract.dataset import load_dataset
     from cxr_transfer.extract.pipeline import ExtractSettings, load_features
+    from cxr_transfer.extract.registry import get_backbone
 
+    get_backbone(backbone)   # arguments first, data second
     common = BackboneSettings(backbone=backbone, weights_file=weights, weights_dir=weights_dir,
                               random_weights=random_weights, input_size=input_size, cache_dir=Path(cache_dir),
                               threads=threads, progress=progress)
@@ -109,8 +111,10 @@ def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *,
     ``batch_size`` for the extraction.
     """
     from cxr_transfer.classify.compare import CompareSettings, run_compare
+    from cxr_transfer.extract.registry import parse_backbone_list
     from cxr_transfer.extract.pipeline import ExtractSettings
 
+    parse_backbone_list(backbones)   # arguments first, data second
     first = backbones.split(",")[0].strip()
     extract_options = {k: options.pop(k) for k in list(options) if k in _EXTRACT_KEYWORDS}
     extract_settings = ExtractSettings.from_options(common, **_first_backbone(first), **extract_options)

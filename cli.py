@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""cxr-transfer command line: a thin layer that parses flags and calls the library.
+"""cxr-transfer command line: a thin layer that parses flags and calls the library (``cxr_transfer.api``).
 
-    python cli.py backbones                      the registry and where weights were found
-    python cli.py extract  --data DIR ...        embeddings of a folder into the HDF5 cache
-    python cli.py compare  --data DIR ...        scikit-learn heads on cached embeddings
-    python cli.py predict  IMAGES --model FILE   class probabilities for new images
-    python cli.py finetune --data DIR ...        the paper's frozen-body + dense-head training
-    python cli.py report   RUN_DIR ...           runs side by side on the same test images
-    python cli.py audit    --data DIR ...        duplicates, patient leakage and shortcuts
+    cxr-transfer backbones                      the registry and where weights were found
+    cxr-transfer extract  --data DIR ...        embeddings of a folder into the HDF5 cache
+    cxr-transfer compare  --data DIR ...        scikit-learn heads on cached embeddings
+    cxr-transfer predict  IMAGES --model FILE   class probabilities for new images
+    cxr-transfer finetune --data DIR ...        the paper's frozen-body + dense-head training
+    cxr-transfer report   RUN_DIR ...           runs side by side on the same test images
+    cxr-transfer audit    --data DIR ...        duplicates, patient leakage and shortcuts
+
+``python cli.py ...`` from a checkout (after ``pip install -e .``) and ``python -m cxr_transfer ...`` are the same.
 """
 from __future__ import annotations
 
@@ -251,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``cxr-transfer`` command: parse, run, and turn user-fixable errors into one ``error:`` line (exit 2)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")   # this process is the command line's own: quiet TensorFlow
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

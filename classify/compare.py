@@ -26,7 +26,7 @@ from cxr_transfer.classify.protocols import (
     paper_splits,
     resolve_groups,
 )
-from cxr_transfer.classify.results import Evaluation, save_results, test_fingerprint
+from cxr_transfer.classify.results import Evaluation, images_fingerprint, save_results
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.record import run_record, write_json
 from cxr_transfer.extract.dataset import Dataset, load_dataset
@@ -122,7 +122,7 @@ def _fit_and_score(backbone: str, head: str, X: np.ndarray, y: np.ndarray, split
     metrics = classification_metrics(y[split.test_idx], predicted, class_names, proba)
     extra = {"best_params": {k: repr(v) for k, v in model.best_params_.items()}} if tune else {}
     return Evaluation(backbone, head, split.protocol, split.repeat, split.fold, len(split.train_idx),
-                      len(split.test_idx), test_fingerprint(shas[i] for i in split.test_idx), metrics,
+                      len(split.test_idx), images_fingerprint(shas[i] for i in split.test_idx), metrics,
                       fitted - start, done - fitted, extra)
 
 
@@ -212,7 +212,7 @@ def run_compare(settings: CompareSettings) -> CompareRun:
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_record("compare", settings.record(), seed=settings.seed, dataset_root=str(dataset.root),
                         dataset_fingerprint=dataset.fingerprint, evaluated_images=len(samples),
-                        evaluated_fingerprint=test_fingerprint(shas), extraction=extraction,
+                        evaluated_fingerprint=images_fingerprint(shas), extraction=extraction,
                         n_splits=len(splits), seconds=round(time.perf_counter() - started, 2))
     if settings.save:
         record["saved_models"] = []
@@ -224,7 +224,7 @@ def run_compare(settings: CompareSettings) -> CompareRun:
                              else make_head(head, settings.seed)).fit(X, y)
                 path = save_head(run_dir / f"{backbone}-{head}.joblib", model, class_names,
                                  [{"backbone": p, **extraction[p]} for p in parts],
-                                 {"trained_on": test_fingerprint(shas), "n_train": len(y), "head": head,
+                                 {"trained_on": images_fingerprint(shas), "n_train": len(y), "head": head,
                                   "seed": settings.seed, "tune": settings.tune, "dataset": str(dataset.root)})
                 record["saved_models"].append(str(path))
     write_json(run_dir / "record.json", record)

@@ -41,7 +41,7 @@ class Evaluation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def test_fingerprint(test_sha256: Iterable[str]) -> str:
+def images_fingerprint(test_sha256: Iterable[str]) -> str:
     """Identity of a test set: sha256 over its images' sorted sha256."""
     return sha256_strings(sorted(test_sha256))
 

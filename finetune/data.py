@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cxr_transfer.classify.protocols import Split, paper_splits, resolve_groups
-from cxr_transfer.classify.results import test_fingerprint
+from cxr_transfer.classify.results import images_fingerprint
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.extract.dataset import Dataset, Sample
 from cxr_transfer.extract.images import read_rgb
@@ -32,8 +32,8 @@ class SplitImages:
     y_test: np.ndarray
 
     @property
-    def test_fingerprint(self) -> str:
-        return test_fingerprint(s.sha256 for s in self.test_samples)
+    def held_out_fingerprint(self) -> str:
+        return images_fingerprint(s.sha256 for s in self.test_samples)
 
 
 def select_split_subset(dataset: Dataset, split: str | None = "train") -> Dataset:

@@ -94,7 +94,7 @@ def finish(run_dir: Path, settings: FinetuneSettings, config: BackboneConfig, si
     timings["total_cpu_seconds"] = time.process_time()
     timings = {k: round(v, 3) for k, v in timings.items()}
     evaluation = Evaluation(config.name, settings.model_name, "paper", 0, 0, len(data.y_train), len(data.y_test),
-                            data.test_fingerprint, metrics, timings["fit_seconds"], timings["predict_seconds"],
+                            data.held_out_fingerprint, metrics, timings["fit_seconds"], timings["predict_seconds"],
                             extra={"seed": settings.seed, "epochs": settings.epochs, "input_size": size,
                                    "timings": timings, "final_epoch": outcome.history[-1],
                                    "onnx_sha256": model_info.get("onnx_sha256"), **outcome.extra})

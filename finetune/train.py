@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from cxr_transfer.classify.results import test_fingerprint
+from cxr_transfer.classify.results import images_fingerprint
 from cxr_transfer.core.record import run_record, write_json
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.onnx_export import get_onnx_backbone
@@ -74,7 +74,7 @@ def run_finetune(settings: FinetuneSettings, callbacks: Sequence[Any] = ()) -> P
                         split={"protocol": "paper", "test_size": settings.test_size,
                                "group_by": settings.group_by, "n_train": int(len(split.train_idx)),
                                "n_test": int(len(split.test_idx)),
-                               "test_fingerprint": test_fingerprint(dataset.samples[i].sha256
+                               "test_fingerprint": images_fingerprint(dataset.samples[i].sha256
                                                                     for i in split.test_idx)},
                         validation="the held-out test images evaluated after each epoch (no separate "
                                    "validation set, as in the paper)", partial=False, status="running")

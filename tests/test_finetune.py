@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cxr_transfer.classify.protocols import paper_splits
+from cxr_transfer.classify.results import images_fingerprint as fingerprint_of
 from cxr_transfer.classify.results import load_results
-from cxr_transfer.classify.results import test_fingerprint as fingerprint_of
 from cxr_transfer.core.errors import WeightsNotFoundError
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.registry import BACKBONES
