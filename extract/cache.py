@@ -22,13 +22,15 @@ plus the finished parts, and the next run opens both and computes only what is m
 ``.tmp`` files such a kill leaves are removed when the cache is opened. Callers hold the cache's lock
 (``core.locking.file_lock``) while a ``FeatureCache`` is open for writing: one writer per file.
 
-Disk full: the free space is checked before the HDF5 file is written, and a failed write (ENOSPC) removes
-its temporary file and raises one ``CxrError`` naming the folder and the space needed; the old cache and
-the finished parts stay.
+Disk full: the new HDF5 file is built in memory, then the free space is checked and the bytes are written
+with plain file I/O, so HDF5 never meets a full disk (its failed close crashed the process). A failed write
+(ENOSPC) removes its temporary file and raises one ``CxrError`` naming the folder and the space needed; the
+old cache and the finished parts stay.
 """
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
@@ -51,8 +53,7 @@ TEXT_COLUMNS = ("path", "label", "split", "group")
 _STR = h5py.string_dtype(encoding="utf-8")
 _COPY_ROWS = 512
 _CHECK_ROWS = 4096
-_SPACE_MARGIN = 1.25            # HDF5 overhead, chunk index, string heap
-_SPACE_SLACK = 1 << 20
+_SPACE_SLACK = 64 << 10
 _NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
@@ -121,10 +122,11 @@ def _shas(dataset: h5py.Dataset) -> np.ndarray:
     return np.array(dataset.asstr("ascii")[()], dtype=str).reshape(-1) if len(dataset) else np.array([], str)
 
 
-def check_file(handle: h5py.File) -> int:
+def check_file(handle: h5py.File, embeddings_read: np.ndarray | None = None) -> int:
     """Raise CacheDamagedError unless every column has the same row count and every embedding is finite.
 
-    Reads every embedding block, so fletcher32 checksums are verified too. Returns the row count.
+    Reads every embedding block (so fletcher32 checksums are verified too), unless the caller already read
+    them all (``embeddings_read``). Returns the row count.
     """
     names = ("embeddings", "sha256", *TEXT_COLUMNS)
     missing = [n for n in names if n not in handle]
@@ -139,7 +141,7 @@ def check_file(handle: h5py.File) -> int:
     if wrong:
         raise CacheDamagedError(f"{n} embeddings but columns of shape {wrong}")
     for start in range(0, n, _CHECK_ROWS):
-        block = embeddings[start:start + _CHECK_ROWS]
+        block = (embeddings if embeddings_read is None else embeddings_read)[start:start + _CHECK_ROWS]
         if not np.isfinite(block).all():
             bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
             raise CacheDamagedError(f"embedding row {bad} is not finite")
@@ -281,42 +283,49 @@ class FeatureCache:
                 return False
         return self.stored_rows() == list(rows)
 
-    def needed_bytes(self, rows: list[CacheRow]) -> int:
-        """About how many bytes the HDF5 file of ``rows`` takes (checked against the free space)."""
-        text = sum(len(getattr(r, c).encode("utf-8")) + 16 for r in rows for c in TEXT_COLUMNS)
-        return int((len(rows) * (self._dimension() * 4 + 64) + text) * _SPACE_MARGIN) + _SPACE_SLACK
-
     def write(self, rows: list[CacheRow], attrs: dict[str, object]) -> None:
-        """Replace the HDF5 file with exactly ``rows`` (every sha must be known), then drop the parts."""
+        """Replace the HDF5 file with exactly ``rows`` (every sha must be known), then drop the parts.
+
+        The file is built in memory and written with plain file I/O: HDF5 itself never meets a full disk
+        (its failed close on ENOSPC crashed the process), and a failed write leaves the old file as it was.
+        """
         missing = [r.sha256 for r in rows if not self.has(r.sha256)]
         if missing:
             raise RuntimeError(f"{len(missing)} rows have no embedding")
         folder = self.path.parent
         folder.mkdir(parents=True, exist_ok=True)
-        needed = self.needed_bytes(rows)
-        # HDF5 does not survive running out of space mid-write well (a crash on close): check first.
+        image = self._file_image(rows, attrs)
+        needed = image.nbytes + _SPACE_SLACK
         if shutil.disk_usage(folder).free < needed:
             raise no_space_error(folder, needed)
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            self._write_file(tmp, rows, attrs)
+            with open(tmp, "wb") as handle:
+                for start in range(0, image.nbytes, 1 << 24):
+                    handle.write(image[start:start + (1 << 24)])
+                handle.flush()
+                os.fsync(handle.fileno())
             os.replace(tmp, self.path)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
-            if isinstance(exc, Exception) and is_no_space(exc):
+            if isinstance(exc, OSError) and is_no_space(exc):
                 raise no_space_error(folder, needed) from None
             raise
+        finally:
+            image.release()
         for part in {p for p, _ in self._parts.values()}:
             part.unlink(missing_ok=True)
         self._remove_empty_parts_dir()
         self._parts = {}
         self._stored = {r.sha256: i for i, r in enumerate(rows)}
 
-    def _write_file(self, tmp: Path, rows: list[CacheRow], attrs: dict[str, object]) -> None:
+    def _file_image(self, rows: list[CacheRow], attrs: dict[str, object]) -> memoryview:
+        """The bytes of the HDF5 file holding ``rows``, built in memory."""
         dim = self._dimension()
         created = self._attr("created") or now_iso()
         n = len(rows)
-        with h5py.File(tmp, "w") as out:
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as out:
             checked = dict(fletcher32=True, chunks=(min(n, 256), dim)) if n and dim else {}
             embeddings = out.create_dataset("embeddings", shape=(n, dim), dtype=np.float32, **checked)
             out.create_dataset("sha256", data=np.array([r.sha256 for r in rows], dtype="S64"),
@@ -328,6 +337,7 @@ class FeatureCache:
                 embeddings[start:start + len(block)] = self._gather([r.sha256 for r in block], dim)
             for key, value in {**attrs, **self.identity, "created": created, "updated": now_iso()}.items():
                 out.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+        return buffer.getbuffer()
 
     # ----------------------------------------------------------------- helpers
     def _attr(self, key: str) -> str | None:
@@ -389,8 +399,8 @@ def read_cache(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray], dic
     """
     try:
         with h5py.File(path, "r") as handle:
-            check_file(handle)
-            embeddings = handle["embeddings"][:]
+            embeddings = handle["embeddings"][()]
+            check_file(handle, embeddings)
             columns = {"sha256": _shas(handle["sha256"])}
             for column in TEXT_COLUMNS:
                 columns[column] = _text(handle[column])

@@ -206,19 +206,16 @@ def _check_writable(folder: Path) -> None:
 def _cache_guard(plan: _Plan, settings: ExtractSettings):
     """Hold the cache's lock; yields False (read only, no lock) where no lock file can be made."""
     _prepare_folder(plan.path.parent, settings.cache_dir)
-    try:
-        lock = file_lock(plan.path, settings.lock_timeout)
-        lock.__enter__()
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise _cannot_write(plan.path.parent, exc) from None
-        log.debug("no lock on read-only %s (%s)", plan.path.parent, exc)
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        lock.__exit__(None, None, None)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(plan.path, settings.lock_timeout))
+            locked = True
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+                raise _cannot_write(plan.path.parent, exc) from None
+            log.debug("no lock on read-only %s (%s)", plan.path.parent, exc)
+            locked = False
+        yield locked
 
 
 def _name_problems(dataset: Dataset) -> list[tuple[Sample, str]]:
@@ -277,11 +274,11 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
             todo.append(sample)
     n_cached = sum(1 for s in samples if cache.has(s.sha256))
     if todo or not cache.listing_matches(_rows(dataset, samples, cache, prune)):
-        # Something must be written: find out now, not after all the computing.
-        if not locked:
-            _check_writable(path.parent)
-            raise CxrError(f"--cache-dir: cannot lock {path} for writing; give a writable folder with --cache-dir")
+        # Something must be written: find out now, not after all the computing. (Without the lock the
+        # folder refused the lock file, so the check below fails with the reason.)
         _check_writable(path.parent)
+        if not locked:
+            raise CxrError(f"--cache-dir: cannot lock {path} for writing; give a writable folder with --cache-dir")
     inference_seconds = 0.0
     n_embedded = 0
     if todo:
