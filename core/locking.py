@@ -13,8 +13,8 @@ import fcntl
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from cxr_transfer.core.errors import CxrError
 

@@ -36,9 +36,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import h5py
 import numpy as np
@@ -199,7 +199,7 @@ class FeatureCache:
                 shas = _shas(handle["sha256"])
         except CxrError:
             raise
-        except Exception as exc:  # damaged, truncated or inconsistent HDF5: keep it aside, rebuild
+        except Exception as exc:  # noqa: BLE001 - damaged, truncated or inconsistent HDF5: set aside, rebuild
             aside = self.path.with_name(self.path.name + f".damaged-{int(time.time())}")
             try:
                 os.replace(self.path, aside)
@@ -222,7 +222,7 @@ class FeatureCache:
                         raise ValueError("row count mismatch")
                     if not np.isfinite(embeddings).all():
                         raise ValueError("non-finite embeddings")
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any damage: the part is recomputed
                 log.warning("ignoring unreadable part %s (%s)", part.name, exc)
                 try:
                     part.unlink()
@@ -301,8 +301,7 @@ class FeatureCache:
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             with open(tmp, "wb") as handle:
-                for start in range(0, image.nbytes, 1 << 24):
-                    handle.write(image[start:start + (1 << 24)])
+                handle.writelines(image[start:start + (1 << 24)] for start in range(0, image.nbytes, 1 << 24))
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
@@ -326,10 +325,10 @@ class FeatureCache:
         n = len(rows)
         buffer = io.BytesIO()
         with h5py.File(buffer, "w") as out:
-            checked = dict(fletcher32=True, chunks=(min(n, 256), dim)) if n and dim else {}
+            checked = {"fletcher32": True, "chunks": (min(n, 256), dim)} if n and dim else {}
             embeddings = out.create_dataset("embeddings", shape=(n, dim), dtype=np.float32, **checked)
             out.create_dataset("sha256", data=np.array([r.sha256 for r in rows], dtype="S64"),
-                               **(dict(fletcher32=True, chunks=(min(n, 4096),)) if n else {}))
+                               **({"fletcher32": True, "chunks": (min(n, 4096),)} if n else {}))
             for column in TEXT_COLUMNS:
                 out.create_dataset(column, data=[getattr(r, column) for r in rows], dtype=_STR)
             for start in range(0, n, _COPY_ROWS):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -226,8 +225,8 @@ def _name_problems(dataset: Dataset) -> list[tuple[Sample, str]]:
                   "group": sample.group}
         bad = [name for name, text in fields.items() if utf8_problem(text) is not None]
         if bad:
-            problems.append((sample, f"{printable(dataset.relative(sample))}: {' and '.join(bad)} not valid "
-                                     f"UTF-8 (rename it)"))
+            reason = f"{printable(dataset.relative(sample))}: {' and '.join(bad)} not valid UTF-8 (rename it)"
+            problems.append((sample, reason))
     return problems
 
 
