@@ -5,8 +5,8 @@ returns a summary; ``load_features`` does the same and returns the embeddings al
 Only images whose sha256 is not cached yet are decoded and run through the network.
 
 Before any work: files whose name (or class, split, group) is not valid UTF-8 are skipped with a warning
-(cache columns are UTF-8 text), the cache folder must be a folder, and when anything must be written it
-must be writable. The cache's lock (``core.locking``) is held from opening the cache to the last read, so
+(cache columns are UTF-8 text), the cache folder must be a folder, and when embeddings must be computed it
+must be writable (a read-only cache that holds every embedding is used as is). The cache's lock (``core.locking``) is held from opening the cache to the last read, so
 two runs on the same cache take turns. Non-finite embeddings are never cached: such images are skipped.
 """
 from __future__ import annotations
@@ -272,12 +272,22 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
             seen.add(sample.sha256)
             todo.append(sample)
     n_cached = sum(1 for s in samples if cache.has(s.sha256))
-    if todo or not cache.listing_matches(_rows(dataset, samples, cache, prune)):
-        # Something must be written: find out now, not after all the computing. (Without the lock the
+    read_only = False
+    if todo:
+        # New embeddings must be written: find out now, not after all the computing. (Without the lock the
         # folder refused the lock file, so the check below fails with the reason.)
         _check_writable(path.parent)
         if not locked:
             raise CxrError(f"--cache-dir: cannot lock {path} for writing; give a writable folder with --cache-dir")
+    elif not cache.listing_matches(_rows(dataset, samples, cache, prune)):
+        # Every embedding is there, only the row list changed: a read-only cache still serves them.
+        try:
+            _check_writable(path.parent)
+            read_only = not locked
+        except CxrError:
+            read_only = True
+        if read_only:
+            log.warning("%s is read-only: using its embeddings without updating its row list", path)
     inference_seconds = 0.0
     n_embedded = 0
     if todo:
@@ -312,7 +322,7 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
     if not any(cache.has(s.sha256) for s in samples):
         raise CxrError(f"{dataset.root}: none of the {len(dataset)} images could be read")
     failed = [(printable(dataset.relative(s)), reason) for s, reason in failures]
-    if not cache.listing_matches(rows):
+    if not read_only and not cache.listing_matches(rows):
         onnx_attrs = _onnx_attrs(onnx, path)
         cache.write(rows, {**onnx_attrs, "dataset_root": printable(str(dataset.root)), "failed": failed,
                            "versions": library_versions(), "opset": settings.opset})

@@ -529,6 +529,13 @@ def case_read_only_cache_complete(tmp_path, warm):
     return Case(extract_args(root, cache), 0, r"3 cached, 0 computed", _rows_kept(path, before, 3)), path.parent
 
 
+def case_read_only_cache_with_an_image_removed(tmp_path, warm):
+    root, cache, path, before = _complete_cache(tmp_path, warm)
+    (root / "covid" / "img_000.png").unlink()
+    return Case(extract_args(root, cache), 0, r"2 images, 2 cached, 0 computed", _rows_kept(path, before, 3)), \
+        path.parent
+
+
 def case_disk_full_writing_a_part(tmp_path, warm):
     root, cache, path, before = _complete_cache(tmp_path, warm)
     add_image(root / "covid", "new.png", 91)
@@ -642,7 +649,6 @@ def case_predict_one_file_of_a_cached_folder(tmp_path, warm):
 
 
 CORPUS = {name[len("case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
-READ_ONLY = {"cache_dir_unwritable", "read_only_cache_needs_writing", "read_only_cache_complete"}
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
