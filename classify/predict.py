@@ -101,7 +101,8 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
     model, info = load_head(model_path)
     blocks, skipped, readable = [], [], None
     for part_settings in parts:
-        features, result = load_features(dataset, part_settings)
+        # prune=False: a few files of a folder must not drop the folder's other cached embeddings.
+        features, result = load_features(dataset, part_settings, prune=False)
         skipped += result.failures
         readable = features.samples if readable is None else readable
         row = {sha: i for i, sha in enumerate(features.sha256)}

@@ -4,27 +4,41 @@ Layout of ``features/<dataset-id>/<backbone>-<size>-<weights16>[-<view>].h5`` (R
 
     /embeddings  float32 (N, D)   one row per image of the current listing, in the dataset's stable order
     /sha256      bytes   (N,)     sha256 of the image file's bytes (the identity a row is keyed on)
-    /path        str     (N,)     path relative to the dataset root
-    /label       str     (N,)     class name
+    /path        str     (N,)     path relative to the dataset root (UTF-8 text)
+    /label       str     (N,)     class name (UTF-8 text)
     /split       str     (N,)     split folder or CSV split ("" when none)
     /group       str     (N,)     patient group ("" when none)
     attrs: backbone, input_size, preprocessing, view, weights_sha256, onnx_sha256, onnx_max_relative_error,
            opset, versions (JSON), created, updated, dataset_root, failed (JSON list of skipped files)
 
+Integrity: ``embeddings`` and ``sha256`` carry HDF5's fletcher32 checksum on every stored block, so flipped
+bytes fail the read; on open every column must have N rows and every embedding must be finite. A file that
+fails any of this is moved aside (``.damaged-<time>``) and rebuilt.
+
 Crash safety: while a run computes, every flushed block of embeddings is written to its own ``.npz`` part
 file next to the cache (atomic rename). The HDF5 file itself is only ever replaced whole, by a new file
 written beside it and renamed over it. A ``kill -9`` at any moment therefore leaves the old cache intact
-plus the finished parts, and the next run opens both and computes only what is missing.
+plus the finished parts, and the next run opens both and computes only what is missing; the half-written
+``.tmp`` files such a kill leaves are removed when the cache is opened. Callers hold the cache's lock
+(``core.locking.file_lock``) while a ``FeatureCache`` is open for writing: one writer per file.
+
+Disk full: the new HDF5 file is built in memory, then the free space is checked and the bytes are written
+with plain file I/O, so HDF5 never meets a full disk (its failed close crashed the process). A failed write
+(ENOSPC) removes its temporary file and raises one ``CxrError`` naming the folder and the space needed; the
+old cache and the finished parts stay.
 """
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
 import os
+import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import h5py
 import numpy as np
@@ -35,8 +49,12 @@ from cxr_transfer.core.record import now_iso
 log = logging.getLogger(__name__)
 
 IDENTITY_ATTRS = ("backbone", "input_size", "preprocessing", "view", "weights_sha256")
+TEXT_COLUMNS = ("path", "label", "split", "group")
 _STR = h5py.string_dtype(encoding="utf-8")
 _COPY_ROWS = 512
+_CHECK_ROWS = 4096
+_SPACE_SLACK = 64 << 10
+_NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,86 @@ class CacheRow:
     group: str
 
 
+class CacheDamagedError(ValueError):
+    """A cache file whose shapes, checksums or values are wrong."""
+
+
+def utf8_problem(text: str) -> str | None:
+    """None when ``text`` is valid Unicode that UTF-8 can store; else a printable form of it.
+
+    File names that are not UTF-8 reach Python as surrogate escapes (``bad\\udcff.jpg``); they cannot be
+    stored as UTF-8 text, so extraction skips such files before any work, naming them with ``\\xff`` escapes.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return printable(text)
+    return None
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8 text: undecodable bytes of a file name shown as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """True for 'no space left on device' / 'quota exceeded', however the library reported it."""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        return True
+    text = str(exc)
+    return "No space left" in text or "errno = 28" in text or "Disk quota exceeded" in text
+
+
+def no_space_error(folder: Path, needed: int) -> CxrError:
+    """The one message for a full disk: the folder, the space needed and what is free."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = -1
+    free_text = f", {_mb(free)} free" if free >= 0 else ""
+    return CxrError(f"no space left in {folder}: writing the cache needs about {_mb(needed)}{free_text}; "
+                    f"cached rows are kept: free some space (or use another --cache-dir) and run again")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _text(dataset: h5py.Dataset) -> np.ndarray:
+    """A string column as str, decoded as UTF-8 (h5py returns bytes, and numpy would decode them as ASCII)."""
+    return np.array(dataset.asstr("utf-8")[()], dtype=str).reshape(-1) if len(dataset) else np.array([], str)
+
+
+def _shas(dataset: h5py.Dataset) -> np.ndarray:
+    return np.array(dataset.asstr("ascii")[()], dtype=str).reshape(-1) if len(dataset) else np.array([], str)
+
+
+def check_file(handle: h5py.File, embeddings_read: np.ndarray | None = None) -> int:
+    """Raise CacheDamagedError unless every column has the same row count and every embedding is finite.
+
+    Reads every embedding block (so fletcher32 checksums are verified too), unless the caller already read
+    them all (``embeddings_read``). Returns the row count.
+    """
+    names = ("embeddings", "sha256", *TEXT_COLUMNS)
+    missing = [n for n in names if n not in handle]
+    if missing:
+        raise CacheDamagedError(f"missing column(s) {', '.join(missing)}")
+    embeddings = handle["embeddings"]
+    if embeddings.ndim != 2 or embeddings.dtype != np.float32:
+        raise CacheDamagedError(f"embeddings of shape {embeddings.shape} and dtype {embeddings.dtype}")
+    n = embeddings.shape[0]
+    lengths = {name: handle[name].shape for name in names[1:]}
+    wrong = {name: shape for name, shape in lengths.items() if shape != (n,)}
+    if wrong:
+        raise CacheDamagedError(f"{n} embeddings but columns of shape {wrong}")
+    for start in range(0, n, _CHECK_ROWS):
+        block = (embeddings if embeddings_read is None else embeddings_read)[start:start + _CHECK_ROWS]
+        if not np.isfinite(block).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise CacheDamagedError(f"embedding row {bad} is not finite")
+    return n
+
+
 class FeatureCache:
     """Embeddings keyed by image sha256 for one model identity; see the module docstring for the layout."""
 
@@ -59,10 +157,32 @@ class FeatureCache:
         self.identity = {k: identity[k] for k in IDENTITY_ATTRS}
         self._stored: dict[str, int] = {}
         self._parts: dict[str, tuple[Path, int]] = {}
+        self._clean_leftovers()
         self._open_existing()
         self._scan_parts()
 
     # ----------------------------------------------------------------- reading what is there
+    def _clean_leftovers(self) -> None:
+        """Remove what a killed writer leaves: half-written files and empty part folders (we hold the lock)."""
+        leftovers = [self.path.with_name(self.path.name + ".tmp")]
+        if self.parts_dir.is_dir():
+            leftovers += list(self.parts_dir.glob("part-*.npz.tmp"))
+        for leftover in leftovers:
+            if leftover.exists():
+                try:
+                    leftover.unlink()
+                    log.info("removed %s left by an interrupted run", leftover.name)
+                except OSError as exc:      # read-only cache: nothing to tidy, nothing to write either
+                    log.debug("could not remove %s (%s)", leftover, exc)
+        self._remove_empty_parts_dir()
+
+    def _remove_empty_parts_dir(self) -> None:
+        try:
+            if self.parts_dir.is_dir() and not any(self.parts_dir.iterdir()):
+                self.parts_dir.rmdir()
+        except OSError as exc:
+            log.debug("could not remove %s (%s)", self.parts_dir, exc)
+
     def _open_existing(self) -> None:
         if not self.path.exists():
             return
@@ -75,13 +195,17 @@ class FeatureCache:
                     if str(value) != str(expected):
                         raise CxrError(f"{self.path} holds features with {key}={value}, not {expected}: "
                                        f"refusing to mix them; delete the file or use another --cache-dir")
-                shas = handle["sha256"][:].astype(str)
-                handle["embeddings"].shape  # noqa: B018 - fails on a damaged file
+                check_file(handle)
+                shas = _shas(handle["sha256"])
         except CxrError:
             raise
-        except Exception as exc:  # damaged or truncated HDF5: keep it aside, rebuild
+        except Exception as exc:  # noqa: BLE001 - damaged, truncated or inconsistent HDF5: set aside, rebuild
             aside = self.path.with_name(self.path.name + f".damaged-{int(time.time())}")
-            os.replace(self.path, aside)
+            try:
+                os.replace(self.path, aside)
+            except OSError as move_error:
+                raise CxrError(f"{self.path} is damaged ({exc}) and cannot be moved aside ({move_error}); "
+                               f"delete it and run again") from None
             log.warning("%s could not be read (%s); moved to %s, recomputing", self.path, exc, aside.name)
             return
         self._stored = {sha: i for i, sha in enumerate(shas)}
@@ -93,11 +217,17 @@ class FeatureCache:
             try:
                 with np.load(part) as data:
                     shas = data["sha256"].astype(str)
-                    if data["embeddings"].shape[0] != len(shas):
+                    embeddings = data["embeddings"]
+                    if embeddings.ndim != 2 or embeddings.shape[0] != len(shas):
                         raise ValueError("row count mismatch")
-            except Exception as exc:
+                    if not np.isfinite(embeddings).all():
+                        raise ValueError("non-finite embeddings")
+            except Exception as exc:  # noqa: BLE001 - any damage: the part is recomputed
                 log.warning("ignoring unreadable part %s (%s)", part.name, exc)
-                part.unlink(missing_ok=True)
+                try:
+                    part.unlink()
+                except OSError:
+                    pass
                 continue
             for i, sha in enumerate(shas):
                 self._parts.setdefault(sha, (part, i))
@@ -109,59 +239,104 @@ class FeatureCache:
     def known(self) -> set[str]:
         return set(self._stored) | set(self._parts)
 
+    def stored_rows(self) -> list[CacheRow]:
+        """The rows the HDF5 file holds now, in its order (empty when there is no file)."""
+        if not self._stored:
+            return []
+        with h5py.File(self.path, "r") as handle:
+            columns = {"sha256": _shas(handle["sha256"]), **{c: _text(handle[c]) for c in TEXT_COLUMNS}}
+        return [CacheRow(*(str(columns[c][i]) for c in ("sha256", *TEXT_COLUMNS)))
+                for i in range(len(columns["sha256"]))]
+
     # ----------------------------------------------------------------- writing
     def add_part(self, shas: list[str], embeddings: np.ndarray) -> Path:
-        """Persist a block of new embeddings at once, atomically, as a part file."""
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        """Persist a block of new embeddings at once, atomically, as a part file (finite rows only)."""
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.shape[0] != len(shas) or not np.isfinite(embeddings).all():
+            raise ValueError(f"a part needs one finite embedding per sha256, got shape {embeddings.shape} "
+                             f"for {len(shas)} rows instead")
         name = f"part-{time.time_ns()}-{len(self._parts)}.npz"
         tmp = self.parts_dir / (name + ".tmp")
-        with open(tmp, "wb") as handle:
-            np.savez(handle, sha256=np.array(shas, dtype="S64"), embeddings=embeddings.astype(np.float32))
-            handle.flush()
-            os.fsync(handle.fileno())
-        final = self.parts_dir / name
-        os.replace(tmp, final)
+        try:
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as handle:
+                np.savez(handle, sha256=np.array(shas, dtype="S64"), embeddings=embeddings)
+                handle.flush()
+                os.fsync(handle.fileno())
+            final = self.parts_dir / name
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if is_no_space(exc):
+                raise no_space_error(self.parts_dir, embeddings.nbytes + 64 * len(shas) + _SPACE_SLACK) from None
+            raise
         for i, sha in enumerate(shas):
             self._parts.setdefault(sha, (final, i))
         return final
 
     def listing_matches(self, rows: list[CacheRow]) -> bool:
-        """True when the HDF5 file already holds exactly these rows, in this order (nothing to rewrite)."""
+        """True when the HDF5 file already holds exactly these rows, in this order, with checksums."""
         if self._parts or not self.path.exists() or len(rows) != len(self._stored):
             return False
         with h5py.File(self.path, "r") as handle:
-            columns = {c: handle[c][:].astype(str) for c in ("sha256", "path", "label", "split", "group")}
-        return all(columns["sha256"][i] == r.sha256 and columns["path"][i] == r.path and
-                   columns["label"][i] == r.label and columns["split"][i] == r.split and
-                   columns["group"][i] == r.group for i, r in enumerate(rows))
+            if not handle["embeddings"].fletcher32:     # written before checksums: rewrite once
+                return False
+        return self.stored_rows() == list(rows)
 
     def write(self, rows: list[CacheRow], attrs: dict[str, object]) -> None:
-        """Replace the HDF5 file with exactly ``rows`` (every sha must be known), then drop the parts."""
+        """Replace the HDF5 file with exactly ``rows`` (every sha must be known), then drop the parts.
+
+        The file is built in memory and written with plain file I/O: HDF5 itself never meets a full disk
+        (its failed close on ENOSPC crashed the process), and a failed write leaves the old file as it was.
+        """
         missing = [r.sha256 for r in rows if not self.has(r.sha256)]
         if missing:
             raise RuntimeError(f"{len(missing)} rows have no embedding")
-        dim = self._dimension()
+        folder = self.path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        image = self._file_image(rows, attrs)
+        needed = image.nbytes + _SPACE_SLACK
+        if shutil.disk_usage(folder).free < needed:
+            raise no_space_error(folder, needed)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.writelines(image[start:start + (1 << 24)] for start in range(0, image.nbytes, 1 << 24))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and is_no_space(exc):
+                raise no_space_error(folder, needed) from None
+            raise
+        finally:
+            image.release()
+        for part in {p for p, _ in self._parts.values()}:
+            part.unlink(missing_ok=True)
+        self._remove_empty_parts_dir()
+        self._parts = {}
+        self._stored = {r.sha256: i for i, r in enumerate(rows)}
+
+    def _file_image(self, rows: list[CacheRow], attrs: dict[str, object]) -> memoryview:
+        """The bytes of the HDF5 file holding ``rows``, built in memory."""
+        dim = self._dimension()
         created = self._attr("created") or now_iso()
-        with h5py.File(tmp, "w") as out:
-            embeddings = out.create_dataset("embeddings", shape=(len(rows), dim), dtype=np.float32,
-                                            chunks=(min(max(len(rows), 1), 256), dim) if rows else None)
-            out.create_dataset("sha256", data=np.array([r.sha256 for r in rows], dtype="S64"))
-            for column in ("path", "label", "split", "group"):
+        n = len(rows)
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as out:
+            checked = {"fletcher32": True, "chunks": (min(n, 256), dim)} if n and dim else {}
+            embeddings = out.create_dataset("embeddings", shape=(n, dim), dtype=np.float32, **checked)
+            out.create_dataset("sha256", data=np.array([r.sha256 for r in rows], dtype="S64"),
+                               **({"fletcher32": True, "chunks": (min(n, 4096),)} if n else {}))
+            for column in TEXT_COLUMNS:
                 out.create_dataset(column, data=[getattr(r, column) for r in rows], dtype=_STR)
-            for start in range(0, len(rows), _COPY_ROWS):
+            for start in range(0, n, _COPY_ROWS):
                 block = rows[start:start + _COPY_ROWS]
                 embeddings[start:start + len(block)] = self._gather([r.sha256 for r in block], dim)
             for key, value in {**attrs, **self.identity, "created": created, "updated": now_iso()}.items():
                 out.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
-        os.replace(tmp, self.path)
-        for part in {p for p, _ in self._parts.values()}:
-            part.unlink(missing_ok=True)
-        if self.parts_dir.is_dir() and not any(self.parts_dir.iterdir()):
-            self.parts_dir.rmdir()
-        self._parts = {}
-        self._stored = {r.sha256: i for i, r in enumerate(rows)}
+        return buffer.getbuffer()
 
     # ----------------------------------------------------------------- helpers
     def _attr(self, key: str) -> str | None:
@@ -216,11 +391,19 @@ def read_cache_attrs(path: str | Path) -> dict[str, object]:
 
 
 def read_cache(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, object]]:
-    """(embeddings, columns, attrs) of a cache file, for readers that need no extraction."""
-    with h5py.File(path, "r") as handle:
-        embeddings = handle["embeddings"][:]
-        columns = {"sha256": handle["sha256"][:].astype(str)}
-        for column in ("path", "label", "split", "group"):
-            columns[column] = handle[column][:].astype(str)
-        attrs = _attrs(handle)
+    """(embeddings, columns, attrs) of a cache file, for readers that need no extraction.
+
+    Columns are str arrays decoded as UTF-8. A damaged file (checksum, shapes, non-finite values) raises
+    CxrError: run ``extract`` again, which moves it aside and rebuilds it.
+    """
+    try:
+        with h5py.File(path, "r") as handle:
+            embeddings = handle["embeddings"][()]
+            check_file(handle, embeddings)
+            columns = {"sha256": _shas(handle["sha256"])}
+            for column in TEXT_COLUMNS:
+                columns[column] = _text(handle[column])
+            attrs = _attrs(handle)
+    except (OSError, CacheDamagedError, UnicodeDecodeError, KeyError) as exc:
+        raise CxrError(f"{path} is damaged ({exc}); run extract again to rebuild it") from None
     return embeddings, columns, attrs

@@ -5,12 +5,15 @@ architecture's own Keras ``preprocess_input``: preprocessing lives in exactly on
 the ONNX file cannot be fed the wrong normalisation. Output: the globally average-pooled embedding.
 
 Files are cached under ``<cache_dir>/onnx/`` by (architecture, weights sha256, input size, opset), with a
-JSON sidecar holding the verification result. At export the ONNX output is compared with Keras on a random
-batch; a max relative error above ``MAX_RELATIVE_ERROR`` is refused.
+JSON sidecar holding the verification result and the file's sha256. At export the ONNX output is compared
+with Keras on a random batch; a max relative error above ``MAX_RELATIVE_ERROR`` is refused. Before a cached
+export is used its sha256 is checked against the sidecar: a damaged or truncated file (or sidecar) is
+removed and exported again. Exports are made under the file's lock (``core.locking``), one process at a time.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import time
@@ -22,6 +25,7 @@ import numpy as np
 from cxr_transfer.core.cache_keys import model_key
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
 from cxr_transfer.core.record import library_versions, now_iso, write_json
 from cxr_transfer.extract.registry import BackboneConfig
 from cxr_transfer.extract.weights import WeightsSource, build_keras_backbone
@@ -140,16 +144,61 @@ def _export(config: BackboneConfig, input_size: int, source: WeightsSource, targ
         gc.collect()
 
 
+def _verified(target: Path, sidecar: Path) -> dict | None:
+    """The sidecar of a cached export whose bytes still have the recorded sha256; None when there is none.
+
+    A damaged export (flipped bytes, truncated) or sidecar is removed, with a warning, so it is made again.
+    """
+    if not target.is_file() and not sidecar.is_file():
+        return None
+    problem = None
+    try:
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+        recorded = info["onnx_sha256"]
+        float(info["max_relative_error"])
+        if not target.is_file():
+            problem = "the ONNX file is missing"
+        elif sha256_file(target) != recorded:
+            problem = f"its sha256 differs from the {recorded[:16]}... recorded in {sidecar.name}"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        problem = f"its sidecar {sidecar.name} is unreadable ({exc})"
+    if problem is None:
+        return info
+    log.warning("cached ONNX export %s is damaged (%s); exporting it again", target, problem)
+    for stale in (target, sidecar):
+        stale.unlink(missing_ok=True)
+    return None
+
+
 def get_onnx_backbone(config: BackboneConfig, input_size: int, source: WeightsSource, cache_dir: str | Path,
-                      opset: int = DEFAULT_OPSET) -> OnnxBackbone:
-    """The cached ONNX file for these weights and size, exporting and verifying it first if needed."""
+                      opset: int = DEFAULT_OPSET, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> OnnxBackbone:
+    """The cached ONNX file for these weights and size, verified by its sha256; exported and checked first
+    if it is missing or damaged."""
     target = onnx_cache_path(Path(cache_dir), config, input_size, source.sha256, opset)
     sidecar = target.with_suffix(".json")
-    if target.is_file() and sidecar.is_file():
-        info = json.loads(sidecar.read_text())
-        return OnnxBackbone(config, input_size, target, info["onnx_sha256"], source.sha256, opset,
-                            info["max_relative_error"])
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(target, lock_timeout):
+            target.with_name(target.name + ".tmp").unlink(missing_ok=True)      # left by a killed export
+            info = _verified(target, sidecar)
+            if info is not None:
+                return OnnxBackbone(config, input_size, target, info["onnx_sha256"], source.sha256, opset,
+                                    float(info["max_relative_error"]))
+            return _export_and_record(config, input_size, source, target, sidecar, opset)
+    except OSError as exc:
+        from cxr_transfer.extract.cache import is_no_space, no_space_error
+
+        target.with_name(target.name + ".tmp").unlink(missing_ok=True)
+        if is_no_space(exc):
+            raise no_space_error(target.parent, 4 * config.feature_dim * 1024 + (1 << 20)) from None
+        if isinstance(exc, (PermissionError, FileExistsError, NotADirectoryError)) or exc.errno == errno.EROFS:
+            raise CxrError(f"--cache-dir: cannot write the ONNX export to {target.parent} "
+                           f"({exc.strerror or exc}); give a writable folder with --cache-dir") from None
+        raise
+
+
+def _export_and_record(config: BackboneConfig, input_size: int, source: WeightsSource, target: Path,
+                       sidecar: Path, opset: int) -> OnnxBackbone:
     log.info("exporting %s (%d px, weights %s) to ONNX", config.name, input_size, source.describe())
     started = time.perf_counter()
     error = _export(config, input_size, source, target, opset)

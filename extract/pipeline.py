@@ -3,10 +3,18 @@
 ``extract_features`` makes sure the cache holds an embedding for every readable image of the dataset and
 returns a summary; ``load_features`` does the same and returns the embeddings aligned with the samples.
 Only images whose sha256 is not cached yet are decoded and run through the network.
+
+Before any work: files whose name (or class, split, group) is not valid UTF-8 are skipped with a warning
+(cache columns are UTF-8 text), the cache folder must be a folder, and when embeddings must be computed it
+must be writable (a read-only cache that holds every embedding is used as is). The cache's lock (``core.locking``) is held from opening the cache to the last read, so
+two runs on the same cache take turns. Non-finite embeddings are never cached: such images are skipped.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,6 +23,7 @@ import numpy as np
 
 from cxr_transfer.core.cache_keys import dataset_cache_id, model_key
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
 from cxr_transfer.core.record import library_versions
 from cxr_transfer.core.settings import (
     DEFAULT_CACHE_DIR,
@@ -24,8 +33,12 @@ from cxr_transfer.core.settings import (
 from cxr_transfer.extract.cache import (
     CacheRow,
     FeatureCache,
+    is_no_space,
+    no_space_error,
+    printable,
     read_cache,
     read_cache_attrs,
+    utf8_problem,
 )
 from cxr_transfer.extract.dataset import Dataset, Sample
 from cxr_transfer.extract.images import ImageView, decoded_batches
@@ -55,6 +68,7 @@ class ExtractSettings(UsesBackboneSettings):
     flush_every: int = 256
     opset: int = DEFAULT_OPSET
     view: ImageView | None = None
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT   # seconds to wait for another run writing the same cache
 
     @property
     def config(self) -> BackboneConfig:
@@ -136,43 +150,167 @@ def _progress(total: int, enabled: bool, label: str):
     return tqdm(total=total, unit="img", desc=label, disable=not enabled or total == 0, leave=False)
 
 
-def extract_features(dataset: Dataset, settings: ExtractSettings) -> ExtractResult:
-    """Fill the cache for every image of ``dataset`` (see module docstring); return what was done."""
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class _Plan:
+    """What one extraction is about: the backbone, its weights and the cache file they name."""
+
+    config: BackboneConfig
+    size: int
+    source: WeightsSource
+    identity: dict[str, object]
+    path: Path
+    view_name: str
+
+
+def _plan(dataset: Dataset, settings: ExtractSettings) -> _Plan:
     config = settings.config
     size = config.input_size(settings.input_size)
     source = resolve_weights(config, settings.weights_file, settings.weights_dir, settings.random_weights)
-    onnx: OnnxBackbone | None = None
     view_name = settings.view.name if settings.view else "full"
     identity = {"backbone": config.name, "input_size": size, "view": view_name, "weights_sha256": source.sha256,
                 "preprocessing": f"keras.applications.{config.keras_module}.preprocess_input:{config.preprocessing}"}
-    path = cache_file(dataset, settings, source.sha256)
-    cache = FeatureCache(path, identity)
+    return _Plan(config, size, source, identity, cache_file(dataset, settings, source.sha256), view_name)
+
+
+def _cannot_write(folder: Path, exc: OSError, what: str = "cache folder") -> CxrError:
+    if is_no_space(exc):
+        return no_space_error(folder, 1 << 20)
+    return CxrError(f"--cache-dir: cannot write to the {what} {folder} ({exc.strerror or exc}); "
+                    f"give a writable folder with --cache-dir")
+
+
+def _prepare_folder(folder: Path, cache_dir: Path) -> None:
+    """Create the dataset's cache folder; a --cache-dir that is a file or cannot be created is refused."""
+    for parent in (Path(cache_dir), folder):
+        if parent.exists() and not parent.is_dir():
+            raise CxrError(f"--cache-dir: {parent} is a file, not a folder; give a folder with --cache-dir")
+    if folder.is_dir():
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_write(folder, exc) from None
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise CxrError unless a file can be created in ``folder`` (checked before any computing)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise _cannot_write(folder, exc) from None
+
+
+@contextlib.contextmanager
+def _cache_guard(plan: _Plan, settings: ExtractSettings):
+    """Hold the cache's lock; yields False (read only, no lock) where no lock file can be made."""
+    _prepare_folder(plan.path.parent, settings.cache_dir)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(plan.path, settings.lock_timeout))
+            locked = True
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+                raise _cannot_write(plan.path.parent, exc) from None
+            log.debug("no lock on read-only %s (%s)", plan.path.parent, exc)
+            locked = False
+        yield locked
+
+
+def _name_problems(dataset: Dataset) -> list[tuple[Sample, str]]:
+    """Samples whose path, class, split or group cannot be stored as UTF-8 text, with the reason."""
+    problems = []
+    for sample in dataset.samples:
+        fields = {"path": dataset.relative(sample), "class": sample.label, "split": sample.split,
+                  "group": sample.group}
+        bad = [name for name, text in fields.items() if utf8_problem(text) is not None]
+        if bad:
+            reason = f"{printable(dataset.relative(sample))}: {' and '.join(bad)} not valid UTF-8 (rename it)"
+            problems.append((sample, reason))
+    return problems
+
+
+def extract_features(dataset: Dataset, settings: ExtractSettings, prune: bool = True) -> ExtractResult:
+    """Fill the cache for every image of ``dataset`` (see module docstring); return what was done.
+
+    ``prune=False`` keeps the cached rows of images not in ``dataset`` (``predict`` on a few files of a
+    folder must not drop the folder's other embeddings) and leaves their columns as they were.
+    """
+    plan = _plan(dataset, settings)
+    with _cache_guard(plan, settings) as locked:
+        return _extract(dataset, settings, plan, locked, prune)
+
+
+def load_features(dataset: Dataset, settings: ExtractSettings,
+                  prune: bool = True) -> tuple[FeatureSet, ExtractResult]:
+    """Extract what is missing, then return the embeddings aligned with ``dataset``'s readable samples."""
+    plan = _plan(dataset, settings)
+    with _cache_guard(plan, settings) as locked:
+        result = _extract(dataset, settings, plan, locked, prune)
+        embeddings, columns, attrs = read_cache(result.cache_path)
+    row_of = {sha: i for i, sha in enumerate(columns["sha256"])}
+    unreadable = {path for path, _ in result.failures}
+    samples = [s for s in dataset.samples if s.sha256 in row_of and printable(dataset.relative(s)) not in unreadable]
+    features = embeddings[[row_of[s.sha256] for s in samples]]
+    return FeatureSet(features, samples, list(dataset.class_names), attrs, result.cache_path), result
+
+
+def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: bool, prune: bool) -> ExtractResult:
+    started = time.perf_counter()
+    config, size, source, path = plan.config, plan.size, plan.source, plan.path
+    failures: list[tuple[Sample, str]] = _name_problems(dataset)
+    for _, reason in failures:
+        log.warning("skipped %s", reason)
+    unnamed = {id(s) for s, _ in failures}
+    samples = [s for s in dataset.samples if id(s) not in unnamed]
+    cache = FeatureCache(path, plan.identity)
+    onnx: OnnxBackbone | None = None
 
     todo, seen = [], set()
-    for sample in dataset.samples:
+    for sample in samples:
         if not cache.has(sample.sha256) and sample.sha256 not in seen:
             seen.add(sample.sha256)
             todo.append(sample)
-    n_cached = sum(1 for s in dataset.samples if cache.has(s.sha256))
-    failures: list[tuple[Sample, str]] = []
-    inference_seconds = 0.0
+    n_cached = sum(1 for s in samples if cache.has(s.sha256))
+    read_only = False
     if todo:
-        onnx = onnx or get_onnx_backbone(config, size, source, settings.cache_dir, settings.opset)
+        # New embeddings must be written: find out now, not after all the computing. (Without the lock the
+        # folder refused the lock file, so the check below fails with the reason.)
+        _check_writable(path.parent)
+        if not locked:
+            raise CxrError(f"--cache-dir: cannot lock {path} for writing; give a writable folder with --cache-dir")
+    elif not cache.listing_matches(_rows(dataset, samples, cache, prune)):
+        # Every embedding is there, only the row list changed: a read-only cache still serves them.
+        try:
+            _check_writable(path.parent)
+            read_only = not locked
+        except CxrError:
+            read_only = True
+        if read_only:
+            log.warning("%s is read-only: using its embeddings without updating its row list", path)
+    inference_seconds = 0.0
+    n_embedded = 0
+    if todo:
+        onnx = get_onnx_backbone(config, size, source, settings.cache_dir, settings.opset, settings.lock_timeout)
         embedder = OnnxEmbedder(onnx, settings.threads)
         block_shas: list[str] = []
         block_rows: list[np.ndarray] = []
-        with _progress(len(todo), settings.progress, f"{config.name} {view_name}") as bar:
+        with _progress(len(todo), settings.progress, f"{config.name} {plan.view_name}") as bar:
             for good, batch, bad in decoded_batches(todo, size, settings.batch_size, settings.decode_workers,
                                                     settings.view):
+                if len(good):
+                    tick = time.perf_counter()
+                    embedded = embedder.embed(batch)
+                    inference_seconds += time.perf_counter() - tick
+                    finite = np.isfinite(embedded).all(axis=1)
+                    bad = bad + [(s, f"{s.path}: non-finite embedding from {onnx.path.name}")
+                                 for s, ok in zip(good, finite) if not ok]
+                    block_rows.append(embedded[finite])
+                    block_shas += [s.sha256 for s, ok in zip(good, finite) if ok]
+                    n_embedded += int(finite.sum())
                 for sample, reason in bad:
                     log.warning("skipped %s", reason)
                 failures += bad
-                if len(good):
-                    tick = time.perf_counter()
-                    block_rows.append(embedder.embed(batch))
-                    inference_seconds += time.perf_counter() - tick
-                    block_shas += [s.sha256 for s in good]
                 if len(block_shas) >= settings.flush_every:
                     cache.add_part(block_shas, np.concatenate(block_rows))
                     block_shas, block_rows = [], []
@@ -180,18 +318,28 @@ def extract_features(dataset: Dataset, settings: ExtractSettings) -> ExtractResu
         if block_shas:
             cache.add_part(block_shas, np.concatenate(block_rows))
 
-    rows = [CacheRow(s.sha256, dataset.relative(s), s.label, s.split, s.group)
-            for s in dataset.samples if cache.has(s.sha256)]
-    if not rows:
+    rows = _rows(dataset, samples, cache, prune)
+    if not any(cache.has(s.sha256) for s in samples):
         raise CxrError(f"{dataset.root}: none of the {len(dataset)} images could be read")
-    failed = [(dataset.relative(s), reason) for s, reason in failures]
-    if not cache.listing_matches(rows):
+    failed = [(printable(dataset.relative(s)), reason) for s, reason in failures]
+    if not read_only and not cache.listing_matches(rows):
         onnx_attrs = _onnx_attrs(onnx, path)
-        cache.write(rows, {**onnx_attrs, "dataset_root": str(dataset.root), "failed": failed,
+        cache.write(rows, {**onnx_attrs, "dataset_root": printable(str(dataset.root)), "failed": failed,
                            "versions": library_versions(), "opset": settings.opset})
-    return ExtractResult(path, config.name, len(dataset), n_cached, len(todo) - len(failures), failed,
+    return ExtractResult(path, config.name, len(dataset), n_cached, n_embedded, failed,
                          time.perf_counter() - started, inference_seconds, source,
                          onnx.sha256 if onnx else str(_onnx_attrs(None, path).get("onnx_sha256", "")))
+
+
+def _rows(dataset: Dataset, samples: list[Sample], cache: FeatureCache, prune: bool) -> list[CacheRow]:
+    """The rows the cache file must hold: the listing's cached images (after the kept rows when not pruning)."""
+    listing = [CacheRow(s.sha256, dataset.relative(s), s.label, s.split, s.group)
+               for s in samples if cache.has(s.sha256)]
+    if prune:
+        return listing
+    kept = cache.stored_rows()
+    stored = {r.sha256 for r in kept}
+    return kept + [r for r in listing if r.sha256 not in stored]
 
 
 def _onnx_attrs(onnx: OnnxBackbone | None, path: Path) -> dict[str, object]:
@@ -203,11 +351,3 @@ def _onnx_attrs(onnx: OnnxBackbone | None, path: Path) -> dict[str, object]:
     return {}
 
 
-def load_features(dataset: Dataset, settings: ExtractSettings) -> tuple[FeatureSet, ExtractResult]:
-    """Extract what is missing, then return the embeddings aligned with ``dataset``'s readable samples."""
-    result = extract_features(dataset, settings)
-    embeddings, columns, attrs = read_cache(result.cache_path)
-    row_of = {sha: i for i, sha in enumerate(columns["sha256"])}
-    samples = [s for s in dataset.samples if s.sha256 in row_of]
-    features = embeddings[[row_of[s.sha256] for s in samples]]
-    return FeatureSet(features, samples, list(dataset.class_names), attrs, result.cache_path), result
