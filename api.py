@@ -27,11 +27,6 @@ if TYPE_CHECKING:
     from cxr_transfer.extract.pipeline import FeatureSet
     from cxr_transfer.extract.registry import BackboneConfig
 
-_EXTRACT_KEYWORDS = frozenset({"batch_size", "decode_workers", "flush_every", "opset", "backbone", "weights",
-                               "weights_file", "weights_dir", "random_weights", "allow_download", "input_size",
-                               "cache_dir", "threads", "progress"})
-
-
 def _first_backbone(name: str | None) -> dict[str, str]:
     return {"backbone": name} if name else {}
 
@@ -111,12 +106,13 @@ def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *,
     ``batch_size`` for the extraction.
     """
     from cxr_transfer.classify.compare import CompareSettings, run_compare
-    from cxr_transfer.extract.registry import parse_backbone_list
     from cxr_transfer.extract.pipeline import ExtractSettings
+    from cxr_transfer.extract.registry import parse_backbone_list
 
     parse_backbone_list(backbones)   # arguments first, data second
     first = backbones.split(",")[0].strip()
-    extract_options = {k: options.pop(k) for k in list(options) if k in _EXTRACT_KEYWORDS}
+    extract_keywords = {f.name for f in fields(ExtractSettings)} | {f.name for f in fields(BackboneSettings)}
+    extract_options = {k: options.pop(k) for k in list(options) if k in extract_keywords | {"weights"}}
     extract_settings = ExtractSettings.from_options(common, **_first_backbone(first), **extract_options)
     unknown = sorted(set(options) - {f.name for f in fields(CompareSettings)} - {"data", "extract"})
     if unknown:
@@ -148,14 +144,15 @@ def audit(data: str | Path, backbone: str = "vgg16", *, common: BackboneSettings
     return run_audit(AuditSettings.from_options(common, data=data, **_first_backbone(backbone), **options))
 
 
-def predict(images: str | Path, model: str | Path, *, out: str | Path | None = None,
+def predict(images: str | Path, model: str | Path, *, out: str | Path | None = None, precision: str | None = None,
             common: BackboneSettings | None = None, **options: Any) -> tuple[Path, list[tuple[str, str]]]:
     """Class probabilities for an image file or folder from a saved head (.joblib) or a finetune run folder.
 
     Writes a CSV (path, sha256, predicted, one probability column per class) and returns it with the
-    (path, reason) of every skipped file. The model's backbone and input size come from the model itself.
+    (path, reason) of every skipped file. The model's backbone, input size and precision (float32 / int8) come
+    from the model itself; a ``precision`` other than the one it was trained on is refused.
     """
     from cxr_transfer.classify.predict import predict_images
     from cxr_transfer.extract.pipeline import ExtractSettings
 
-    return predict_images(images, model, ExtractSettings.from_options(common, **options), out)
+    return predict_images(images, model, ExtractSettings.from_options(common, **options), out, precision)

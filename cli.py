@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.settings import BackboneSettings
+from cxr_transfer.core.settings import PRECISIONS, BackboneSettings
 
 DATA_ENV = "CXR_DATA"
 WEIGHTS_ENV = "CXR_WEIGHTS_DIR"
@@ -69,6 +69,11 @@ def add_backbone_flags(parser: argparse.ArgumentParser, many: bool = True, input
     parser.add_argument("--batch-size", type=int, default=batch_size, help=f"default {batch_size}")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="float32 (default) or int8: a statically quantized export calibrated on the dataset's "
+                             "own images, refused when its embeddings drift from float32 (predict: the model's own)")
+    parser.add_argument("--calibration-size", type=int, default=64,
+                        help="int8: images of the dataset to calibrate on (default 64)")
 
 
 def common_settings(args: argparse.Namespace) -> BackboneSettings:
@@ -76,7 +81,8 @@ def common_settings(args: argparse.Namespace) -> BackboneSettings:
     return BackboneSettings(backbone=args.backbone.split(",")[0].strip() or "vgg16", weights_file=args.weights,
                             weights_dir=args.weights_dir or default_weights_dir(), random_weights=args.random_weights,
                             input_size=args.input_size, cache_dir=args.cache_dir, threads=args.threads,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, precision=args.precision or "float32",
+                            calibration_size=args.calibration_size)
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
@@ -130,8 +136,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import cxr_transfer
 
-    out, skipped = cxr_transfer.predict(args.images, args.model, out=args.out, common=common_settings(args),
-                                        batch_size=args.batch_size)
+    out, skipped = cxr_transfer.predict(args.images, args.model, out=args.out, precision=args.precision,
+                                        common=common_settings(args), batch_size=args.batch_size)
     for path, reason in skipped:
         print(f"skipped {path}: {reason.split(': ', 1)[-1]}")
     print(f"predictions: {out}")

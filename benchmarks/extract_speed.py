@@ -1,12 +1,15 @@
-"""Extraction speed: onnxruntime vs Keras predict, end to end from files to cache, and the FLOP ceiling.
+"""Extraction speed: Keras predict, onnxruntime float32 and int8, end to end from files to cache, FLOP ceilings.
 
     python benchmarks/extract_speed.py [--data ../shared/data/covid19-xray] [--weights-dir ../shared/weights]
-                                       [--backbones vgg16,xception] [--images 64] [--batch-size 16]
+                                       [--backbones vgg16,xception] [--sizes 224,native] [--images 64]
+                                       [--random-weights]   # the other seven: random weights give the speed
 
-For each backbone, in one process: the same decoded images, the same batch size, timed through
-onnxruntime and through Keras ``model.predict(preprocess_input(x))`` (one warm-up batch each, then the
-best of --repeats passes); then the end-to-end rate (read, decode, resize, infer, write a fresh HDF5 cache)
-on the whole dataset; then the ceiling = measured float32 matmul FLOP/s / the backbone's FLOPs per image.
+For each backbone and size, in one process: the same decoded images, the same batch size, timed through
+onnxruntime float32, onnxruntime int8 (static QDQ, calibrated on 64 dataset images, as extract.quantize) and
+Keras ``model.predict(preprocess_input(x))`` (one warm-up batch each, then the best of --repeats passes);
+then the end-to-end rates (read, decode, resize, infer, write a fresh HDF5 cache) on the whole dataset at
+both precisions; then the ceilings = measured float32 matmul FLOP/s / the backbone's FLOPs per image, and
+four times that for int8 (VNNI does four int8 multiply-adds per float32 FMA).
 Prints a Markdown table and writes it (with the machine) to --out as JSON.
 
 Where OPENBLAS_CORETYPE pins numpy's OpenBLAS to an older kernel, the matmul peak (and so the ceiling)
@@ -21,6 +24,7 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -74,32 +78,51 @@ def rate(fn, batches: list[np.ndarray], repeats: int) -> float:
 
 
 def bench_backbone(name: str, data: Path, weights_dir: str, n_images: int, batch_size: int, repeats: int,
-                   peak_flops: float, cache_root: Path) -> dict:
+                   peak_flops: float, cache_root: Path, size: int | None = None, random_weights: bool = False,
+                   end_to_end: bool = True) -> dict:
+    """Keras, onnxruntime float32 and onnxruntime int8 on the same decoded images, in this one process."""
+    from cxr_transfer.extract.quantize import _quantize, choose_calibration, cosine_rows
+
     config = get_backbone(name)
-    size = config.default_input_size
-    source = resolve_weights(config, weights_dir=weights_dir)
+    size = size or config.default_input_size
+    source = resolve_weights(config, weights_dir=None if random_weights else weights_dir,
+                             random_weights=random_weights)
     dataset = load_dataset(data)
     images = np.stack([read_rgb(s.path, size) for s in dataset.samples[:n_images]])
     batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
 
-    embedder = OnnxEmbedder(get_onnx_backbone(config, size, source, cache_root))
+    float_backbone = get_onnx_backbone(config, size, source, cache_root)
+    embedder = OnnxEmbedder(float_backbone)
     onnx_rate = rate(embedder.embed, batches, repeats)
+    calibration = choose_calibration(dataset.samples, 64)
+    calib = np.stack([read_rgb(s.path, size) for s in calibration.calibration]).astype(np.float32)
+    int8_path = cache_root / f"{name}-{size}-bench-int8.onnx"
+    _quantize(float_backbone.path, calib, int8_path)
+    int8 = OnnxEmbedder(replace(float_backbone, path=int8_path))
+    int8_rate = rate(int8.embed, batches, repeats)
+    cosine = cosine_rows(embedder.embed(images[:16]), int8.embed(images[:16]))
     model = build_keras_backbone(config, size, source)
     preprocess = keras_preprocess_input(config)
     keras_rate = rate(lambda b: model.predict(preprocess(b.astype(np.float32)), batch_size=batch_size, verbose=0),
                       batches, repeats)
     flops = model_flops(model, size)
-
-    settings = ExtractSettings(BackboneSettings(backbone=name, weights_dir=weights_dir, cache_dir=cache_root,
-                                                progress=False), batch_size=batch_size)
-    decode_time = _timed(lambda: [read_rgb(s.path, size) for s in dataset.samples])
-    result = extract_features(dataset, settings)
-    return {"backbone": name, "input": size, "batch": batch_size, "onnx_img_s": onnx_rate, "keras_img_s": keras_rate,
-            "onnx_over_keras": onnx_rate / keras_rate, "end_to_end_img_s": result.rate,
-            "end_to_end_over_onnx": result.rate / onnx_rate, "end_to_end_images": result.n_computed,
-            "inference_share_of_end_to_end": result.inference_seconds / result.seconds,
-            "decode_only_img_s": len(dataset) / decode_time, "gflop_per_img": flops / 1e9,
-            "ceiling_img_s": peak_flops / flops, "onnx_over_ceiling": onnx_rate / (peak_flops / flops)}
+    row = {"backbone": name, "input": size, "batch": batch_size, "weights": source.kind,
+           "onnx_img_s": onnx_rate, "int8_img_s": int8_rate, "keras_img_s": keras_rate,
+           "onnx_over_keras": onnx_rate / keras_rate, "int8_over_onnx": int8_rate / onnx_rate,
+           "int8_min_cosine": float(cosine.min()), "gflop_per_img": flops / 1e9,
+           "ceiling_img_s": peak_flops / flops, "int8_ceiling_img_s": 4 * peak_flops / flops,
+           "onnx_over_ceiling": onnx_rate / (peak_flops / flops)}
+    if end_to_end:
+        for precision in ("float32", "int8"):
+            settings = ExtractSettings(BackboneSettings(backbone=name, weights_dir=weights_dir,
+                                                        random_weights=random_weights, input_size=size,
+                                                        cache_dir=cache_root / precision, progress=False,
+                                                        precision=precision), batch_size=batch_size)
+            result = extract_features(dataset, settings)
+            inference_only = onnx_rate if precision == "float32" else int8_rate
+            row[f"{precision}_end_to_end_img_s"] = result.rate
+            row[f"{precision}_end_to_end_over_inference"] = result.rate / inference_only
+    return row
 
 
 def main() -> None:
@@ -111,6 +134,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", default="native", help="comma list of input sizes; 'native' = the backbone's own")
+    parser.add_argument("--random-weights", action="store_true", help="random weights (speed only)")
+    parser.add_argument("--no-end-to-end", action="store_true", help="skip the file-to-cache runs")
     parser.add_argument("--out", type=Path, default=here / "docs" / "extract_speed.json")
     args = parser.parse_args()
 
@@ -118,9 +144,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.backbones.split(","):
-            rows.append(bench_backbone(name, args.data, args.weights_dir, args.images, args.batch_size,
-                                       args.repeats, peak, Path(tmp)))
-            print(json.dumps(rows[-1]), flush=True)
+            for size in args.sizes.split(","):
+                rows.append(bench_backbone(name, args.data, args.weights_dir, args.images, args.batch_size,
+                                           args.repeats, peak, Path(tmp), None if size == "native" else int(size),
+                                           args.random_weights, not args.no_end_to_end))
+                print(json.dumps(rows[-1]), flush=True)
     from threadpoolctl import threadpool_info
 
     blas = [f"{i['internal_api']}:{i.get('architecture')}" for i in threadpool_info() if i["user_api"] == "blas"]
@@ -130,15 +158,16 @@ def main() -> None:
                "versions": library_versions()}
     print(f"\nmachine: {machine['cpus']} cores, float32 matmul {peak / 1e9:.0f} GFLOP/s ({', '.join(blas)}), "
           f"load average at end {machine['loadavg_at_end'][0]:.2f}")
-    print("| backbone | input | onnxruntime img/s | Keras img/s | ratio | end-to-end img/s | e2e / onnx "
-          "| inference share of e2e | decode-only img/s | GFLOP/img | ceiling img/s | onnx / ceiling |")
+    print("| backbone | input | Keras img/s | ORT float32 img/s | ORT int8 img/s | int8 / float32 | int8 min cos "
+          "| GFLOP/img | float32 ceiling | int8 ceiling | e2e float32 / inference | e2e int8 / inference |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['backbone']} | {r['input']} | {r['onnx_img_s']:.1f} | {r['keras_img_s']:.1f} | "
-              f"{r['onnx_over_keras']:.2f}x | {r['end_to_end_img_s']:.1f} | {r['end_to_end_over_onnx']:.0%} | "
-              f"{r['inference_share_of_end_to_end']:.0%} | "
-              f"{r['decode_only_img_s']:.0f} | {r['gflop_per_img']:.1f} | {r['ceiling_img_s']:.1f} | "
-              f"{r['onnx_over_ceiling']:.0%} |")
+        e2e = [f"{r[k]:.0%}" if k in r else "-" for k in ("float32_end_to_end_over_inference",
+                                                          "int8_end_to_end_over_inference")]
+        print(f"| {r['backbone']} | {r['input']} | {r['keras_img_s']:.1f} | {r['onnx_img_s']:.1f} | "
+              f"{r['int8_img_s']:.1f} | {r['int8_over_onnx']:.2f}x | {r['int8_min_cosine']:.4f} | "
+              f"{r['gflop_per_img']:.1f} | {r['ceiling_img_s']:.1f} | {r['int8_ceiling_img_s']:.1f} | "
+              f"{e2e[0]} | {e2e[1]} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
 

@@ -184,7 +184,8 @@ def run_compare(settings: CompareSettings) -> CompareRun:
         extraction[config.name] = {"cache": str(result.cache_path), "weights": result.weights.describe(),
                                    "weights_sha256": result.weights.sha256, "onnx_sha256": result.onnx_sha256,
                                    "computed": result.n_computed, "skipped": result.failures,
-                                   "input_size": feature_set.attrs.get("input_size")}
+                                   "input_size": feature_set.attrs.get("input_size"),
+                                   "precision": result.precision, "calibration_digest": result.calibration_digest}
     pool_shas = {s.sha256 for s in pool.samples}
     samples, arrays = _aligned({k: FeatureSet(v.embeddings, v.samples, v.class_names)
                                 for k, v in features.items()})

@@ -35,8 +35,9 @@ def unlabeled_dataset(images: str | Path, class_names: list[str]) -> Dataset:
     return Dataset(root.resolve(), samples, list(class_names))
 
 
-def check_weights(part: dict, settings: ExtractSettings) -> ExtractSettings:
-    """Settings for one backbone of the model, after checking the weights found are the ones it used."""
+def check_weights(part: dict, settings: ExtractSettings, precision: str | None = None) -> ExtractSettings:
+    """Settings for one backbone of the model, after checking the weights found are the ones it used and that
+    the requested precision (if any) is the one it was trained on."""
     config = get_backbone(part["backbone"])
     weights_file = settings.weights_file
     source = resolve_weights(config, weights_file, settings.weights_dir, settings.random_weights)
@@ -44,8 +45,13 @@ def check_weights(part: dict, settings: ExtractSettings) -> ExtractSettings:
         raise CxrError(f"the model's {config.name} features came from weights with sha256 "
                        f"{part['weights_sha256'][:16]}..., but the weights found here ({source.describe()}) have "
                        f"{source.sha256[:16]}...; pass the same weights with --weights or --weights-dir")
-    return replace(settings, common=replace(settings.common, backbone=config.name, input_size=int(part["input_size"]),
-                                            weights_file=weights_file))
+    trained = part.get("precision", "float32")
+    if precision is not None and precision != trained:
+        raise CxrError(f"the model was trained on {trained} {config.name} embeddings; --precision {precision} "
+                       f"would give it other features (leave --precision out, or use {trained})")
+    common = replace(settings.common, backbone=config.name, input_size=int(part["input_size"]),
+                     weights_file=weights_file, precision=trained)
+    return replace(settings, common=common, calibration_digest=part.get("calibration_digest"))
 
 
 FINETUNE_JSON = "model.json"
@@ -87,7 +93,8 @@ def _finetuned_probabilities(info_path: Path, dataset: Dataset, settings: Extrac
 
 
 def predict_images(images: str | Path, model_path: str | Path, settings: ExtractSettings,
-                   out_csv: str | Path | None = None) -> tuple[Path, list[tuple[str, str]]]:
+                   out_csv: str | Path | None = None,
+                   precision: str | None = None) -> tuple[Path, list[tuple[str, str]]]:
     """Write a CSV (path, sha256, predicted, one probability column per class); return it and skipped files."""
     finetuned = finetuned_model_json(model_path)
     if finetuned is not None:
@@ -96,7 +103,7 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
         default_out = finetuned.parent / "predictions.csv"
         return _write_predictions(Path(out_csv or default_out), dataset, readable, proba, classes), skipped
     info = read_head_info(model_path)
-    parts = [check_weights(part, settings) for part in info["backbones"]]
+    parts = [check_weights(part, settings, precision) for part in info["backbones"]]
     dataset = unlabeled_dataset(images, info["class_names"])
     model, info = load_head(model_path)
     blocks, skipped, readable = [], [], None

@@ -30,7 +30,8 @@ def save_head(path: str | Path, model: Any, class_names: list[str], backbones: l
     tmp.replace(path)
     write_json(path.with_suffix(".json"), {
         "format": FORMAT, "kind": "head", "joblib_sha256": sha256_file(path), "class_names": list(class_names),
-        "backbones": [{k: b[k] for k in ("backbone", "input_size", "weights_sha256", "onnx_sha256") if k in b}
+        "backbones": [{k: b[k] for k in ("backbone", "input_size", "weights_sha256", "onnx_sha256", "precision",
+                                        "calibration_digest") if k in b}
                       for b in backbones],
         "training": training, "created": now_iso(), "versions": library_versions()})
     return path

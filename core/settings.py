@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CACHE_DIR = Path("features")
+PRECISIONS = ("float32", "int8")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class BackboneSettings:
     cache_dir: Path = DEFAULT_CACHE_DIR      # ONNX exports, HDF5 embeddings, hash caches
     threads: int | None = None               # onnxruntime intra-op threads; None = all cores
     progress: bool = True                    # progress bars / per-epoch lines on stderr
+    precision: str = "float32"               # "int8": statically quantized export (extract.quantize)
+    calibration_size: int = 64               # int8: images of the dataset the quantization is calibrated on
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, str) or not self.backbone.strip():
@@ -34,6 +37,8 @@ class BackboneSettings:
             raise TypeError(f"input_size must be an int or None, got {self.input_size!r} instead")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)):
             raise TypeError(f"threads must be an int or None, got {self.threads!r} instead")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r} instead")
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 
     def with_backbone(self, name: str) -> "BackboneSettings":
@@ -47,7 +52,9 @@ class BackboneSettings:
         """JSON-ready form for run records."""
         return {"backbone": self.backbone, "weights_file": str(self.weights_file or ""),
                 "weights_dir": str(self.weights_dir or ""), "random_weights": self.random_weights,
-                "input_size": self.input_size, "cache_dir": str(self.cache_dir), "threads": self.threads}
+                "input_size": self.input_size, "cache_dir": str(self.cache_dir), "threads": self.threads,
+                "precision": self.precision,
+                **({"calibration_size": self.calibration_size} if self.precision == "int8" else {})}
 
 
 def split_options(options: dict[str, Any],
@@ -96,3 +103,5 @@ class UsesBackboneSettings:
     cache_dir = property(lambda self: self.common.cache_dir)
     threads = property(lambda self: self.common.threads)
     progress = property(lambda self: self.common.progress)
+    precision = property(lambda self: self.common.precision)
+    calibration_size = property(lambda self: self.common.calibration_size)

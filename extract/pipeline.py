@@ -47,6 +47,13 @@ from cxr_transfer.extract.onnx_export import (
     OnnxBackbone,
     get_onnx_backbone,
 )
+from cxr_transfer.extract.quantize import (
+    CalibrationSet,
+    choose_calibration,
+    get_int8_backbone,
+    int8_info,
+    precision_key,
+)
 from cxr_transfer.extract.registry import BackboneConfig, get_backbone
 from cxr_transfer.extract.runner import OnnxEmbedder
 from cxr_transfer.extract.weights import WeightsSource, resolve_weights
@@ -69,6 +76,7 @@ class ExtractSettings(UsesBackboneSettings):
     opset: int = DEFAULT_OPSET
     view: ImageView | None = None
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT   # seconds to wait for another run writing the same cache
+    calibration_digest: str | None = None   # int8: use the cached model of this calibration (e.g. a saved head's)
 
     @property
     def config(self) -> BackboneConfig:
@@ -98,13 +106,16 @@ class ExtractResult:
     inference_seconds: float
     weights: WeightsSource
     onnx_sha256: str
+    precision: str = "float32"
+    calibration_digest: str | None = None   # int8: the calibration set the quantized model was made with
 
     @property
     def rate(self) -> float:
         return self.n_computed / self.seconds if self.seconds > 0 and self.n_computed else 0.0
 
     def summary(self) -> str:
-        text = (f"{self.backbone}: {self.n_images} images, {self.n_cached} cached, {self.n_computed} computed"
+        name = f"{self.backbone} int8" if self.precision == "int8" else self.backbone
+        text = (f"{name}: {self.n_images} images, {self.n_cached} cached, {self.n_computed} computed"
                 f" ({self.rate:.1f} img/s), {len(self.failures)} skipped -> {self.cache_path}")
         return text
 
@@ -137,10 +148,13 @@ class FeatureSet:
         return [s.sha256 for s in self.samples]
 
 
-def cache_file(dataset: Dataset, settings: ExtractSettings, weights_sha256: str) -> Path:
-    """Where a dataset's embeddings for these settings live (``core.cache_keys`` names it)."""
+def cache_file(dataset: Dataset, settings: ExtractSettings, weights_sha256: str,
+               calibration_digest: str | None = None) -> Path:
+    """Where a dataset's embeddings for these settings live (``core.cache_keys`` names it); int8 embeddings
+    go to their own file per calibration set, never mixed with float32 ones."""
     size = settings.config.input_size(settings.input_size)
-    name = model_key(settings.config.name, size, weights_sha256, settings.view.name if settings.view else "")
+    name = model_key(settings.config.name, size, weights_sha256, settings.view.name if settings.view else "",
+                     precision_key(calibration_digest) if calibration_digest else "")
     return Path(settings.cache_dir) / dataset_cache_id(dataset.root) / f"{name}.h5"
 
 
@@ -160,6 +174,8 @@ class _Plan:
     identity: dict[str, object]
     path: Path
     view_name: str
+    calibration: CalibrationSet | None = None   # int8: the images to quantize with (None: use a cached model)
+    digest: str | None = None                   # int8: the calibration set's hash (names the model and cache)
 
 
 def _plan(dataset: Dataset, settings: ExtractSettings) -> _Plan:
@@ -169,7 +185,13 @@ def _plan(dataset: Dataset, settings: ExtractSettings) -> _Plan:
     view_name = settings.view.name if settings.view else "full"
     identity = {"backbone": config.name, "input_size": size, "view": view_name, "weights_sha256": source.sha256,
                 "preprocessing": f"keras.applications.{config.keras_module}.preprocess_input:{config.preprocessing}"}
-    return _Plan(config, size, source, identity, cache_file(dataset, settings, source.sha256), view_name)
+    calibration, digest = None, None
+    if settings.precision == "int8":
+        calibration = None if settings.calibration_digest else choose_calibration(dataset.samples,
+                                                                                   settings.calibration_size)
+        digest = settings.calibration_digest or calibration.digest
+    return _Plan(config, size, source, identity, cache_file(dataset, settings, source.sha256, digest), view_name,
+                 calibration, digest)
 
 
 def _cannot_write(folder: Path, exc: OSError, what: str = "cache folder") -> CxrError:
@@ -292,6 +314,8 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
     n_embedded = 0
     if todo:
         onnx = get_onnx_backbone(config, size, source, settings.cache_dir, settings.opset, settings.lock_timeout)
+        if plan.digest:
+            onnx = get_int8_backbone(onnx, plan.calibration, settings.cache_dir, settings.threads, plan.digest)
         embedder = OnnxEmbedder(onnx, settings.threads)
         block_shas: list[str] = []
         block_rows: list[np.ndarray] = []
@@ -324,11 +348,16 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
     failed = [(printable(dataset.relative(s)), reason) for s, reason in failures]
     if not read_only and not cache.listing_matches(rows):
         onnx_attrs = _onnx_attrs(onnx, path)
-        cache.write(rows, {**onnx_attrs, "dataset_root": printable(str(dataset.root)), "failed": failed,
+        precision = {"precision": settings.precision}
+        if plan.digest:
+            precision.update(calibration_digest=plan.digest,
+                             int8_fidelity=(int8_info(onnx).get("fidelity", {}) if onnx else {}))
+        cache.write(rows, {**onnx_attrs, **precision, "dataset_root": printable(str(dataset.root)), "failed": failed,
                            "versions": library_versions(), "opset": settings.opset})
     return ExtractResult(path, config.name, len(dataset), n_cached, n_embedded, failed,
                          time.perf_counter() - started, inference_seconds, source,
-                         onnx.sha256 if onnx else str(_onnx_attrs(None, path).get("onnx_sha256", "")))
+                         onnx.sha256 if onnx else str(_onnx_attrs(None, path).get("onnx_sha256", "")),
+                         settings.precision, plan.digest)
 
 
 def _rows(dataset: Dataset, samples: list[Sample], cache: FeatureCache, prune: bool) -> list[CacheRow]:

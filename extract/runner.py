@@ -12,6 +12,18 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def session_options(threads: int | None = None):
+    """onnxruntime options for inference on this machine: intra-op threads (default: all cores), full graph
+    optimization, one inter-op thread (the graph is a chain)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
 class OnnxEmbedder:
     """An onnxruntime session for one backbone: ``embed(images)`` -> float32 (N, feature_dim).
 
@@ -21,12 +33,9 @@ class OnnxEmbedder:
     def __init__(self, backbone: OnnxBackbone, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or default_threads()
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.backbone = backbone
-        self.session = ort.InferenceSession(str(backbone.path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(backbone.path), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
     @property

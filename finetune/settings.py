@@ -38,6 +38,9 @@ class FinetuneSettings(UsesBackboneSettings):
         for name in ("epochs", "batch_size", "views", "dense_units"):
             if getattr(self, name) < 1:
                 raise CxrError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.precision != "float32":
+            raise CxrError(f"finetune trains in Keras at float32; --precision {self.precision} applies to extract, "
+                           f"compare, audit and predict")
         if not self.lr > 0:
             raise CxrError(f"learning rate must be positive, got {self.lr}")
         if not 0.0 <= self.dropout < 1.0:

@@ -1,0 +1,212 @@
+"""int8 backbones: static quantization of the float32 ONNX export, calibrated on the dataset's own images,
+gated by fidelity to float32, cached and verified by hash.
+
+Why static QDQ int8 (docs/benchmarks.md, "int8"): these CPUs have AVX-512 VNNI, four times the int8
+multiply-adds of float32 FMAs; onnxruntime runs a QDQ graph with fused integer convolutions and matmuls.
+Settings (measured on VGG16 and Xception with real weights; see the docs for the numbers):
+- QDQ format, int8 per-channel weights (per-channel keeps the cosine to float32 high on depthwise layers),
+  uint8 activations, MinMax calibration (Entropy/Percentile were not better at the fidelity gate and are slower);
+- every operator type onnxruntime can quantize (Conv, MatMul, pooling, Add, ...).
+
+The calibration images are a deterministic sample of the dataset (the images with the smallest sha256, from
+``train/`` when the dataset has that split; labels are never used). The next images in that order are held
+back: the quantized model is refused unless every held-back embedding has a cosine of at least
+``FIDELITY_MIN_COSINE`` to its float32 embedding. The int8 file is cached by (backbone, input size, weights
+sha256, opset, "int8", calibration-set hash) and its sha256 is checked against its sidecar before each use.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cxr_transfer.core.cache_keys import model_key
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.hashing import sha256_file, sha256_strings
+from cxr_transfer.core.record import library_versions, now_iso, write_json
+from cxr_transfer.core.settings import PRECISIONS  # noqa: F401 (one source of truth, re-exported)
+from cxr_transfer.extract.dataset import Sample
+from cxr_transfer.extract.images import ImageDecodeError, read_rgb
+from cxr_transfer.extract.onnx_export import OnnxBackbone
+
+log = logging.getLogger(__name__)
+
+FIDELITY_MIN_COSINE = 0.99
+"""The int8 model is refused when any held-back image's embedding has a lower cosine to float32."""
+MAX_HELD_BACK = 16
+QUANTIZATION = {"format": "QDQ", "weights": "int8 per-channel", "activations": "uint8", "calibration": "MinMax",
+                "operators": "all quantizable"}
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """The images a quantized model is calibrated on and those held back to check it; ``digest`` names it."""
+
+    calibration: list[Sample]
+    held_back: list[Sample]
+
+    @property
+    def digest(self) -> str:
+        return sha256_strings(sorted(s.sha256 for s in self.calibration))
+
+
+def precision_key(digest: str) -> str:
+    """The file-name qualifier for an int8 model / embeddings of a calibration digest."""
+    return f"int8-cal{digest[:12]}"
+
+
+def choose_calibration(samples: Sequence[Sample], size: int) -> CalibrationSet:
+    """A deterministic, order-independent sample: images sorted by sha256, ``train`` split first when present.
+
+    The first ``min(16, max(2, n // 4))`` are held back for the fidelity check, the next ``size`` calibrate.
+    """
+    if size < 1:
+        raise CxrError(f"--calibration-size must be at least 1, got {size}")
+    unique = {s.sha256: s for s in samples}
+    pool = [s for s in unique.values() if s.split == "train"] or list(unique.values())
+    pool.sort(key=lambda s: s.sha256)
+    n_held = min(MAX_HELD_BACK, max(2, len(pool) // 4))
+    if len(pool) < n_held + 1:
+        raise CxrError(f"int8 needs at least {n_held + 1} images to calibrate and check the quantized model; "
+                       f"the dataset has {len(pool)}")
+    return CalibrationSet(calibration=pool[n_held:n_held + size], held_back=pool[:n_held])
+
+
+def int8_path(backbone: OnnxBackbone, digest: str, cache_dir: str | Path) -> Path:
+    key = model_key(backbone.config.name, backbone.input_size, backbone.weights_sha256, f"opset{backbone.opset}",
+                    precision_key(digest))
+    return Path(cache_dir) / "onnx" / f"{key}.onnx"
+
+
+def _decode(samples: Sequence[Sample], size: int) -> np.ndarray:
+    images = []
+    for sample in samples:
+        try:
+            images.append(read_rgb(sample.path, size))
+        except ImageDecodeError as exc:
+            log.warning("calibration: skipped %s", exc)
+    if not images:
+        raise CxrError("int8: none of the calibration images could be read")
+    return np.stack(images).astype(np.float32)
+
+
+def _embed(path: Path, images: np.ndarray, threads: int | None) -> np.ndarray:
+    import onnxruntime as ort
+
+    from cxr_transfer.extract.runner import session_options
+
+    session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: images[i:i + 8]})[0] for i in range(0, len(images), 8)])
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching rows (1.0 for two zero rows)."""
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = (a * b).sum(axis=1)
+    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1), 1.0)
+
+
+def _quantize(float_path: Path, calibration: np.ndarray, out: Path) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, input_name: str) -> None:
+            self.batches = iter([{input_name: calibration[i:i + 8]} for i in range(0, len(calibration), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    import onnx
+
+    input_name = onnx.load(str(float_path), load_external_data=False).graph.input[0].name
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:
+        prepared = Path(work) / "prepared.onnx"
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
+        quantize_static(str(prepared), str(out), Reader(input_name), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"CalibTensorRangeSymmetric": False})
+
+
+def _cached(path: Path, backbone: OnnxBackbone) -> OnnxBackbone | None:
+    sidecar = path.with_suffix(".json")
+    if not (path.is_file() and sidecar.is_file()):
+        return None
+    try:
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+        recorded = info["sha256"]
+    except (OSError, ValueError, KeyError):
+        log.warning("%s: unreadable sidecar; quantizing again", sidecar)
+        return None
+    actual = sha256_file(path)
+    if actual != recorded or info.get("float_onnx_sha256") != backbone.sha256:
+        log.warning("%s: sha256 %s... is not the %s... recorded at quantization (or the float32 export changed); "
+                    "quantizing again", path, actual[:12], str(recorded)[:12])
+        return None
+    return replace(backbone, path=path, sha256=actual)
+
+
+def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None, cache_dir: str | Path,
+                      threads: int | None = None, digest: str | None = None) -> OnnxBackbone:
+    """The int8 version of a float32 export (cached, hash-checked), quantizing and gating it when needed.
+
+    ``digest`` instead of ``calibration`` looks up an existing model (e.g. the one a saved head was trained on).
+    """
+    digest = digest or (calibration.digest if calibration else None)
+    if digest is None:
+        raise ValueError("give a calibration set or the digest of an existing one")
+    path = int8_path(backbone, digest, cache_dir)
+    found = _cached(path, backbone)
+    if found is not None:
+        return found
+    if calibration is None:
+        raise CxrError(f"the int8 model {path.name} (calibration {digest[:12]}) is not in {path.parent}; "
+                       f"extract the dataset it was calibrated on with --precision int8 into this --cache-dir first")
+    started = time.perf_counter()
+    size = backbone.input_size
+    calib_images = _decode(calibration.calibration, size)
+    held_images = _decode(calibration.held_back, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    _quantize(backbone.path, calib_images, tmp)
+    cosines = cosine_rows(_embed(backbone.path, held_images, threads), _embed(tmp, held_images, threads))
+    fidelity = {"min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()),
+                "n_held_back": int(len(cosines)), "threshold": FIDELITY_MIN_COSINE}
+    if not np.all(np.isfinite(cosines)) or cosines.min() < FIDELITY_MIN_COSINE:
+        tmp.unlink(missing_ok=True)
+        raise CxrError(f"int8 {backbone.config.name} refused: its embeddings of {len(cosines)} held-back images have "
+                       f"a min cosine of {cosines.min():.4f} to float32, below {FIDELITY_MIN_COSINE}; "
+                       f"use --precision float32")
+    tmp.replace(path)
+    write_json(path.with_suffix(".json"), {
+        "backbone": backbone.config.name, "input_size": size, "precision": "int8", "sha256": sha256_file(path),
+        "float_onnx_sha256": backbone.sha256, "weights_sha256": backbone.weights_sha256, "opset": backbone.opset,
+        "quantization": QUANTIZATION,
+        "calibration": {"digest": digest, "n_images": int(len(calib_images)),
+                        "sha256": sorted(s.sha256 for s in calibration.calibration)},
+        "held_back_sha256": sorted(s.sha256 for s in calibration.held_back), "fidelity": fidelity,
+        "seconds": round(time.perf_counter() - started, 1), "created": now_iso(), "versions": library_versions()})
+    log.info("int8 %s: min cosine %.4f on %d held-back images", backbone.config.name, cosines.min(), len(cosines))
+    return replace(backbone, path=path, sha256=sha256_file(path))
+
+
+def int8_info(backbone: OnnxBackbone) -> dict[str, object]:
+    """The sidecar of an int8 model (fidelity, calibration), for run records."""
+    try:
+        return json.loads(backbone.path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

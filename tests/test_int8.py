@@ -1,0 +1,103 @@
+"""int8 extraction: calibration choice, the fidelity gate, separate hash-checked caches, precision in saved heads."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cxr_transfer
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.synthetic import write_class_tree
+from cxr_transfer.extract import quantize
+from cxr_transfer.extract.dataset import load_dataset
+from cxr_transfer.extract.pipeline import ExtractSettings, extract_features, load_features
+
+OPTIONS = dict(backbone="vgg16", random_weights=True, input_size=32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_class_tree(tmp_path_factory.mktemp("int8") / "data", per_class=8, splits=("train", "test"), size=40)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("int8-cache")
+
+
+def settings(cache: Path, **extra) -> ExtractSettings:
+    return ExtractSettings.from_options(cache_dir=cache, **{**OPTIONS, **extra})
+
+
+def test_calibration_is_deterministic_disjoint_and_from_train(data: Path):
+    dataset = load_dataset(data)
+    chosen = quantize.choose_calibration(dataset.samples, 8)
+    shuffled = quantize.choose_calibration(list(reversed(dataset.samples)), 8)
+    assert chosen.digest == shuffled.digest and len(chosen.calibration) == 8 and len(chosen.held_back) == 6
+    assert not {s.sha256 for s in chosen.calibration} & {s.sha256 for s in chosen.held_back}
+    assert {s.split for s in chosen.calibration + chosen.held_back} == {"train"}
+    with pytest.raises(CxrError, match="at least 1"):
+        quantize.choose_calibration(dataset.samples, 0)
+
+
+def test_int8_embeddings_are_close_to_float32_and_cached_apart(data: Path, cache: Path):
+    dataset = load_dataset(data)
+    full, full_result = load_features(dataset, settings(cache))
+    low, low_result = load_features(dataset, settings(cache, precision="int8", calibration_size=16))
+    assert low_result.cache_path != full_result.cache_path and "int8-cal" in low_result.cache_path.name
+    assert low_result.precision == "int8" and low_result.calibration_digest
+    assert low_result.onnx_sha256 != full_result.onnx_sha256
+    cosines = quantize.cosine_rows(full.embeddings, low.embeddings)
+    assert cosines.min() >= quantize.FIDELITY_MIN_COSINE and not np.array_equal(full.embeddings, low.embeddings)
+    sidecar = json.loads(next(cache.glob("onnx/*int8*.json")).read_text())
+    assert sidecar["fidelity"]["min_cosine"] >= quantize.FIDELITY_MIN_COSINE
+    assert sidecar["calibration"]["n_images"] == 16 and sidecar["quantization"]["format"] == "QDQ"
+    again = extract_features(dataset, settings(cache, precision="int8", calibration_size=16))
+    assert again.n_computed == 0 and again.n_cached == len(dataset)
+
+
+def test_a_changed_int8_file_is_quantized_again(data: Path, tmp_path: Path):
+    dataset = load_dataset(data)
+    first, _ = load_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    model = next(tmp_path.glob("onnx/*int8*.onnx"))
+    model.write_bytes(model.read_bytes()[:-64] + bytes(64))          # damaged: the hash no longer matches
+    for h5 in tmp_path.rglob("*int8*.h5"):
+        h5.unlink()
+    second, _ = load_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    np.testing.assert_allclose(second.embeddings, first.embeddings, rtol=1e-5, atol=1e-5)
+    info = json.loads(model.with_suffix(".json").read_text())
+    from cxr_transfer.core.hashing import sha256_file
+    assert sha256_file(model) == info["sha256"]
+
+
+def test_fidelity_gate_refuses_with_one_line(data: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(quantize, "FIDELITY_MIN_COSINE", 1.000001)
+    with pytest.raises(CxrError, match=r"int8 vgg16 refused: .* min cosine of .* use --precision float32"):
+        extract_features(load_dataset(data), settings(tmp_path, precision="int8", calibration_size=8))
+    assert not list(tmp_path.glob("onnx/*int8*.onnx"))
+
+
+def test_saved_head_keeps_its_precision_and_predict_refuses_another(data: Path, cache: Path, tmp_path: Path):
+    run = cxr_transfer.compare(data, "vgg16", heads="logreg", protocol="holdout", save=True, out_dir=tmp_path,
+                               cache_dir=cache, random_weights=True, input_size=32, progress=False,
+                               precision="int8", calibration_size=16)
+    head = run.run_dir / "vgg16-logreg.joblib"
+    part = json.loads(head.with_suffix(".json").read_text())["backbones"][0]
+    assert part["precision"] == "int8" and part["calibration_digest"]
+    out, skipped = cxr_transfer.predict(data / "test", head, out=tmp_path / "p.csv", cache_dir=cache,
+                                        random_weights=True, progress=False)
+    assert not skipped and len(out.read_text().splitlines()) == 1 + 24
+    with pytest.raises(CxrError, match="trained on int8"):
+        cxr_transfer.predict(data / "test", head, out=tmp_path / "q.csv", precision="float32", cache_dir=cache,
+                             random_weights=True, progress=False)
+    with pytest.raises(CxrError, match="not in"):           # its int8 model is not in another cache
+        cxr_transfer.predict(data / "test", head, out=tmp_path / "r.csv", cache_dir=tmp_path / "empty",
+                             random_weights=True, progress=False)
+
+
+def test_finetune_refuses_int8(data: Path, tmp_path: Path):
+    with pytest.raises(CxrError, match="float32"):
+        cxr_transfer.finetune(data, "vgg16", random_weights=True, precision="int8", run_dir=tmp_path / "r",
+                              cache_dir=tmp_path)
