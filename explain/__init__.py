@@ -20,7 +20,8 @@ from cxr_transfer.core.callable_module import make_module_callable
 _EXPORTS = {"explain_images": "run", "explanation_sheet": "run", "mean_shares": "run", "Explanation": "run",
             "ExplainResult": "run", "load_explainer": "explainers", "region_masks": "regions",
             "evidence_shares": "regions"}
-__all__ = sorted(_EXPORTS)
+__all__ = ["ExplainResult", "Explanation", "evidence_shares", "explain_images", "explanation_sheet",
+           "load_explainer", "mean_shares", "region_masks"]
 
 
 def __getattr__(name: str) -> Any:

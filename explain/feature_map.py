@@ -66,7 +66,7 @@ def pooled_tensor(model: Any) -> tuple[Any, str]:
 
     pooling = model.layers[-1]
     if not isinstance(pooling, keras.layers.GlobalAveragePooling2D):
-        raise ValueError(f"{model.name} does not end in global average pooling (last layer "
+        raise TypeError(f"{model.name} does not end in global average pooling (last layer "
                          f"{type(pooling).__name__} instead); a class activation map needs one")
     tensor = pooling.input
     return tensor, tensor._keras_history.operation.name
@@ -95,7 +95,7 @@ def _export(config: BackboneConfig, input_size: int, source: WeightsSource, targ
                            f"{pooled_error:.2e} > {MAX_RELATIVE_ERROR:.0e}")
         return max(error, pooled_error), layer
     finally:
-        del model, backbone
+        model = backbone = None   # free the Keras model and the traced graphs (see extract.onnx_export)
         keras.backend.clear_session()
         gc.collect()
 

@@ -8,7 +8,7 @@ patch position, ``(1 + (size - patch) / stride) ** 2`` per image (64 at the defa
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -7,8 +7,9 @@ border frame (``regions.region_masks``). Figures use ``core.plotting.subplots`` 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,9 +39,9 @@ def _box(mask: np.ndarray) -> tuple[float, float, float, float]:
 
 def draw_explanation(ax: Any, rgb: np.ndarray, heatmap: np.ndarray, title: str = "") -> None:
     """Draw one explanation on a matplotlib Axes: image, positive evidence, region outlines, title."""
+    import matplotlib
     from matplotlib.colors import Normalize
     from matplotlib.patches import Rectangle
-    import matplotlib
 
     height, width = rgb.shape[:2]
     positive = np.clip(upsample(heatmap, height, width), 0, None)
