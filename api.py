@@ -24,6 +24,7 @@ from cxr_transfer.core.settings import DEFAULT_CACHE_DIR, BackboneSettings
 if TYPE_CHECKING:
     from cxr_transfer.audit.run import AuditReport
     from cxr_transfer.classify.compare import CompareRun
+    from cxr_transfer.explain.run import ExplainResult
     from cxr_transfer.extract.pipeline import FeatureSet
     from cxr_transfer.extract.registry import BackboneConfig
 
@@ -156,3 +157,17 @@ def predict(images: str | Path, model: str | Path, *, out: str | Path | None = N
     from cxr_transfer.extract.pipeline import ExtractSettings
 
     return predict_images(images, model, ExtractSettings.from_options(common, **options), out, precision)
+
+
+def explain(images: str | Path, model: str | Path, *, out: str | Path | None = None, method: str = "auto",
+            pngs: bool = True, common: BackboneSettings | None = None, **options: Any) -> ExplainResult:
+    """Heatmaps of the evidence for each image's predicted class, and its share in the audit's regions.
+
+    model: a saved head (.joblib: exact CAM when linear, else occlusion) or a finetune run folder (Grad-CAM);
+    ``method`` forces cam, occlusion or gradcam. Writes one PNG per image and explain.csv (path, sha256,
+    predicted, probability, method, center/middle/border share) into ``out`` (default beside the model).
+    """
+    from cxr_transfer.explain.run import explain_images
+    from cxr_transfer.extract.pipeline import ExtractSettings
+
+    return explain_images(images, model, ExtractSettings.from_options(common, **options), out, method, pngs)

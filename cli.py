@@ -8,6 +8,7 @@
     cxr-transfer finetune --data DIR ...        the paper's frozen-body + dense-head training
     cxr-transfer report   RUN_DIR ...           runs side by side on the same test images
     cxr-transfer audit    --data DIR ...        duplicates, patient leakage and shortcuts
+    cxr-transfer explain  IMAGES --model FILE   heatmaps of the evidence and its share at the border
 
 ``python cli.py ...`` from a checkout (after ``pip install -e .``) and ``python -m cxr_transfer ...`` are the same.
 """
@@ -185,6 +186,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    import cxr_transfer
+    from cxr_transfer.explain.run import mean_shares
+
+    result = cxr_transfer.explain(args.images, args.model, out=args.out, method=args.method,
+                                  common=common_settings(args), batch_size=args.batch_size)
+    for path, reason in result.skipped:
+        print(f"skipped {path}: {reason.split(': ', 1)[-1]}")
+    for name, (share, count) in mean_shares(result.explanations).items():
+        print(f"predicted {name}: {count} images, mean border share {share:.1%}")
+    print(f"{result.method}: {len(result.explanations)} heatmaps in {result.out_dir} ({result.csv_path.name})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr-transfer", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -255,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="exit with status 1 when the audit finds anything")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("explain", help="heatmaps of what a saved head or fine-tuned model looks at")
+    p.add_argument("images", type=Path, help="an image file or a folder of images")
+    p.add_argument("--model", type=Path, required=True, help="a .joblib head written by compare --save, or a finetune run folder")
+    add_backbone_flags(p)
+    p.add_argument("--method", choices=("auto", "cam", "occlusion", "gradcam"), default="auto",
+                   help="auto: exact CAM for linear heads, occlusion for other heads, Grad-CAM for fine-tuned models")
+    p.add_argument("--out", type=Path, default=None, help="folder for the PNGs and explain.csv (default: beside the model)")
+    p.set_defaults(func=cmd_explain)
     return parser
 
 

@@ -1,0 +1,152 @@
+"""Load a saved model as an explainer: ``explain(pixels) -> (signed heatmaps, class probabilities)``.
+
+Which method serves which model (``method="auto"``):
+- a head saved by ``compare --save`` that is linear on one backbone's pooled features (logreg, linsvm):
+  ``cam``, the exact class activation map, from the backbone's two-output ONNX export (``feature_map``);
+- any other saved head (rbfsvm, knn, rf, hgb, mlp, concatenated backbones): ``occlusion`` through the
+  backbones' ONNX exports (``extract.onnx_export``) and the head;
+- a fine-tuned model (finetune run folder, model.json or model.onnx): ``gradcam`` with TensorFlow on
+  model.keras. ``occlusion`` also works for it, through model.onnx.
+Weights are found and checked as predict does (``classify.predict.check_weights``); model files are checked
+against the sha256 recorded when they were saved.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.extract.pipeline import ExtractSettings
+
+METHODS = ("auto", "cam", "occlusion", "gradcam")
+
+
+@dataclass
+class Explainer:
+    """A model ready to explain: ``explain(uint8 (N, S, S, 3))`` -> (signed maps (N, h, w), probabilities (N, K))."""
+
+    method: str
+    input_size: int
+    class_names: list[str]            # one per probability column
+    explain: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _resized(images: np.ndarray, size: int) -> np.ndarray:
+    from cxr_transfer.extract.images import resize_square
+
+    if images.shape[1] == size:
+        return images
+    return np.stack([resize_square(np.ascontiguousarray(image), size) for image in images])
+
+
+def _occlusion(predict_proba: Callable[[np.ndarray], np.ndarray], size: int, batch_size: int):
+    from cxr_transfer.explain.occlusion import default_patch, occlusion_map
+
+    patch, stride = default_patch(size)
+
+    def explain(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        proba = predict_proba(images)
+        maps = np.stack([occlusion_map(image, predict_proba, int(np.argmax(p)), patch, stride, batch_size)
+                         for image, p in zip(images, proba)])
+        return maps, proba
+
+    return explain, {"patch_px": patch, "stride_px": stride}
+
+
+def _head_explainer(model_path: Path, settings: ExtractSettings, method: str) -> Explainer:
+    from cxr_transfer.classify.predict import check_weights
+    from cxr_transfer.classify.saved_model import load_head, read_head_info
+    from cxr_transfer.explain.cam import class_activation_maps, linear_scores, unwrap
+    from cxr_transfer.extract.weights import resolve_weights
+
+    info = read_head_info(model_path)
+    parts = [check_weights(part, settings) for part in info["backbones"]]
+    head, info = load_head(model_path)
+    classes = [info["class_names"][int(c)] for c in unwrap(head).classes_]
+    sources = [resolve_weights(p.config, p.weights_file, p.weights_dir, p.random_weights) for p in parts]
+    sizes = [p.config.input_size(p.input_size) for p in parts]
+    scores = linear_scores(head) if len(parts) == 1 else None
+    if method == "cam" and scores is None:
+        raise CxrError(f"{model_path}: no exact class activation map for this head (it is not linear on one "
+                       f"backbone's pooled features); use --method occlusion")
+    if method == "gradcam":
+        raise CxrError(f"{model_path}: Grad-CAM is for fine-tuned models; a saved head takes cam or occlusion")
+    if method in ("auto", "cam") and scores is not None:
+        from cxr_transfer.explain.feature_map import FeatureMapRunner, get_feature_map_backbone
+
+        exported = get_feature_map_backbone(parts[0].config, sizes[0], sources[0], parts[0].cache_dir,
+                                            parts[0].opset)
+        runner = FeatureMapRunner(exported, parts[0].threads)
+
+        def explain(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            feature_maps, pooled = runner.run(images)
+            proba = head.predict_proba(pooled)
+            return class_activation_maps(feature_maps, scores, np.argmax(proba, axis=1)), proba
+
+        return Explainer("cam", sizes[0], classes, explain,
+                         {"score": scores.kind, "layer": exported.layer, "onnx": str(exported.path)})
+    from cxr_transfer.extract.onnx_export import get_onnx_backbone
+    from cxr_transfer.extract.runner import OnnxEmbedder
+
+    embedders = [OnnxEmbedder(get_onnx_backbone(p.config, size, source, p.cache_dir, p.opset), p.threads)
+                 for p, size, source in zip(parts, sizes, sources)]
+
+    def predict_proba(images: np.ndarray) -> np.ndarray:
+        return head.predict_proba(np.hstack([e.embed(_resized(images, e.input_size)) for e in embedders]))
+
+    size = max(sizes)   # concatenated backbones: occlude at the largest input, stretched to each one's
+    explain, details = _occlusion(predict_proba, size, settings.batch_size)
+    return Explainer("occlusion", size, classes, explain, details)
+
+
+def _finetuned_explainer(info_path: Path, settings: ExtractSettings, method: str) -> Explainer:
+    info = json.loads(info_path.read_text())
+    if info.get("kind") != "finetune":
+        raise CxrError(f"{info_path}: not a fine-tuned model description")
+    size, classes = int(info["input_size"]), list(info["class_names"])
+    if method == "cam":
+        raise CxrError(f"{info_path}: the exact CAM is for linear saved heads; a fine-tuned model takes gradcam "
+                       f"or occlusion")
+    if method == "occlusion":
+        import onnxruntime as ort
+
+        onnx_path = info_path.parent / str(info.get("onnx_file") or "")
+        if not info.get("onnx_file") or not onnx_path.is_file() or sha256_file(onnx_path) != info["onnx_sha256"]:
+            raise CxrError(f"{onnx_path}: missing or changed since it was saved (sha256 differs from "
+                           f"{info_path.name})")
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+
+        def predict_proba(images: np.ndarray) -> np.ndarray:
+            return session.run(None, {name: np.asarray(images, np.float32)})[0].astype(np.float64)
+
+        explain, details = _occlusion(predict_proba, size, settings.batch_size)
+        return Explainer("occlusion", size, classes, explain, details)
+    from cxr_transfer.explain.gradcam import GradCam
+    from cxr_transfer.finetune.model import load_finetuned
+
+    keras_path = info_path.parent / info["keras_file"]
+    if not keras_path.is_file() or sha256_file(keras_path) != info["keras_sha256"]:
+        raise CxrError(f"{keras_path}: missing or changed since it was saved (sha256 differs from "
+                       f"{info_path.name})")
+    gradcam = GradCam(load_finetuned(str(keras_path)))
+    return Explainer("gradcam", size, classes, gradcam.maps, {"layer": gradcam.layer})
+
+
+def load_explainer(model_path: str | Path, settings: ExtractSettings, method: str = "auto") -> Explainer:
+    """The explainer for a saved head (.joblib) or a fine-tuned model (run folder, model.json, model.onnx)."""
+    from cxr_transfer.classify.predict import finetuned_model_json
+
+    if method not in METHODS:
+        raise CxrError(f"unknown explanation method '{method}'; choose from: {', '.join(METHODS)}")
+    finetuned = finetuned_model_json(model_path)
+    if finetuned is not None:
+        return _finetuned_explainer(finetuned, settings, method)
+    return _head_explainer(Path(model_path), settings, method)

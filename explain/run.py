@@ -1,0 +1,194 @@
+"""``cxr-transfer explain``: heatmaps and border shares for a folder of images, and sheets for reports.
+
+``explain_images(images, model)`` writes, per readable image, ``<name>.png`` (the X-ray with the evidence
+for the predicted class over it) and one row of ``explain.csv``:
+
+    path, sha256, predicted, probability, method, center_share, middle_share, border_share, png
+
+The shares split the positive evidence between the audit's regions (``regions.py``): ``center`` (the central
+box of 80 % of each side), ``border`` (the outer frame 5 % of the side wide) and ``middle`` (the ring between
+them); each lies in [0, 1] and the three sum to 1 (empty when a map has no positive evidence).
+``explanation_sheet(paths, model, out_png)`` explains a given list of images on one PNG, for reports
+(``validate --explain N``), and ``mean_shares`` averages the shares per class.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cxr_transfer.core.errors import CxrError
+from cxr_transfer.explain.explainers import Explainer, load_explainer
+from cxr_transfer.explain.regions import REGIONS, evidence_shares
+from cxr_transfer.extract.dataset import Dataset, Sample, hash_samples
+from cxr_transfer.extract.pipeline import ExtractSettings
+
+log = logging.getLogger(__name__)
+
+CSV_NAME = "explain.csv"
+CSV_COLUMNS = ["path", "sha256", "predicted", "probability", "method", *(f"{r}_share" for r in REGIONS), "png"]
+
+
+@dataclass
+class Explanation:
+    """One image's explanation: prediction, signed heatmap (the method's own resolution) and region shares."""
+
+    path: str
+    sha256: str
+    predicted: str
+    probability: float
+    method: str
+    heatmap: np.ndarray
+    shares: dict[str, float]
+    png: Path | None = None
+
+    def row(self) -> list[str]:
+        shares = ["" if math.isnan(self.shares[r]) else f"{self.shares[r]:.4f}" for r in REGIONS]
+        return [self.path, self.sha256, self.predicted, f"{self.probability:.6f}", self.method, *shares,
+                self.png.name if self.png else ""]
+
+
+@dataclass
+class ExplainResult:
+    """What ``explain_images`` wrote: the folder, the CSV, one Explanation per readable image, skipped files."""
+
+    out_dir: Path
+    csv_path: Path
+    method: str
+    explanations: list[Explanation]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+
+def mean_shares(explanations: Sequence[Explanation], labels: Sequence[str] | None = None,
+                region: str = "border") -> dict[str, tuple[float, int]]:
+    """Per class: (mean share of ``region``, images counted); classes are ``labels`` (e.g. the true ones)
+    or, by default, the predicted ones. Images without positive evidence are left out of the mean."""
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {REGIONS}, got {region!r} instead")
+    if labels is not None and len(labels) != len(explanations):
+        raise ValueError(f"labels must have one entry per explanation ({len(explanations)}), got {len(labels)} "
+                         f"instead")
+    values: dict[str, list[float]] = defaultdict(list)
+    for i, item in enumerate(explanations):
+        if not math.isnan(item.shares[region]):
+            values[labels[i] if labels is not None else item.predicted].append(item.shares[region])
+    return {name: (float(np.mean(v)), len(v)) for name, v in sorted(values.items())}
+
+
+def _iter_explanations(dataset: Dataset, explainer: Explainer, settings: ExtractSettings,
+                       skipped: list[tuple[str, str]]) -> Iterator[tuple[Explanation, Sample]]:
+    from cxr_transfer.extract.images import decoded_batches
+
+    for good, batch, bad in decoded_batches(dataset.samples, explainer.input_size, settings.batch_size,
+                                            settings.decode_workers):
+        skipped += [(dataset.relative(s), reason) for s, reason in bad]
+        if not good:
+            continue
+        maps, proba = explainer.explain(batch)
+        for sample, heatmap, p in zip(good, maps, proba):
+            k = int(np.argmax(p))
+            yield Explanation(dataset.relative(sample), sample.sha256, explainer.class_names[k], float(p[k]),
+                              explainer.method, heatmap, evidence_shares(heatmap, explainer.input_size)), sample
+
+
+def _title(item: Explanation, caption: str = "") -> str:
+    border = "n/a" if math.isnan(item.shares["border"]) else f"{item.shares['border']:.0%}"
+    head = f"{caption}\n" if caption else f"{Path(item.path).name[:40]}\n"
+    return f"{head}{item.predicted} p={item.probability:.2f} ({item.method}), border {border}"
+
+
+def _png_name(relative: str, used: set[str]) -> str:
+    stem = relative.replace("\\", "/").rsplit(".", 1)[0].replace("/", "__") or "image"
+    name, n = f"{stem}.png", 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}.png"
+    used.add(name)
+    return name
+
+
+def default_out_dir(model: str | Path) -> Path:
+    """Beside a saved head (``NAME-explain/``) or inside a fine-tuned run folder (``explain/``)."""
+    from cxr_transfer.classify.predict import finetuned_model_json
+
+    finetuned = finetuned_model_json(model)
+    if finetuned is not None:
+        return finetuned.parent / "explain"
+    return Path(model).with_name(Path(model).stem + "-explain")
+
+
+def explain_images(images: str | Path, model: str | Path, settings: ExtractSettings | None = None,
+                   out_dir: str | Path | None = None, method: str = "auto", pngs: bool = True) -> ExplainResult:
+    """Explain every image under a folder (or one file) with a saved head or a fine-tuned model.
+
+    method: auto (cam for linear heads, occlusion for other heads, gradcam for fine-tuned models), cam,
+    occlusion or gradcam. Writes ``explain.csv`` and, with ``pngs``, one overlay PNG per image into out_dir
+    (default ``default_out_dir(model)``). Unreadable files are skipped and listed, like predict.
+    """
+    from cxr_transfer.classify.predict import unlabeled_dataset
+    from cxr_transfer.explain.overlay import write_overlay
+    from cxr_transfer.extract.images import read_rgb
+
+    settings = settings or ExtractSettings()
+    explainer = load_explainer(model, settings, method)
+    dataset = unlabeled_dataset(images, [])
+    out = Path(out_dir) if out_dir is not None else default_out_dir(model)
+    out.mkdir(parents=True, exist_ok=True)
+    skipped: list[tuple[str, str]] = []
+    explanations: list[Explanation] = []
+    used: set[str] = set()
+    csv_path = out / CSV_NAME
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for item, sample in _iter_explanations(dataset, explainer, settings, skipped):
+            if pngs:
+                item.png = write_overlay(out / _png_name(item.path, used), read_rgb(sample.path), item.heatmap,
+                                         _title(item))
+            writer.writerow(item.row())
+            explanations.append(item)
+    if not explanations:
+        raise CxrError(f"{images}: none of the {len(dataset)} images could be read")
+    return ExplainResult(out, csv_path, explainer.method, explanations, skipped, explainer.details)
+
+
+def explanation_sheet(paths: Sequence[str | Path], model: str | Path, out_png: str | Path, *,
+                      captions: Sequence[str] | None = None, columns: int = 4, method: str = "auto",
+                      settings: ExtractSettings | None = None) -> tuple[Path, list[Explanation]]:
+    """Explain the given image files with ``model`` and draw them on one PNG, in the order given.
+
+    captions: one line per image shown above its prediction (e.g. "true pneumonia, source kaggle"); default
+    the file name. Returns the PNG and the explanations (same order; unreadable files raise CxrError).
+    """
+    from cxr_transfer.explain.overlay import write_sheet
+    from cxr_transfer.extract.images import read_rgb
+
+    files = [Path(p).expanduser().resolve() for p in paths]
+    if not files:
+        raise ValueError("paths must name at least one image")
+    if captions is not None and len(captions) != len(files):
+        raise ValueError(f"captions must have one entry per image ({len(files)}), got {len(captions)} instead")
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        raise CxrError(f"{missing[0]}: no such file ({len(missing)} of {len(files)} missing)")
+    settings = settings or ExtractSettings()
+    explainer = load_explainer(model, settings, method)
+    root = Path(os.path.commonpath([p.parent for p in files]))
+    dataset = Dataset(root, hash_samples([Sample(p, "") for p in files]), ["?"])
+    skipped: list[tuple[str, str]] = []
+    pairs = list(_iter_explanations(dataset, explainer, settings, skipped))
+    if skipped:
+        raise CxrError(f"{skipped[0][1]} ({len(skipped)} of {len(files)} images unreadable)")
+    explanations = [item for item, _ in pairs]
+    titles = [_title(item, captions[i] if captions is not None else "") for i, item in enumerate(explanations)]
+    out = write_sheet(out_png, [read_rgb(sample.path) for _, sample in pairs], [e.heatmap for e in explanations],
+                      titles, columns)
+    return out, explanations
