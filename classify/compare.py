@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from joblib import Parallel, delayed
+from sklearn.utils.parallel import Parallel, delayed   # propagates sklearn config; quiet inner CV
 from threadpoolctl import threadpool_limits
 
 from sklearn.model_selection import StratifiedKFold, cross_val_score
