@@ -63,7 +63,9 @@ def analyse(evaluations: Sequence[Evaluation], settings: dict[str, Any]) -> Anal
             continue
         chosen[backbone] = counts.most_common(1)[0][0]
         tally = ", ".join(f"{head} {n}" for head, n in counts.most_common())
-        how[backbone] = (f"chosen on each of {sum(counts.values())} splits by {settings.get('select_folds', 3)}-fold "
+        splits = sum(counts.values())
+        where = f"on each of {splits} splits" if splits > 1 else "on its one split"
+        how[backbone] = (f"chosen {where} by {settings.get('select_folds', 3)}-fold "
                          f"CV inside its training part, never by its test images ({tally}); the row "
                          f"'{SELECTED}' scores that choice on the test images")
     return Analysis(tops, heads, backbone_vs_backbone(evaluations), chosen, how)

@@ -81,8 +81,8 @@ def _chosen_head(backbone: str, by_head: dict[str, list[Evaluation]], head: str 
         return None
     tally = Counter(e.extra["chosen"] for e in selected)
     words = ", ".join(f"{name} {n}" for name, n in tally.most_common())
-    how = (f"chosen on each of {len(selected)} splits by CV inside its training part, never by the test "
-           f"images ({words})")
+    where = f"on each of {len(selected)} splits" if len(selected) > 1 else "on its one split"
+    how = f"chosen {where} by CV inside its training part, never by the test images ({words})"
     label = f"chosen head: {tally.most_common(1)[0][0]}" if len(tally) == 1 else f"chosen head per split ({words})"
     return label, selected, how
 
