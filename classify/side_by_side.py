@@ -48,7 +48,7 @@ def _row(label: str, backbone: str, evaluations: list[Evaluation], mark: dict[st
     paper = paper_accuracy(backbone)
     return {"backbone": backbone, "model": label, "test sets": str(len(evaluations)),
             "accuracy": mean_std(accuracy), "95% CI": f"[{accuracy['ci_low']:.3f}, {accuracy['ci_high']:.3f}]",
-            "vs top": mark.get("vs top", ""), "diff": mark.get("difference", ""), "p (Holm)": mark.get("p (Holm)", ""),
+            "vs top": mark.get("vs top", ""), "diff [95% CI]": (f"{mark['difference']} {mark['95% CI']}" if mark.get("difference", "-") != "-" else ""), "p (Holm)": mark.get("p (Holm)", ""),
             "covid sens": cell("covid_sensitivity"), "covid spec": cell("covid_specificity"),
             "macro F1": cell("macro_f1"),
             "train s": f"{np.mean([e.fit_seconds for e in evaluations]):.1f}",
