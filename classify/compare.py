@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.utils.parallel import Parallel, delayed   # propagates sklearn config; quiet inner CV
-from threadpoolctl import threadpool_limits
-
 from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.utils.parallel import Parallel, delayed  # propagates sklearn config; quiet inner CV
+from threadpoolctl import threadpool_limits
 
 from cxr_transfer.classify.comparisons import CORRECT, INNER_SCORE, correctness_string, select_heads
 from cxr_transfer.classify.heads import get_head, make_head, make_tuned_head, parse_head_list

@@ -17,8 +17,8 @@ cross-validation inside that split's training part (nested); the outer test labe
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import numpy as np
 

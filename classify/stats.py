@@ -15,8 +15,8 @@ has the corrected resampled t-test or Newcombe's paired interval, so those few l
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats
