@@ -75,7 +75,7 @@ def _chosen_head(backbone: str, by_head: dict[str, list[Evaluation]], head: str 
     if head is not None:
         if head not in by_head:
             return None
-        return f"head: {head}", by_head[head], f"named by the user (--head {head})"
+        return f"head: {head}", by_head[head], f"{head}, named by the user (--head {head})"
     selected = by_head.get(SELECTED)
     if not selected:
         return None
@@ -127,7 +127,7 @@ def side_by_side(run_dirs: Sequence[str | Path], head: str | None = None) -> tup
                                             "nested selection, or ran with --head); rerun compare or pass --head"))
         else:
             label, chosen_evaluations, how = chosen
-            notes.append(f"{backbone}: {label.split(': ', 1)[-1] if ': ' in label else label}, {how}")
+            notes.append(f"{backbone}: head {how}")
             for model in list(models):
                 versus.append(Comparison(backbone, model, label, paired_test(models[model], chosen_evaluations)))
             models[label] = chosen_evaluations

@@ -19,6 +19,7 @@ from cxr_transfer.classify.comparisons import (
 )
 from cxr_transfer.classify.metrics import classification_metrics, summarize, summarize_proportion
 from cxr_transfer.classify.protocols import Split
+from cxr_transfer.classify.report import accuracy_axis_limits
 from cxr_transfer.classify.results import Evaluation, save_results
 from cxr_transfer.classify.side_by_side import side_by_side
 from cxr_transfer.classify.stats import (
@@ -201,3 +202,28 @@ def test_report_sets_the_inner_cv_choice_beside_finetuning(tmp_path: Path):
     assert next(r for r in rows if r["model"] == "head: knn")["vs top"] == "top"
     named, _ = side_by_side(runs[:4], head="knn")
     assert "head: knn" in [r["model"] for r in named]
+
+
+def test_report_cli_prints_the_choice_and_refuses_unknown_heads(tmp_path: Path, run_cli):
+    heads = []
+    for k in range(3):
+        heads += [_evaluation("knn", 1.0, f"f{k}", inner=0.7, repeat=k),
+                  _evaluation("logreg", 0.9, f"f{k}", inner=0.9, repeat=k)]
+    save_results(tmp_path / "cmp", "compare", CLASSES, {}, heads + select_heads(heads), [])
+    for k in range(3):
+        save_results(tmp_path / f"ft{k}", "finetune", CLASSES, {}, [_evaluation("finetune", 0.95, f"f{k}")], [])
+    runs = [tmp_path / name for name in ("cmp", "ft0", "ft1", "ft2")]
+    done = run_cli("report", *runs, "--out", tmp_path / "side.md")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "chosen head: logreg" in done.stdout and "never by the test images" in done.stdout
+    assert "finetune minus the chosen head: logreg" in done.stdout and "p (Holm)" in done.stdout
+    assert "vs top" in (tmp_path / "side.md").read_text()
+    refused = run_cli("report", *runs, "--head", "unicorn", "--out", tmp_path / "x.md")
+    assert refused.returncode == 2 and "unknown head 'unicorn'" in refused.error_line()
+
+
+def test_accuracy_axis_is_zoomed_and_inside_zero_one():
+    summary = [{"accuracy": {"mean": 0.97, "ci_low": 0.93, "ci_high": 0.99}},
+               {"accuracy": {"mean": 0.95, "ci_low": 0.90, "ci_high": 0.98}}]
+    assert accuracy_axis_limits(summary) == pytest.approx((0.88, 1.0))
+    assert accuracy_axis_limits([{"accuracy": {"mean": 0.01, "ci_low": 0.0, "ci_high": 0.05}}])[0] == 0.0
