@@ -117,16 +117,16 @@ def audit_pointer_line(data: Path) -> str | None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     import cxr_transfer
-    from cxr_transfer.classify.report import summary_rows
-    from cxr_transfer.core.tables import text_table
+    from cxr_transfer.classify.report import compare_summary_text
 
     data = args.data or default_data()
     run = cxr_transfer.compare(data, args.backbone, args.heads, common=common_settings(args),
                                batch_size=args.batch_size, protocol=args.protocol, seed=args.seed, seeds=args.seeds,
                                folds=args.folds, repeats=args.repeats, test_size=args.test_size,
                                group_by=args.group_by, concat=args.concat, tune=args.tune, save=args.save,
+                               head=args.head, select_folds=args.select_folds,
                                out_dir=args.out, run_name=args.name, n_jobs=args.jobs)
-    print(text_table(summary_rows(run.summary)))
+    print(compare_summary_text(run.evaluations, run.summary, {"head": args.head, "select_folds": args.select_folds}))
     print(f"\nrun folder: {run.run_dir} (report.md, results.json, results.csv, plots, record.json)")
     pointer = audit_pointer_line(data)
     if pointer:
@@ -165,11 +165,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from cxr_transfer.classify.side_by_side import side_by_side, write_side_by_side
     from cxr_transfer.core.tables import text_table
 
-    rows, notes = side_by_side(args.runs)
+    rows, notes = side_by_side(args.runs, head=args.head)
     print(text_table(rows))
     for note in notes:
         print(f"note: {note}")
-    out = write_side_by_side(args.runs, args.out)
+    out = write_side_by_side(args.runs, args.out, head=args.head)
     print(f"\nreport: {out}")
     return 0
 
@@ -230,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concat", action="store_true", help="also evaluate all backbones' embeddings concatenated")
     p.add_argument("--tune", action="store_true", help="tune each head by inner CV on the training fold only")
     p.add_argument("--save", action="store_true", help="refit each head on all evaluated images and save it")
+    p.add_argument("--head", default=None,
+                   help="the head the report names as chosen (default: chosen on each split by CV inside its "
+                        "training part)")
+    p.add_argument("--select-folds", type=int, default=3,
+                   help="folds of the CV inside each training part that chooses the head (default 3)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders")
     p.add_argument("--name", default=None, help="run folder name (default: compare-PROTOCOL-TIMESTAMP)")
     p.add_argument("--jobs", type=int, default=-1, help="parallel fits (default: all cores)")
@@ -261,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="fine-tuned models and heads side by side on the same test images")
     p.add_argument("runs", nargs="+", type=Path, help="finetune and compare run folders")
     p.add_argument("--out", type=Path, default=Path("runs") / "side-by-side.md")
+    p.add_argument("--head", default=None,
+                   help="the head to put beside the fine-tuned models (default: the head compare chose on each "
+                        "split by CV inside its training part)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("audit", help="duplicates, patient leakage and shortcuts in a dataset")

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from joblib import Parallel, delayed
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.utils.parallel import Parallel, delayed  # propagates sklearn config; quiet inner CV
 from threadpoolctl import threadpool_limits
 
-from cxr_transfer.classify.heads import make_head, make_tuned_head, parse_head_list
-from cxr_transfer.classify.metrics import classification_metrics, headline, summarize
+from cxr_transfer.classify.comparisons import CORRECT, INNER_SCORE, correctness_string, select_heads
+from cxr_transfer.classify.heads import get_head, make_head, make_tuned_head, parse_head_list
+from cxr_transfer.classify.metrics import classification_metrics, headline, summarize, summarize_proportion
 from cxr_transfer.classify.protocols import (
     Split,
     check_splittable,
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 PROTOCOLS = ("paper", "cv", "holdout")
 CONCAT_NAME = "concat"
 SUMMARY_METRICS = ("accuracy", "covid_sensitivity", "covid_specificity", "macro_f1", "roc_auc_macro")
+PROPORTIONS = ("accuracy", "covid_sensitivity", "covid_specificity")
+"""Summary metrics that are proportions: their intervals are Wilson intervals inside [0, 1]."""
 
 
 @dataclass
@@ -58,6 +62,8 @@ class CompareSettings:
     concat: bool = False         # also evaluate the concatenated embeddings of all backbones
     tune: bool = False           # inner-CV hyper-parameter search inside each training fold
     save: bool = False           # refit each head on all evaluated images and save it with joblib
+    head: str | None = None      # the head reports name as chosen; None: chosen per split by inner CV
+    select_folds: int = 3        # inner CV folds (inside each training part) that choose the head
     out_dir: Path = Path("runs")
     run_name: str | None = None
     n_jobs: int = -1
@@ -66,7 +72,8 @@ class CompareSettings:
         return {"data": str(self.data), "backbones": self.backbones, "heads": self.heads,
                 "protocol": self.protocol, "seed": self.seed, "seeds": self.seeds, "folds": self.folds,
                 "repeats": self.repeats, "test_size": self.test_size, "group_by": self.group_by,
-                "concat": self.concat, "tune": self.tune, "save": self.save, "extract": self.extract.record()}
+                "concat": self.concat, "tune": self.tune, "save": self.save, "head": self.head,
+                "select_folds": self.select_folds, "extract": self.extract.record()}
 
 
 @dataclass
@@ -109,9 +116,30 @@ def make_splits(settings: CompareSettings, labels: np.ndarray, splits: np.ndarra
     return [Split(split.protocol, split.repeat, split.fold, split.train_idx, kept)]
 
 
-def _fit_and_score(backbone: str, head: str, X: np.ndarray, y: np.ndarray, split: Split, shas: list[str],
-                   class_names: list[str], seed: int, tune: bool) -> Evaluation:
+def inner_cv_accuracy(head: str, X_train: np.ndarray, y_train: np.ndarray, folds: int, seed: int,
+                      tune: bool = False) -> float:
+    """Mean accuracy of a head over a stratified ``folds``-fold CV of one split's training part only.
+
+    This is what chooses the "selected" head (``comparisons.select_heads``): it never sees the split's test
+    images. Call under ``threadpool_limits(1)``.
+    """
+    model = make_tuned_head(head, seed) if tune else make_head(head, seed)
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return float(np.mean(cross_val_score(model, X_train, y_train, cv=cv, scoring="accuracy")))
+
+
+def score_split(backbone: str, head: str, X: np.ndarray, y: np.ndarray, split: Split, shas: list[str],
+                class_names: list[str], seed: int, tune: bool, select_folds: int = 0) -> Evaluation:
+    """Fit a head on the split's training part and score it on its test part.
+
+    With ``select_folds`` >= 2 the evaluation also carries the head's inner-CV accuracy on the training part
+    (``extra[INNER_SCORE]``); per-image correctness is kept in ``extra[CORRECT]`` for McNemar's test.
+    """
+    extra: dict = {}
     with threadpool_limits(1):
+        if select_folds >= 2:
+            extra[INNER_SCORE] = inner_cv_accuracy(head, X[split.train_idx], y[split.train_idx], select_folds,
+                                                   seed, tune)
         model = make_tuned_head(head, seed) if tune else make_head(head, seed)
         start = time.perf_counter()
         model.fit(X[split.train_idx], y[split.train_idx])
@@ -120,14 +148,28 @@ def _fit_and_score(backbone: str, head: str, X: np.ndarray, y: np.ndarray, split
         predicted = np.asarray(model.classes_)[proba.argmax(1)]
         done = time.perf_counter()
     metrics = classification_metrics(y[split.test_idx], predicted, class_names, proba)
-    extra = {"best_params": {k: repr(v) for k, v in model.best_params_.items()}} if tune else {}
+    if tune:
+        extra["best_params"] = {k: repr(v) for k, v in model.best_params_.items()}
+    extra[CORRECT] = correctness_string(y[split.test_idx], predicted, [shas[i] for i in split.test_idx])
     return Evaluation(backbone, head, split.protocol, split.repeat, split.fold, len(split.train_idx),
                       len(split.test_idx), images_fingerprint(shas[i] for i in split.test_idx), metrics,
                       fitted - start, done - fitted, extra)
 
 
+def _proportion_sizes(evaluation: Evaluation, metric: str, positive_class: str) -> float:
+    """How many test images a proportion metric of one evaluation counts (its denominator)."""
+    if metric == "accuracy":
+        return evaluation.n_test
+    support = evaluation.metrics["per_class"].get(positive_class, {}).get("support", 0)
+    return support if metric.endswith("sensitivity") else evaluation.n_test - support
+
+
 def summarize_evaluations(evaluations: list[Evaluation], positive_class: str = "covid") -> list[dict]:
-    """Mean, std and 95% interval of the headline metrics per (backbone, model, protocol)."""
+    """Mean, std and 95% interval of the headline metrics per (backbone, model, protocol).
+
+    Proportions (accuracy, sensitivity, specificity) get Wilson intervals inside [0, 1]
+    (``metrics.summarize_proportion``); macro F1 and AUC get mean, std and a Student-t interval.
+    """
     keys: dict[tuple[str, str, str], list[Evaluation]] = {}
     for evaluation in evaluations:
         keys.setdefault((evaluation.backbone, evaluation.model, evaluation.protocol), []).append(evaluation)
@@ -139,11 +181,29 @@ def summarize_evaluations(evaluations: list[Evaluation], positive_class: str = "
                "predict_seconds": float(np.mean([e.predict_seconds for e in group])),
                "confusion_matrix": np.sum([e.metrics["confusion_matrix"] for e in group], axis=0).tolist()}
         for metric in SUMMARY_METRICS:
-            values = [f[metric.replace("covid", positive_class)] for f in flat]
-            values = [v for v in values if v is not None]
-            row[metric] = summarize(values) if values else None
+            key = metric.replace("covid", positive_class)
+            kept = [(f[key], e) for f, e in zip(flat, group) if f[key] is not None]
+            if not kept:
+                row[metric] = None
+            elif metric in PROPORTIONS:
+                sizes = [_proportion_sizes(e, key, positive_class) for _, e in kept]
+                row[metric] = (summarize_proportion([v for v, _ in kept], float(np.mean(sizes)),
+                                                    float(np.mean([e.n_train for _, e in kept])))
+                               if min(sizes) > 0 else None)
+            else:
+                row[metric] = summarize([v for v, _ in kept])
         rows.append(row)
     return rows
+
+
+def _check_selectable(y: np.ndarray, splits: list[Split], folds: int, class_names: list[str]) -> None:
+    """Fail before fitting when a training part is too small for the inner CV that chooses the head."""
+    for split in splits:
+        try:
+            check_splittable(y[split.train_idx], folds, class_names)
+        except CxrError as exc:
+            raise CxrError(f"choosing a head by {folds}-fold CV inside each training part: {exc}; "
+                           f"name the head with --head or use fewer --select-folds") from None
 
 
 def _aligned(features: dict[str, FeatureSet]) -> tuple[list, dict[str, np.ndarray]]:
@@ -172,6 +232,12 @@ def run_compare(settings: CompareSettings) -> CompareRun:
     started = time.perf_counter()
     configs = parse_backbone_list(settings.backbones)
     heads = parse_head_list(settings.heads)
+    if settings.head is not None and get_head(settings.head).name not in heads:
+        raise CxrError(f"--head {settings.head} is not among the compared heads ({', '.join(heads)})")
+    if settings.head is None and len(heads) > 1 and settings.select_folds < 2:
+        raise CxrError(f"--select-folds must be at least 2 to choose a head by inner CV; got "
+                       f"{settings.select_folds} instead")
+    select_folds = settings.select_folds if settings.head is None and len(heads) > 1 else 0
     dataset = load_dataset(settings.data)
     pool = evaluation_pool(dataset, settings.protocol)
     resolve_groups(pool, settings.group_by)  # fail before extracting when grouping cannot work
@@ -201,12 +267,15 @@ def run_compare(settings: CompareSettings) -> CompareRun:
     groups = resolve_groups(evaluated, settings.group_by)
     splits = make_splits(settings, y, np.array([s.split for s in samples]), groups, class_names)
     shas = [s.sha256 for s in samples]
+    if select_folds:
+        _check_selectable(y, splits, select_folds, class_names)
 
     tasks = [(backbone, head, split) for split in splits for backbone in arrays for head in heads]
     evaluations = Parallel(n_jobs=settings.n_jobs)(
-        delayed(_fit_and_score)(backbone, head, arrays[backbone], y, split, shas, class_names, settings.seed,
-                                settings.tune)
+        delayed(score_split)(backbone, head, arrays[backbone], y, split, shas, class_names, settings.seed,
+                             settings.tune, select_folds)
         for backbone, head, split in tasks)
+    evaluations = list(evaluations) + select_heads(evaluations)
     summary = summarize_evaluations(evaluations)
 
     run_dir = default_run_dir(settings)

@@ -13,6 +13,7 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
+from cxr_transfer.classify.stats import effective_test_size, proportion_interval
 from cxr_transfer.core.errors import CxrError
 
 HEADLINE_METRICS: tuple[str, ...] = ("accuracy", "covid_sensitivity", "covid_specificity", "macro_f1")
@@ -120,8 +121,9 @@ def classification_metrics(
 def summarize(values: Sequence[float], confidence: float = 0.95) -> dict:
     """Mean, sample std (ddof=1) and Student-t confidence interval over repeats/folds.
 
-    Interval = mean +/- t_{(1+confidence)/2, n-1} * std / sqrt(n); not clipped to [0, 1]
-    (the caller decides). With one value, std = 0 and the interval is (mean, mean).
+    Interval = mean +/- t_{(1+confidence)/2, n-1} * std / sqrt(n); not clipped to [0, 1]. For a
+    proportion (accuracy, sensitivity, specificity) use ``summarize_proportion``, whose interval stays in
+    [0, 1]. With one value, std = 0 and the interval is (mean, mean).
     """
     array = np.asarray(values, dtype=float)
     if array.ndim != 1 or array.size == 0:
@@ -135,6 +137,27 @@ def summarize(values: Sequence[float], confidence: float = 0.95) -> dict:
     std = float(array.std(ddof=1))
     half_width = float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) * std / math.sqrt(n)
     return {"mean": mean, "std": std, "ci_low": mean - half_width, "ci_high": mean + half_width, "n": n}
+
+
+def summarize_proportion(values: Sequence[float], n_test: float, n_train: float,
+                         confidence: float = 0.95) -> dict:
+    """Mean and std of a proportion over splits, with an interval inside [0, 1].
+
+    ``n_test`` is the number of images each value is a proportion of (mean over splits: test images for
+    accuracy, positives for sensitivity, negatives for specificity) and ``n_train`` the training images per
+    split. The interval is the Wilson score interval at the mean with the Nadeau-Bengio effective sample size
+    (``classify.stats.proportion_interval``): overlapping splits are not counted as independent evidence.
+    """
+    array = np.asarray(values, dtype=float)
+    if array.ndim != 1 or array.size == 0:
+        raise CxrError("summarize_proportion needs a non-empty list of numbers")
+    if np.any((array < 0) | (array > 1)):
+        raise ValueError(f"proportions must lie in [0, 1]; got {array.min()}..{array.max()} instead")
+    n = int(array.size)
+    mean = float(array.mean())
+    low, high = proportion_interval(mean, n_test, n_train, n, confidence)
+    return {"mean": mean, "std": float(array.std(ddof=1)) if n > 1 else 0.0, "ci_low": low, "ci_high": high,
+            "n": n, "interval": "wilson", "n_effective": round(effective_test_size(n_test, n_train, n), 1)}
 
 
 def headline(metrics: dict, positive_class: str = "covid") -> dict:

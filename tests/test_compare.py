@@ -42,15 +42,19 @@ def settings(dataset_dir: Path, extract_settings: ExtractSettings, tmp_path: Pat
 
 def test_paper_protocol_writes_a_complete_run_folder(dataset_dir, extract_settings, tmp_path):
     run = run_compare(settings(dataset_dir, extract_settings, tmp_path, run_name="a"))
-    assert len(run.evaluations) == 3 * 2
+    assert len(run.evaluations) == 3 * 2 + 3   # 2 heads and the head chosen by inner CV, on 3 splits
     assert all(e.n_test == 6 and e.n_train == 24 for e in run.evaluations)   # 20% of the 30 train/ images
+    assert {e.extra["chosen"] for e in run.evaluations if e.model == "selected"} <= {"logreg", "knn"}
     for name in ("results.json", "results.csv", "report.md", "record.json", "accuracy.png",
                  "confusion-mobilenetv2-logreg.png"):
         assert (run.run_dir / name).is_file(), name
     record = json.loads((run.run_dir / "record.json").read_text())
     assert record["seed"] == 0 and record["versions"]["numpy"]
     assert record["extraction"]["mobilenetv2"]["weights_sha256"] == "random:seed0"
-    assert "| mobilenetv2 | logreg |" in (run.run_dir / "report.md").read_text()
+    report = (run.run_dir / "report.md").read_text()
+    assert "| mobilenetv2 | logreg |" in report
+    assert "CV inside its training part, never by its test images" in report
+    assert "corrected resampled t (n=3)" in report and (run.run_dir / "comparisons.json").is_file()
     again = run_compare(settings(dataset_dir, extract_settings, tmp_path, run_name="b"))
     first = [(e.test_fingerprint, e.metrics["accuracy"]) for e in run.evaluations]
     assert first == [(e.test_fingerprint, e.metrics["accuracy"]) for e in again.evaluations]
@@ -128,3 +132,17 @@ def test_grouped_holdout_drops_test_patients_seen_in_training(tmp_path, extract_
     run = run_compare(settings(root, extract_settings, tmp_path, protocol="holdout", heads="knn",
                                group_by="patient_id"))
     assert [(e.n_train, e.n_test) for e in run.evaluations] == [(12, 9)]
+
+
+def test_cli_compare_prints_the_chosen_head_and_paired_tests(dataset_dir, extract_settings, tmp_path, capsys):
+    base = ["compare", "--data", str(dataset_dir), "--backbone", "mobilenetv2", "--random-weights",
+            "--input-size", "32", "--cache-dir", str(extract_settings.cache_dir), "--heads", "logreg,knn",
+            "--seeds", "3", "--out", str(tmp_path), "--no-progress", "--jobs", "1"]
+    assert cli.main(base) == 0
+    printed = capsys.readouterr().out
+    assert "by 3-fold CV inside its training part, never by its test images" in printed
+    assert "vs top" in printed and "corrected resampled t (n=3)" in printed and "p (Holm)" in printed
+    assert cli.main(base + ["--head", "knn", "--name", "named"]) == 0
+    assert "knn, named by the user (--head knn)" in capsys.readouterr().out
+    assert cli.main(base + ["--head", "rf"]) == 2
+    assert "--head rf is not among the compared heads" in capsys.readouterr().err
