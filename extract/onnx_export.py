@@ -143,6 +143,10 @@ def _export(config: BackboneConfig, input_size: int, source: WeightsSource, targ
 def get_onnx_backbone(config: BackboneConfig, input_size: int, source: WeightsSource, cache_dir: str | Path,
                       opset: int = DEFAULT_OPSET) -> OnnxBackbone:
     """The cached ONNX file for these weights and size, exporting and verifying it first if needed."""
+    if config.is_user_onnx:  # a user's own ONNX model, wrapped and validated at registration
+        from cxr_transfer.extract.user_onnx import user_onnx_backbone
+
+        return user_onnx_backbone(config, input_size)
     target = onnx_cache_path(Path(cache_dir), config, input_size, source.sha256, opset)
     sidecar = target.with_suffix(".json")
     if target.is_file() and sidecar.is_file():

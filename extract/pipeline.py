@@ -145,7 +145,7 @@ def extract_features(dataset: Dataset, settings: ExtractSettings) -> ExtractResu
     onnx: OnnxBackbone | None = None
     view_name = settings.view.name if settings.view else "full"
     identity = {"backbone": config.name, "input_size": size, "view": view_name, "weights_sha256": source.sha256,
-                "preprocessing": f"keras.applications.{config.keras_module}.preprocess_input:{config.preprocessing}"}
+                "preprocessing": config.preprocessing_description}
     path = cache_file(dataset, settings, source.sha256)
     cache = FeatureCache(path, identity)
 
