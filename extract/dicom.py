@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import warnings
@@ -73,10 +74,24 @@ def is_dicom_file(path: Path) -> bool:
     return (suffix == "" or suffix[1:].isdigit()) and has_dicom_preamble(path)
 
 
+class _NoValueMessages(logging.Filter):
+    """Drops pydicom's value-validation messages ("Invalid value for VR LO: '<the value>'"): the value may be a
+    patient's name or id, and pydicom logs them besides warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "VR" not in record.getMessage()
+
+
+_VALUE_FILTER = _NoValueMessages()
+
+
 def _dcmread(path: Path, **kwargs: Any):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    pydicom_logger = logging.getLogger("pydicom")
+    if _VALUE_FILTER not in pydicom_logger.filters:  # added at the first read, not on import
+        pydicom_logger.addFilter(_VALUE_FILTER)
     try:
         with warnings.catch_warnings():
             # pydicom's value warnings quote the offending value, which may be a patient's: never shown.
