@@ -184,7 +184,10 @@ def markdown(payload: dict[str, Any]) -> str:
                    f"{s['width']['max']:.0f}) | {s['height']['median']:.0f} ({s['height']['min']:.0f}-"
                    f"{s['height']['max']:.0f}) | {s['file_kib']['median']:.0f} |")
     out.append("")
-    if acq["accuracy"] is None:
+    head = payload.get("header_shortcuts") or {}
+    if acq["accuracy"] is None and head.get("n_dicom") and not acq["summary"]:
+        out += ["Classifier: not run; Pillow reads no DICOM file (their header fields are in section 3b).", ""]
+    elif acq["accuracy"] is None:
         out += [f"Classifier: {acq['skipped']}", ""]
     else:
         out += [f"Random forest on file properties alone, {'patient-grouped ' if acq['grouped'] else ''}5-fold CV: "

@@ -279,6 +279,7 @@ def test_header_audit_finds_a_vendor_that_follows_the_class(tmp_path: Path):
                                             "separable_without_lungs": False},
                         "timings": {}, "record": {"created": "now"}})
     assert "Header shortcuts" in section and "VendorA 12" in section and "mostly through Manufacturer" in section
+    assert "Pillow reads no DICOM file" in section
 
 
 def test_non_dicom_dataset_has_no_header_section(class_tree: Path):
