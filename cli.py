@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--test-size", type=float, default=0.2)
-    p.add_argument("--group-by", default=None, help="patient_id: no patient on both sides of a split")
+    p.add_argument("--group-by", default=None, help="patient_id (manifest/CSV) or dicom:PatientID (salted hash of "
+                                                    "the DICOM header's id): no patient on both sides of a split")
     p.add_argument("--concat", action="store_true", help="also evaluate all backbones' embeddings concatenated")
     p.add_argument("--tune", action="store_true", help="tune each head by inner CV on the training fold only")
     p.add_argument("--save", action="store_true", help="refit each head on all evaluated images and save it")
@@ -255,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-units", type=int, default=64, help="hidden units of the head (see finetune/model.py)")
     p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument("--test-size", type=float, default=0.2)
-    p.add_argument("--group-by", default=None, help="patient_id (or group): keep each patient on one side of the split")
+    p.add_argument("--group-by", default=None, help="patient_id (or group, or dicom:PatientID): keep each patient on "
+                                                    "one side of the split")
     p.add_argument("--run-dir", type=Path, default=None, help="exact run folder")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders")
     p.set_defaults(func=cmd_finetune)

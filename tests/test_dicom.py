@@ -169,9 +169,7 @@ def test_compressed_file_without_a_decoder_is_skipped_naming_syntax_and_extra(tm
 
 def test_pydicom_bundled_files(tmp_path: Path):
     # A real CR: extension-less, MONOCHROME1, 12 bit, rescale slope 0.684 / intercept 200, window 1600/2800.
-    cr = Path(get_testdata_file("77654033/CR3/6278", read=False) or "")
-    if not cr.is_file():
-        cr = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "77654033" / "CR3" / "6278"
+    cr = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "77654033" / "CR3" / "6278"
     assert is_image_file(cr)
     stored = pydicom.dcmread(cr).pixel_array.astype(np.float64)
     expected = 255 - np.rint(_linear_window(stored * 0.684 + 200, 1600, 2800) * 255)
