@@ -75,6 +75,29 @@ def add_backbone_flags(parser: argparse.ArgumentParser, many: bool = True, input
                              "own images, refused when its embeddings drift from float32 (predict: the model's own)")
     parser.add_argument("--calibration-size", type=int, default=64,
                         help="int8: images of the dataset to calibrate on (default 64)")
+    onnx = parser.add_argument_group("your own ONNX model (--backbone onnx:PATH)")
+    onnx.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image channels the model takes")
+    onnx.add_argument("--preprocess", choices=("caffe", "tf", "torch", "none"), default="none",
+                      help="pixel normalisation (Keras preprocess_input modes; none: raw 0-255)")
+    onnx.add_argument("--mean", type=_floats, default=None, help="per-channel mean in [0, 1] (with --std)")
+    onnx.add_argument("--std", type=_floats, default=None, help="per-channel std in [0, 1] (with --mean)")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma list of numbers, e.g. 0.5 or 0.485,0.456,0.406; got '{text}'")
+
+
+def register_user_backbones(args: argparse.Namespace) -> None:
+    """Replace each onnx:PATH of --backbone by the name of the validated, registered model."""
+    from cxr_transfer.extract.user_onnx import InputSpec, is_user_onnx, resolve_backbone_spec
+
+    if not any(is_user_onnx(item) for item in args.backbone.split(",")):
+        return
+    spec = InputSpec(args.channels, args.preprocess, args.mean, args.std)
+    args.backbone = resolve_backbone_spec(args.backbone, spec, args.input_size, args.cache_dir)
 
 
 def common_settings(args: argparse.Namespace) -> BackboneSettings:
@@ -90,7 +113,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     from cxr_transfer.core.tables import text_table
     from cxr_transfer.extract.commands import backbone_table
 
-    print(text_table(backbone_table(args.weights_dir or default_weights_dir(), args.input_size)))
+    print(text_table(backbone_table(args.weights_dir or default_weights_dir(), args.input_size, args.cache_dir)))
     return 0
 
 
@@ -209,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backbones", help="list the backbone registry and where weights were found")
     p.add_argument("--weights-dir", default=None, help="default $CXR_WEIGHTS_DIR, else ../shared/weights")
     p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--cache-dir", type=Path, default=Path("features"),
+                   help="also list the user ONNX models (onnx:PATH) wrapped in this cache")
     p.set_defaults(func=cmd_backbones)
 
     p = sub.add_parser("extract", help="embed a folder of images into the HDF5 cache")
@@ -226,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--test-size", type=float, default=0.2)
-    p.add_argument("--group-by", default=None, help="patient_id: no patient on both sides of a split")
+    p.add_argument("--group-by", default=None, help="patient_id (manifest/CSV) or dicom:PatientID (salted hash of "
+                                                    "the DICOM header's id): no patient on both sides of a split")
     p.add_argument("--concat", action="store_true", help="also evaluate all backbones' embeddings concatenated")
     p.add_argument("--tune", action="store_true", help="tune each head by inner CV on the training fold only")
     p.add_argument("--save", action="store_true", help="refit each head on all evaluated images and save it")
@@ -258,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-units", type=int, default=64, help="hidden units of the head (see finetune/model.py)")
     p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument("--test-size", type=float, default=0.2)
-    p.add_argument("--group-by", default=None, help="patient_id (or group): keep each patient on one side of the split")
+    p.add_argument("--group-by", default=None, help="patient_id (or group, or dicom:PatientID): keep each patient on "
+                                                    "one side of the split")
     p.add_argument("--run-dir", type=Path, default=None, help="exact run folder")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders")
     p.set_defaults(func=cmd_finetune)
@@ -297,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "channels", None) is not None:
+            register_user_backbones(args)
         return args.func(args)
     except CxrError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -86,6 +86,38 @@ def _pair_table(pairs: list[dict]) -> list[str]:
     return lines
 
 
+def _header_section(head: dict | None) -> list[str]:
+    """Section 3b: the DICOM header-field classifier (only when the dataset has DICOM files)."""
+    if not head or not head["n_dicom"]:
+        return []
+    out = ["## 3b. Header shortcuts (DICOM header fields, no pixels)", "",
+           f"{head['n_dicom']} of {head['n_images']} images are DICOM. Values per class of each header field "
+           f"(no patient-identifying field is read):", "", "| field | " + " | ".join(
+               next(iter(head["values"].values()), {}).keys()) + " |",
+           "|---|" + "---|" * len(next(iter(head["values"].values()), {}))]
+    for name, per_class in head["values"].items():
+        cells = [", ".join(f"{k} {v}" for k, v in list(counts.items())[:4]) + (" ..." if len(counts) > 4 else "")
+                 for counts in per_class.values()]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out.append("")
+    if head["unreadable"]:
+        out += [f"Headers not readable: {len(head['unreadable'])} (listed in audit.json).", ""]
+    if head["accuracy"] is None:
+        out += [f"Classifier: {head['skipped']}", ""]
+        return out
+    out += [f"Random forest on header fields alone, {'patient-grouped ' if head['grouped'] else ''}5-fold CV: "
+            f"accuracy {_acc(head['accuracy'])} (chance {_pct(head['chance'])}, shortcut threshold chance + "
+            f"{head['margin']:.0%}), balanced accuracy {_pct(head['balanced_accuracy'])}; recall "
+            + ", ".join(f"{k} {_pct(v)}" for k, v in head["per_class_recall"].items())
+            + ". Share of the signal per field: "
+            + ", ".join(f"{k} {100 * v:.0f}%" for k, v in head["field_importance"].items() if v >= 0.01) + ".", ""]
+    if head["shortcut"]:
+        out += [f"**The header tells the classes apart**, mostly through {', '.join(head['top_fields'])}: a model "
+                "can learn the scanner or protocol instead of the disease; evaluate on data where these fields "
+                "do not follow the class.", ""]
+    return out
+
+
 def markdown(payload: dict[str, Any]) -> str:
     """audit.md from the audit.json payload."""
     data, dup, leak = payload["dataset"], payload["duplicates"], payload["leakage"]
@@ -152,7 +184,10 @@ def markdown(payload: dict[str, Any]) -> str:
                    f"{s['width']['max']:.0f}) | {s['height']['median']:.0f} ({s['height']['min']:.0f}-"
                    f"{s['height']['max']:.0f}) | {s['file_kib']['median']:.0f} |")
     out.append("")
-    if acq["accuracy"] is None:
+    head = payload.get("header_shortcuts") or {}
+    if acq["accuracy"] is None and head.get("n_dicom") and not acq["summary"]:
+        out += ["Classifier: not run; Pillow reads no DICOM file (their header fields are in section 3b).", ""]
+    elif acq["accuracy"] is None:
         out += [f"Classifier: {acq['skipped']}", ""]
     else:
         out += [f"Random forest on file properties alone, {'patient-grouped ' if acq['grouped'] else ''}5-fold CV: "
@@ -162,6 +197,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 + ". Most used properties: " + ", ".join(f"{k} ({v:.2f})" for k, v in acq["importances"].items())
                 + ".", ""]
 
+    out += _header_section(payload.get("header_shortcuts"))
     out += ["## 4. Pixel shortcuts (lungs removed)", ""]
     if pix["skipped"]:
         out += [pix["skipped"], ""]

@@ -24,6 +24,7 @@ from cxr_transfer.audit.duplicates import (
     DuplicateScan,
     find_duplicates,
 )
+from cxr_transfer.audit.header_shortcuts import HeaderShortcutResult, header_shortcuts
 from cxr_transfer.audit.leakage import LeakageResult, patient_leakage
 from cxr_transfer.audit.pixel_shortcuts import PixelShortcutResult, pixel_shortcuts
 from cxr_transfer.audit.report import AUDIT_JSON, write_report
@@ -69,6 +70,7 @@ class AuditReport:
     leakage: LeakageResult
     acquisition: AcquisitionResult
     pixels: PixelShortcutResult
+    header: HeaderShortcutResult
     findings: list[str]
     verdict: str
     timings: dict[str, float]
@@ -87,7 +89,7 @@ def default_out_dir(dataset: Dataset, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path
 
 
 def _findings(dup: DuplicateScan, leak: LeakageResult, acq: AcquisitionResult,
-              pix: PixelShortcutResult) -> list[str]:
+              pix: PixelShortcutResult, header: HeaderShortcutResult) -> list[str]:
     found = []
     if dup.exact:
         cross = sum(p.cross_split for p in dup.exact)
@@ -105,6 +107,9 @@ def _findings(dup: DuplicateScan, leak: LeakageResult, acq: AcquisitionResult,
     if acq.shortcut:
         found.append(f"file properties alone predict the class: accuracy {acq.accuracy['mean']:.2f} "
                      f"vs chance {acq.chance:.2f}")
+    if header.shortcut:
+        found.append(f"DICOM header fields alone predict the class: accuracy {header.accuracy['mean']:.2f} vs chance "
+                     f"{header.chance:.2f}, mostly from {', '.join(header.top_fields)}")
     if pix.separable_without_lungs:
         full = pix.scores.get("full")
         masked = ", ".join(f"{k} {v.accuracy['mean']:.2f}" for k, v in pix.scores.items() if k != "full")
@@ -113,14 +118,18 @@ def _findings(dup: DuplicateScan, leak: LeakageResult, acq: AcquisitionResult,
     return found
 
 
-def _verdict(dup: DuplicateScan, leak: LeakageResult, acq: AcquisitionResult, pix: PixelShortcutResult) -> str:
+def _verdict(dup: DuplicateScan, leak: LeakageResult, acq: AcquisitionResult, pix: PixelShortcutResult,
+             header: HeaderShortcutResult) -> str:
     parts = []
-    if pix.separable_without_lungs or acq.shortcut:
+    if pix.separable_without_lungs or acq.shortcut or header.shortcut:
         text = "The classes can be told apart without looking at the disease:"
         reasons = []
         if acq.shortcut:
             reasons.append(f"file format, colour mode and size alone predict the class with "
                            f"{100 * acq.accuracy['mean']:.0f}% accuracy (chance {100 * acq.chance:.0f}%)")
+        if header.shortcut:
+            reasons.append(f"DICOM header fields ({', '.join(header.top_fields)}) alone predict the class with "
+                           f"{100 * header.accuracy['mean']:.0f}% accuracy (chance {100 * header.chance:.0f}%)")
         if pix.separable_without_lungs:
             scores = pix.scores
             masked = " and ".join(f"{100 * scores[k].accuracy['mean']:.0f}% with {k.replace('-', ' ')}"
@@ -146,8 +155,8 @@ def _verdict(dup: DuplicateScan, leak: LeakageResult, acq: AcquisitionResult, pi
 
 
 def _payload(dataset: Dataset, settings: AuditSettings, dup: DuplicateScan, leak: LeakageResult,
-             acq: AcquisitionResult, pix: PixelShortcutResult, findings: list[str], verdict: str,
-             timings: dict[str, float], weights: str) -> dict[str, Any]:
+             acq: AcquisitionResult, pix: PixelShortcutResult, header: HeaderShortcutResult, findings: list[str],
+             verdict: str, timings: dict[str, float], weights: str) -> dict[str, Any]:
     counts: dict[str, dict[str, int]] = {}
     for sample in dataset.samples:
         counts.setdefault(sample.split, Counter())[sample.label] += 1
@@ -173,6 +182,7 @@ def _payload(dataset: Dataset, settings: AuditSettings, dup: DuplicateScan, leak
                        "unreadable": dup.unreadable, "pairs": pairs},
         "leakage": leak.to_dict(),
         "acquisition": acq.to_dict(),
+        "header_shortcuts": header.to_dict(),
         "pixel_shortcuts": pix.to_dict(),
         "timings": timings,
     }
@@ -200,17 +210,18 @@ def run_audit(settings: AuditSettings) -> AuditReport:
     tick = lap("duplicates", tick)
     leakage = patient_leakage(dataset)
     acquisition = acquisition_shortcuts(dataset, settings.seed, settings.folds)
+    header = header_shortcuts(dataset, settings.seed, settings.folds)
     tick = lap("leakage_acquisition", tick)
     pixels = pixel_shortcuts(dataset, extract, settings.head, settings.folds, settings.seed, full=full)
     tick = lap("pixel_shortcuts", tick)
-    findings = _findings(duplicates, leakage, acquisition, pixels)
-    verdict = _verdict(duplicates, leakage, acquisition, pixels)
+    findings = _findings(duplicates, leakage, acquisition, pixels, header)
+    verdict = _verdict(duplicates, leakage, acquisition, pixels, header)
     out_dir = Path(settings.out_dir) if settings.out_dir else default_out_dir(dataset, settings.runs_dir)
     timings["total_before_report"] = round(tick - started, 2)
-    payload = _payload(dataset, settings, duplicates, leakage, acquisition, pixels, findings, verdict, timings,
-                       result.weights.describe())
-    report = AuditReport(dataset, settings, duplicates, leakage, acquisition, pixels, findings, verdict, timings,
-                         payload, out_dir)
+    payload = _payload(dataset, settings, duplicates, leakage, acquisition, pixels, header, findings, verdict,
+                       timings, result.weights.describe())
+    report = AuditReport(dataset, settings, duplicates, leakage, acquisition, pixels, header, findings, verdict,
+                         timings, payload, out_dir)
     report.paths = write_report(report.payload, out_dir)
     timings["total"] = round(time.perf_counter() - started, 2)
     return report

@@ -19,6 +19,8 @@ from sklearn.model_selection import (
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.extract.dataset import GROUP_COLUMNS, Dataset
+from cxr_transfer.extract.dicom import DICOM_GROUP_BY
+from cxr_transfer.extract.dicom import GROUP_PREFIX as DICOM_GROUP_PREFIX
 
 
 @dataclass(frozen=True)
@@ -192,8 +194,8 @@ def holdout_split(split_names: Sequence[str], train: str = "train", test: str = 
 def resolve_groups(dataset: Dataset, group_by: str | None) -> np.ndarray | None:
     if not group_by:
         return None
-    if group_by not in GROUP_COLUMNS:
-        raise CxrError(f"--group-by takes one of: {', '.join(GROUP_COLUMNS)}; got '{group_by}'")
+    if group_by not in GROUP_COLUMNS + (DICOM_GROUP_BY,):
+        raise CxrError(f"--group-by takes one of: {', '.join(GROUP_COLUMNS + (DICOM_GROUP_BY,))}; got '{group_by}'")
     if not dataset.has_groups:
         raise CxrError(f"{dataset.root}: no '{group_by}' column (add a manifest.csv with path,patient_id "
                        f"beside the class folders, or a group column to the dataset CSV)")
@@ -201,4 +203,7 @@ def resolve_groups(dataset: Dataset, group_by: str | None) -> np.ndarray | None:
     missing = int((groups == "").sum())
     if missing:
         raise CxrError(f"{dataset.root}: {missing} images have no {group_by}; every image needs one to group by it")
+    if group_by == DICOM_GROUP_BY and not all(g.startswith(DICOM_GROUP_PREFIX) for g in dataset.groups):
+        raise CxrError(f"{dataset.root}: the groups come from a manifest or CSV, not from DICOM headers; "
+                       f"use --group-by patient_id")
     return groups

@@ -11,6 +11,7 @@ from cxr_transfer.extract.pipeline import (
     extract_features,
 )
 from cxr_transfer.extract.registry import BACKBONES, parse_backbone_list
+from cxr_transfer.extract.user_onnx import cached_user_models
 from cxr_transfer.extract.weights import resolve_weights
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,10 @@ def extract_many(data: str | Path, backbones: str, settings: ExtractSettings) ->
     return [extract_features(dataset, settings.with_backbone(c.name)) for c in configs]
 
 
-def backbone_table(weights_dir: str | Path | None = None, input_size: int | None = None) -> list[dict[str, str]]:
-    """One row per registered backbone: input size, preprocessing, feature dim, where its weights are."""
+def backbone_table(weights_dir: str | Path | None = None, input_size: int | None = None,
+                   cache_dir: str | Path | None = None) -> list[dict[str, str]]:
+    """One row per registered backbone: input size, preprocessing, feature dim, where its weights are; then
+    the user ONNX models wrapped in ``cache_dir``."""
     rows = []
     for config in BACKBONES.values():
         try:
@@ -43,4 +46,8 @@ def backbone_table(weights_dir: str | Path | None = None, input_size: int | None
         rows.append({"backbone": config.name, "input": str(input_size or config.default_input_size),
                      "preprocess": f"{config.keras_module}.preprocess_input ({config.preprocessing})",
                      "dim": str(config.feature_dim), "weights": found})
+    for info in cached_user_models(cache_dir) if cache_dir else []:
+        rows.append({"backbone": f"onnx:{info['source']}", "input": str(info["default_input_size"]),
+                     "preprocess": info["input"], "dim": str(info["feature_dim"]),
+                     "weights": f"file sha256 {info['source_sha256'][:16]}"})
     return rows

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file, sha256_strings
+from cxr_transfer.extract.dicom import fill_dicom_groups
 from cxr_transfer.extract.images import IMAGE_SUFFIXES, is_image_file
 
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
@@ -169,6 +170,8 @@ def load_dataset(source: str | Path, split: str | None = None) -> Dataset:
     else:
         samples, has_groups = _from_folders(source)
         root = source
+    if not has_groups:  # DICOM hook (extract/dicom.py): group = salted hash of the PatientID, never the id
+        samples, has_groups = fill_dicom_groups(samples)
     if split is not None:
         samples = [s for s in samples if s.split == split]
     if not samples:

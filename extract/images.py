@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.extract.dicom import DicomReadError, is_dicom_file, read_dicom_rgb
 
 if TYPE_CHECKING:
     from cxr_transfer.extract.dataset import Sample
@@ -40,8 +41,9 @@ class ImageDecodeError(CxrError):
 
 
 def is_image_file(path: Path) -> bool:
-    """True for files whose suffix is one cxr-transfer reads (case-insensitive)."""
-    return path.suffix.lower() in IMAGE_SUFFIXES
+    """True for files whose suffix is one cxr-transfer reads (case-insensitive), and DICOM files
+    (``extract/dicom.py``: .dcm, or no suffix and the DICM preamble)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(path)
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -86,9 +88,16 @@ def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
 def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
     """Read one image file as an RGB uint8 array (H, W, 3), resized to (size, size) when size is given.
 
+    DICOM files are read by ``extract/dicom.py``'s rule, then resized by the same step 4.
     Raises ImageDecodeError naming the file when it cannot be decoded.
     """
     path = Path(path)
+    if is_dicom_file(path):
+        try:
+            rgb = read_dicom_rgb(path)
+        except DicomReadError as exc:
+            raise ImageDecodeError(str(exc)) from exc
+        return resize_square(rgb, size) if size is not None else rgb
     try:
         if path.stat().st_size == 0:
             raise ImageDecodeError(f"{path}: empty file (0 bytes)")

@@ -184,7 +184,7 @@ def _plan(dataset: Dataset, settings: ExtractSettings) -> _Plan:
     source = resolve_weights(config, settings.weights_file, settings.weights_dir, settings.random_weights)
     view_name = settings.view.name if settings.view else "full"
     identity = {"backbone": config.name, "input_size": size, "view": view_name, "weights_sha256": source.sha256,
-                "preprocessing": f"keras.applications.{config.keras_module}.preprocess_input:{config.preprocessing}"}
+                "preprocessing": config.preprocessing_description}
     calibration, digest = None, None
     if settings.precision == "int8":
         calibration = None if settings.calibration_digest else choose_calibration(dataset.samples,

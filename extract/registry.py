@@ -29,6 +29,16 @@ class BackboneConfig:
     def keras_weights_url(self) -> str:
         return f"{KERAS_WEIGHTS_BASE}{self.keras_weights_dir or self.keras_module}/{self.keras_weights_file}"
 
+    @property
+    def is_user_onnx(self) -> bool:
+        """False here; True for a user's own ONNX model (``extract/user_onnx.py``)."""
+        return False
+
+    @property
+    def preprocessing_description(self) -> str:
+        """What turns raw pixels into the network's input (recorded in every feature cache)."""
+        return f"keras.applications.{self.keras_module}.preprocess_input:{self.preprocessing}"
+
     def input_size(self, override: int | None = None) -> int:
         size = override or self.default_input_size
         if size < self.min_input_size:
@@ -82,10 +92,21 @@ PAPER_BACKBONES: tuple[str, ...] = tuple(BACKBONES)
 
 
 def get_backbone(name: str) -> BackboneConfig:
-    """The config of a backbone by (case-insensitive) name; unknown names list the valid ones."""
+    """The config of a backbone by (case-insensitive) name; unknown names list the valid ones.
+
+    ``onnx:PATH`` registers a user's ONNX model with default input settings (``extract/user_onnx.py``;
+    the CLI registers it with its --channels/--preprocess flags first); its registered name finds it again.
+    """
+    from cxr_transfer.extract import user_onnx
+
+    if user_onnx.is_user_onnx(name):
+        return user_onnx.register_user_onnx(name.strip()[len(user_onnx.PREFIX):])
+    if user_onnx.registered(name.strip()):
+        return user_onnx.registered(name.strip())
     key = name.strip().lower().replace("-", "").replace("_", "")
     if key not in BACKBONES:
-        raise CxrError(f"unknown backbone '{name}'; choose from: {', '.join(BACKBONES)}")
+        raise CxrError(f"unknown backbone '{name}'; choose from: {', '.join(BACKBONES)}, or onnx:PATH for your own "
+                       f"ONNX model")
     return BACKBONES[key]
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from cxr_transfer.core.errors import CxrError, WeightsNotFoundError
 from cxr_transfer.core.hashing import sha256_file
-from cxr_transfer.extract.registry import BackboneConfig
+from cxr_transfer.extract.registry import BACKBONES, BackboneConfig
 
 WEIGHTS_DIR_ENV = "CXR_WEIGHTS_DIR"
 WEIGHT_SUFFIXES = (".h5", ".keras")
@@ -78,6 +78,8 @@ def resolve_weights(config: BackboneConfig, weights_file: str | Path | None = No
                     weights_dir: str | Path | None = None, random_weights: bool = False,
                     allow_download: bool = True) -> WeightsSource:
     """Decide where the weights come from (module docstring order) without building the model."""
+    if config.is_user_onnx:  # a user's ONNX model: the file is the weights (extract/user_onnx.py)
+        return WeightsSource("file", config.source_path, config.source_sha256)
     if random_weights:
         return WeightsSource("random", None, f"random:seed{RANDOM_SEED}")
     if weights_file is not None:
@@ -106,6 +108,9 @@ def build_keras_backbone(config: BackboneConfig, input_size: int, source: Weight
 
     Raises CxrError when a file does not fit the architecture (e.g. Xception weights given for VGG16).
     """
+    if config.is_user_onnx:
+        raise CxrError(f"{config.name} is an ONNX model: this step needs one of the Keras backbones "
+                       f"({', '.join(BACKBONES)})")
     import keras
 
     factory = getattr(keras.applications, config.keras_factory)

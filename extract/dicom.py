@@ -1,0 +1,337 @@
+"""Read DICOM radiographs: which files are DICOM, their pixels as 8-bit RGB, a few technical header fields, and
+a salted patient group. ``extract/images.py`` dispatches here, so every command reads DICOM the same way.
+
+The DICOM pixel rule (README, "How images are read"), in order:
+1. pydicom reads the file; compressed transfer syntaxes are decoded by pydicom's plugins. Pillow (always
+   installed) decodes JPEG baseline and JPEG 2000; JPEG lossless, JPEG-LS and 12-bit JPEG need the
+   ``dicom`` extra (python-gdcm). A file no installed plugin can decode is skipped, naming its transfer syntax
+   and the extra. No pixel data (SR, encapsulated PDF), several frames, or a modality other than a projection
+   radiograph (``XRAY_MODALITIES``) is skipped with the reason.
+2. Grey images (MONOCHROME1/2): the modality LUT (Rescale Slope/Intercept or the Modality LUT Sequence), then
+   the VOI LUT (the VOI LUT Sequence, else Window Center/Width), both with pydicom's own functions.
+3. Scaled linearly to 8 bit from the output range of the last step: the VOI LUT's range, else the range the
+   modality LUT gives the stored bits (pydicom's windowing convention). A file without a window is thus
+   scaled from its full stored range, like a 16-bit PNG (65535 -> 255), and an 8-bit file is unchanged.
+4. MONOCHROME1 (white = low values) is inverted, so bone is bright as in every other image.
+5. Colour (RGB, YBR converted by pydicom) is scaled from its stored bits to 8 bit. Grey is copied to 3
+   channels; then the same resize rule as every other image (``images.resize_square``).
+
+Privacy: no patient-identifying header value (names, ids, dates, institution) leaves this module. Error
+messages name the path and technical fields only; ``patient_group`` returns a keyed hash (HMAC-SHA256 with a
+secret salt) of the PatientID, never the id itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cxr_transfer.core.errors import CxrError
+
+if TYPE_CHECKING:
+    from cxr_transfer.extract.dataset import Sample
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+XRAY_MODALITIES = ("CR", "DX", "DR", "RG", "OT", "")
+"""Modalities read as projection radiographs (OT: secondary captures, as converted datasets use; "": no tag)."""
+DICOM_EXTRA = "pip install 'cxr-transfer[dicom]' (python-gdcm)"
+SALT_ENV = "CXR_DICOM_SALT"
+DICOM_GROUP_BY = "dicom:PatientID"
+GROUP_PREFIX = "dicom-pid-"
+HEADER_FIELDS = ("Modality", "Manufacturer", "ManufacturerModelName", "ViewPosition", "PhotometricInterpretation",
+                 "BitsStored", "PixelSpacing", "Rows", "Columns", "TransferSyntax")
+"""Technical header fields the audit's header-shortcut check reads (none identifies a patient)."""
+
+
+class DicomReadError(CxrError):
+    """A DICOM file this tool does not read (unsupported, undecodable, not an image); the message says why."""
+
+
+def has_dicom_preamble(path: Path) -> bool:
+    """True when bytes 128..131 are ``DICM`` (the DICOM Part 10 file preamble)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def is_dicom_file(path: Path) -> bool:
+    """``.dcm``/``.dicom`` files, and files without a suffix (or with a numeric one, as PACS exports name
+    them) whose preamble says DICM."""
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True
+    return (suffix == "" or suffix[1:].isdigit()) and has_dicom_preamble(path)
+
+
+class _NoValueMessages(logging.Filter):
+    """Drops pydicom's value-validation messages ("Invalid value for VR LO: '<the value>'"): the value may be a
+    patient's name or id, and pydicom logs them besides warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "VR" not in record.getMessage()
+
+
+_VALUE_FILTER = _NoValueMessages()
+
+
+def _dcmread(path: Path, **kwargs: Any):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    pydicom_logger = logging.getLogger("pydicom")
+    if _VALUE_FILTER not in pydicom_logger.filters:  # added at the first read, not on import
+        pydicom_logger.addFilter(_VALUE_FILTER)
+    try:
+        with warnings.catch_warnings():
+            # pydicom's value warnings quote the offending value, which may be a patient's: never shown.
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, **kwargs)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
+        raise DicomReadError(f"{path}: not a readable DICOM file ({type(exc).__name__})") from exc
+
+
+def _transfer_syntax(ds):
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    return UID(str(uid)) if uid else None
+
+
+def _check_decodable(path: Path, ds) -> None:
+    """Raise DicomReadError naming the transfer syntax and the extra when no installed plugin decodes it."""
+    from pydicom.pixels import get_decoder
+
+    syntax = _transfer_syntax(ds)
+    if syntax is None or not syntax.is_compressed:
+        return
+    try:
+        available = get_decoder(syntax).is_available
+    except NotImplementedError:
+        available = False
+    if not available:
+        raise DicomReadError(f"{path}: compressed as {syntax.name} ({syntax}) and no installed decoder reads it; "
+                             f"{DICOM_EXTRA}")
+
+
+def _modality_range(ds) -> tuple[float, float]:
+    """The range the modality LUT gives the stored bits (pydicom's windowing convention, PS3.3 C.11.2)."""
+    bits = int(ds.BitsStored)
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    if int(ds.get("PixelRepresentation", 0)) == 0:
+        lo, hi = 0.0, float(2 ** bits - 1)
+    else:
+        lo, hi = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        lo, hi = lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)
+    return min(lo, hi), max(lo, hi)
+
+
+def _has_voi_lut(ds) -> bool:
+    sequence = ds.get("VOILUTSequence")
+    return bool(sequence) and None not in (sequence[0].get("LUTDescriptor"), sequence[0].get("LUTData"))
+
+
+def _grey_to_8bit(pixels: np.ndarray, ds) -> np.ndarray:
+    """Steps 2-4 of the module rule for a MONOCHROME1/2 frame."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(pixels, ds)
+    if _has_voi_lut(ds):
+        lo, hi = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    else:
+        lo, hi = _modality_range(ds)
+    values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    grey = np.clip(np.rint((values - lo) * scale), 0, 255).astype(np.uint8)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        grey = 255 - grey
+    return grey
+
+
+def read_dicom_rgb(path: str | Path, decoding_plugin: str = "") -> np.ndarray:
+    """One DICOM radiograph as RGB uint8 (H, W, 3) by the module's rule, at its own size.
+
+    decoding_plugin: force one of pydicom's decoding plugins (``gdcm``, ``pylibjpeg``, ``pillow``); "" lets
+    pydicom choose. Raises DicomReadError with the reason for files that are skipped.
+    """
+    path = Path(path)
+    ds = _dcmread(path)
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        sop = ds.get("SOPClassUID")
+        kind = getattr(sop, "name", "") or "unknown SOP class"
+        raise DicomReadError(f"{path}: DICOM without an image ({kind}, modality {modality or 'none'})")
+    if modality not in XRAY_MODALITIES:
+        raise DicomReadError(f"{path}: modality {modality} is not a projection radiograph (read: "
+                             f"{', '.join(m for m in XRAY_MODALITIES if m)})")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 0
+    if frames != 1:
+        raise DicomReadError(f"{path}: multi-frame DICOM ({ds.get('NumberOfFrames')} frames); one radiograph per "
+                             f"file is read")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    grey = photometric in ("MONOCHROME1", "MONOCHROME2")
+    if not grey and photometric not in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
+        raise DicomReadError(f"{path}: photometric interpretation {photometric or 'missing'} is not read "
+                             f"(MONOCHROME1/2, RGB, YBR)")
+    _check_decodable(path, ds)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if decoding_plugin:
+                ds.pixel_array_options(decoding_plugin=decoding_plugin)
+            pixels = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - every decoder failure is a skipped file with a reason
+        syntax = _transfer_syntax(ds)
+        hint = f"; {DICOM_EXTRA}" if syntax is not None and syntax.is_compressed else ""
+        name = syntax.name if syntax is not None else "no transfer syntax"
+        raise DicomReadError(f"{path}: cannot decode the pixel data ({name}: {type(exc).__name__}){hint}") from exc
+    if grey:
+        if pixels.ndim != 2:
+            raise DicomReadError(f"{path}: grey pixel data of shape {pixels.shape}, expected 2-D")
+        image = _grey_to_8bit(pixels, ds)
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise DicomReadError(f"{path}: colour pixel data of shape {pixels.shape}, expected (rows, columns, 3)")
+    bits = int(ds.get("BitsStored", 8) or 8)
+    if bits == 8:
+        return np.ascontiguousarray(pixels, dtype=np.uint8)
+    scale = 255.0 / (2 ** bits - 1)
+    return np.clip(np.rint(pixels.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+
+
+def header_fields(path: str | Path) -> dict[str, str | float]:
+    """The technical header fields of ``HEADER_FIELDS`` (no pixel data read; nothing identifying a patient).
+
+    Missing text fields are "", missing numbers NaN. PixelSpacing falls back to ImagerPixelSpacing (mm, the
+    row spacing).
+    """
+    ds = _dcmread(Path(path), stop_before_pixels=True)
+    out: dict[str, str | float] = {}
+    for name in ("Modality", "Manufacturer", "ManufacturerModelName", "ViewPosition", "PhotometricInterpretation"):
+        out[name] = str(ds.get(name, "") or "").strip()
+    for name in ("BitsStored", "Rows", "Columns"):
+        try:
+            out[name] = float(ds.get(name))
+        except (TypeError, ValueError):
+            out[name] = float("nan")
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    try:
+        out["PixelSpacing"] = float(spacing[0])
+    except (TypeError, ValueError, IndexError, KeyError):
+        out["PixelSpacing"] = float("nan")
+    syntax = _transfer_syntax(ds)
+    out["TransferSyntax"] = syntax.name if syntax is not None else ""
+    return out
+
+
+def _salt() -> bytes:
+    """The secret key of the patient-id hash: ``$CXR_DICOM_SALT``, else a random key created once in
+    ``~/.config/cxr-transfer/dicom-salt`` (mode 0600). Without a secret, short ids could be found by trying
+    every number."""
+    if os.environ.get(SALT_ENV):
+        return os.environ[SALT_ENV].encode("utf-8")
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "cxr-transfer"
+    path = base / "dicom-salt"
+    if not path.is_file():
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"dicom-salt.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+        os.replace(tmp, path)
+    return path.read_text().strip().encode("utf-8")
+
+
+def hash_patient_id(patient_id: str, salt: bytes) -> str:
+    """``dicom-pid-<16 hex>``: HMAC-SHA256 of the id under the salt, never reversible to the id."""
+    digest = hmac.new(salt, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
+    return f"{GROUP_PREFIX}{digest[:16]}"
+
+
+def patient_group(path: str | Path, salt: bytes | None = None) -> str:
+    """The salted hash of a DICOM file's PatientID, or "" when it has none or is not readable."""
+    try:
+        ds = _dcmread(Path(path), stop_before_pixels=True, specific_tags=["PatientID"])
+    except DicomReadError:
+        return ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patient_id = str(ds.get("PatientID", "") or "").strip()
+    return hash_patient_id(patient_id, salt if salt is not None else _salt()) if patient_id else ""
+
+
+def fill_dicom_groups(samples: "list[Sample]") -> "tuple[list[Sample], bool]":
+    """Samples with ``group`` set to the salted PatientID hash of each DICOM file; True when any was set.
+
+    Used only for datasets without a group column (a manifest or CSV group wins: ids of two sources never
+    match, so mixing them would split one patient into two groups).
+    """
+    dicoms = [i for i, s in enumerate(samples) if not s.group and is_dicom_file(Path(s.path))]
+    if not dicoms:
+        return samples, False
+    salt = _salt()
+    out = list(samples)
+    found = False
+    for i in dicoms:
+        group = patient_group(samples[i].path, salt)
+        if group:
+            out[i] = replace(samples[i], group=group)
+            found = True
+    return out, found
+
+
+def write_dicom(path: str | Path, pixels: np.ndarray, photometric: str = "", bits_stored: int | None = None,
+                **header: Any) -> Path:
+    """Write ``pixels`` (grey (H, W) or RGB (H, W, 3); uint8 or uint16) as an uncompressed DICOM file.
+
+    For tests and benchmarks/make_dicom_dataset.py: photometric defaults to MONOCHROME2 for grey and RGB
+    for colour; ``bits_stored`` to the dtype's width; ``header`` sets further elements by keyword
+    (e.g. Modality="DX", WindowCenter=..., RescaleSlope=..., PatientID=...).
+    """
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.asarray(pixels)
+    if pixels.dtype not in (np.uint8, np.uint16) or pixels.ndim not in (2, 3):
+        raise ValueError(f"pixels must be uint8/uint16 (H, W) or (H, W, 3); got {pixels.dtype} {pixels.shape} "
+                         f"instead")
+    colour = pixels.ndim == 3
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1" if not colour else "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
+    ds.SamplesPerPixel = 3 if colour else 1
+    ds.PhotometricInterpretation = photometric or ("RGB" if colour else "MONOCHROME2")
+    if colour:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    for keyword, value in header.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return Path(path)
