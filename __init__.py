@@ -8,6 +8,7 @@
     run_dir = cxr.finetune("data/", "vgg16", epochs=35)
     report = cxr.audit("data/")
     csv_path, skipped = cxr.predict("new_images/", "runs/RUN/vgg16-logreg.joblib")
+    check = cxr.validate("data/", "external/", "vgg16", heads="logreg", subgroups="source")  # external validation
 
 Subpackages, one job each: ``extract`` (images, datasets, backbone registry, weights, ONNX export, HDF5
 cache), ``classify`` (metrics, heads, protocols, compare, predict), ``finetune`` (the paper's Keras
@@ -15,11 +16,11 @@ training), ``audit`` (duplicates, leakage, shortcuts), ``core`` (errors, setting
 Importing the package loads no deep-learning framework and changes no global state.
 """
 from cxr_transfer import audit, finetune  # subpackages that are also callable: audit(...), finetune(...)
-from cxr_transfer.api import compare, embed_folder, embed_images, list_backbones, predict
+from cxr_transfer.api import compare, embed_folder, embed_images, list_backbones, predict, validate
 from cxr_transfer.core.errors import CxrError, WeightsNotFoundError
 from cxr_transfer.core.settings import BackboneSettings
 
 __version__ = "0.2.0"
 
 __all__ = ["BackboneSettings", "CxrError", "WeightsNotFoundError", "__version__", "audit", "compare",
-           "embed_folder", "embed_images", "finetune", "list_backbones", "predict"]
+           "embed_folder", "embed_images", "finetune", "list_backbones", "predict", "validate"]
