@@ -372,16 +372,15 @@ def _calibration_table(models: list[dict[str, Any]]) -> str:
 def _conformal_table(models: list[dict[str, Any]], class_names: list[str]) -> str:
     rows = []
     for m in models:
-        c = m["conformal"]
-        row = {"model": _name(m)}
         for where in ("internal", "external"):
-            s = c[where]
-            row[f"coverage {where}"] = f"{s['coverage']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
-            row[f"set size {where}"] = f"{s['mean_size']:.2f}"
-        for name in class_names:
-            s = c["external"]["per_class"][name]
-            row[f"ext. {name} cov. / size"] = "-" if not s["n"] else f"{s['coverage']:.2f} / {s['mean_size']:.2f}"
-        rows.append(row)
+            s = m["conformal"][where]
+            row = {"model": _name(m), "data": where, "n": s["n"],
+                   "coverage [Wilson 95%]": f"{s['coverage']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]",
+                   "mean set size": f"{s['mean_size']:.2f}", "empty sets": f"{s['empty']:.1%}"}
+            for name in class_names:
+                c = s["per_class"][name]
+                row[f"{name}: coverage / size"] = "-" if not c["n"] else f"{c['coverage']:.2f} / {c['mean_size']:.2f}"
+            rows.append(row)
     return markdown_table(rows)
 
 
@@ -486,7 +485,7 @@ def write_report(run_dir: Path, models: list[dict[str, Any]], verdict: list[str]
         lines += [f"### {_name(m)}", "", _metric_table(m, class_names), ""]
     lines += ["## Calibration", "", _calibration_table(models), "", "![reliability diagrams](reliability.png)", "",
               f"## Conformal prediction sets (alpha {settings.alpha:g}, target coverage {1 - settings.alpha:.2f})",
-              "", "Coverage interval: Wilson 95%. Per class: external coverage / mean set size.", "",
+              "", "LAC sets can be empty: no class is plausible enough at this alpha (an empty set never covers).", "",
               _conformal_table(models, class_names), ""]
     if any(m["subgroups"] for m in models):
         lines += ["## Subgroups of the external data", "",
@@ -521,6 +520,13 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
     from cxr_transfer.extract.registry import parse_backbone_list
 
     started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 2)
+        return now
+
     configs = parse_backbone_list(settings.backbones)
     heads = parse_head_list(settings.heads)
     notes: list[str] = []
@@ -554,6 +560,7 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
                                    "weights": result.weights.describe(), "weights_sha256": result.weights.sha256,
                                    "onnx_sha256": result.onnx_sha256, "input_size": features[config.name].attrs.get(
                                        "input_size"), "skipped": result.failures + ext_result.failures}
+    tick = lap("read_and_embed", started)
     samples, arrays = _aligned(features, {s.sha256 for s in pool.samples})
     ext_samples, ext_arrays = _aligned(ext_features)
     index = {name: i for i, name in enumerate(class_names)}
@@ -574,9 +581,10 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
             groups = clusters = found.groups
             merged = found.merged
             if merged:
-                notes.append(f"{len(merged)} groups joined patients that share a near-duplicate radiograph (audit "
-                             f"rule{'' if embeddings else ', pHash alone'}): {'; '.join(merged[:5])}"
+                notes.append(f"{len(merged)} group(s) joined patients that share a near-duplicate radiograph "
+                             f"(audit rule{'' if embeddings else ', pHash alone'}): {'; '.join(merged[:5])}"
                              + (" ..." if len(merged) > 5 else ""))
+    tick = lap("groups_and_duplicates", tick)
     outer = cv_splits(y, settings.folds, 1, settings.seed, groups)
     ext_clusters = np.array([s.group for s in ext_samples]) if external.has_groups and all(
         s.group for s in ext_samples) else None
@@ -595,10 +603,12 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
         delayed(_evaluate)(backbone, head, arrays[backbone], y, groups, outer, ext_arrays[backbone], settings,
                            len(class_names))
         for backbone, head in tasks)
+    tick = lap("fit", tick)
     models = Parallel(n_jobs=settings.n_jobs)(
         delayed(_score)({k: v for k, v in f.items() if k != "saved_model"}, y, clusters, y_ext, ext_clusters,
                         subgroup_values, class_names, settings)
         for f in fitted)
+    tick = lap("bootstrap_and_scores", tick)
     flagged = _flags(models)
     verdict = _verdict(models, flagged, settings)
 
@@ -614,7 +624,7 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
                                                    if settings.merge_duplicates else "")) if group_by else "image",
                         internal_clusters="patients" if clusters is not None else "images",
                         external_clusters="patients" if ext_clusters is not None else "images",
-                        merged_groups=merged, mapie=_mapie_version(), extraction=extraction,
+                        merged_groups=merged, mapie=_mapie_version(), extraction=extraction, timings=timings,
                         seconds=round(time.perf_counter() - started, 2))
     if settings.save:
         record["saved_models"] = []
