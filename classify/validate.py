@@ -15,7 +15,7 @@ For every backbone and head:
   per subgroup.
 
 A run folder like compare's: report.md (verdict first), results.json, results.csv, accuracy.png,
-reliability.png, record.json, and with ``save`` one ``<backbone>-<head>.joblib`` per model that ``predict``
+reliability.png, external_predictions.csv, record.json, and with ``save`` one ``<backbone>-<head>.joblib`` per model that ``predict``
 loads (``--conformal ALPHA`` adds the prediction set).
 """
 from __future__ import annotations
@@ -449,6 +449,29 @@ def _write_results_csv(path: Path, models: list[dict[str, Any]]) -> None:
                                      "accuracy", r["accuracy"], r["ci_low"], r["ci_high"], r["n"]])
 
 
+def write_external_predictions(path: Path, names: list[str], labels: list[str], subgroup_values: dict[str, list[str]],
+                               fitted: list[dict[str, Any]], class_names: list[str]) -> Path:
+    """One row per external image: its label and subgroups, then per model the predicted class, its
+    probability and the conformal set (classes joined by '|')."""
+    from cxr_transfer.classify.conformal import format_set
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        header = ["path", "label", *subgroup_values]
+        for f in fitted:
+            stem = f"{f['backbone']}-{f['head']}"
+            header += [f"{stem}:predicted", f"{stem}:probability", f"{stem}:set"]
+        writer.writerow(header)
+        for i, (name, label) in enumerate(zip(names, labels)):
+            row = [name, label, *(values[i] for values in subgroup_values.values())]
+            for f in fitted:
+                proba = f["external_proba"][i]
+                row += [class_names[int(proba.argmax())], f"{proba.max():.4f}",
+                        format_set(f["external_sets"][i], class_names)]
+            writer.writerow(row)
+    return path
+
+
 def write_report(run_dir: Path, models: list[dict[str, Any]], verdict: list[str], notes: list[str],
                  class_names: list[str], record: dict[str, Any], settings: ValidateSettings) -> Path:
     """report.md (verdict first), results.csv, accuracy.png and reliability.png in ``run_dir``."""
@@ -496,7 +519,8 @@ def write_report(run_dir: Path, models: list[dict[str, Any]], verdict: list[str]
             for column, rows in m["subgroups"].items():
                 lines += [f"### {_name(m)}: by {column} (internal accuracy {internal:.3f})", "",
                           _subgroup_table(rows, class_names, internal), ""]
-    lines += ["Files: results.json (everything above), results.csv (long format), record.json.", ""]
+    lines += ["Files: results.json (everything above), results.csv (long format), external_predictions.csv (every "
+              "external image: label, subgroups, each model's prediction, probability and set), record.json.", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -638,6 +662,8 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
     write_json(run_dir / "results.json", {"kind": "validate", "class_names": class_names, "record": record,
                                           "verdict": verdict, "notes": notes, "flagged_subgroups": flagged,
                                           "models": models})
+    write_external_predictions(run_dir / "external_predictions.csv", [external.relative(s) for s in ext_samples],
+                               [s.label for s in ext_samples], subgroup_values, fitted, class_names)
     write_report(run_dir, models, verdict, notes, class_names, record, settings)
     return ValidateRun(run_dir, class_names, models, verdict, notes)
 

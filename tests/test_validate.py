@@ -213,7 +213,7 @@ def test_run_validate_writes_everything_and_handles_tiny_and_missing_subgroups(p
                                         heads="logreg", subgroups="source,age_group", folds=3, n_boot=200,
                                         calibrate="isotonic", out_dir=tmp_path, run_name="r", n_jobs=1))
     assert {p.name for p in run.run_dir.iterdir()} >= {"report.md", "results.json", "results.csv", "accuracy.png",
-                                                       "reliability.png", "record.json"}
+                                                       "reliability.png", "record.json", "external_predictions.csv"}
     (model,) = run.models
     assert model["internal"]["n"] == 36 and model["external"]["n"] == 15      # train/ split only; all of EXT
     for where in ("internal", "external"):
@@ -229,6 +229,9 @@ def test_run_validate_writes_everything_and_handles_tiny_and_missing_subgroups(p
     report = (run.run_dir / "report.md").read_text()
     assert report.index("## Verdict") < report.index("## Internal vs external") < report.index("## Calibration")
     assert "no column 'age_group'" in report and "by source" in report
+    with open(run.run_dir / "external_predictions.csv", newline="") as handle:
+        predictions = list(csv.DictReader(handle))
+    assert len(predictions) == 15 and {"source", "mobilenetv2-logreg:set"} <= set(predictions[0])
     payload = json.loads((run.run_dir / "results.json").read_text())
     assert payload["kind"] == "validate" and payload["record"]["grouping"].startswith("patient_id")
 
