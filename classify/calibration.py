@@ -95,8 +95,11 @@ def plot_reliability(path: Path, panels: dict[str, dict[str, list[dict]]]) -> Pa
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
         for curve, bins in panels[name].items():
             filled = [b for b in bins if b["n"]]
-            ax.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], marker="o",
-                    markersize=3, linewidth=1, label=curve)
+            total = sum(b["n"] for b in filled) or 1
+            line, = ax.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], linewidth=1,
+                            label=f"{curve} (n={total})")
+            ax.scatter([b["confidence"] for b in filled], [b["accuracy"] for b in filled], color=line.get_color(),
+                       s=[4 + 200 * b["n"] / total for b in filled], alpha=0.7)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.set_title(name, fontsize=9)

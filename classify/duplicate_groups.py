@@ -7,12 +7,14 @@ joins every group that shares a duplicate cluster into one (union-find over grou
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from cxr_transfer.core.cache_keys import dataset_cache_id
 from cxr_transfer.extract.dataset import Dataset
 
 
@@ -41,6 +43,14 @@ def merge_groups(groups: Sequence[str], clusters: Iterable[Sequence[int]]) -> np
     return np.array([name.get(g, g) for g in groups.tolist()], dtype=object).astype(str)
 
 
+def default_hash_cache(dataset: Dataset) -> Path:
+    """``<tmp>/cxr-transfer/<dataset cache id>/<audit hash cache name>``: view hashes keyed by sha256, so a
+    stale entry is never used for another image."""
+    from cxr_transfer.audit.duplicates import HASH_CACHE_NAME
+
+    return Path(tempfile.gettempdir()) / "cxr-transfer" / dataset_cache_id(dataset.root) / HASH_CACHE_NAME
+
+
 @dataclass
 class DuplicateGroups:
     """The merged groups and what was merged (for reports)."""
@@ -55,11 +65,13 @@ def duplicate_aware_groups(dataset: Dataset, groups: Sequence[str], embeddings: 
     """``groups`` (one per sample of ``dataset``) merged over the audit's duplicate clusters.
 
     embeddings: sha256 -> VGG16 embedding, to use the audit's full rule (pHash or pHash + cosine); without it
-    the pHash-alone threshold decides. hash_cache: the audit's view-hash cache file, read and extended.
+    the pHash-alone threshold decides. hash_cache: the audit's view-hash cache file, read and extended; by
+    default one under the system's temporary folder (``default_hash_cache``), since hashing 81 views of every
+    image takes seconds to minutes and grouped splits are asked for again and again.
     """
     from cxr_transfer.audit.duplicates import find_duplicates
 
-    scan = find_duplicates(dataset, embeddings, cache_path=hash_cache)
+    scan = find_duplicates(dataset, embeddings, cache_path=hash_cache or default_hash_cache(dataset))
     row = {dataset.relative(s): i for i, s in enumerate(dataset.samples)}
     clusters = scan.clusters()
     merged = merge_groups(groups, [[row[name] for name in cluster if name in row] for cluster in clusters])

@@ -410,7 +410,7 @@ def plot_accuracy_dots(path: Path, models: list[dict[str, Any]]) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("accuracy (95% patient-bootstrap interval)")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return Path(path)
