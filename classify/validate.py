@@ -15,8 +15,8 @@ For every backbone and head:
   per subgroup.
 
 A run folder like compare's: report.md (verdict first), results.json, results.csv, accuracy.png,
-reliability.png, external_predictions.csv, record.json, and with ``save`` one ``<backbone>-<head>.joblib`` per model that ``predict``
-loads (``--conformal ALPHA`` adds the prediction set).
+reliability.png, external_predictions.csv, record.json, and with ``save`` one ``<backbone>-<head>.joblib``
+per model that ``predict`` loads (``--conformal ALPHA`` adds the prediction set).
 """
 from __future__ import annotations
 
@@ -165,36 +165,58 @@ def _aligned(features: dict[str, FeatureSet], keep: set[str] | None = None) -> t
 # ---------------------------------------------------------------------------------------------- fitting
 
 
-def _evaluate(backbone: str, head: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None,
+def _fit_part(backbone: str, head: str, part: int | None, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None,
               outer: list[Split], X_ext: np.ndarray, settings: ValidateSettings, n_classes: int) -> dict[str, Any]:
-    """Every prediction validate needs for one (backbone, head); runs in a worker process."""
+    """One task of a worker process: ``part`` = k fits on outer fold k's training side and predicts its test
+    side (head, recalibrated head, nested conformal sets); ``part`` = None fits on all of TRAIN and predicts
+    EXT. Small tasks keep both cores busy when the heads' costs differ tenfold."""
     started = time.perf_counter()
-    seed, folds = settings.seed, settings.folds
-    out: dict[str, Any] = {"backbone": backbone, "head": head}
+    seed, folds, method = settings.seed, settings.folds, settings.calibrate
+    out: dict[str, Any] = {"backbone": backbone, "head": head, "part": part}
     with threadpool_limits(1):
-        internal = np.zeros((len(y), n_classes))
-        for split in outer:
-            model = make_head(head, seed).fit(X[split.train_idx], y[split.train_idx])
-            internal[split.test_idx] = model.predict_proba(X[split.test_idx])
-        final = make_head(head, seed).fit(X, y)
-        out["internal_proba"], out["external_proba"] = internal, final.predict_proba(X_ext)
-        if settings.calibrate:
-            recalibrated = np.zeros_like(internal)
-            for split in outer:
-                inner = _inner_splits(y[split.train_idx], groups[split.train_idx] if groups is not None else None,
-                                      folds, seed)
-                model = calibrated_head(head, settings.calibrate, inner, seed).fit(X[split.train_idx],
-                                                                                   y[split.train_idx])
-                recalibrated[split.test_idx] = model.predict_proba(X[split.test_idx])
-            model = calibrated_head(head, settings.calibrate, _inner_splits(y, groups, folds, seed), seed).fit(X, y)
-            out["internal_calibrated"], out["external_calibrated"] = recalibrated, model.predict_proba(X_ext)
-        out["internal_sets"] = nested_sets(head, X, y, n_classes, settings.alpha, outer, groups, folds, seed)
-        conformal = fit_conformal(head, X, y, settings.alpha, groups, folds, seed)
-        out["external_sets"] = prediction_sets(conformal, X_ext)
-        if settings.save:
-            out["saved_model"] = ConformalHead(final, conformal, settings.alpha)
+        if part is not None:
+            split = outer[part]
+            train, test = split.train_idx, split.test_idx
+            out["rows"] = test
+            out["internal_proba"] = make_head(head, seed).fit(X[train], y[train]).predict_proba(X[test])
+            if method:
+                inner = _inner_splits(y[train], groups[train] if groups is not None else None, folds, seed)
+                model = calibrated_head(head, method, inner, seed).fit(X[train], y[train])
+                out["internal_calibrated"] = model.predict_proba(X[test])
+            sets = nested_sets(head, X, y, n_classes, settings.alpha, [split], groups, folds, seed)
+            out["internal_sets"] = sets[test]
+        else:
+            final = make_head(head, seed).fit(X, y)
+            out["external_proba"] = final.predict_proba(X_ext)
+            if method:
+                model = calibrated_head(head, method, _inner_splits(y, groups, folds, seed), seed).fit(X, y)
+                out["external_calibrated"] = model.predict_proba(X_ext)
+            conformal = fit_conformal(head, X, y, settings.alpha, groups, folds, seed)
+            out["external_sets"] = prediction_sets(conformal, X_ext)
+            if settings.save:
+                out["saved_model"] = ConformalHead(final, conformal, settings.alpha)
     out["seconds"] = time.perf_counter() - started
     return out
+
+
+def _assemble(parts: list[dict[str, Any]], n_images: int, n_classes: int) -> list[dict[str, Any]]:
+    """Per (backbone, head): the out-of-fold arrays put together from the fold tasks, the final task's
+    external predictions, and the summed seconds of its tasks."""
+    models: dict[tuple[str, str], dict[str, Any]] = {}
+    for part in parts:
+        model = models.setdefault((part["backbone"], part["head"]), {
+            "backbone": part["backbone"], "head": part["head"], "seconds": 0.0,
+            "internal_proba": np.zeros((n_images, n_classes)), "internal_sets": np.zeros((n_images, n_classes), bool)})
+        model["seconds"] += part["seconds"]
+        if part["part"] is None:
+            model.update({k: v for k, v in part.items() if k.startswith(("external", "saved"))})
+            continue
+        rows = part["rows"]
+        model["internal_proba"][rows] = part["internal_proba"]
+        model["internal_sets"][rows] = part["internal_sets"]
+        if "internal_calibrated" in part:
+            model.setdefault("internal_calibrated", np.zeros((n_images, n_classes)))[rows] = part["internal_calibrated"]
+    return list(models.values())
 
 
 def _inner_splits(y: np.ndarray, groups: np.ndarray | None, folds: int, seed: int) -> list[tuple]:
@@ -622,11 +644,12 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
         else:
             subgroup_values[column] = [row.get(column) or "(missing)" for row in ext_extra]
 
-    tasks = [(backbone, head) for backbone in arrays for head in heads]
-    fitted = Parallel(n_jobs=settings.n_jobs)(
-        delayed(_evaluate)(backbone, head, arrays[backbone], y, groups, outer, ext_arrays[backbone], settings,
+    tasks = [(backbone, head, part) for backbone in arrays for head in heads for part in [None, *range(len(outer))]]
+    parts = Parallel(n_jobs=settings.n_jobs)(
+        delayed(_fit_part)(backbone, head, part, arrays[backbone], y, groups, outer, ext_arrays[backbone], settings,
                            len(class_names))
-        for backbone, head in tasks)
+        for backbone, head, part in tasks)
+    fitted = _assemble(parts, len(y), len(class_names))
     tick = lap("fit", tick)
     models = Parallel(n_jobs=settings.n_jobs)(
         delayed(_score)({k: v for k, v in f.items() if k != "saved_model"}, y, clusters, y_ext, ext_clusters,
