@@ -551,6 +551,17 @@ def write_report(run_dir: Path, models: list[dict[str, Any]], verdict: list[str]
 # ---------------------------------------------------------------------------------------------- run
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every nan (an undefined metric) as None, so results.json is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _mapie_version() -> str:
     from importlib import metadata
 
@@ -682,9 +693,9 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
                               "seed": settings.seed, "dataset": str(pool.root), "conformal_alpha": settings.alpha})
             record["saved_models"].append(str(path))
     write_json(run_dir / "record.json", record)
-    write_json(run_dir / "results.json", {"kind": "validate", "class_names": class_names, "record": record,
-                                          "verdict": verdict, "notes": notes, "flagged_subgroups": flagged,
-                                          "models": models})
+    write_json(run_dir / "results.json", _json_safe({"kind": "validate", "class_names": class_names,
+                                                     "record": record, "verdict": verdict, "notes": notes,
+                                                     "flagged_subgroups": flagged, "models": models}))
     write_external_predictions(run_dir / "external_predictions.csv", [external.relative(s) for s in ext_samples],
                                [s.label for s in ext_samples], subgroup_values, fitted, class_names)
     write_report(run_dir, models, verdict, notes, class_names, record, settings)

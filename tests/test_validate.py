@@ -243,7 +243,7 @@ def test_run_validate_writes_everything_and_handles_tiny_and_missing_subgroups(p
     with open(run.run_dir / "external_predictions.csv", newline="") as handle:
         predictions = list(csv.DictReader(handle))
     assert len(predictions) == 15 and {"source", "mobilenetv2-logreg:set"} <= set(predictions[0])
-    payload = json.loads((run.run_dir / "results.json").read_text())
+    payload = json.loads((run.run_dir / "results.json").read_text(), parse_constant=pytest.fail)   # strict JSON
     assert payload["kind"] == "validate" and payload["record"]["grouping"].startswith("patient_id")
 
 
