@@ -4,6 +4,8 @@
     features = cxr.embed_folder("../shared/data/covid19-xray", "vgg16", weights_dir="../shared/weights")
     features.embeddings.shape          # (425, 512), rows aligned with features.samples
     run = cxr.compare("../shared/data/covid19-xray", "vgg16", heads="logreg,rbfsvm", weights_dir="../shared/weights")
+    check = cxr.validate("../shared/data/covid19-xray", "../shared/data/external-dev", "vgg16", heads="logreg",
+                         subgroups="source,age_group", weights_dir="../shared/weights")
 
 Every function takes the shared backbone settings either as keywords (``weights``/``weights_file``,
 ``weights_dir``, ``random_weights``, ``input_size``, ``cache_dir``, ``threads``, ``progress``) or as one
@@ -24,6 +26,7 @@ from cxr_transfer.core.settings import DEFAULT_CACHE_DIR, BackboneSettings
 if TYPE_CHECKING:
     from cxr_transfer.audit.run import AuditReport
     from cxr_transfer.classify.compare import CompareRun
+    from cxr_transfer.classify.validate import ValidateRun
     from cxr_transfer.explain.run import ExplainResult
     from cxr_transfer.extract.pipeline import FeatureSet
     from cxr_transfer.extract.registry import BackboneConfig
@@ -146,17 +149,20 @@ def audit(data: str | Path, backbone: str = "vgg16", *, common: BackboneSettings
 
 
 def predict(images: str | Path, model: str | Path, *, out: str | Path | None = None, precision: str | None = None,
-            common: BackboneSettings | None = None, **options: Any) -> tuple[Path, list[tuple[str, str]]]:
+            conformal: float | None = None, common: BackboneSettings | None = None,
+            **options: Any) -> tuple[Path, list[tuple[str, str]]]:
     """Class probabilities for an image file or folder from a saved head (.joblib) or a finetune run folder.
 
     Writes a CSV (path, sha256, predicted, one probability column per class) and returns it with the
     (path, reason) of every skipped file. The model's backbone, input size and precision (float32 / int8) come
     from the model itself; a ``precision`` other than the one it was trained on is refused.
+    ``conformal=ALPHA`` adds a ``set`` column (classes joined by '|'), for heads saved by ``validate(save=True)``
+    with that alpha.
     """
     from cxr_transfer.classify.predict import predict_images
     from cxr_transfer.extract.pipeline import ExtractSettings
 
-    return predict_images(images, model, ExtractSettings.from_options(common, **options), out, precision)
+    return predict_images(images, model, ExtractSettings.from_options(common, **options), out, precision, conformal=conformal)
 
 
 def explain(images: str | Path, model: str | Path, *, out: str | Path | None = None, method: str = "auto",
@@ -171,3 +177,25 @@ def explain(images: str | Path, model: str | Path, *, out: str | Path | None = N
     from cxr_transfer.extract.pipeline import ExtractSettings
 
     return explain_images(images, model, ExtractSettings.from_options(common, **options), out, method, pngs)
+
+
+def validate(data: str | Path, external: str | Path, backbones: str = "vgg16", heads: str = "logreg", *,
+             common: BackboneSettings | None = None, **options: Any) -> ValidateRun:
+    """Internal (patient-grouped out-of-fold) vs external accuracy, subgroups, calibration and conformal sets.
+
+    Fits each head on TRAIN only; EXT is only predicted. Returns the ``ValidateRun`` (run folder, per-model
+    results, verdict). Stage keywords: those of ``ValidateSettings`` (group_by, subgroups, alpha, calibrate,
+    folds, n_boot, seed, save, out_dir, ...) and ``batch_size`` for the extraction.
+    """
+    from cxr_transfer.classify.validate import ValidateSettings, run_validate
+    from cxr_transfer.extract.pipeline import ExtractSettings
+
+    first = backbones.split(",")[0].strip()
+    extract_keywords = {f.name for f in fields(ExtractSettings)} | {f.name for f in fields(BackboneSettings)}
+    extract_options = {k: options.pop(k) for k in list(options) if k in extract_keywords | {"weights"}}
+    extract_settings = ExtractSettings.from_options(common, **_first_backbone(first), **extract_options)
+    unknown = sorted(set(options) - {f.name for f in fields(ValidateSettings)} - {"data", "external", "extract"})
+    if unknown:
+        raise TypeError(f"unknown setting(s) {', '.join(unknown)} for validate")
+    return run_validate(ValidateSettings(data=Path(data), external=Path(external), extract=extract_settings,
+                                         backbones=backbones, heads=heads, **options))

@@ -9,6 +9,7 @@
     cxr-transfer report   RUN_DIR ...           runs side by side on the same test images
     cxr-transfer audit    --data DIR ...        duplicates, patient leakage and shortcuts
     cxr-transfer explain  IMAGES --model FILE   heatmaps of the evidence and its share at the border
+    cxr-transfer validate --data DIR --external EXT   internal vs external, subgroups, calibration, conformal
 
 ``python cli.py ...`` from a checkout (after ``pip install -e .``) and ``python -m cxr_transfer ...`` are the same.
 """
@@ -161,7 +162,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import cxr_transfer
 
     out, skipped = cxr_transfer.predict(args.images, args.model, out=args.out, precision=args.precision,
-                                        common=common_settings(args), batch_size=args.batch_size)
+                                        conformal=args.conformal, common=common_settings(args),
+                                        batch_size=args.batch_size)
     for path, reason in skipped:
         print(f"skipped {path}: {reason.split(': ', 1)[-1]}")
     print(f"predictions: {out}")
@@ -220,6 +222,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for name, (share, count) in mean_shares(result.explanations).items():
         print(f"predicted {name}: {count} images, mean border share {share:.1%}")
     print(f"{result.method}: {len(result.explanations)} heatmaps in {result.out_dir} ({result.csv_path.name})")
+def cmd_validate(args: argparse.Namespace) -> int:
+    import cxr_transfer
+
+    run = cxr_transfer.validate(args.data or default_data(), args.external, args.backbone, args.heads,
+                                common=common_settings(args), batch_size=args.batch_size, group_by=args.group_by,
+                                merge_duplicates=not args.no_merge_duplicates, subgroups=args.subgroups,
+                                alpha=args.alpha, calibrate=args.calibrate, folds=args.folds, n_boot=args.n_boot,
+                                seed=args.seed, save=args.save, out_dir=args.out, run_name=args.name,
+                                n_jobs=args.jobs)
+    for line in run.verdict:
+        print(line)
+    for note in run.notes:
+        print(f"note: {note}")
+    print(f"\nrun folder: {run.run_dir} (report.md, results.json, results.csv, accuracy.png, reliability.png)")
     return 0
 
 
@@ -271,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="a .joblib head written by compare --save, or a finetune run folder")
     add_backbone_flags(p)
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: beside the model)")
+    p.add_argument("--conformal", type=float, default=None, metavar="ALPHA",
+                   help="add a 'set' column: the conformal prediction set at miscoverage ALPHA (heads saved by "
+                        "validate --save with the same --alpha)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("finetune", help="the paper's frozen-body + dense-head Keras training")
@@ -314,6 +333,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: exact CAM for linear heads, occlusion for other heads, Grad-CAM for fine-tuned models")
     p.add_argument("--out", type=Path, default=None, help="folder for the PNGs and explain.csv (default: beside the model)")
     p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("validate", help="internal vs external validation: subgroups, calibration, conformal sets")
+    add_backbone_flags(p)
+    p.add_argument("--external", type=Path, required=True,
+                   help="external dataset folder or CSV (never trained or tuned on); its manifest's extra columns "
+                        "can be subgroups")
+    p.add_argument("--heads", default="logreg", help="comma list of logreg,linsvm,rbfsvm,knn,rf,hgb,mlp or 'all'")
+    p.add_argument("--group-by", default=None,
+                   help="patient_id (default when TRAIN has patient ids): folds and bootstrap by patient")
+    p.add_argument("--no-merge-duplicates", action="store_true",
+                   help="do not join patients that share a near-duplicate radiograph into one group")
+    p.add_argument("--subgroups", default="", help="comma list of EXT manifest columns, e.g. source,age_group,view")
+    p.add_argument("--alpha", type=float, default=0.1, help="conformal miscoverage (sets cover 1 - alpha)")
+    p.add_argument("--calibrate", choices=("sigmoid", "isotonic"), default=None,
+                   help="also recalibrate each head on grouped folds of TRAIN and report before / after")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates per interval")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", action="store_true",
+                   help="save each head with its conformal calibration (for predict --conformal)")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders")
+    p.add_argument("--name", default=None, help="run folder name (default: validate-TIMESTAMP)")
+    p.add_argument("--jobs", type=int, default=-1, help="parallel fits (default: all cores)")
+    p.set_defaults(func=cmd_validate)
     return parser
 
 

@@ -18,6 +18,7 @@ from sklearn.utils.parallel import Parallel, delayed  # propagates sklearn confi
 from threadpoolctl import threadpool_limits
 
 from cxr_transfer.classify.comparisons import CORRECT, INNER_SCORE, correctness_string, select_heads
+from cxr_transfer.classify.duplicate_groups import default_hash_cache
 from cxr_transfer.classify.heads import get_head, make_head, make_tuned_head, parse_head_list
 from cxr_transfer.classify.metrics import classification_metrics, headline, summarize, summarize_proportion
 from cxr_transfer.classify.protocols import (
@@ -240,7 +241,7 @@ def run_compare(settings: CompareSettings) -> CompareRun:
     select_folds = settings.select_folds if settings.head is None and len(heads) > 1 else 0
     dataset = load_dataset(settings.data)
     pool = evaluation_pool(dataset, settings.protocol)
-    resolve_groups(pool, settings.group_by)  # fail before extracting when grouping cannot work
+    resolve_groups(pool, settings.group_by, merge_duplicates=False)  # fail before extracting when grouping cannot work
 
     features: dict[str, FeatureSet] = {}
     extraction: dict[str, dict] = {}
@@ -264,7 +265,8 @@ def run_compare(settings: CompareSettings) -> CompareRun:
     index = {name: i for i, name in enumerate(class_names)}
     y = np.array([index[s.label] for s in samples])
     evaluated = Dataset(dataset.root, samples, class_names, dataset.has_groups)
-    groups = resolve_groups(evaluated, settings.group_by)
+    groups = resolve_groups(evaluated, settings.group_by,
+                            hash_cache=default_hash_cache(dataset, settings.extract.cache_dir))
     splits = make_splits(settings, y, np.array([s.split for s in samples]), groups, class_names)
     shas = [s.sha256 for s in samples]
     if select_folds:

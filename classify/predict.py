@@ -94,9 +94,13 @@ def _finetuned_probabilities(info_path: Path, dataset: Dataset, settings: Extrac
 
 def predict_images(images: str | Path, model_path: str | Path, settings: ExtractSettings,
                    out_csv: str | Path | None = None,
-                   precision: str | None = None) -> tuple[Path, list[tuple[str, str]]]:
-    """Write a CSV (path, sha256, predicted, one probability column per class); return it and skipped files."""
+                   precision: str | None = None,
+                   conformal: float | None = None) -> tuple[Path, list[tuple[str, str]]]:
+    """Write a CSV (path, sha256, predicted, one probability column per class, and with ``conformal=ALPHA``
+    the prediction set); return it and skipped files."""
     finetuned = finetuned_model_json(model_path)
+    if finetuned is not None and conformal is not None:
+        raise CxrError(f"{model_path}: --conformal needs a head saved by validate --save, not a fine-tuned model")
     if finetuned is not None:
         dataset = unlabeled_dataset(images, [])
         readable, proba, classes, skipped = _finetuned_probabilities(finetuned, dataset, settings)
@@ -116,16 +120,22 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
         blocks.append(features.embeddings[[row[s.sha256] for s in readable]])
     proba = model.predict_proba(np.hstack(blocks))
     classes = [info["class_names"][int(c)] for c in model.classes_]
+    sets = None
+    if conformal is not None:
+        from cxr_transfer.classify.conformal import conformal_sets_for, format_set
+
+        sets = [format_set(row, classes) for row in conformal_sets_for(model, np.hstack(blocks), conformal, model_path)]
     out_csv = Path(out_csv or Path(model_path).with_name(Path(model_path).stem + "-predictions.csv"))
-    return _write_predictions(out_csv, dataset, readable, proba, classes), sorted(set(skipped))
+    return _write_predictions(out_csv, dataset, readable, proba, classes, sets), sorted(set(skipped))
 
 
 def _write_predictions(out_csv: Path, dataset: Dataset, readable: list[Sample], proba: np.ndarray,
-                       classes: list[str]) -> Path:
+                       classes: list[str], sets: list[str] | None = None) -> Path:
     with open(out_csv, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "sha256", "predicted"] + [f"p_{c}" for c in classes])
-        for sample, probabilities in zip(readable, proba):
+        writer.writerow(["path", "sha256", "predicted"] + [f"p_{c}" for c in classes] +
+                        (["set"] if sets is not None else []))
+        for row, (sample, probabilities) in enumerate(zip(readable, proba)):
             writer.writerow([dataset.relative(sample), sample.sha256, classes[int(np.argmax(probabilities))]] +
-                            [f"{p:.6f}" for p in probabilities])
+                            [f"{p:.6f}" for p in probabilities] + ([sets[row]] if sets is not None else []))
     return out_csv

@@ -8,6 +8,7 @@ which keeps several images of one patient from leaking between train and test.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -191,7 +192,10 @@ def holdout_split(split_names: Sequence[str], train: str = "train", test: str = 
     return [Split("holdout", 0, 0, train_idx, test_idx)]
 
 
-def resolve_groups(dataset: Dataset, group_by: str | None) -> np.ndarray | None:
+def resolve_groups(dataset: Dataset, group_by: str | None, merge_duplicates: bool = True,
+                   hash_cache: Path | None = None) -> np.ndarray | None:
+    """The group of every sample, or None without ``group_by``; with ``merge_duplicates`` each near-duplicate
+    cluster of the audit is kept in one group (``classify.duplicate_groups``)."""
     if not group_by:
         return None
     if group_by not in GROUP_COLUMNS + (DICOM_GROUP_BY,):
@@ -206,4 +210,8 @@ def resolve_groups(dataset: Dataset, group_by: str | None) -> np.ndarray | None:
     if group_by == DICOM_GROUP_BY and not all(g.startswith(DICOM_GROUP_PREFIX) for g in dataset.groups):
         raise CxrError(f"{dataset.root}: the groups come from a manifest or CSV, not from DICOM headers; "
                        f"use --group-by patient_id")
+    if merge_duplicates:
+        from cxr_transfer.classify.duplicate_groups import duplicate_aware_groups
+
+        groups = duplicate_aware_groups(dataset, groups, hash_cache=hash_cache).groups
     return groups

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -48,9 +49,11 @@ def select_split_subset(dataset: Dataset, split: str | None = "train") -> Datase
     return dataset
 
 
-def paper_split(dataset: Dataset, seed: int, test_size: float = 0.2, group_by: str | None = None) -> Split:
-    """The paper's seeded, stratified 80/20 split of ``dataset`` (grouped by ``group_by`` when given)."""
-    groups = resolve_groups(dataset, group_by)
+def paper_split(dataset: Dataset, seed: int, test_size: float = 0.2, group_by: str | None = None,
+                hash_cache: Path | None = None) -> Split:
+    """The paper's seeded, stratified 80/20 split of ``dataset`` (grouped by ``group_by`` when given, with
+    near-duplicate clusters kept together exactly as compare does)."""
+    groups = resolve_groups(dataset, group_by, hash_cache=hash_cache)
     return paper_splits(np.asarray(dataset.label_indices), [seed], test_size=test_size, groups=groups)[0]
 
 

@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from cxr_transfer.classify.duplicate_groups import default_hash_cache
 from cxr_transfer.classify.results import images_fingerprint
 from cxr_transfer.core.record import run_record, write_json
 from cxr_transfer.extract.dataset import load_dataset
@@ -57,7 +58,8 @@ def run_finetune(settings: FinetuneSettings, callbacks: Sequence[Any] = ()) -> P
                              allow_download=settings.allow_download)
     dataset = select_split_subset(load_dataset(settings.data), settings.split)
     class_names = dataset.class_names
-    split = paper_split(dataset, settings.seed, settings.test_size, settings.group_by)
+    split = paper_split(dataset, settings.seed, settings.test_size, settings.group_by,
+                        default_hash_cache(dataset, settings.cache_dir))
     prepare_started = time.perf_counter()
     if settings.fast:  # exports (or finds cached) the ONNX body: builds the Keras body with the weights
         prepared = get_onnx_backbone(config, size, source, settings.cache_dir)

@@ -1,0 +1,120 @@
+"""Conformal prediction sets with MAPIE: a set of classes per image that holds the true class with
+probability >= 1 - alpha (on data exchangeable with the training data).
+
+Cross-conformal (MAPIE ``CrossConformalClassifier``, LAC score, scores aggregated by their mean): the head is
+fitted on folds of the training data, and the out-of-fold conformity scores of the *training* images set the
+threshold; folds are ``StratifiedGroupKFold`` by patient when patients are known, so an image is never scored
+by a model that saw another image of the same patient. Nothing outside the training data is used.
+
+The internal coverage is measured, not assumed: ``nested_sets`` repeats the whole procedure inside each fold
+of an outer patient-grouped cross-validation and collects the sets of the held-out images.
+
+MAPIE 1.x API (checked against mapie 1.6 source): ``CrossConformalClassifier(estimator, confidence_level,
+conformity_score, cv, random_state).fit_conformalize(X, y, groups=...)``, then ``predict_set(X)`` returns
+(labels, sets of shape (n, n_classes, n_levels)).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from cxr_transfer.classify.heads import make_head
+from cxr_transfer.classify.protocols import Split
+from cxr_transfer.core.errors import CxrError
+
+CONFORMITY_SCORE = "lac"
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
+        raise CxrError(f"alpha (the miscoverage) must be between 0 and 1, got {alpha!r} instead")
+    return float(alpha)
+
+
+def conformal_folds(folds: int, seed: int, grouped: bool):
+    """The calibration folds: patient-grouped when groups are given, stratified either way."""
+    if grouped:
+        return StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+
+
+def fit_conformal(head: str, X: np.ndarray, y: np.ndarray, alpha: float, groups: np.ndarray | None = None,
+                  folds: int = 5, seed: int = 0):
+    """A fitted MAPIE cross-conformal classifier of ``head`` on (X, y), grouped by ``groups`` when given."""
+    from mapie.classification import CrossConformalClassifier
+
+    alpha = _check_alpha(alpha)
+    model = CrossConformalClassifier(estimator=make_head(head, seed), confidence_level=1.0 - alpha,
+                                     conformity_score=CONFORMITY_SCORE,
+                                     cv=conformal_folds(folds, seed, groups is not None), random_state=seed)
+    return model.fit_conformalize(X, y, groups=groups)
+
+
+def prediction_sets(model: Any, X: np.ndarray) -> np.ndarray:
+    """Boolean (n_images, n_classes): class k is in image i's set. Columns are the label indices 0..K-1."""
+    _, sets = model.predict_set(X)
+    return np.asarray(sets)[:, :, 0].astype(bool)
+
+
+def nested_sets(head: str, X: np.ndarray, y: np.ndarray, n_classes: int, alpha: float, outer: Sequence[Split],
+                groups: np.ndarray | None = None, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Sets for every image from a conformal model calibrated without it: for each outer split, fit
+    ``fit_conformal`` on the training side and predict the test side. Rows not in any test side stay empty."""
+    sets = np.zeros((len(y), n_classes), dtype=bool)
+    for split in outer:
+        inner_groups = groups[split.train_idx] if groups is not None else None
+        model = fit_conformal(head, X[split.train_idx], y[split.train_idx], alpha, inner_groups, folds, seed)
+        sets[split.test_idx] = prediction_sets(model, X[split.test_idx])
+    return sets
+
+
+def set_summary(sets: np.ndarray, y: np.ndarray) -> dict[str, float | int]:
+    """Coverage (share of images whose set holds the true class), mean set size, share of empty sets, n."""
+    sets = np.asarray(sets, dtype=bool)
+    y = np.asarray(y)
+    n = len(y)
+    if n == 0:
+        return {"n": 0, "covered": 0, "coverage": float("nan"), "mean_size": float("nan"), "empty": float("nan")}
+    covered = int(sets[np.arange(n), y].sum())
+    sizes = sets.sum(axis=1)
+    return {"n": n, "covered": covered, "coverage": covered / n, "mean_size": float(sizes.mean()),
+            "empty": float((sizes == 0).mean())}
+
+
+def format_set(row: np.ndarray, class_names: Sequence[str]) -> str:
+    """A set as text for CSVs: class names joined by '|' ('' for the empty set)."""
+    return "|".join(name for name, inside in zip(class_names, row) if inside)
+
+
+class ConformalHead:
+    """A saved head that also gives conformal sets: the head fitted on all training images (``predict_proba``
+    for the probability columns) and the cross-conformal model fitted on the same images (``predict_sets``)."""
+
+    def __init__(self, head: Any, conformal: Any, alpha: float):
+        self.head = head
+        self.conformal = conformal
+        self.alpha = _check_alpha(alpha)
+
+    @property
+    def classes_(self) -> np.ndarray:
+        return self.head.classes_
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.head.predict_proba(X)
+
+    def predict_sets(self, X: np.ndarray, alpha: float) -> np.ndarray:
+        """Boolean (n, n_classes) sets; ``alpha`` must be the one the model was calibrated for."""
+        if not np.isclose(_check_alpha(alpha), self.alpha):
+            raise CxrError(f"this model's conformal sets are calibrated for alpha {self.alpha:g}, got {alpha:g}; "
+                           f"rerun validate --save --alpha {alpha:g} for another level")
+        return prediction_sets(self.conformal, X)
+
+
+def conformal_sets_for(model: Any, X: np.ndarray, alpha: float, model_path: Any) -> np.ndarray:
+    """``predict --conformal``: the sets of a loaded model, or CxrError when it carries no calibration."""
+    if not isinstance(model, ConformalHead):
+        raise CxrError(f"{model_path}: this head carries no conformal calibration; save one with "
+                       f"`validate --save --alpha {alpha:g}` (calibrated on its training images only)")
+    return model.predict_sets(X, alpha)

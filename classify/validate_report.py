@@ -1,0 +1,261 @@
+"""The run folder of ``validate``: report.md (verdict first), results.csv (long format),
+external_predictions.csv, accuracy.png (internal vs external, with intervals) and reliability.png.
+
+Pure formatting of the numbers ``classify.validate`` computed; nothing here fits or scores a model.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cxr_transfer.classify.calibration import BINNING_WORDS, plot_reliability
+from cxr_transfer.classify.conformal import format_set
+from cxr_transfer.core.plotting import subplots
+from cxr_transfer.core.tables import markdown_table
+
+if TYPE_CHECKING:
+    from cxr_transfer.classify.validate import ValidateSettings
+
+
+def _ci(stat: dict[str, float] | None, digits: int = 3) -> str:
+    if not stat or stat.get("value") is None or math.isnan(stat["value"]):
+        return "-"
+    if math.isnan(stat["ci_low"]):
+        return f"{stat['value']:.{digits}f}"
+    return f"{stat['value']:.{digits}f} [{stat['ci_low']:.{digits}f}, {stat['ci_high']:.{digits}f}]"
+
+
+def _signed_ci(stat: dict[str, float]) -> str:
+    if math.isnan(stat["value"]):
+        return "-"
+    return f"{stat['value']:+.3f} [{stat['ci_low']:+.3f}, {stat['ci_high']:+.3f}]"
+
+
+def _name(m: dict[str, Any]) -> str:
+    return f"{m['backbone']} + {m['head']}"
+
+
+def verdict_lines(models: list[dict[str, Any]], flagged: list[dict[str, Any]],
+                  settings: ValidateSettings) -> list[str]:
+    """The verdict: best external model and its gap, models that lose accuracy, flagged subgroups with their
+    size, conformal coverage and calibration ranges."""
+    lines = []
+    best = max(models, key=lambda m: m["external"]["metrics"]["accuracy"]["value"])
+    acc = lambda m, where: m[where]["metrics"]["accuracy"]  # noqa: E731
+    lines.append(f"Best external accuracy: {_name(best)}, {_ci(acc(best, 'external'))} on "
+                 f"{best['external']['n']} external images vs {_ci(acc(best, 'internal'))} internally "
+                 f"(gap {_signed_ci(best['gap']['accuracy'])}).")
+    dropped = [m for m in models if m["gap"]["accuracy"]["ci_high"] < 0]
+    lines.append(f"{len(dropped)} of {len(models)} models lose accuracy outside their interval on the external "
+                 f"data" + (f": {', '.join(_name(m) for m in dropped)}." if dropped else "."))
+    by_group: dict[tuple, list[dict]] = {}
+    for row in flagged:
+        by_group.setdefault((row["column"], row["value"], row["class"], row["n"]), []).append(row)
+    if by_group:
+        parts = []
+        for (column, value, cls, n), rows in sorted(by_group.items(), key=lambda kv: -len(kv[1])):
+            worst = min(rows, key=lambda r: r["accuracy"])
+            within = "" if cls == "all" else f", class {cls}"
+            parts.append(f"{column}={value}{within} (n={n}): below the internal accuracy for {len(rows)} of "
+                         f"{len(models)} models, worst {worst['model']} {worst['accuracy']:.3f} "
+                         f"[{worst['ci_low']:.3f}, {worst['ci_high']:.3f}]")
+        lines.append("Subgroups whose accuracy interval lies wholly below the internal accuracy: " +
+                     "; ".join(parts) + ".")
+    else:
+        lines.append("No subgroup's accuracy interval lies wholly below the internal accuracy.")
+    target = 1 - settings.alpha
+    cov = [(m["conformal"]["internal"]["coverage"], m["conformal"]["external"]["coverage"]) for m in models]
+    lines.append(f"Conformal sets (alpha {settings.alpha:g}, target coverage {target:.2f}): internal coverage "
+                 f"{min(c[0] for c in cov):.3f}-{max(c[0] for c in cov):.3f}, external "
+                 f"{min(c[1] for c in cov):.3f}-{max(c[1] for c in cov):.3f} across models.")
+    ece = [(m["internal"]["calibration"]["ece"], m["external"]["calibration"]["ece"]) for m in models]
+    lines.append(f"Calibration: ECE internal {min(e[0] for e in ece):.3f}-{max(e[0] for e in ece):.3f}, external "
+                 f"{min(e[1] for e in ece):.3f}-{max(e[1] for e in ece):.3f} across models.")
+    return lines
+
+
+def _metric_table(m: dict[str, Any], class_names: list[str]) -> str:
+    labels = {"accuracy": "accuracy", "macro_f1": "macro F1", "auc_macro": "AUC (macro, one-vs-rest)"}
+    for name in class_names:
+        labels.update({f"sensitivity_{name}": f"sensitivity {name}", f"specificity_{name}": f"specificity {name}",
+                       f"auc_{name}": f"AUC {name}"})
+    rows = [{"metric": label, f"internal (n={m['internal']['n']})": _ci(m["internal"]["metrics"][key]),
+             f"external (n={m['external']['n']})": _ci(m["external"]["metrics"][key]),
+             "gap (external - internal)": _signed_ci(m["gap"][key])} for key, label in labels.items()]
+    return markdown_table(rows)
+
+
+def _calibration_table(models: list[dict[str, Any]]) -> str:
+    rows = []
+    for m in models:
+        row = {"model": _name(m), "ECE internal": f"{m['internal']['calibration']['ece']:.3f}",
+               "ECE external": f"{m['external']['calibration']['ece']:.3f}",
+               "Brier internal": f"{m['internal']['calibration']['brier']:.3f}",
+               "Brier external": f"{m['external']['calibration']['brier']:.3f}"}
+        if "calibrated" in m:
+            c = m["calibrated"]
+            row.update({f"ECE int. {c['method']}": f"{c['internal']['ece']:.3f}",
+                        f"ECE ext. {c['method']}": f"{c['external']['ece']:.3f}",
+                        f"Brier int. {c['method']}": f"{c['internal']['brier']:.3f}",
+                        f"Brier ext. {c['method']}": f"{c['external']['brier']:.3f}",
+                        f"acc. int./ext. {c['method']}":
+                            f"{c['internal_accuracy']:.3f} / {c['external_accuracy']:.3f}"})
+        rows.append(row)
+    return markdown_table(rows)
+
+
+def _conformal_table(models: list[dict[str, Any]], class_names: list[str]) -> str:
+    rows = []
+    for m in models:
+        for where in ("internal", "external"):
+            s = m["conformal"][where]
+            row = {"model": _name(m), "data": where, "n": s["n"],
+                   "coverage [Wilson 95%]": f"{s['coverage']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]",
+                   "mean set size": f"{s['mean_size']:.2f}", "empty sets": f"{s['empty']:.1%}"}
+            for name in class_names:
+                c = s["per_class"][name]
+                row[f"{name}: coverage / size"] = "-" if not c["n"] else f"{c['coverage']:.2f} / {c['mean_size']:.2f}"
+            rows.append(row)
+    return markdown_table(rows)
+
+
+def _subgroup_table(rows: list[dict[str, Any]], class_names: list[str], internal: float) -> str:
+    out = []
+    for r in rows:
+        row = {"value": r["value"], "class": r["class"], "n": r["n"],
+               "accuracy [Wilson 95%]": f"{r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+                                        + (" **below**" if r["ci_high"] < internal else "")}
+        for name in class_names:
+            value = r[f"sensitivity_{name}"]
+            row[f"sens. {name}"] = "-" if value is None else f"{value:.2f} ({r[f'n_{name}']})"
+        row["set coverage / size"] = f"{r['coverage']:.2f} / {r['mean_set_size']:.2f}"
+        out.append(row)
+    return markdown_table(out)
+
+
+def plot_accuracy_dots(path: Path, models: list[dict[str, Any]]) -> Path:
+    """Internal vs external accuracy of every model, dots with their 95% bootstrap intervals."""
+    fig, ax = subplots(figsize=(6.5, 0.45 * len(models) + 1.4))
+    for row, m in enumerate(models):
+        for offset, where, color in ((-0.12, "internal", "tab:blue"), (0.12, "external", "tab:red")):
+            s = m[where]["metrics"]["accuracy"]
+            ax.errorbar(s["value"], row + offset, xerr=[[s["value"] - s["ci_low"]], [s["ci_high"] - s["value"]]],
+                        fmt="o", color=color, capsize=3, markersize=4, label=where if row == 0 else None)
+    ax.set_yticks(range(len(models)), [_name(m) for m in models], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("accuracy (95% patient-bootstrap interval)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def _write_results_csv(path: Path, models: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["backbone", "head", "evaluation", "subgroup", "class", "metric", "value", "ci_low",
+                         "ci_high", "n"])
+        for m in models:
+            for where in ("internal", "external", "gap"):
+                metrics = m["gap"] if where == "gap" else m[where]["metrics"]
+                n = "" if where == "gap" else m[where]["n"]
+                for metric, s in metrics.items():
+                    writer.writerow([m["backbone"], m["head"], where, "", "", metric, s["value"], s["ci_low"],
+                                     s["ci_high"], n])
+            for where in ("internal", "external"):
+                cal = m[where]["calibration"]
+                writer.writerow([m["backbone"], m["head"], where, "", "", "ece", cal["ece"], "", "", m[where]["n"]])
+                writer.writerow([m["backbone"], m["head"], where, "", "", "brier", cal["brier"], "", "",
+                                 m[where]["n"]])
+                if "calibrated" in m:
+                    c = m["calibrated"]
+                    for key in ("ece", "brier"):
+                        writer.writerow([m["backbone"], m["head"], f"{where}-{c['method']}", "", "", key,
+                                         c[where][key], "", "", m[where]["n"]])
+                s = m["conformal"][where]
+                writer.writerow([m["backbone"], m["head"], where, "", "", "conformal_coverage", s["coverage"],
+                                 s["ci_low"], s["ci_high"], s["n"]])
+                writer.writerow([m["backbone"], m["head"], where, "", "", "conformal_set_size", s["mean_size"], "",
+                                 "", s["n"]])
+            for column, rows in m["subgroups"].items():
+                for r in rows:
+                    writer.writerow([m["backbone"], m["head"], "external", f"{column}={r['value']}", r["class"],
+                                     "accuracy", r["accuracy"], r["ci_low"], r["ci_high"], r["n"]])
+
+
+def write_external_predictions(path: Path, names: list[str], labels: list[str], subgroup_values: dict[str, list[str]],
+                               fitted: list[dict[str, Any]], class_names: list[str]) -> Path:
+    """One row per external image: its label and subgroups, then per model the predicted class, its
+    probability and the conformal set (classes joined by '|')."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        header = ["path", "label", *subgroup_values]
+        for f in fitted:
+            stem = f"{f['backbone']}-{f['head']}"
+            header += [f"{stem}:predicted", f"{stem}:probability", f"{stem}:set"]
+        writer.writerow(header)
+        for i, (name, label) in enumerate(zip(names, labels)):
+            row = [name, label, *(values[i] for values in subgroup_values.values())]
+            for f in fitted:
+                proba = f["external_proba"][i]
+                row += [class_names[int(proba.argmax())], f"{proba.max():.4f}",
+                        format_set(f["external_sets"][i], class_names)]
+            writer.writerow(row)
+    return path
+
+
+def write_report(run_dir: Path, models: list[dict[str, Any]], verdict: list[str], notes: list[str],
+                 class_names: list[str], record: dict[str, Any], settings: ValidateSettings) -> Path:
+    """report.md (verdict first), results.csv, accuracy.png and reliability.png in ``run_dir``."""
+    _write_results_csv(run_dir / "results.csv", models)
+    plot_accuracy_dots(run_dir / "accuracy.png", models)
+    panels = {}
+    for m in models:
+        curves = {"internal": m["internal"]["calibration"]["bins"], "external": m["external"]["calibration"]["bins"]}
+        if "calibrated" in m:
+            c = m["calibrated"]
+            curves[f"internal, {c['method']}"] = c["internal"]["bins"]
+            curves[f"external, {c['method']}"] = c["external"]["bins"]
+        panels[_name(m)] = curves
+    plot_reliability(run_dir / "reliability.png", panels)
+    grouping = record["grouping"]
+    lines = [f"# cxr-transfer validate: {Path(settings.data).name} -> {Path(settings.external).name}", "",
+             "## Verdict", "", *[f"- {line}" for line in verdict], "",
+             f"- TRAIN: `{record['train_root']}` ({record['n_train']} images{record['train_note']}); "
+             f"EXT: `{record['external_root']}` ({record['n_external']} images)",
+             f"- internal: out-of-fold predictions of {settings.folds}-fold StratifiedGroupKFold of TRAIN by "
+             f"{grouping}; external: each head fitted on all of TRAIN",
+             f"- intervals: 95% percentile bootstrap, {settings.n_boot} replicates resampling "
+             f"{record['internal_clusters']} (internal) and {record['external_clusters']} (external); the gap's "
+             f"interval is that of the replicate differences; subgroup accuracies: Wilson 95% interval",
+             f"- calibration: {BINNING_WORDS}",
+             f"- conformal: MAPIE {record['mapie']} CrossConformalClassifier (LAC score, mean aggregation), "
+             f"alpha {settings.alpha:g}, calibrated on TRAIN only with {settings.folds} folds grouped like the "
+             f"internal CV; internal coverage nested (each outer fold's sets come from a conformal model fitted "
+             f"without it)",
+             f"- seed {settings.seed}; created {record['created']}; {record['seconds']:.0f} s", ""]
+    lines += [f"- note: {note}" for note in notes]
+    lines += ["", "![internal vs external accuracy](accuracy.png)", "", "## Internal vs external", ""]
+    for m in models:
+        lines += [f"### {_name(m)}", "", _metric_table(m, class_names), ""]
+    lines += ["## Calibration", "", _calibration_table(models), "", "![reliability diagrams](reliability.png)", "",
+              f"## Conformal prediction sets (alpha {settings.alpha:g}, target coverage {1 - settings.alpha:.2f})",
+              "", "LAC sets can be empty: no class is plausible enough at this alpha (an empty set never covers).", "",
+              _conformal_table(models, class_names), ""]
+    if any(m["subgroups"] for m in models):
+        lines += ["## Subgroups of the external data", "",
+                  "Rows marked **below**: the accuracy interval lies wholly below the model's internal accuracy. "
+                  "Sensitivity columns: value (images of that class).", ""]
+        for m in models:
+            internal = m["internal"]["metrics"]["accuracy"]["value"]
+            for column, rows in m["subgroups"].items():
+                lines += [f"### {_name(m)}: by {column} (internal accuracy {internal:.3f})", "",
+                          _subgroup_table(rows, class_names, internal), ""]
+    lines += ["Files: results.json (everything above), results.csv (long format), external_predictions.csv (every "
+              "external image: label, subgroups, each model's prediction, probability and set), record.json.", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
