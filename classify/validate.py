@@ -49,7 +49,7 @@ from cxr_transfer.classify.conformal import ConformalHead, fit_conformal, nested
 from cxr_transfer.classify.duplicate_groups import duplicate_aware_groups
 from cxr_transfer.classify.heads import make_head, parse_head_list
 from cxr_transfer.classify.protocols import Split, cv_splits, resolve_groups
-from cxr_transfer.classify.results import test_fingerprint
+from cxr_transfer.classify.results import images_fingerprint
 from cxr_transfer.classify.validate_report import verdict_lines, write_external_predictions, write_report
 from cxr_transfer.core.cache_keys import dataset_cache_id
 from cxr_transfer.core.errors import CxrError
@@ -429,9 +429,9 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_record("validate", settings.record(), seed=settings.seed, train_root=str(pool.root),
                         train_note=", train/ split" if pool is not full else "", n_train=len(samples),
-                        train_fingerprint=test_fingerprint([s.sha256 for s in samples]),
+                        train_fingerprint=images_fingerprint([s.sha256 for s in samples]),
                         external_root=str(external.root), n_external=len(ext_samples),
-                        external_fingerprint=test_fingerprint([s.sha256 for s in ext_samples]),
+                        external_fingerprint=images_fingerprint([s.sha256 for s in ext_samples]),
                         grouping=(f"{group_by}" + (" merged over near-duplicate clusters"
                                                    if settings.merge_duplicates else "")) if group_by else "image",
                         internal_clusters="patients" if clusters is not None else "images",
