@@ -197,7 +197,7 @@ def write_report(payload: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     payload["duplicates"]["sheet_capped"] = capped
     paths = {"json": write_json(out_dir / AUDIT_JSON, payload)}
     md = out_dir / AUDIT_MD
-    md.write_text(markdown(payload))
+    md.write_text(markdown(payload), encoding="utf-8", errors="backslashreplace")
     paths["md"] = md
     if drawn:
         paths["sheet"] = sheet

@@ -67,7 +67,7 @@ def _finetuned_probabilities(info_path: Path, dataset: Dataset, settings: Extrac
 
     from cxr_transfer.extract.pipeline import decoded_batches
 
-    info = json.loads(info_path.read_text())
+    info = json.loads(info_path.read_text(encoding="utf-8"))
     if info.get("kind") != "finetune" or not info.get("onnx_file"):
         raise CxrError(f"{info_path}: not a fine-tuned model with an ONNX export")
     onnx_path = info_path.parent / info["onnx_file"]
@@ -114,7 +114,7 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
 
 def _write_predictions(out_csv: Path, dataset: Dataset, readable: list[Sample], proba: np.ndarray,
                        classes: list[str]) -> Path:
-    with open(out_csv, "w", newline="") as handle:
+    with open(out_csv, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "sha256", "predicted"] + [f"p_{c}" for c in classes])
         for sample, probabilities in zip(readable, proba):

@@ -16,7 +16,14 @@ def model_key(backbone: str, input_size: int, weights_sha256: str, *qualifiers: 
     return "-".join([backbone, str(int(input_size)), weights, *[q for q in qualifiers if q]])
 
 
+NAME_BYTES = 96
+"""The dataset folder's name is cut to this many UTF-8 bytes in cache folder names: file systems allow 255
+bytes per name, and the hash suffix, not the name, is what keeps two datasets apart."""
+
+
 def dataset_cache_id(root: str | Path) -> str:
-    """A folder name for one dataset's caches: its folder name plus a hash of its absolute path."""
+    """A folder name for one dataset's caches: its folder name (at most ``NAME_BYTES`` bytes) plus a hash of
+    its absolute path."""
     root = Path(root)
-    return f"{root.name}-{hashlib.sha256(str(root).encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+    name = root.name.encode("utf-8", "surrogateescape")[:NAME_BYTES].decode("utf-8", "surrogateescape")
+    return f"{name}-{hashlib.sha256(str(root).encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
