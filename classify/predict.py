@@ -20,6 +20,7 @@ import numpy as np
 from cxr_transfer.classify.saved_model import load_head, read_head_info
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.core.outputs import writable_file
 from cxr_transfer.extract.dataset import Dataset, Sample, hash_samples, images_in_folder
 from cxr_transfer.extract.pipeline import ExtractSettings, load_features
 from cxr_transfer.extract.registry import get_backbone
@@ -90,6 +91,8 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
                    out_csv: str | Path | None = None) -> tuple[Path, list[tuple[str, str]]]:
     """Write a CSV (path, sha256, predicted, one probability column per class); return it and skipped files."""
     finetuned = finetuned_model_json(model_path)
+    if out_csv is not None:
+        out_csv = writable_file(out_csv, "--out")   # before any computing
     if finetuned is not None:
         dataset = unlabeled_dataset(images, [])
         readable, proba, classes, skipped = _finetuned_probabilities(finetuned, dataset, settings)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -160,15 +161,19 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """(column names, rows) of a UTF-8 CSV (with or without a byte-order mark); CxrError when it is not one."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            return list(reader.fieldnames or []), list(reader)
+            text = handle.read()
     except UnicodeDecodeError as exc:
         raise CxrError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
                        f"save the CSV as UTF-8") from None
-    except csv.Error as exc:
-        raise CxrError(f"{path}: not a readable CSV file ({exc})") from None
     except OSError as exc:
         raise CxrError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if "\0" in text:
+        raise CxrError(f"{path}: not a readable CSV file (it contains NUL bytes, so it is not text)")
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        return list(reader.fieldnames or []), list(reader)
+    except csv.Error as exc:
+        raise CxrError(f"{path}: not a readable CSV file ({exc})") from None
 
 
 def _read_group_manifest(root: Path) -> dict[str, str]:
