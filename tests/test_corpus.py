@@ -306,3 +306,15 @@ def test_audit_of_one_class_says_what_it_could_not_check(corpus, run_cli, tmp_pa
     assert "Not checked: acquisition shortcuts" in result.stdout and "pixel shortcuts" in result.stdout
     assert "No duplicates, leakage or shortcuts were found" not in result.stdout
     assert "patient ids" not in result.stdout
+
+
+def test_a_non_ascii_name_under_an_ascii_locale_is_printed_not_fatal(corpus, run_cli, tmp_path):
+    """Messages naming a non-ASCII file must not crash a terminal that cannot show it (item 1, messages)."""
+    data = copy_images(corpus, tmp_path / "data")
+    (data / "covid" / "röntgen.png").symlink_to(tmp_path / "missing.png")
+    ascii_terminal = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+                      "PYTHONIOENCODING": ""}
+    result = run_cli("extract", "--data", data, *BACKBONE, "--cache-dir", corpus["cache"], env=ascii_terminal)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "left out covid/r" in result.stdout and "ntgen.png: dangling symbolic link" in result.stdout
+    assert cached_rows(corpus, data) == 10
