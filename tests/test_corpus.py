@@ -318,3 +318,41 @@ def test_a_non_ascii_name_under_an_ascii_locale_is_printed_not_fatal(corpus, run
     assert result.returncode == 0, result.stderr[-2000:]
     assert "left out covid/r" in result.stdout and "ntgen.png: dangling symbolic link" in result.stdout
     assert cached_rows(corpus, data) == 10
+
+
+SITECUSTOMIZE = '''
+"""Test only: open() of one file fails with EACCES, as chmod 000 does for a user without override rights."""
+import builtins
+import os
+
+_locked = os.environ.get("CXR_TEST_LOCKED", "")
+_open = builtins.open
+
+
+def _guarded(file, *args, **kwargs):
+    if _locked and isinstance(file, (str, os.PathLike)) and os.path.realpath(file) == _locked:
+        raise PermissionError(13, "Permission denied", os.fspath(file))
+    return _open(file, *args, **kwargs)
+
+
+builtins.open = _guarded
+'''
+
+
+def test_a_file_without_read_permission_is_skipped_and_counted(corpus, run_cli, tmp_path):
+    """Item 8: as root chmod 000 cannot be reproduced, so the CLI runs with open() of one file failing with
+    PermissionError (a sitecustomize in the subprocess only); the file is skipped and counted, not fatal."""
+    import os
+
+    data = copy_images(corpus, tmp_path / "data")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    locked = data / "normal" / "img_001.png"
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+           "CXR_TEST_LOCKED": os.path.realpath(locked)}
+    result = run_cli("extract", "--data", data, *BACKBONE, "--cache-dir", corpus["cache"], env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "left out normal/img_001.png: cannot be read (PermissionError: Permission denied)" in result.stdout
+    assert "1 file(s) or folder(s)" in result.stdout and "Traceback" not in result.stderr
+    assert cached_rows(corpus, data) == 9
