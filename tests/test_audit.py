@@ -164,7 +164,7 @@ def write_edited_dataset(root: Path) -> dict[str, str]:
 
 def test_find_duplicates_finds_exact_copy_and_every_edit_across_splits(tmp_path, cache_dir):
     made = write_edited_dataset(tmp_path / "data")
-    dataset = load_dataset(tmp_path / "data")
+    dataset = load_dataset(tmp_path / "data", keep_duplicates=True)   # as run_audit reads it
     features, _ = load_features(dataset, tiny_settings(cache_dir))
     embeddings = {s.sha256: features.embeddings[i] for i, s in enumerate(features.samples)}
     scan = find_duplicates(dataset, embeddings)
@@ -184,7 +184,7 @@ def test_hash_cache_is_reused_and_clusters_join_pairs(tmp_path, monkeypatch):
     import cxr_transfer.audit.duplicates as duplicates
 
     write_edited_dataset(tmp_path / "data")
-    dataset = load_dataset(tmp_path / "data")
+    dataset = load_dataset(tmp_path / "data", keep_duplicates=True)   # as run_audit reads it
     cache = tmp_path / "hashes.npz"
     first = find_duplicates(dataset, cache_path=cache)
     assert cache.is_file()
