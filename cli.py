@@ -239,6 +239,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     report = cxr_transfer.audit(args.data or default_data(), args.backbone, common=common_settings(args),
                                 out_dir=args.out, runs_dir=args.runs_dir, seed=args.seed, strict=args.strict)
+    for line in report.dataset.skipped_summary():
+        print(line)
     print(report.verdict)
     for finding in report.findings:
         print(f"- {finding}")
