@@ -123,6 +123,7 @@ def run_finetune(settings: FinetuneSettings, callbacks: Sequence[Any] = ()) -> P
                        while_saving=saving)
         raise KeyboardInterrupt from None
     except BaseException as exc:
-        write_status(run_dir, "failed", len(outcome.history) if outcome else 0, settings.epochs, error=f"{type(exc).__name__}: {exc}"[:500])
+        write_status(run_dir, "failed", len(outcome.history) if outcome else 0, settings.epochs,
+                     error=f"{type(exc).__name__}: {exc}"[:500])
         raise
     return run_dir
