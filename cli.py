@@ -20,9 +20,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.settings import PRECISIONS, BackboneSettings
+from cxr_transfer.core.settings import MAX_INPUT_SIZE, PRECISIONS, BackboneSettings
 
 DATA_ENV = "CXR_DATA"
 WEIGHTS_ENV = "CXR_WEIGHTS_DIR"
@@ -54,6 +55,66 @@ def default_weights_dir() -> str | None:
     return str(shared / "weights") if shared and (shared / "weights").is_dir() else None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the house's one-line ``error: ...`` (exit status 2) for bad flags."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog.split()[-1]}: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(minimum: int, maximum: int | None = None, name: str = "value"):
+    """An argparse type: an int in [minimum, maximum], with a message that says the limit."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r} instead") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value} instead")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum} ({name}), got {value} instead")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def jobs_count(text: str) -> int:
+    """--jobs: a positive number of processes, or -1 for all cores (joblib's convention)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r} instead") from None
+    if value == 0 or value < -1:
+        raise argparse.ArgumentTypeError(f"must be -1 (all cores) or at least 1, got {value} instead")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A float strictly between 0 and 1 (test sizes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r} instead") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value} instead")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r} instead") from None
+    if not value > 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value} instead")
+    return value
+
+
+POSITIVE = int_at_least(1)
+SEED = int_at_least(0, 2**32 - 1, "the largest seed NumPy accepts")
+INPUT_SIZE = int_at_least(1, MAX_INPUT_SIZE, "larger inputs need tens of GiB of memory per batch")
+
+
 def add_backbone_flags(parser: argparse.ArgumentParser, many: bool = True, input_size: int | None = None,
                        batch_size: int = 16) -> None:
     parser.add_argument("--data", type=Path, default=None,
@@ -65,11 +126,11 @@ def add_backbone_flags(parser: argparse.ArgumentParser, many: bool = True, input
     parser.add_argument("--weights-dir", default=None,
                         help="folder searched for <backbone>_*.h5; default $CXR_WEIGHTS_DIR, else ../shared/weights")
     parser.add_argument("--random-weights", action="store_true", help="random weights (tests only, never a fallback)")
-    parser.add_argument("--input-size", type=int, default=input_size,
+    parser.add_argument("--input-size", type=INPUT_SIZE, default=input_size,
                         help=f"square input size (default: {input_size or 'the backbone' + chr(39) + 's'})")
     parser.add_argument("--cache-dir", type=Path, default=Path("features"), help="feature and ONNX cache folder")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"default {batch_size}")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    parser.add_argument("--batch-size", type=POSITIVE, default=batch_size, help=f"default {batch_size}")
+    parser.add_argument("--threads", type=POSITIVE, default=None, help="onnxruntime threads (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="float32 (default) or int8: a statically quantized export calibrated on the dataset's "
@@ -120,10 +181,14 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from cxr_transfer.extract.commands import extract_many
+    from cxr_transfer.extract.dataset import load_dataset
     from cxr_transfer.extract.pipeline import ExtractSettings
 
     settings = ExtractSettings(common=common_settings(args), batch_size=args.batch_size)
-    results = extract_many(args.data or default_data(), args.backbone, settings)
+    dataset = load_dataset(args.data or default_data())
+    results = extract_many(dataset, args.backbone, settings)
+    for line in dataset.skipped_summary():
+        print(line)
     for result in results:
         print(result.summary())
         for path, reason in result.failures:
@@ -151,6 +216,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                head=args.head, select_folds=args.select_folds,
                                out_dir=args.out, run_name=args.name, n_jobs=args.jobs)
     print(compare_summary_text(run.evaluations, run.summary, {"head": args.head, "select_folds": args.select_folds}))
+    if run.skipped:
+        print(f"\n{len(run.skipped)} file(s) or folder(s) of the dataset left out:")
+        for path, reason in run.skipped:
+            print(f"  left out {path}: {reason}")
     print(f"\nrun folder: {run.run_dir} (report.md, results.json, results.csv, plots, record.json)")
     pointer = audit_pointer_line(data)
     if pointer:
@@ -204,6 +273,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     report = cxr_transfer.audit(args.data or default_data(), args.backbone, common=common_settings(args),
                                 out_dir=args.out, runs_dir=args.runs_dir, seed=args.seed, strict=args.strict)
+    for line in report.dataset.skipped_summary():
+        print(line)
     print(report.verdict)
     for finding in report.findings:
         print(f"- {finding}")
@@ -240,14 +311,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxr-transfer", description=__doc__.split("\n")[0],
+    parser = Parser(prog="cxr-transfer", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("backbones", help="list the backbone registry and where weights were found")
     p.add_argument("--weights-dir", default=None, help="default $CXR_WEIGHTS_DIR, else ../shared/weights")
-    p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--input-size", type=INPUT_SIZE, default=None)
     p.add_argument("--cache-dir", type=Path, default=Path("features"),
                    help="also list the user ONNX models (onnx:PATH) wrapped in this cache")
     p.set_defaults(func=cmd_backbones)
@@ -262,11 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=("paper", "cv", "holdout"), default="paper",
                    help="paper: seeded stratified 80/20 of train/; cv: repeated stratified k-fold of train/; "
                         "holdout: fit on train/, evaluate on test/")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=int, default=10, help="paper protocol: number of seeded splits")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--test-size", type=float, default=0.2)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--seeds", type=POSITIVE, default=10, help="paper protocol: number of seeded splits")
+    p.add_argument("--folds", type=int_at_least(2), default=5)
+    p.add_argument("--repeats", type=POSITIVE, default=1)
+    p.add_argument("--test-size", type=fraction, default=0.2)
     p.add_argument("--group-by", default=None, help="patient_id (manifest/CSV) or dicom:PatientID (salted hash of "
                                                     "the DICOM header's id): no patient on both sides of a split")
     p.add_argument("--concat", action="store_true", help="also evaluate all backbones' embeddings concatenated")
@@ -279,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folds of the CV inside each training part that chooses the head (default 3)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders")
     p.add_argument("--name", default=None, help="run folder name (default: compare-PROTOCOL-TIMESTAMP)")
-    p.add_argument("--jobs", type=int, default=-1, help="parallel fits (default: all cores)")
+    p.add_argument("--jobs", type=jobs_count, default=-1, help="parallel fits (default: all cores)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("predict", help="class probabilities for new images from a saved head")
@@ -294,15 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="the paper's frozen-body + dense-head Keras training")
     add_backbone_flags(p, many=False, input_size=224, batch_size=8)
-    p.add_argument("--epochs", type=int, default=35)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0, help="split, initialisation, augmentation and batch order")
+    p.add_argument("--epochs", type=POSITIVE, default=35)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--seed", type=SEED, default=0, help="split, initialisation, augmentation and batch order")
     p.add_argument("--fast", action="store_true", help="train the head on a cached bank of augmented views")
-    p.add_argument("--views", type=int, default=10, help="--fast: augmented views per training image (1: none)")
+    p.add_argument("--views", type=POSITIVE, default=10, help="--fast: augmented views per training image (1: none)")
     p.add_argument("--no-augment", action="store_true", help="plain loop without augmentation")
-    p.add_argument("--dense-units", type=int, default=64, help="hidden units of the head (see finetune/model.py)")
+    p.add_argument("--dense-units", type=POSITIVE, default=64, help="hidden units of the head (see finetune/model.py)")
     p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--test-size", type=float, default=0.2)
+    p.add_argument("--test-size", type=fraction, default=0.2)
     p.add_argument("--group-by", default=None, help="patient_id (or group, or dicom:PatientID): keep each patient on "
                                                     "one side of the split")
     p.add_argument("--run-dir", type=Path, default=None, help="exact run folder")
@@ -321,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_backbone_flags(p, many=False)
     p.add_argument("--out", type=Path, default=None, help="report folder (default: runs/audit/<dataset id>/)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where audits are kept and looked up")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--strict", action="store_true", help="exit with status 1 when the audit finds anything")
     p.set_defaults(func=cmd_audit)
 
@@ -362,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The ``cxr-transfer`` command: parse, run, and turn user-fixable errors into one ``error:`` line (exit 2)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")   # this process is the command line's own: quiet TensorFlow
+    for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot show must not end the run
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

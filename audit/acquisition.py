@@ -137,7 +137,8 @@ def acquisition_shortcuts(dataset: Dataset, seed: int = 0, folds: int = 5) -> Ac
         group_of[p.path] for p in props) else None
     empty = AcquisitionResult(summary, unreadable, None, None, {}, chance, {}, groups is not None)
     try:
-        splits = cv_splits(labels, folds=folds, repeats=1, seed=seed, groups=groups)
+        splits = cv_splits(labels, folds=folds, repeats=1, seed=seed, groups=groups,
+                           class_names=dataset.class_names)
     except CxrError as exc:
         empty.skipped = f"no cross-validation: {exc}"
         return empty

@@ -103,7 +103,7 @@ def cross_validated_accuracy(features: FeatureSet, head: str = "logreg", folds: 
     """
     labels = features.labels
     groups = features.groups if grouped and len(features.samples) and all(features.groups) else None
-    splits = cv_splits(labels, folds=folds, repeats=1, seed=seed, groups=groups)
+    splits = cv_splits(labels, folds=folds, repeats=1, seed=seed, groups=groups, class_names=features.class_names)
     predicted = np.empty_like(labels)
     fold_accuracy = []
     for split in splits:

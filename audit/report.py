@@ -133,8 +133,9 @@ def markdown(payload: dict[str, Any]) -> str:
     stats = dup["different_patient_pairs"]
     out += ["## 1. Duplicates", "",
             f"Exact (same sha256): {dup['n_exact']} pairs. Near duplicates: {dup['n_near']} pairs "
-            f"({dup['n_near_cross_split']} across splits, {dup['n_near_different_patient']} between different "
-            f"patient ids, {dup['n_near_cross_label']} with different labels).",
+            f"({dup['n_near_cross_split']} across splits, "
+            + (f"{dup['n_near_different_patient']} between different patient ids, " if data.get("has_groups") else "")
+            + f"{dup['n_near_cross_label']} with different labels).",
             "",
             f"Rule: pHash distance (256-bit pHash of the equalised grey image, best of 81 trimmed views) "
             f"<= {rule['phash_alone']}, or <= {rule['phash_with_embedding']} with embedding cosine >= "
@@ -233,7 +234,7 @@ def write_report(payload: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     payload["duplicates"]["sheet_capped"] = capped
     paths = {"json": write_json(out_dir / AUDIT_JSON, payload)}
     md = out_dir / AUDIT_MD
-    md.write_text(markdown(payload))
+    md.write_text(markdown(payload), encoding="utf-8", errors="backslashreplace")
     paths["md"] = md
     if drawn:
         paths["sheet"] = sheet

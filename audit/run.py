@@ -29,6 +29,7 @@ from cxr_transfer.audit.leakage import LeakageResult, patient_leakage
 from cxr_transfer.audit.pixel_shortcuts import PixelShortcutResult, pixel_shortcuts
 from cxr_transfer.audit.report import AUDIT_JSON, write_report
 from cxr_transfer.core.cache_keys import dataset_cache_id
+from cxr_transfer.core.outputs import writable_folder
 from cxr_transfer.core.record import run_record
 from cxr_transfer.core.settings import BackboneSettings, UsesBackboneSettings
 from cxr_transfer.extract.dataset import Dataset, load_dataset
@@ -89,7 +90,7 @@ def default_out_dir(dataset: Dataset, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path
 
 
 def _findings(dup: DuplicateScan, leak: LeakageResult, acq: AcquisitionResult,
-              pix: PixelShortcutResult, header: HeaderShortcutResult) -> list[str]:
+              pix: PixelShortcutResult, header: HeaderShortcutResult, has_groups: bool = False) -> list[str]:
     found = []
     if dup.exact:
         cross = sum(p.cross_split for p in dup.exact)
@@ -97,8 +98,9 @@ def _findings(dup: DuplicateScan, leak: LeakageResult, acq: AcquisitionResult,
     if dup.near:
         cross = sum(p.cross_split for p in dup.near)
         other = sum(not p.same_patient for p in dup.near)
+        patients = f", {other} between different patient ids" if has_groups else ""
         found.append(f"{len(dup.near)} near-duplicate pair(s) in {len(dup.clusters())} cluster(s): {cross} across "
-                     f"splits, {other} between different patient ids")
+                     f"splits{patients}")
     if dup.unreadable:
         found.append(f"{len(dup.unreadable)} unreadable image(s)")
     if leak.checked and leak.leaked:
@@ -148,10 +150,24 @@ def _verdict(dup: DuplicateScan, leak: LeakageResult, acq: AcquisitionResult, pi
     if problems:
         parts.append("The splits are not independent: " + ", ".join(problems)
                      + "; evaluate with patient-grouped folds and drop or merge duplicates.")
-    if not parts:
-        return ("No duplicates, leakage or shortcuts were found by these checks (which can only show problems, "
-                "not prove their absence).")
+    unchecked = unchecked_shortcuts(acq, pix)
+    if unchecked:
+        parts.append("Not checked: " + "; ".join(unchecked) + ", so nothing is known about shortcuts.")
+    if not parts or (unchecked and len(parts) == 1):
+        ran = "duplicates or leakage" if unchecked else "duplicates, leakage or shortcuts"
+        parts.insert(0, f"No {ran} were found by these checks (which can only show problems, not prove their "
+                        "absence).")
     return " ".join(parts)
+
+
+def unchecked_shortcuts(acq: AcquisitionResult, pix: PixelShortcutResult) -> list[str]:
+    """The shortcut checks that could not run (e.g. one class: nothing to tell apart), with the reason."""
+    missing = []
+    if acq.accuracy is None:
+        missing.append(f"acquisition shortcuts ({acq.skipped or 'no cross-validation'})")
+    if not pix.scores:
+        missing.append(f"pixel shortcuts ({pix.skipped or 'no cross-validation'})")
+    return missing
 
 
 def _payload(dataset: Dataset, settings: AuditSettings, dup: DuplicateScan, leak: LeakageResult,
@@ -168,6 +184,7 @@ def _payload(dataset: Dataset, settings: AuditSettings, dup: DuplicateScan, leak
         "weights": weights,
         "dataset": {"root": str(dataset.root), "fingerprint": dataset.fingerprint,
                     "cache_id": dataset_cache_id(dataset.root), "n_images": len(dataset),
+                    "left_out": dataset.skipped,
                     "class_names": dataset.class_names, "has_groups": dataset.has_groups,
                     "counts": {k: dict(sorted(v.items())) for k, v in sorted(counts.items())},
                     "sha256": sorted({s.sha256 for s in dataset.samples})},
@@ -199,7 +216,9 @@ def run_audit(settings: AuditSettings) -> AuditReport:
         return now
 
     tick = started
-    dataset = load_dataset(settings.data)
+    out_dir = writable_folder(settings.out_dir, "--out") if settings.out_dir else None
+    dataset = load_dataset(settings.data, keep_duplicates=True)   # the audit reports repeated images
+    out_dir = out_dir or writable_folder(default_out_dir(dataset, settings.runs_dir), "audit")
     tick = lap("read_dataset", tick)
     extract = settings.extract_settings()
     full, result = load_features(dataset, extract)
@@ -214,9 +233,8 @@ def run_audit(settings: AuditSettings) -> AuditReport:
     tick = lap("leakage_acquisition", tick)
     pixels = pixel_shortcuts(dataset, extract, settings.head, settings.folds, settings.seed, full=full)
     tick = lap("pixel_shortcuts", tick)
-    findings = _findings(duplicates, leakage, acquisition, pixels, header)
+    findings = _findings(duplicates, leakage, acquisition, pixels, header, dataset.has_groups)
     verdict = _verdict(duplicates, leakage, acquisition, pixels, header)
-    out_dir = Path(settings.out_dir) if settings.out_dir else default_out_dir(dataset, settings.runs_dir)
     timings["total_before_report"] = round(tick - started, 2)
     payload = _payload(dataset, settings, duplicates, leakage, acquisition, pixels, header, findings, verdict,
                        timings, result.weights.describe())
@@ -238,7 +256,7 @@ def latest_audit_for(dataset: Dataset, runs_dir: str | Path = DEFAULT_RUNS_DIR) 
     wanted = {s.sha256 for s in dataset.samples}
     for path in _audits_under(Path(runs_dir)):
         try:
-            payload = json.loads(path.read_text())
+            payload = json.loads(path.read_text(encoding="utf-8"))
             data = payload["dataset"]
             created = payload["record"]["created"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -260,7 +278,7 @@ def audit_pointer(dataset: Dataset, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> 
     if folder is None:
         return None
     try:
-        payload = json.loads((folder / AUDIT_JSON).read_text())
+        payload = json.loads((folder / AUDIT_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     findings = payload.get("findings", [])

@@ -6,7 +6,6 @@ with the same metrics (``classify.metrics``). Fits run in parallel processes, on
 """
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from cxr_transfer.classify.protocols import (
 )
 from cxr_transfer.classify.results import Evaluation, images_fingerprint, save_results
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.outputs import check_run_name, new_run_dir, writable_folder
 from cxr_transfer.core.record import run_record, write_json
 from cxr_transfer.extract.dataset import Dataset, load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings, FeatureSet, load_features
@@ -83,6 +83,7 @@ class CompareRun:
     class_names: list[str]
     evaluations: list[Evaluation]
     summary: list[dict]
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # dataset entries left out (path, reason)
 
 
 def evaluation_pool(dataset: Dataset, protocol: str) -> Dataset:
@@ -98,11 +99,17 @@ def make_splits(settings: CompareSettings, labels: np.ndarray, splits: np.ndarra
                 groups: np.ndarray | None, class_names: list[str]) -> list[Split]:
     """The protocol's splits over the evaluated images (same seed -> same splits)."""
     if settings.protocol == "paper":
-        return paper_splits(labels, [settings.seed + i for i in range(settings.seeds)], settings.test_size, groups)
+        return paper_splits(labels, [settings.seed + i for i in range(settings.seeds)], settings.test_size, groups,
+                            class_names)
     if settings.protocol == "cv":
         check_splittable(labels, settings.folds, class_names, groups)
-        return cv_splits(labels, settings.folds, settings.repeats, settings.seed, groups)
+        return cv_splits(labels, settings.folds, settings.repeats, settings.seed, groups, class_names)
     found = holdout_split(splits)
+    unseen = sorted(set(labels[found[0].test_idx].tolist()) - set(labels[found[0].train_idx].tolist()))
+    if unseen:
+        names = ", ".join(f"'{class_names[i]}'" for i in unseen)
+        raise CxrError(f"holdout: class {names} has images in test/ but none in train/; a head cannot predict a "
+                       f"class it never saw (add training images of it, or remove it from test/)")
     if groups is None:
         return found
     # A fixed split cannot be re-drawn: drop from the test side the images of patients seen in training.
@@ -219,10 +226,9 @@ def _aligned(features: dict[str, FeatureSet]) -> tuple[list, dict[str, np.ndarra
     return samples, arrays
 
 
-def default_run_dir(settings: CompareSettings, prefix: str = "compare") -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    grouped = "-grouped" if settings.group_by else ""
-    return Path(settings.out_dir) / (settings.run_name or f"{prefix}-{settings.protocol}{grouped}-{stamp}")
+def run_dir_prefix(settings: CompareSettings, prefix: str = "compare") -> str:
+    """``compare-<protocol>[-grouped]``: the default run folder name before its timestamp and random suffix."""
+    return f"{prefix}-{settings.protocol}{'-grouped' if settings.group_by else ''}"
 
 
 def run_compare(settings: CompareSettings) -> CompareRun:
@@ -239,6 +245,9 @@ def run_compare(settings: CompareSettings) -> CompareRun:
         raise CxrError(f"--select-folds must be at least 2 to choose a head by inner CV; got "
                        f"{settings.select_folds} instead")
     select_folds = settings.select_folds if settings.head is None and len(heads) > 1 else 0
+    writable_folder(settings.out_dir, "--out")   # fail before any computing, not after it
+    if settings.run_name:
+        check_run_name(settings.out_dir, settings.run_name)
     dataset = load_dataset(settings.data)
     pool = evaluation_pool(dataset, settings.protocol)
     resolve_groups(pool, settings.group_by, merge_duplicates=False)  # fail before extracting when grouping cannot work
@@ -280,10 +289,10 @@ def run_compare(settings: CompareSettings) -> CompareRun:
     evaluations = list(evaluations) + select_heads(evaluations)
     summary = summarize_evaluations(evaluations)
 
-    run_dir = default_run_dir(settings)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = new_run_dir(settings.out_dir, run_dir_prefix(settings), settings.run_name)
     record = run_record("compare", settings.record(), seed=settings.seed, dataset_root=str(dataset.root),
-                        dataset_fingerprint=dataset.fingerprint, evaluated_images=len(samples),
+                        dataset_fingerprint=dataset.fingerprint, dataset_skipped=dataset.skipped,
+                        evaluated_images=len(samples),
                         evaluated_fingerprint=images_fingerprint(shas), extraction=extraction,
                         n_splits=len(splits), seconds=round(time.perf_counter() - started, 2))
     if settings.save:
@@ -302,4 +311,4 @@ def run_compare(settings: CompareSettings) -> CompareRun:
     write_json(run_dir / "record.json", record)
     save_results(run_dir, "compare", class_names, record, evaluations, summary)
     write_compare_report(run_dir, class_names, evaluations, summary, record)
-    return CompareRun(run_dir, class_names, evaluations, summary)
+    return CompareRun(run_dir, class_names, evaluations, summary, list(dataset.skipped))

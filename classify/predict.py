@@ -20,6 +20,7 @@ import numpy as np
 from cxr_transfer.classify.saved_model import load_head, read_head_info
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.core.outputs import writable_file
 from cxr_transfer.extract.dataset import Dataset, Sample, hash_samples, images_in_folder
 from cxr_transfer.extract.pipeline import ExtractSettings, load_features
 from cxr_transfer.extract.registry import get_backbone
@@ -73,7 +74,7 @@ def _finetuned_probabilities(info_path: Path, dataset: Dataset, settings: Extrac
 
     from cxr_transfer.extract.pipeline import decoded_batches
 
-    info = json.loads(info_path.read_text())
+    info = json.loads(info_path.read_text(encoding="utf-8"))
     if info.get("kind") != "finetune" or not info.get("onnx_file"):
         raise CxrError(f"{info_path}: not a fine-tuned model with an ONNX export")
     onnx_path = info_path.parent / info["onnx_file"]
@@ -101,6 +102,8 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
     finetuned = finetuned_model_json(model_path)
     if finetuned is not None and conformal is not None:
         raise CxrError(f"{model_path}: --conformal needs a head saved by validate --save, not a fine-tuned model")
+    if out_csv is not None:
+        out_csv = writable_file(out_csv, "--out")   # before any computing
     if finetuned is not None:
         dataset = unlabeled_dataset(images, [])
         readable, proba, classes, skipped = _finetuned_probabilities(finetuned, dataset, settings)
@@ -131,7 +134,7 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
 
 def _write_predictions(out_csv: Path, dataset: Dataset, readable: list[Sample], proba: np.ndarray,
                        classes: list[str], sets: list[str] | None = None) -> Path:
-    with open(out_csv, "w", newline="") as handle:
+    with open(out_csv, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "sha256", "predicted"] + [f"p_{c}" for c in classes] +
                         (["set"] if sets is not None else []))

@@ -105,8 +105,11 @@ def paper_splits(
     seeds: Sequence[int],
     test_size: float = 0.2,
     groups: np.ndarray | Sequence | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> list[Split]:
     """The paper's protocol: one seeded stratified 80/20 split per seed.
+
+    class_names: names for integer labels in error messages.
 
     Without groups: ``train_test_split(stratify=labels, random_state=seed)``. With groups:
     the first fold of ``StratifiedGroupKFold(round(1/test_size), shuffle=True, random_state=seed)``
@@ -121,7 +124,7 @@ def paper_splits(
     indices = np.arange(len(labels))
     splits = []
     if groups is None:
-        _check_class_sizes(labels, 2, "a stratified train/test split")
+        _check_class_sizes(labels, 2, "a stratified train/test split", class_names)
         n_test = int(np.ceil(test_size * len(labels)))
         n_classes = len(np.unique(labels))
         if min(n_test, len(labels) - n_test) < n_classes:
@@ -135,7 +138,8 @@ def paper_splits(
             splits.append(Split("paper", repeat, 0, np.sort(train_idx), np.sort(test_idx)))
         return splits
     n_splits = max(2, round(1.0 / test_size))
-    _check_class_sizes(labels, n_splits, f"a grouped split (test = 1 of {n_splits} group folds)", groups=groups)
+    _check_class_sizes(labels, n_splits, f"a grouped split (test = 1 of {n_splits} group folds)", class_names,
+                       groups=groups)
     for repeat, seed in enumerate(seeds):
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=int(seed))
         train_idx, test_idx = next(splitter.split(indices, labels, groups))
@@ -149,6 +153,7 @@ def cv_splits(
     repeats: int = 1,
     seed: int = 0,
     groups: np.ndarray | Sequence | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> list[Split]:
     """Stratified k-fold, repeated: every image is tested exactly once per repeat.
 
@@ -159,7 +164,7 @@ def cv_splits(
     groups = _as_groups(groups, len(labels))
     if repeats < 1:
         raise CxrError(f"repeats must be at least 1, got {repeats}")
-    check_splittable(labels, folds, groups=groups)
+    check_splittable(labels, folds, class_names, groups=groups)
     indices = np.arange(len(labels))
     if groups is None:
         splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)

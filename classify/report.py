@@ -109,7 +109,7 @@ def per_class_table(confusion: Sequence[Sequence[int]], class_names: list[str]) 
 
 
 def write_results_csv(path: Path, evaluations: list[Evaluation]) -> None:
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = None
         for e in evaluations:
             row = {"backbone": e.backbone, "model": e.model, "protocol": e.protocol, "repeat": e.repeat,
@@ -249,7 +249,7 @@ def write_compare_report(run_dir: Path, class_names: list[str], evaluations: lis
               "Files: results.json (every evaluation), results.csv, comparisons.json (every paired test), "
               "record.json (versions, hashes, settings).", ""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines), encoding="utf-8", errors="backslashreplace")
     return path
 
 

@@ -59,6 +59,9 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         raise CxrError(f"{run_dir}: not a cxr-transfer run folder (no {RESULTS_FILE})")
-    payload = json.loads(path.read_text())
-    payload["evaluations"] = [Evaluation(**e) for e in payload["evaluations"]]
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        payload["evaluations"] = [Evaluation(**e) for e in payload["evaluations"]]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CxrError(f"{path}: not a readable results file ({type(exc).__name__}: {exc})") from None
     return payload

@@ -46,10 +46,37 @@ def read_head_info(path: str | Path) -> dict[str, Any]:
     if not sidecar.is_file():
         raise CxrError(f"{path}: no {sidecar.name} beside it; only heads saved by cxr-transfer (compare --save) "
                        f"are loaded, since loading a joblib file runs code")
-    info = json.loads(sidecar.read_text())
-    if info.get("format") != FORMAT:
-        raise CxrError(f"{sidecar}: not a cxr-transfer head description (format {info.get('format')!r})")
+    try:
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CxrError(f"{sidecar}: not a readable head description ({type(exc).__name__}: {exc})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        found = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise CxrError(f"{sidecar}: not a cxr-transfer head description (format {found!r})")
+    problem = _sidecar_problem(info)
+    if problem:
+        raise CxrError(f"{sidecar}: malformed head description: {problem}; save the head again with compare --save")
     return info
+
+
+def _sidecar_problem(info: dict[str, Any]) -> str | None:
+    """What is wrong with a sidecar's fields (None when every field predict needs is well formed)."""
+    if not isinstance(info.get("joblib_sha256"), str) or len(info["joblib_sha256"]) != 64:
+        return "joblib_sha256 must be a 64-character sha256"
+    names = info.get("class_names")
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n for n in names):
+        return "class_names must list at least two class names"
+    parts = info.get("backbones")
+    if not isinstance(parts, list) or not parts:
+        return "backbones must list the backbones the head was trained on"
+    for part in parts:
+        if not isinstance(part, dict) or not isinstance(part.get("backbone"), str) or \
+                not isinstance(part.get("weights_sha256"), str):
+            return "each backbone needs its name and weights_sha256"
+        size = part.get("input_size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            return f"input_size of {part.get('backbone')} must be a positive whole number, got {size!r} instead"
+    return None
 
 
 def load_head(path: str | Path) -> tuple[Any, dict[str, Any]]:

@@ -27,6 +27,7 @@ from cxr_transfer.classify.heads import get_head
 from cxr_transfer.classify.metrics import headline, summarize, summarize_proportion
 from cxr_transfer.classify.results import Evaluation, load_results
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.outputs import writable_file
 from cxr_transfer.core.paper import paper_accuracy
 from cxr_transfer.core.tables import markdown_table, mean_std
 
@@ -56,17 +57,22 @@ def _row(label: str, backbone: str, evaluations: list[Evaluation], mark: dict[st
             "paper acc": f"{paper:.4f}" if paper else "-"}
 
 
-def _unique_runs(run_dirs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
-    """Each run folder once (a folder given twice would count its test sets twice)."""
-    seen, kept, notes = set(), [], []
-    for run_dir in run_dirs:
-        key = Path(run_dir).resolve()
+def unique_runs(run_dirs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """The run folders in the order given, each once (by resolved path), and a note per repeat left out."""
+    seen: dict[Path, Path] = {}
+    notes = []
+    for run_dir in map(Path, run_dirs):
+        key = run_dir.expanduser().resolve()
         if key in seen:
-            notes.append(f"{run_dir} was given more than once; counted once")
+            notes.append(f"{run_dir}: given twice (as {seen[key]}); counted once")
             continue
-        seen.add(key)
-        kept.append(Path(run_dir))
-    return kept, notes
+        seen[key] = run_dir
+    return list(seen.values()), notes
+
+
+def _is_partial(payload: dict) -> bool:
+    record = payload.get("record") or {}
+    return bool(record.get("partial")) or not payload["evaluations"]
 
 
 def _chosen_head(backbone: str, by_head: dict[str, list[Evaluation]], head: str | None,
@@ -93,16 +99,28 @@ def side_by_side(run_dirs: Sequence[str | Path], head: str | None = None) -> tup
     Rows per backbone: the fine-tuned models, the chosen head, then every head; "vs top" marks each row
     against the row of highest mean accuracy (paired tests on shared test sets, Holm across the table).
     Notes state how the head was chosen and each fine-tuned model minus the chosen head with its test.
+    A folder given twice counts once; a partial (interrupted) finetune run has no test scores, so it is
+    left out with a note, and refused with its epoch count when no finished finetune run is left.
     """
     if head is not None:
         head = get_head(head).name
-    runs, notes = _unique_runs(run_dirs)
     heads: list[Evaluation] = []
     tuned: list[Evaluation] = []
+    runs, notes = unique_runs(run_dirs)
+    partial = []
     for run_dir in runs:
         payload = load_results(run_dir)
+        if payload["kind"] != HEAD_KIND and _is_partial(payload):
+            record = payload.get("record") or {}
+            partial.append(f"{run_dir} is a partial finetune run (interrupted after "
+                           f"{record.get('epochs_done', 0)} of {record.get('settings', {}).get('epochs', '?')} "
+                           f"epochs) with no test scores")
+            continue
         (heads if payload["kind"] == HEAD_KIND else tuned).extend(payload["evaluations"])
+    notes += [f"left out: {text}" for text in partial]
     if not tuned:
+        if partial:
+            raise CxrError(f"{partial[0]}; report needs a finished finetune run (rerun it to the end)")
         raise CxrError("report needs at least one finetune run folder beside the compare runs")
     blocks: list[tuple[str, dict[str, list[Evaluation]]]] = []
     versus: list[Comparison] = []
@@ -164,7 +182,10 @@ def side_by_side(run_dirs: Sequence[str | Path], head: str | None = None) -> tup
 
 
 def write_side_by_side(run_dirs: Sequence[str | Path], out: str | Path, head: str | None = None) -> Path:
+    """Write the side-by-side Markdown report to ``out`` (its folder is checked writable first)."""
+    out = writable_file(out, "report")
     rows, notes = side_by_side(run_dirs, head)
+    run_dirs, _ = unique_runs(run_dirs)
     lines = ["# Fine-tuning vs heads on the same test images", "",
              "Rows of one backbone are scored on identical test sets (matched by the sha256 of their images). "
              "mean ± std over test sets; 95% CI: Wilson interval of the mean accuracy with the Nadeau-Bengio "
@@ -175,7 +196,5 @@ def write_side_by_side(run_dirs: Sequence[str | Path], out: str | Path, head: st
              "paper acc = Makris et al. 2020 Table 1 (one split).", "", markdown_table(rows), ""]
     lines += [f"- {note}" for note in notes]
     lines += ["", "Runs: " + ", ".join(f"`{d}`" for d in run_dirs), ""]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    out.write_text("\n".join(lines), encoding="utf-8", errors="backslashreplace")
     return out

@@ -16,14 +16,14 @@ def model_key(backbone: str, input_size: int, weights_sha256: str, *qualifiers: 
     return "-".join([backbone, str(int(input_size)), weights, *[q for q in qualifiers if q]])
 
 
-_NAME_BYTES = 96   # of the dataset folder's name kept in its cache folder's name (file names: 255 bytes)
+NAME_BYTES = 96
+"""The dataset folder's name is cut to this many UTF-8 bytes in cache folder names: file systems allow 255
+bytes per name, and the hash suffix, not the name, is what keeps two datasets apart."""
 
 
 def dataset_cache_id(root: str | Path) -> str:
-    """A folder name for one dataset's caches: its folder name (at most 96 bytes of it) plus a hash of its
-    absolute path, so a 250-character dataset folder still gives a valid name."""
+    """A folder name for one dataset's caches: its folder name (at most ``NAME_BYTES`` bytes) plus a hash of
+    its absolute path."""
     root = Path(root)
-    name = root.name
-    while len(name.encode("utf-8", "surrogateescape")) > _NAME_BYTES:
-        name = name[:-1]
+    name = root.name.encode("utf-8", "surrogateescape")[:NAME_BYTES].decode("utf-8", "surrogateescape")
     return f"{name}-{hashlib.sha256(str(root).encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"

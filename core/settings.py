@@ -10,8 +10,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cxr_transfer.core.errors import CxrError
+
 DEFAULT_CACHE_DIR = Path("features")
 PRECISIONS = ("float32", "int8")
+MAX_INPUT_SIZE = 1024
+"""Largest square input accepted: the published weights were trained at 224-331 px, and a batch of 16 VGG16
+inputs of 1024 px already needs about 20 GiB of activations (the memory grows with the square of the side)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,11 @@ class BackboneSettings:
             raise TypeError(f"threads must be an int or None, got {self.threads!r} instead")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r} instead")
+        if self.input_size is not None and not 1 <= self.input_size <= MAX_INPUT_SIZE:
+            raise CxrError(f"input size must be between 1 and {MAX_INPUT_SIZE} pixels, got {self.input_size} "
+                           f"instead (None: the backbone's own size)")
+        if self.threads is not None and self.threads < 1:
+            raise CxrError(f"threads must be at least 1, got {self.threads} instead (None: all cores)")
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 
     def with_backbone(self, name: str) -> "BackboneSettings":

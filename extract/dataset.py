@@ -7,10 +7,20 @@ Three layouts are read (README, "Datasets"):
 A ``manifest.csv`` beside the class or split folders (as in the paper's dataset) supplies the group column
 (``patient_id``) when present. Rows are sorted by (split, label, path) so every run sees the same order.
 The sha256 of a file's bytes is its identity: caches, audits and predictions key on it.
+
+Nothing is dropped silently: files that cannot be read, broken or looping symbolic links, folders that cannot
+be listed, folders beside the split folders that are not splits, images outside any class folder and repeated
+copies of one image are left out and listed in ``Dataset.skipped`` (path, reason). The same bytes listed
+twice under one label are kept once (the train/ copy first, so no copy lands on both sides of a split); under
+two labels they are refused with both paths named. CSV files are read as UTF-8 (a byte-order mark is fine).
 """
 from __future__ import annotations
 
 import csv
+import errno
+import io
+import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +29,8 @@ from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file, sha256_strings
 from cxr_transfer.extract.dicom import fill_dicom_groups
 from cxr_transfer.extract.images import IMAGE_SUFFIXES, is_image_file
+
+log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 MANIFEST_NAME = "manifest.csv"
@@ -44,6 +56,7 @@ class Dataset:
     samples: list[Sample]
     class_names: list[str] = field(default_factory=list)
     has_groups: bool = False
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, why it was left out)
 
     def __post_init__(self) -> None:
         if not self.class_names:
@@ -83,11 +96,85 @@ class Dataset:
     def subset(self, split: str) -> "Dataset":
         """The samples of one split, with the same class names."""
         return Dataset(self.root, [s for s in self.samples if s.split == split], list(self.class_names),
-                       self.has_groups)
+                       self.has_groups, list(self.skipped))
+
+    def skipped_summary(self) -> list[str]:
+        """Lines for a command's summary: how many entries were left out, and each one with its reason."""
+        if not self.skipped:
+            return []
+        return [f"{len(self.skipped)} file(s) or folder(s) of {self.root} left out:"] + \
+            [f"  left out {path}: {reason}" for path, reason in self.skipped]
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+Skipped = list[tuple[str, str]]
+
+
+def _shown(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _broken_link_reason(path: Path) -> str:
+    """Why a path that is a symbolic link cannot be followed (dangling or looping)."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return f"dangling symbolic link (to {os.readlink(path)})"
+    return "symbolic link to something that is not a file"
+
+
+def _images_under(folder: Path, root: Path, skipped: Skipped) -> list[Path]:
+    """Image files under folder (symbolic links followed once), sorted; what cannot be read goes to skipped."""
+    found: list[Path] = []
+    visited: set[str] = set()
+
+    def unreadable(exc: OSError) -> None:
+        skipped.append((_shown(Path(exc.filename), root), f"folder cannot be listed ({exc.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            skipped.append((_shown(Path(dirpath), root), "symbolic link loop (folder already read)"))
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            path = Path(dirpath) / name
+            if name.startswith("."):
+                continue
+            if path.is_symlink() and not path.exists():
+                skipped.append((_shown(path, root), _broken_link_reason(path)))
+            elif not is_image_file(path):
+                continue
+            elif not path.is_file():
+                skipped.append((_shown(path, root), "not a regular file"))
+            else:
+                found.append(path)
+    return sorted(found)
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(column names, rows) of a UTF-8 CSV (with or without a byte-order mark); CxrError when it is not one."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as exc:
+        raise CxrError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+                       f"save the CSV as UTF-8") from None
+    except OSError as exc:
+        raise CxrError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if "\0" in text:
+        raise CxrError(f"{path}: not a readable CSV file (it contains NUL bytes, so it is not text)")
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        return list(reader.fieldnames or []), list(reader)
+    except csv.Error as exc:
+        raise CxrError(f"{path}: not a readable CSV file ({exc})") from None
 
 
 def _read_group_manifest(root: Path) -> dict[str, str]:
@@ -95,16 +182,36 @@ def _read_group_manifest(root: Path) -> dict[str, str]:
     manifest = root / MANIFEST_NAME
     if not manifest.is_file():
         return {}
-    with open(manifest, newline="") as handle:
-        reader = csv.DictReader(handle)
-        column = next((c for c in GROUP_COLUMNS if c in (reader.fieldnames or [])), None)
-        if column is None or "path" not in (reader.fieldnames or []):
-            return {}
-        return {row["path"]: row[column] for row in reader if row.get(column)}
+    fields, rows = _read_csv(manifest)
+    column = next((c for c in GROUP_COLUMNS if c in fields), None)
+    if column is None or "path" not in fields:
+        return {}
+    return {row["path"]: row[column] for row in rows if row.get("path") and row.get(column)}
 
 
-def _from_folders(root: Path) -> tuple[list[Sample], bool]:
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _list_dir(folder: Path, root: Path, skipped: Skipped) -> list[Path]:
+    """Visible entries of one folder, sorted; a folder that cannot be listed goes to skipped."""
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        if folder == root:
+            raise CxrError(f"{root}: folder cannot be listed ({exc.strerror or exc})") from None
+        skipped.append((_shown(folder, root), f"folder cannot be listed ({exc.strerror or exc})"))
+        return []
+
+
+def _not_folders(entries: list[Path], root: Path, skipped: Skipped, where: str) -> None:
+    """Name what stands beside class or split folders and will not be read."""
+    for entry in entries:
+        if entry.is_symlink() and not entry.exists():
+            skipped.append((_shown(entry, root), _broken_link_reason(entry)))
+        elif not entry.is_dir() and is_image_file(entry):
+            skipped.append((_shown(entry, root), f"image outside any class folder ({where})"))
+
+
+def _from_folders(root: Path, skipped: Skipped) -> tuple[list[Sample], bool]:
+    entries = _list_dir(root, root, skipped)
+    subdirs = [p for p in entries if p.is_dir()]
     if not subdirs:
         raise CxrError(f"{root}: no class folders found (expected {root}/<class>/<image> "
                        f"or {root}/<split>/<class>/<image>)")
@@ -112,12 +219,21 @@ def _from_folders(root: Path) -> tuple[list[Sample], bool]:
     groups = _read_group_manifest(root)
     rows: list[tuple[Path, str, str]] = []
     if split_dirs:
+        _not_folders(entries, root, skipped, "beside the split folders")
+        for other in subdirs:
+            if other not in split_dirs:
+                skipped.append((_shown(other, root), f"folder beside the split folders is not a split "
+                                                     f"({', '.join(SPLIT_NAMES)}): not read"))
         for split_dir in split_dirs:
-            for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-                rows += [(p, class_dir.name, split_dir.name.lower()) for p in _images_under(class_dir)]
+            inside = _list_dir(split_dir, root, skipped)
+            _not_folders(inside, root, skipped, f"directly in {split_dir.name}/")
+            for class_dir in (p for p in inside if p.is_dir()):
+                rows += [(p, class_dir.name, split_dir.name.lower())
+                         for p in _images_under(class_dir, root, skipped)]
     else:
+        _not_folders(entries, root, skipped, "beside the class folders")
         for class_dir in subdirs:
-            rows += [(p, class_dir.name, "") for p in _images_under(class_dir)]
+            rows += [(p, class_dir.name, "") for p in _images_under(class_dir, root, skipped)]
     samples = [Sample(path, label, split, groups.get(path.relative_to(root).as_posix(), ""))
                for path, label, split in rows]
     return samples, bool(groups)
@@ -125,60 +241,117 @@ def _from_folders(root: Path) -> tuple[list[Sample], bool]:
 
 def _from_csv(csv_path: Path) -> tuple[list[Sample], bool]:
     base = csv_path.parent
-    with open(csv_path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        fields = reader.fieldnames or []
-        if "path" not in fields or "label" not in fields:
-            raise CxrError(f"{csv_path}: a dataset CSV needs the columns path,label[,split][,group]; "
-                           f"found {','.join(fields) or 'none'}")
-        group_column = next((c for c in GROUP_COLUMNS if c in fields), None)
-        samples = []
-        for line, row in enumerate(reader, start=2):
-            if not row.get("path") or not row.get("label"):
-                raise CxrError(f"{csv_path}:{line}: empty path or label")
-            path = Path(row["path"])
-            samples.append(Sample(path if path.is_absolute() else base / path, row["label"],
-                                  (row.get("split") or "").lower(),
-                                  row.get(group_column, "") if group_column else ""))
+    fields, rows = _read_csv(csv_path)
+    if "path" not in fields or "label" not in fields:
+        raise CxrError(f"{csv_path}: a dataset CSV needs the columns path,label[,split][,group]; "
+                       f"found {','.join(fields) or 'none'}")
+    group_column = next((c for c in GROUP_COLUMNS if c in fields), None)
+    samples = []
+    for line, row in enumerate(rows, start=2):
+        if not row.get("path") or not row.get("label"):
+            raise CxrError(f"{csv_path}:{line}: empty path or label")
+        path = Path(row["path"])
+        samples.append(Sample(path if path.is_absolute() else base / path, row["label"],
+                              (row.get("split") or "").lower(),
+                              (row.get(group_column) or "") if group_column else ""))
     missing = [s.path for s in samples if not s.path.is_file()]
     if missing:
         raise CxrError(f"{csv_path}: {len(missing)} listed file(s) do not exist, first: {missing[0]}")
     return samples, group_column is not None
 
 
-def hash_samples(samples: list[Sample], workers: int = 4) -> list[Sample]:
-    """Return the samples with sha256 filled in (files read in parallel threads)."""
+def _digest(path: Path) -> str | OSError:
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        return exc
+
+
+def hash_samples(samples: list[Sample], workers: int = 4,
+                 skipped: Skipped | None = None, root: Path | None = None) -> list[Sample]:
+    """Return the samples with sha256 filled in (files read in parallel threads).
+
+    A file that cannot be read (permissions, vanished, I/O error) is left out and, when ``skipped`` is
+    given, listed there with the reason; without ``skipped`` the first such file raises CxrError.
+    """
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = list(pool.map(lambda s: sha256_file(s.path), samples))
-    return [Sample(s.path, s.label, s.split, s.group, d) for s, d in zip(samples, digests)]
+        digests = list(pool.map(lambda s: _digest(s.path), samples))
+    hashed = []
+    for sample, digest in zip(samples, digests):
+        if isinstance(digest, OSError):
+            reason = f"cannot be read ({type(digest).__name__}: {digest.strerror or digest})"
+            if skipped is None:
+                raise CxrError(f"{sample.path}: {reason}")
+            log.warning("skipped %s: %s", sample.path, reason)
+            skipped.append((_shown(sample.path, root) if root else str(sample.path), reason))
+        else:
+            hashed.append(Sample(sample.path, sample.label, sample.split, sample.group, digest))
+    return hashed
 
 
-def load_dataset(source: str | Path, split: str | None = None) -> Dataset:
+def _split_rank(split: str) -> int:
+    """train/ first, then val, then test: a repeated image is kept on the training side."""
+    return SPLIT_NAMES.index(split) if split in SPLIT_NAMES else len(SPLIT_NAMES)
+
+
+def merge_duplicates(samples: list[Sample], root: Path, skipped: Skipped) -> list[Sample]:
+    """One sample per sha256: copies under the same label are kept once (train/ copy first) and listed in
+    ``skipped``; copies under different labels raise CxrError naming both files."""
+    first: dict[str, Sample] = {}
+    for sample in sorted(samples, key=lambda s: (_split_rank(s.split), s.split, s.label, str(s.path))):
+        kept = first.setdefault(sample.sha256, sample)
+        if kept is sample:
+            continue
+        if kept.label != sample.label:
+            raise CxrError(f"the same image (sha256 {sample.sha256[:12]}...) has two labels: "
+                           f"{_shown(kept.path, root)} is '{kept.label}' and {_shown(sample.path, root)} is "
+                           f"'{sample.label}'; remove one copy or fix its label")
+        reason = f"the same image as {_shown(kept.path, root)} (sha256 {sample.sha256[:12]}...): kept once"
+        log.warning("%s: %s", sample.path, reason)
+        skipped.append((_shown(sample.path, root), reason))
+    chosen = {id(s) for s in first.values()}
+    return [s for s in samples if id(s) in chosen]
+
+
+def load_dataset(source: "str | Path | Dataset", split: str | None = None,
+                 keep_duplicates: bool = False) -> Dataset:
     """Read a dataset folder or CSV (module docstring), hash every file and return it in stable order.
 
-    split: keep only that split (e.g. "train"). Raises CxrError for a missing path or no images.
+    split: keep only that split (e.g. "train"). keep_duplicates: keep every copy of a repeated image (the
+    audit reports them); otherwise each image is kept once. A Dataset given as ``source`` is returned as is
+    (so a caller can read the data once and hand it on). Raises CxrError for a missing path or no images.
     """
+    if isinstance(source, Dataset):
+        return source if split is None else source.subset(split)
     source = Path(source).expanduser()
     if not source.exists():
         raise CxrError(f"{source}: no such file or folder")
     source = source.resolve()
+    skipped: Skipped = []
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise CxrError(f"{source}: give a folder of class subfolders or a .csv file with path,label columns")
         samples, has_groups = _from_csv(source)
         root = source.parent
     else:
-        samples, has_groups = _from_folders(source)
+        samples, has_groups = _from_folders(source, skipped)
         root = source
     if not has_groups:  # DICOM hook (extract/dicom.py): group = salted hash of the PatientID, never the id
         samples, has_groups = fill_dicom_groups(samples)
+    for path, reason in skipped:
+        log.warning("left out %s: %s", path, reason)
     if split is not None:
         samples = [s for s in samples if s.split == split]
     if not samples:
         where = f" in split '{split}'" if split else ""
         raise CxrError(f"{source}: no images found{where} (readable suffixes: {' '.join(IMAGE_SUFFIXES)})")
     samples.sort(key=lambda s: (s.split, s.label, str(s.path)))
-    return Dataset(root, hash_samples(samples), has_groups=has_groups)
+    samples = hash_samples(samples, skipped=skipped, root=root)
+    if not samples:
+        raise CxrError(f"{source}: none of the images could be read (first: {skipped[-1][0]}: {skipped[-1][1]})")
+    if not keep_duplicates:
+        samples = merge_duplicates(samples, root, skipped)
+    return Dataset(root, samples, has_groups=has_groups, skipped=skipped)
 
 
 def images_in_folder(folder: str | Path) -> list[Path]:
@@ -187,7 +360,7 @@ def images_in_folder(folder: str | Path) -> list[Path]:
     if not folder.exists():
         raise CxrError(f"{folder}: no such file or folder")
     folder = folder.resolve()
-    paths = [folder] if folder.is_file() else _images_under(folder)
+    paths = [folder] if folder.is_file() else _images_under(folder, folder, [])
     if not paths:
         raise CxrError(f"{folder}: no images found (readable suffixes: {' '.join(IMAGE_SUFFIXES)})")
     return paths

@@ -17,7 +17,7 @@ from cxr_transfer.classify.protocols import Split, paper_splits, resolve_groups
 from cxr_transfer.classify.results import images_fingerprint
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.extract.dataset import Dataset, Sample
-from cxr_transfer.extract.images import read_rgb
+from cxr_transfer.extract.images import ImageDecodeError, read_rgb
 
 
 @dataclass
@@ -54,7 +54,34 @@ def paper_split(dataset: Dataset, seed: int, test_size: float = 0.2, group_by: s
     """The paper's seeded, stratified 80/20 split of ``dataset`` (grouped by ``group_by`` when given, with
     near-duplicate clusters kept together exactly as compare does)."""
     groups = resolve_groups(dataset, group_by, hash_cache=hash_cache)
-    return paper_splits(np.asarray(dataset.label_indices), [seed], test_size=test_size, groups=groups)[0]
+    return paper_splits(np.asarray(dataset.label_indices), [seed], test_size=test_size, groups=groups,
+                        class_names=dataset.class_names)[0]
+
+
+def _read_or_reason(sample: Sample, size: int) -> np.ndarray | str:
+    try:
+        return read_rgb(sample.path, size)
+    except ImageDecodeError as exc:
+        return str(exc)
+
+
+def decode_readable(dataset: Dataset, size: int, workers: int = 2
+                    ) -> tuple[Dataset, np.ndarray, list[tuple[str, str]]]:
+    """Decode every image once; unreadable ones are left out and counted, as extraction does.
+
+    Returns (the dataset of the readable images, their uint8 pixels (N, size, size, 3), (path, reason) of
+    each skipped file). Raises CxrError when no image can be read.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        decoded = list(pool.map(lambda s: _read_or_reason(s, size), dataset.samples))
+    kept = [i for i, item in enumerate(decoded) if not isinstance(item, str)]
+    failures = [(dataset.relative(s), item.split(": ", 1)[-1])
+                for s, item in zip(dataset.samples, decoded) if isinstance(item, str)]
+    if not kept:
+        raise CxrError(f"{dataset.root}: none of the {len(dataset)} images could be read")
+    readable = Dataset(dataset.root, [dataset.samples[i] for i in kept], list(dataset.class_names),
+                       dataset.has_groups, list(dataset.skipped))
+    return readable, np.stack([decoded[i] for i in kept]), failures
 
 
 def decode_images(samples: list[Sample], size: int, workers: int = 2) -> np.ndarray:
@@ -64,9 +91,11 @@ def decode_images(samples: list[Sample], size: int, workers: int = 2) -> np.ndar
     return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
 
 
-def load_split_images(dataset: Dataset, split: Split, size: int, workers: int = 2) -> SplitImages:
-    """Decode all images of the dataset once and cut them along the split."""
-    images = decode_images(dataset.samples, size, workers)
+def load_split_images(dataset: Dataset, split: Split, size: int, workers: int = 2,
+                      images: np.ndarray | None = None) -> SplitImages:
+    """Decode all images of the dataset once (unless ``images`` are given, aligned with it) and cut them
+    along the split."""
+    images = decode_images(dataset.samples, size, workers) if images is None else images
     labels = np.asarray(dataset.label_indices, dtype=np.int64)
     train, test = split.train_idx, split.test_idx
     return SplitImages(split, [dataset.samples[i] for i in train], [dataset.samples[i] for i in test],

@@ -19,7 +19,7 @@ HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "epo
 def write_history(run_dir: Path, history: Sequence[dict[str, float]]) -> Path:
     """One row per finished epoch (1-based): training and held-out loss/accuracy, seconds."""
     path = run_dir / HISTORY_CSV
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in history:
@@ -106,5 +106,5 @@ def write_report(run_dir: Path, info: dict[str, Any], metrics: dict[str, Any] | 
     lines += ["## Files", "", "history.csv, curves.png" + (", confusion.png, model.keras, model.onnx, model.json"
                                                               if not partial else "") + ", results.json, run.json", ""]
     path = run_dir / REPORT_MD
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines), encoding="utf-8", errors="backslashreplace")
     return path

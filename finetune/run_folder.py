@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
 from cxr_transfer.classify.metrics import classification_metrics, headline, summarize
 from cxr_transfer.classify.results import Evaluation, save_results
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.outputs import new_run_dir, writable_folder
 from cxr_transfer.core.record import now_iso, write_json
 from cxr_transfer.extract.registry import BackboneConfig, get_backbone
 from cxr_transfer.extract.weights import WeightsSource
@@ -29,18 +29,26 @@ RUN_JSON = "run.json"
 STATUS_JSON = "status.json"
 
 
+MODEL_FILES = ("model.keras", "model.onnx", "model.json")
+
+
 def make_run_dir(settings: FinetuneSettings, size: int) -> Path:
-    if settings.run_dir is not None:
-        run_dir = Path(settings.run_dir).expanduser()
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    """The run folder: ``--run-dir`` as given (refused when it holds a finished run), else a new unique
+    ``finetune-<backbone>-<size>-<path>-seed<N>-<time>-<random>`` under ``out_dir``."""
+    if settings.run_dir is None:
         path_kind = f"fast-k{settings.views}" if settings.fast else "plain"
-        run_dir = Path(settings.out_dir).expanduser() / \
-            f"finetune-{get_backbone(settings.backbone).name}-{size}-{path_kind}-seed{settings.seed}-{stamp}"
+        return new_run_dir(settings.out_dir,
+                           f"finetune-{get_backbone(settings.backbone).name}-{size}-{path_kind}-seed{settings.seed}")
+    run_dir = Path(settings.run_dir).expanduser()
     status = run_dir / STATUS_JSON
-    if status.is_file() and json.loads(status.read_text()).get("status") == "complete":
-        raise CxrError(f"{run_dir} already holds a finished run; give another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if status.is_file():
+        try:
+            finished = json.loads(status.read_text(encoding="utf-8")).get("status") == "complete"
+        except (ValueError, AttributeError):
+            finished = True   # an unreadable status is no proof the run there can be overwritten
+        if finished:
+            raise CxrError(f"{run_dir} already holds a finished run; give another --run-dir")
+    writable_folder(run_dir, "--run-dir")
     return run_dir
 
 
@@ -57,10 +65,18 @@ def summary_rows(backbone: str, model: str, metrics: dict[str, Any]) -> list[dic
 
 def finish_partial(run_dir: Path, settings: FinetuneSettings, record: dict[str, Any], info: dict[str, Any],
                     class_names: Sequence[str], stop: TrainingInterrupted, decode_seconds: float,
-                    wall_started: float) -> None:
-    """Keep what an interrupted run did: history, curves, a partial results.json, report and status."""
+                    wall_started: float, while_saving: bool = False) -> None:
+    """Keep what an interrupted run did: history, curves, a partial results.json, report and status.
+
+    while_saving: the interrupt came after the last epoch; the model files may be half written, so they
+    are removed (predict must not load them) and the status says so.
+    """
     done = len(stop.history)
-    record.update(partial=True, status="interrupted", epochs_done=done,
+    if while_saving:
+        for name in MODEL_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+    reason = "KeyboardInterrupt while saving the model" if while_saving else "KeyboardInterrupt"
+    record.update(partial=True, status="interrupted", epochs_done=done, interrupted=reason,
                   timings={**stop.timings, "decode_seconds": decode_seconds,
                            "total_seconds": time.perf_counter() - wall_started})
     write_history(run_dir, stop.history)
@@ -70,8 +86,9 @@ def finish_partial(run_dir: Path, settings: FinetuneSettings, record: dict[str, 
     save_results(run_dir, "finetune", class_names, record, [], [])
     write_json(run_dir / RUN_JSON, record)
     write_report(run_dir, info, None, stop.history, partial=True)
-    write_status(run_dir, "partial", done, settings.epochs, reason="KeyboardInterrupt")
-    say(settings, f"interrupted after {done} epochs; partial run kept in {run_dir}")
+    write_status(run_dir, "partial", done, settings.epochs, reason=reason)
+    when = " (while saving the model, which was not kept)" if while_saving else ""
+    say(settings, f"interrupted after {done} of {settings.epochs} epochs{when}; partial run kept in {run_dir}")
 
 
 def finish(run_dir: Path, settings: FinetuneSettings, config: BackboneConfig, size: int, source: WeightsSource,

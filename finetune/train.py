@@ -17,7 +17,9 @@ curves.png, confusion.png, report.md, model.keras, model.onnx, model.json.
 
 Modules: ``settings`` (FinetuneSettings), ``loops`` (the two training loops), ``run_folder`` (the files).
 Ctrl-C (KeyboardInterrupt) while training keeps the run folder, marked partial (status.json, results.json's
-record and report.md say ``partial: true``) with the history and curves so far, then re-raises.
+record and report.md say ``partial: true``) with the history and curves so far, then re-raises; when it
+arrives after the last epoch, while the model is saved, every epoch's history is kept and the half-written
+model files are removed. Unreadable images are skipped and counted (run.json, report), as extraction does.
 """
 from __future__ import annotations
 
@@ -27,13 +29,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cxr_transfer.classify.duplicate_groups import default_hash_cache
+from cxr_transfer.classify.protocols import resolve_groups
 from cxr_transfer.classify.results import images_fingerprint
+from cxr_transfer.core.outputs import writable_folder
 from cxr_transfer.core.record import run_record, write_json
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.onnx_export import get_onnx_backbone
 from cxr_transfer.extract.registry import get_backbone
 from cxr_transfer.extract.weights import resolve_weights
-from cxr_transfer.finetune.data import load_split_images, paper_split, select_split_subset
+from cxr_transfer.finetune.data import decode_readable, load_split_images, paper_split, select_split_subset
 from cxr_transfer.finetune.loops import TrainingInterrupted, say, train_fast, train_plain
 from cxr_transfer.finetune.model import build_finetune_model
 from cxr_transfer.finetune.report import write_history
@@ -56,10 +60,10 @@ def run_finetune(settings: FinetuneSettings, callbacks: Sequence[Any] = ()) -> P
     size = config.input_size(settings.input_size)
     source = resolve_weights(config, settings.weights_file, settings.weights_dir, settings.random_weights,
                              allow_download=settings.allow_download)
+    writable_folder(Path(settings.run_dir).expanduser().parent if settings.run_dir else settings.out_dir, "run")
     dataset = select_split_subset(load_dataset(settings.data), settings.split)
     class_names = dataset.class_names
-    split = paper_split(dataset, settings.seed, settings.test_size, settings.group_by,
-                        default_hash_cache(dataset, settings.cache_dir))
+    resolve_groups(dataset, settings.group_by, merge_duplicates=False)  # fail before building anything
     prepare_started = time.perf_counter()
     if settings.fast:  # exports (or finds cached) the ONNX body: builds the Keras body with the weights
         prepared = get_onnx_backbone(config, size, source, settings.cache_dir)
@@ -67,12 +71,20 @@ def run_finetune(settings: FinetuneSettings, callbacks: Sequence[Any] = ()) -> P
         prepared = build_finetune_model(config, size, source, settings.dense_units, settings.dropout,
                                         len(class_names), seed=settings.seed)
     prepare_seconds = time.perf_counter() - prepare_started
+    decode_started = time.perf_counter()
+    dataset, images, skipped = decode_readable(dataset, size)   # unreadable images are skipped and counted
+    decode_seconds = time.perf_counter() - decode_started
+    for path, reason in skipped:
+        say(settings, f"skipped {path}: {reason}")
+    split = paper_split(dataset, settings.seed, settings.test_size, settings.group_by,
+                        default_hash_cache(dataset, settings.cache_dir))
     run_dir = make_run_dir(settings, size)
     record = run_record("finetune", {**asdict(settings), "input_size": size}, seed=settings.seed,
                         backbone=config.name, model=settings.model_name,
                         weights={"source": source.describe(), "sha256": source.sha256},
                         dataset={"root": str(dataset.root), "fingerprint": dataset.fingerprint,
-                                 "n_images": len(dataset), "split_folder": settings.split},
+                                 "n_images": len(dataset), "split_folder": settings.split,
+                                 "skipped": skipped, "left_out": dataset.skipped},
                         split={"protocol": "paper", "test_size": settings.test_size,
                                "group_by": settings.group_by, "n_train": int(len(split.train_idx)),
                                "n_test": int(len(split.test_idx)),
@@ -91,26 +103,29 @@ def run_finetune(settings: FinetuneSettings, callbacks: Sequence[Any] = ()) -> P
             "n_train": len(split.train_idx), "n_test": len(split.test_idx),
             "test_fingerprint": record["split"]["test_fingerprint"]}
     trainer = train_fast if settings.fast else train_plain
-    decode_seconds = 0.0
+    outcome = None
 
     def on_epoch(history: list[dict[str, float]]) -> None:
         write_history(run_dir, history)
         write_status(run_dir, "running", len(history), settings.epochs)
 
     try:
-        decode_started = time.perf_counter()
-        data = load_split_images(dataset, split, size)
-        decode_seconds = time.perf_counter() - decode_started
+        data = load_split_images(dataset, split, size, images=images)
         outcome = trainer(settings, prepared, data, len(class_names), callbacks, on_epoch)
         outcome.timings["prepare_seconds"] = prepare_seconds
         finish(run_dir, settings, config, size, source, record, info, class_names, data, outcome,
                 decode_seconds, wall_started)
     except (TrainingInterrupted, KeyboardInterrupt) as stop:
-        if not isinstance(stop, TrainingInterrupted):  # before the first epoch or while saving
+        saving = outcome is not None and not isinstance(stop, TrainingInterrupted)
+        if saving:  # every epoch ran: keep their history, the model files may be half written
+            stop = TrainingInterrupted(outcome.history, outcome.timings)
+        elif not isinstance(stop, TrainingInterrupted):  # before the first epoch
             stop = TrainingInterrupted([], {})
-        finish_partial(run_dir, settings, record, info, class_names, stop, decode_seconds, wall_started)
+        finish_partial(run_dir, settings, record, info, class_names, stop, decode_seconds, wall_started,
+                       while_saving=saving)
         raise KeyboardInterrupt from None
     except BaseException as exc:
-        write_status(run_dir, "failed", 0, settings.epochs, error=f"{type(exc).__name__}: {exc}"[:500])
+        write_status(run_dir, "failed", len(outcome.history) if outcome else 0, settings.epochs,
+                     error=f"{type(exc).__name__}: {exc}"[:500])
         raise
     return run_dir

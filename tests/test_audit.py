@@ -164,7 +164,7 @@ def write_edited_dataset(root: Path) -> dict[str, str]:
 
 def test_find_duplicates_finds_exact_copy_and_every_edit_across_splits(tmp_path, cache_dir):
     made = write_edited_dataset(tmp_path / "data")
-    dataset = load_dataset(tmp_path / "data")
+    dataset = load_dataset(tmp_path / "data", keep_duplicates=True)   # as run_audit reads it
     features, _ = load_features(dataset, tiny_settings(cache_dir))
     embeddings = {s.sha256: features.embeddings[i] for i, s in enumerate(features.samples)}
     scan = find_duplicates(dataset, embeddings)
@@ -184,7 +184,7 @@ def test_hash_cache_is_reused_and_clusters_join_pairs(tmp_path, monkeypatch):
     import cxr_transfer.audit.duplicates as duplicates
 
     write_edited_dataset(tmp_path / "data")
-    dataset = load_dataset(tmp_path / "data")
+    dataset = load_dataset(tmp_path / "data", keep_duplicates=True)   # as run_audit reads it
     cache = tmp_path / "hashes.npz"
     first = find_duplicates(dataset, cache_path=cache)
     assert cache.is_file()
@@ -377,3 +377,26 @@ def test_cli_audit_exits_2_on_a_bad_path(tmp_path, capsys):
 
     assert main(["audit", "--data", str(tmp_path / "missing"), "--random-weights", "--no-progress"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_findings_speak_of_patient_ids_only_when_there_are_ids_and_name_unrun_checks():
+    """Issue 9, item 12: 'between different patient ids' without ids; 'nothing found' without having checked."""
+    import numpy as np
+
+    from cxr_transfer.audit.acquisition import AcquisitionResult
+    from cxr_transfer.audit.duplicates import DuplicatePair, DuplicateRule, DuplicateScan
+    from cxr_transfer.audit.leakage import LeakageResult
+    from cxr_transfer.audit.pixel_shortcuts import PixelShortcutResult
+    from cxr_transfer.audit.run import _findings, _verdict
+
+    pair = DuplicatePair("near", "covid/a.png", "covid/b.png", "covid", "covid", "", "", "", "", 3, 0.99)
+    dup = DuplicateScan([pair], [], np.zeros((0, 0)), None, [], DuplicateRule())
+    leak = LeakageResult(False, "no patient ids", 0, [], 0, [])
+    skipped = "no cross-validation: only one class ('covid', 5 images); need at least two classes to split"
+    acq = AcquisitionResult({}, [], None, None, {}, 1.0, {}, False, skipped)
+    pix = PixelShortcutResult("logreg", 5, False, 1.0, {}, skipped)
+    assert "patient ids" not in " ".join(_findings(dup, leak, acq, pix, has_groups=False))
+    assert "1 between different patient ids" in " ".join(_findings(dup, leak, acq, pix, has_groups=True))
+    verdict = _verdict(DuplicateScan([], [], np.zeros((0, 0)), None, [], DuplicateRule()), leak, acq, pix)
+    assert "Not checked: acquisition shortcuts (no cross-validation: only one class ('covid'" in verdict
+    assert "No duplicates or leakage were found" in verdict and "or shortcuts were found" not in verdict

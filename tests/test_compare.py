@@ -146,3 +146,26 @@ def test_cli_compare_prints_the_chosen_head_and_paired_tests(dataset_dir, extrac
     assert "knn, named by the user (--head knn)" in capsys.readouterr().out
     assert cli.main(base + ["--head", "rf"]) == 2
     assert "--head rf is not among the compared heads" in capsys.readouterr().err
+
+
+def test_predictions_and_reports_are_utf8_under_an_ascii_locale(tmp_path):
+    """Issue 9, item 1: names are UTF-8 text in every output file, whatever the locale's encoding."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import numpy as np
+from pathlib import Path
+from cxr_transfer.classify.predict import _write_predictions
+from cxr_transfer.extract.dataset import Dataset, Sample
+root = Path({str(tmp_path)!r})
+sample = Sample(root / "r\\u00f6ntgen.png", "", sha256="0" * 64)
+classes = ["c\\u00f6vid", "normal"]
+_write_predictions(root / "p.csv", Dataset(root, [sample], classes), [sample], np.array([[0.9, 0.1]]), classes)
+"""
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = (tmp_path / "p.csv").read_text(encoding="utf-8")
+    assert "röntgen.png" in text and "p_cövid" in text and ",cövid," in text

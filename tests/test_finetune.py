@@ -232,6 +232,40 @@ def test_ctrl_c_keeps_a_partial_run_with_curves(dataset_dir, cache_dir, tmp_path
     assert not (run_dir / "model.keras").exists()
 
 
+def test_ctrl_c_while_saving_keeps_every_epoch_and_no_half_model(dataset_dir, cache_dir, tmp_path, monkeypatch):
+    """Issue 9, item 4: Ctrl-C after the last epoch (while saving) used to wipe the history to 0 epochs."""
+    import cxr_transfer.finetune.run_folder as run_folder
+
+    def interrupted_save(run_dir, *args, **kwargs):
+        (run_dir / "model.keras").write_bytes(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_folder, "save_model", interrupted_save)
+    run_dir = tmp_path / "saving"
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(settings(dataset_dir, run_dir, cache_dir, epochs=2))
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "partial" and status["epochs_done"] == 2, status
+    assert "while saving" in status["reason"]
+    assert len((run_dir / "history.csv").read_text().strip().splitlines()) == 1 + 2
+    assert json.loads((run_dir / "run.json").read_text())["epochs_done"] == 2
+    assert not (run_dir / "model.keras").exists()
+
+
+def test_an_unreadable_image_is_skipped_and_counted(dataset_dir, cache_dir, tmp_path):
+    """Issue 9, item 13: finetune stopped at the first unreadable image; it is skipped and counted like extract."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset_dir, data)
+    (data / "train" / "covid" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    run_dir = run_finetune(settings(data, tmp_path / "run", cache_dir, epochs=1, export_onnx=False))
+    record = json.loads((run_dir / "run.json").read_text())
+    assert [path for path, _ in record["dataset"]["skipped"]] == ["train/covid/broken.png"]
+    assert record["dataset"]["n_images"] == 3 * 12
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "complete"
+
+
 def test_missing_weights_fail_before_anything_is_written(dataset_dir, cache_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     empty = tmp_path / "weights"

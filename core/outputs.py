@@ -1,0 +1,98 @@
+"""Where results are written: folders checked writable before any work, and run folders that never collide.
+
+Every command that writes (compare, finetune, audit, predict, report) checks its output place first, so a
+mistyped or read-only ``--out`` fails at once with one message instead of after all the computing. Run
+folders are created with an exclusive ``mkdir``: a default name is a timestamp plus a random suffix, so two
+runs started in the same second get two folders, and a name given by the user is refused when that folder
+already holds files (a finished run is never overwritten or mixed with a new one).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+from cxr_transfer.core.errors import CxrError
+
+FINISHED_MARKERS = ("results.json", "record.json", "run.json")
+"""Files whose presence means a run folder holds (or held) a run."""
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def writable_folder(folder: str | Path, what: str = "output") -> Path:
+    """Create ``folder`` when missing and prove a file can be written in it; CxrError naming it otherwise."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise CxrError(f"{folder}: the {what} folder is an existing file, not a folder; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CxrError(f"{folder}: cannot create the {what} folder ({_reason(exc)})") from None
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".cxr-write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CxrError(f"{folder}: the {what} folder is not writable ({_reason(exc)})") from None
+    return folder
+
+
+def writable_file(path: str | Path, what: str = "output") -> Path:
+    """Check a file can be written at ``path`` (its folder is created when missing); CxrError otherwise."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise CxrError(f"{path}: the {what} file is an existing folder; give a file name")
+    writable_folder(path.parent, what)
+    return path
+
+
+def _check_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+        raise CxrError(f"run name {name!r} must be one folder name (no '/', not '.' or '..')")
+    if len(name.encode("utf-8", "surrogateescape")) > 200:
+        raise CxrError(f"run name of {len(name)} characters is too long (at most 200 bytes)")
+
+
+def check_run_name(out_dir: str | Path, name: str) -> Path:
+    """The folder ``out_dir/name`` after checking it is free (missing or empty); CxrError when it holds a run."""
+    _check_name(name)
+    path = Path(out_dir).expanduser() / name
+    if path.exists() and not path.is_dir():
+        raise CxrError(f"{path}: exists and is a file; give another --name")
+    if path.is_dir() and any(path.iterdir()):
+        finished = [m for m in FINISHED_MARKERS if (path / m).is_file()]
+        held = f"a finished run ({finished[0]})" if finished else "files of another run"
+        raise CxrError(f"{path} already holds {held}; give another --name or remove the folder")
+    return path
+
+
+def new_run_dir(out_dir: str | Path, prefix: str, name: str | None = None) -> Path:
+    """Create and return a fresh run folder under ``out_dir``.
+
+    name: the user's exact folder name (refused when it holds a run, see ``check_run_name``); otherwise
+    ``<prefix>-<YYYYmmdd-HHMMSS>-<6 hex>``, created exclusively so concurrent runs never share one.
+    """
+    out_dir = writable_folder(out_dir, "run")
+    if name:
+        path = check_run_name(out_dir, name)
+        try:
+            path.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise CxrError(f"{path}: cannot create the run folder ({_reason(exc)})") from None
+        return path
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for _ in range(100):
+        path = out_dir / f"{prefix}-{stamp}-{secrets.token_hex(3)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise CxrError(f"{path}: cannot create the run folder ({_reason(exc)})") from None
+        return path
+    raise CxrError(f"{out_dir}: could not find a free run folder name for {prefix}-{stamp}")
