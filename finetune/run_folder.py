@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from cxr_transfer.classify.comparisons import CORRECT, correctness_string
 from cxr_transfer.classify.metrics import classification_metrics, headline, summarize
 from cxr_transfer.classify.results import Evaluation, save_results
 from cxr_transfer.core.errors import CxrError
@@ -114,7 +115,10 @@ def finish(run_dir: Path, settings: FinetuneSettings, config: BackboneConfig, si
                             data.held_out_fingerprint, metrics, timings["fit_seconds"], timings["predict_seconds"],
                             extra={"seed": settings.seed, "epochs": settings.epochs, "input_size": size,
                                    "timings": timings, "final_epoch": outcome.history[-1],
-                                   "onnx_sha256": model_info.get("onnx_sha256"), **outcome.extra})
+                                   "onnx_sha256": model_info.get("onnx_sha256"),
+                                   CORRECT: correctness_string(data.y_test, proba.argmax(axis=1),
+                                                               [s.sha256 for s in data.test_samples]),
+                                   **outcome.extra})
     record.update(partial=False, status="complete", epochs_done=len(outcome.history), timings=timings,
                   model=settings.model_name, model_files=model_info)
     write_history(run_dir, outcome.history)
