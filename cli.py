@@ -300,7 +300,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                                 common=common_settings(args), batch_size=args.batch_size, group_by=args.group_by,
                                 merge_duplicates=not args.no_merge_duplicates, subgroups=args.subgroups,
                                 alpha=args.alpha, calibrate=args.calibrate, folds=args.folds, n_boot=args.n_boot,
-                                seed=args.seed, save=args.save, out_dir=args.out, run_name=args.name,
+                                seed=args.seed, save=args.save, explain=args.explain, out_dir=args.out,
+                                run_name=args.name,
                                 n_jobs=args.jobs)
     for line in run.verdict:
         print(line)
@@ -423,8 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", action="store_true",
                    help="save each head with its conformal calibration (for predict --conformal)")
+    p.add_argument("--explain", type=int, default=0, metavar="N",
+                   help="heatmaps of the N most confident external errors and the border share per class "
+                        "(saves the heads, which explain reads)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders")
-    p.add_argument("--name", default=None, help="run folder name (default: validate-TIMESTAMP)")
+    p.add_argument("--name", default=None, help="run folder name (default: validate-TIMESTAMP-XXXXXX)")
     p.add_argument("--jobs", type=int, default=-1, help="parallel fits (default: all cores)")
     p.set_defaults(func=cmd_validate)
     return parser

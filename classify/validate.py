@@ -22,8 +22,8 @@ prediction set).
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +53,7 @@ from cxr_transfer.classify.results import images_fingerprint
 from cxr_transfer.classify.validate_report import verdict_lines, write_external_predictions, write_report
 from cxr_transfer.core.cache_keys import dataset_cache_id
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.outputs import new_run_dir
 from cxr_transfer.core.record import run_record, write_json
 from cxr_transfer.extract.dataset import MANIFEST_NAME, Dataset, load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings, FeatureSet, load_features
@@ -79,6 +80,7 @@ class ValidateSettings:
     n_boot: int = DEFAULT_N_BOOT
     seed: int = 0
     save: bool = False
+    explain: int = 0                   # heatmaps of the N most confident external errors (0: none)
     out_dir: Path = Path("runs")
     run_name: str | None = None
     n_jobs: int = -1
@@ -90,6 +92,8 @@ class ValidateSettings:
             raise CxrError(f"--alpha (the miscoverage) must be between 0 and 1, got {self.alpha} instead")
         if self.folds < 2:
             raise CxrError(f"--folds must be at least 2, got {self.folds} instead")
+        if self.explain < 0:
+            raise CxrError(f"--explain takes a number of images (0: none), got {self.explain} instead")
         if self.n_boot < 100:
             raise CxrError(f"--n-boot must be at least 100 for a 95% interval, got {self.n_boot} instead")
 
@@ -102,7 +106,7 @@ class ValidateSettings:
                 "backbones": self.backbones, "heads": self.heads, "group_by": self.group_by,
                 "merge_duplicates": self.merge_duplicates, "subgroups": self.subgroups, "alpha": self.alpha,
                 "calibrate": self.calibrate, "folds": self.folds, "n_boot": self.n_boot, "seed": self.seed,
-                "save": self.save}
+                "save": self.save, "explain": self.explain}
 
 
 @dataclass
@@ -191,7 +195,7 @@ def _fit_part(backbone: str, head: str, part: int | None, X: np.ndarray, y: np.n
                 out["external_calibrated"] = model.predict_proba(X_ext)
             conformal = fit_conformal(head, X, y, settings.alpha, groups, folds, seed)
             out["external_sets"] = prediction_sets(conformal, X_ext)
-            if settings.save:
+            if settings.save or settings.explain:
                 out["saved_model"] = ConformalHead(final, conformal, settings.alpha)
     out["seconds"] = time.perf_counter() - started
     return out
@@ -424,9 +428,7 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
     flagged = _flags(models)
     verdict = verdict_lines(models, flagged, settings)
 
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(settings.out_dir) / (settings.run_name or f"validate-{stamp}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = new_run_dir(settings.out_dir, "validate", settings.run_name)
     record = run_record("validate", settings.record(), seed=settings.seed, train_root=str(pool.root),
                         train_note=", train/ split" if pool is not full else "", n_train=len(samples),
                         train_fingerprint=images_fingerprint([s.sha256 for s in samples]),
@@ -438,7 +440,7 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
                         external_clusters="patients" if ext_clusters is not None else "images",
                         merged_groups=merged, mapie=_mapie_version(), extraction=extraction, timings=timings,
                         seconds=round(time.perf_counter() - started, 2))
-    if settings.save:
+    if settings.save or settings.explain:   # explain needs the heads on disk
         record["saved_models"] = []
         for f in fitted:
             path = save_head(run_dir / f"{f['backbone']}-{f['head']}.joblib", f["saved_model"], class_names,
@@ -446,6 +448,8 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
                              {"trained_on": record["train_fingerprint"], "n_train": len(y), "head": f["head"],
                               "seed": settings.seed, "dataset": str(pool.root), "conformal_alpha": settings.alpha})
             record["saved_models"].append(str(path))
+    if settings.explain:
+        record["explain"] = explain_errors(run_dir, fitted, models, ext_samples, y_ext, class_names, settings)
     write_json(run_dir / "record.json", record)
     write_json(run_dir / "results.json", _json_safe({"kind": "validate", "class_names": class_names,
                                                      "record": record, "verdict": verdict, "notes": notes,
@@ -453,7 +457,74 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
     write_external_predictions(run_dir / "external_predictions.csv", [external.relative(s) for s in ext_samples],
                                [s.label for s in ext_samples], subgroup_values, fitted, class_names)
     write_report(run_dir, models, verdict, notes, class_names, record, settings)
+    if settings.explain:
+        with open(run_dir / "report.md", "a", encoding="utf-8") as handle:
+            handle.write("\n" + explain_section(record["explain"]) + "\n")
     return ValidateRun(run_dir, class_names, models, verdict, notes)
+
+
+LINEAR_HEADS = ("logreg", "linsvm")
+"""Heads whose heatmaps are exact class activation maps (cheap); others need occlusion (64 passes per image)."""
+
+
+def explain_errors(run_dir: Path, fitted: list[dict[str, Any]], models: list[dict[str, Any]], ext_samples: list,
+                   y_ext: np.ndarray, class_names: list[str], settings: ValidateSettings) -> dict[str, Any]:
+    """``--explain N``: a sheet of the N most confident external errors of one model, with heatmaps, and the
+    mean share of positive evidence in the border region per true class over every external image.
+
+    The model: the linear head (exact CAM) with the best external accuracy, else the best model (occlusion).
+    """
+    from cxr_transfer.explain.explainers import load_explainer
+    from cxr_transfer.explain.run import explanation_sheet, iter_explanations, mean_shares
+
+    accuracy = {(m["backbone"], m["head"]): m["external"]["metrics"]["accuracy"]["value"] for m in models}
+    linear = [f for f in fitted if f["head"] in LINEAR_HEADS]
+    chosen = max(linear or fitted, key=lambda f: accuracy[(f["backbone"], f["head"])])
+    name = f"{chosen['backbone']}+{chosen['head']}"
+    model_path = run_dir / f"{chosen['backbone']}-{chosen['head']}.joblib"
+    extract = settings.extract.with_backbone(chosen["backbone"])
+    proba = chosen["external_proba"]
+    predicted = proba.argmax(axis=1)
+    errors = [i for i in np.argsort(-proba.max(axis=1), kind="stable") if predicted[i] != y_ext[i]]
+    shown = errors[:settings.explain]
+    result: dict[str, Any] = {"model": name, "why": "linear head with the best external accuracy (exact CAM)"
+                              if linear else "best external accuracy (no linear head: occlusion)",
+                              "n_errors": len(errors), "shown": []}
+    if shown:
+        sheet, explained = explanation_sheet(
+            [ext_samples[i].path for i in shown], model_path, run_dir / "explain-errors.png",
+            captions=[f"true {class_names[y_ext[i]]}: {Path(ext_samples[i].path).name[:28]}" for i in shown],
+            settings=extract)
+        result["sheet"] = sheet.name
+        result["shown"] = [{"path": str(ext_samples[i].path), "true": class_names[y_ext[i]],
+                            "predicted": e.predicted, "probability": round(e.probability, 4),
+                            "border_share": e.shares["border"]} for i, e in zip(shown, explained)]
+    explainer = load_explainer(model_path, extract, "auto")
+    external = Dataset(Path(os.path.commonpath([str(Path(s.path).parent) for s in ext_samples])),
+                       list(ext_samples), list(class_names))
+    skipped: list[tuple[str, str]] = []
+    pairs = list(iter_explanations(external, explainer, extract, skipped))
+    truth = {s.sha256: class_names[y] for s, y in zip(ext_samples, y_ext)}
+    shares = mean_shares([e for e, _ in pairs], [truth[s.sha256] for _, s in pairs])
+    result["method"] = explainer.method
+    result["border_share_by_true_class"] = {k: {"mean": v[0], "n": v[1]} for k, v in shares.items()}
+    return result
+
+
+def explain_section(info: dict[str, Any]) -> str:
+    """The report's heatmap section (``--explain N``)."""
+    lines = ["## What the model looks at (`--explain`)", "",
+             f"Model: {info['model']} ({info['why']}; method {info['method']}). "
+             f"{len(info['shown'])} of its {info['n_errors']} external errors, most confident first:", ""]
+    if info.get("sheet"):
+        lines += [f"![most confident external errors]({info['sheet']})", ""]
+    lines += ["| image | true | predicted | p | border share |", "|---|---|---|---|---|"]
+    lines += [f"| {Path(r['path']).name} | {r['true']} | {r['predicted']} | {r['probability']:.2f} | "
+              f"{r['border_share']:.0%} |" for r in info["shown"]]
+    lines += ["", "Mean share of the positive evidence in the border frame (5 % of each side; 19 % by area), "
+              "per true class, over every external image:", "", "| class | border share | images |", "|---|---|---|"]
+    lines += [f"| {k} | {v['mean']:.1%} | {v['n']} |" for k, v in info["border_share_by_true_class"].items()]
+    return "\n".join(lines)
 
 
 def _hash_cache_name() -> str:

@@ -34,7 +34,9 @@ class LinearScores:
 
 
 def unwrap(model: Any) -> Any:
-    """The fitted pipeline inside a tuned head (GridSearchCV), else the model itself."""
+    """The fitted pipeline inside a head saved with its conformal sets (validate) or a tuned head
+    (GridSearchCV), else the model itself."""
+    model = getattr(model, "head", model)
     return getattr(model, "best_estimator_", model)
 
 

@@ -83,8 +83,9 @@ def mean_shares(explanations: Sequence[Explanation], labels: Sequence[str] | Non
     return {name: (float(np.mean(v)), len(v)) for name, v in sorted(values.items())}
 
 
-def _iter_explanations(dataset: Dataset, explainer: Explainer, settings: ExtractSettings,
+def iter_explanations(dataset: Dataset, explainer: Explainer, settings: ExtractSettings,
                        skipped: list[tuple[str, str]]) -> Iterator[tuple[Explanation, Sample]]:
+    """Explain the dataset's images batch by batch, in order; unreadable ones are added to ``skipped``."""
     from cxr_transfer.extract.images import decoded_batches
 
     for good, batch, bad in decoded_batches(dataset.samples, explainer.input_size, settings.batch_size,
@@ -149,7 +150,7 @@ def explain_images(images: str | Path, model: str | Path, settings: ExtractSetti
     with open(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
-        for item, sample in _iter_explanations(dataset, explainer, settings, skipped):
+        for item, sample in iter_explanations(dataset, explainer, settings, skipped):
             if pngs:
                 item.png = write_overlay(out / _png_name(item.path, used), read_rgb(sample.path), item.heatmap,
                                          _title(item))
@@ -184,7 +185,7 @@ def explanation_sheet(paths: Sequence[str | Path], model: str | Path, out_png: s
     root = Path(os.path.commonpath([p.parent for p in files]))
     dataset = Dataset(root, hash_samples([Sample(p, "") for p in files]), ["?"])
     skipped: list[tuple[str, str]] = []
-    pairs = list(_iter_explanations(dataset, explainer, settings, skipped))
+    pairs = list(iter_explanations(dataset, explainer, settings, skipped))
     if skipped:
         raise CxrError(f"{skipped[0][1]} ({len(skipped)} of {len(files)} images unreadable)")
     explanations = [item for item, _ in pairs]

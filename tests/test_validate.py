@@ -278,3 +278,26 @@ def test_validate_refusals(pair, cache_dir, tmp_path):
     other = write_class_tree(tmp_path / "other", classes=("covid", "tuberculosis"), per_class=2)
     with pytest.raises(CxrError, match="tuberculosis are not among TRAIN's classes"):
         run_validate(ValidateSettings(data=train, external=other, extract=extract))
+
+
+def test_validate_explain_draws_the_most_confident_errors(pair, cache_dir, tmp_path):
+    train, ext = pair
+    extract = ExtractSettings.from_options(backbone="mobilenetv2", random_weights=True, input_size=32,
+                                           progress=False, cache_dir=cache_dir)
+    run = run_validate(ValidateSettings(data=train, external=ext, extract=extract, backbones="mobilenetv2",
+                                        heads="knn,logreg", folds=3, n_boot=100, explain=2, out_dir=tmp_path,
+                                        run_name="x", n_jobs=1))
+    info = json.loads((run.run_dir / "record.json").read_text())["explain"]
+    assert info["model"] == "mobilenetv2+logreg" and info["method"] == "cam"     # the linear head: exact CAM
+    errors = [r for r in run.models if r["head"] == "logreg"][0]["external"]["metrics"]["accuracy"]["value"]
+    assert info["n_errors"] == round((1 - errors) * 15) and len(info["shown"]) == min(2, info["n_errors"])
+    probabilities = [r["probability"] for r in info["shown"]]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert all(r["true"] != r["predicted"] for r in info["shown"])
+    if info["shown"]:
+        assert (run.run_dir / info["sheet"]).is_file()
+    shares = info["border_share_by_true_class"]
+    assert set(shares) <= set(CLASSES) and sum(v["n"] for v in shares.values()) <= 15
+    assert all(0.0 <= v["mean"] <= 1.0 for v in shares.values())
+    assert "## What the model looks at" in (run.run_dir / "report.md").read_text()
+    assert (run.run_dir / "mobilenetv2-logreg.joblib").is_file()          # explain reads the saved head
