@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 FIDELITY_MIN_COSINE = 0.99
 """The int8 model is refused when any held-back image's embedding has a lower cosine to float32."""
 MAX_HELD_BACK = 16
-QUANTIZATION = {"format": "QDQ", "weights": "int8 per-channel", "activations": "uint8", "calibration": "MinMax",
+QUANTIZATION = {"format": "QDQ", "weights": "int8 per-channel", "activations": "uint8",
                 "operators": "all quantizable"}
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+"""onnxruntime calibration methods; each backbone's choice is ``BackboneConfig.int8_calibration``."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,9 @@ class CalibrationSet:
         return sha256_strings(sorted(s.sha256 for s in self.calibration))
 
 
-def precision_key(digest: str) -> str:
-    """The file-name qualifier for an int8 model / embeddings of a calibration digest."""
-    return f"int8-cal{digest[:12]}"
+def precision_key(digest: str, method: str = "minmax") -> str:
+    """The file-name qualifier for an int8 model / embeddings of a calibration set and method."""
+    return f"int8-cal{digest[:12]}" + ("" if method == "minmax" else f"-{method}")
 
 
 def choose_calibration(samples: Sequence[Sample], size: int) -> CalibrationSet:
@@ -80,7 +82,7 @@ def choose_calibration(samples: Sequence[Sample], size: int) -> CalibrationSet:
 
 def int8_path(backbone: OnnxBackbone, digest: str, cache_dir: str | Path) -> Path:
     key = model_key(backbone.config.name, backbone.input_size, backbone.weights_sha256, f"opset{backbone.opset}",
-                    precision_key(digest))
+                    precision_key(digest, backbone.config.int8_calibration))
     return Path(cache_dir) / "onnx" / f"{key}.onnx"
 
 
@@ -113,7 +115,7 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(norms > 0, dots / np.where(norms > 0, norms, 1), 1.0)
 
 
-def _quantize(float_path: Path, calibration: np.ndarray, out: Path) -> None:
+def _quantize(float_path: Path, calibration: np.ndarray, out: Path, method: str = "minmax") -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -138,7 +140,9 @@ def _quantize(float_path: Path, calibration: np.ndarray, out: Path) -> None:
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
         quantize_static(str(prepared), str(out), Reader(input_name), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
+                        calibrate_method={"minmax": CalibrationMethod.MinMax,
+                                          "percentile": CalibrationMethod.Percentile,
+                                          "entropy": CalibrationMethod.Entropy}[method],
                         extra_options={"CalibTensorRangeSymmetric": False})
 
 
@@ -182,7 +186,8 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
     held_images = _decode(calibration.held_back, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    _quantize(backbone.path, calib_images, tmp)
+    method = backbone.config.int8_calibration
+    _quantize(backbone.path, calib_images, tmp, method)
     cosines = cosine_rows(_embed(backbone.path, held_images, threads), _embed(tmp, held_images, threads))
     fidelity = {"min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()),
                 "n_held_back": int(len(cosines)), "threshold": FIDELITY_MIN_COSINE}
@@ -195,7 +200,7 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
     write_json(path.with_suffix(".json"), {
         "backbone": backbone.config.name, "input_size": size, "precision": "int8", "sha256": sha256_file(path),
         "float_onnx_sha256": backbone.sha256, "weights_sha256": backbone.weights_sha256, "opset": backbone.opset,
-        "quantization": QUANTIZATION,
+        "quantization": {**QUANTIZATION, "calibration_method": method},
         "calibration": {"digest": digest, "n_images": int(len(calib_images)),
                         "sha256": sorted(s.sha256 for s in calibration.calibration)},
         "held_back_sha256": sorted(s.sha256 for s in calibration.held_back), "fidelity": fidelity,

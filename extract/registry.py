@@ -24,6 +24,7 @@ class BackboneConfig:
     keras_weights_file: str   # Keras' own cached file name for the headless ImageNet weights
     keras_weights_dir: str = ""  # folder of that file on Keras' download server (default: keras_module)
     keras_weights_md5: str | None = None  # the file hash Keras publishes; checked by keras.utils.get_file
+    int8_calibration: str = "minmax"      # onnxruntime calibration for --precision int8 (docs/benchmarks.md)
 
     @property
     def keras_weights_url(self) -> str:
@@ -69,7 +70,8 @@ BACKBONES: dict[str, BackboneConfig] = {c.name: c for c in (
     BackboneConfig(name="xception", keras_factory="Xception", keras_module="xception", preprocessing="tf",
                    default_input_size=299, feature_dim=2048, min_input_size=71,
                    keras_weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                   keras_weights_md5="b0042744bf5b25fce3cb969f33bebb97"),
+                   keras_weights_md5="b0042744bf5b25fce3cb969f33bebb97",
+                   int8_calibration="percentile"),  # MinMax: min cosine 0.944; Percentile 99.999: 0.9885
     BackboneConfig(name="inceptionresnetv2", keras_factory="InceptionResNetV2", keras_module="inception_resnet_v2",
                    preprocessing="tf", default_input_size=299, feature_dim=1536, min_input_size=75,
                    keras_weights_file="inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
