@@ -125,7 +125,6 @@ class AcquisitionResult:
 
 def acquisition_shortcuts(dataset: Dataset, seed: int = 0, folds: int = 5) -> AcquisitionResult:
     """Read every header, summarise per class and cross-validate a random forest on the properties."""
-    from sklearn.ensemble import RandomForestClassifier
 
     props, unreadable = read_properties(dataset)
     summary = class_summary(props, dataset.class_names)
@@ -143,16 +142,26 @@ def acquisition_shortcuts(dataset: Dataset, seed: int = 0, folds: int = 5) -> Ac
         empty.skipped = f"no cross-validation: {exc}"
         return empty
     features, columns = property_matrix(props)
+    predicted, fold_accuracy, importances = forest_cv(features, labels, splits, seed)
+    metrics = classification_metrics(labels, predicted, dataset.class_names)
+    recall = {name: round(values["recall"], 4) for name, values in metrics["per_class"].items()}
+    top = sorted(zip(columns, importances), key=lambda item: -item[1])[:8]
+    return AcquisitionResult(summary, unreadable, summarize(fold_accuracy), float(metrics["macro"]["recall"]),
+                             recall, chance, {k: round(float(v), 4) for k, v in top}, groups is not None)
+
+
+def forest_cv(features: np.ndarray, labels: np.ndarray, splits: list,
+              seed: int) -> tuple[np.ndarray, list[float], np.ndarray]:
+    """A random forest on a table of non-pixel properties, cross-validated on ``splits``: out-of-fold
+    predictions, each fold's accuracy and the mean feature importances (the audit's shortcut checks)."""
+    from sklearn.ensemble import RandomForestClassifier
+
     predicted = np.empty_like(labels)
-    fold_accuracy, importances = [], np.zeros(len(columns))
+    fold_accuracy, importances = [], np.zeros(features.shape[1])
     for split in splits:
         model = RandomForestClassifier(n_estimators=200, min_samples_leaf=2, random_state=seed, n_jobs=2)
         model.fit(features[split.train_idx], labels[split.train_idx])
         predicted[split.test_idx] = model.predict(features[split.test_idx])
         fold_accuracy.append(float(np.mean(predicted[split.test_idx] == labels[split.test_idx])))
         importances += model.feature_importances_ / len(splits)
-    metrics = classification_metrics(labels, predicted, dataset.class_names)
-    recall = {name: round(values["recall"], 4) for name, values in metrics["per_class"].items()}
-    top = sorted(zip(columns, importances), key=lambda item: -item[1])[:8]
-    return AcquisitionResult(summary, unreadable, summarize(fold_accuracy), float(metrics["macro"]["recall"]),
-                             recall, chance, {k: round(float(v), 4) for k, v in top}, groups is not None)
+    return predicted, fold_accuracy, importances

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_transfer.audit.acquisition import MARGIN
+from cxr_transfer.audit.acquisition import MARGIN, forest_cv
 from cxr_transfer.classify.metrics import classification_metrics, summarize
 from cxr_transfer.classify.protocols import cv_splits
 from cxr_transfer.core.errors import CxrError
@@ -87,7 +87,6 @@ def header_matrix(rows: list[dict[str, str | float]]) -> tuple[np.ndarray, list[
 
 def header_shortcuts(dataset: Dataset, seed: int = 0, folds: int = 5) -> HeaderShortcutResult:
     """Read the DICOM headers, count values per class, cross-validate a random forest on them."""
-    from sklearn.ensemble import RandomForestClassifier
 
     dicoms = [s for s in dataset.samples if is_dicom_file(Path(s.path))]
     result = HeaderShortcutResult(len(dicoms), len(dataset))
@@ -117,14 +116,7 @@ def header_shortcuts(dataset: Dataset, seed: int = 0, folds: int = 5) -> HeaderS
         result.skipped = f"no cross-validation: {exc}"
         return result
     features, columns, owners = header_matrix(rows)
-    predicted = np.empty_like(labels)
-    fold_accuracy, importances = [], np.zeros(len(columns))
-    for split in splits:
-        model = RandomForestClassifier(n_estimators=200, min_samples_leaf=2, random_state=seed, n_jobs=2)
-        model.fit(features[split.train_idx], labels[split.train_idx])
-        predicted[split.test_idx] = model.predict(features[split.test_idx])
-        fold_accuracy.append(float(np.mean(predicted[split.test_idx] == labels[split.test_idx])))
-        importances += model.feature_importances_ / len(splits)
+    predicted, fold_accuracy, importances = forest_cv(features, labels, splits, seed)
     per_field = Counter()
     for owner, value in zip(owners, importances):
         per_field[owner] += float(value)

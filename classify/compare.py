@@ -33,7 +33,7 @@ from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.outputs import check_run_name, new_run_dir, writable_folder
 from cxr_transfer.core.record import run_record, write_json
 from cxr_transfer.extract.dataset import Dataset, load_dataset
-from cxr_transfer.extract.pipeline import ExtractSettings, FeatureSet, load_features
+from cxr_transfer.extract.pipeline import ExtractSettings, FeatureSet, align_feature_sets, load_features
 from cxr_transfer.extract.registry import parse_backbone_list
 
 log = logging.getLogger(__name__)
@@ -214,16 +214,6 @@ def _check_selectable(y: np.ndarray, splits: list[Split], folds: int, class_name
                            f"name the head with --head or use fewer --select-folds") from None
 
 
-def _aligned(features: dict[str, FeatureSet]) -> tuple[list, dict[str, np.ndarray]]:
-    """Keep the images every backbone could read, in the same order for all."""
-    common = set.intersection(*(set(f.sha256) for f in features.values()))
-    reference = next(iter(features.values()))
-    samples = [s for s in reference.samples if s.sha256 in common]
-    arrays = {}
-    for name, feature_set in features.items():
-        row = {sha: i for i, sha in enumerate(feature_set.sha256)}
-        arrays[name] = feature_set.embeddings[[row[s.sha256] for s in samples]]
-    return samples, arrays
 
 
 def run_dir_prefix(settings: CompareSettings, prefix: str = "compare") -> str:
@@ -263,7 +253,7 @@ def run_compare(settings: CompareSettings) -> CompareRun:
                                    "input_size": feature_set.attrs.get("input_size"),
                                    "precision": result.precision, "calibration_digest": result.calibration_digest}
     pool_shas = {s.sha256 for s in pool.samples}
-    samples, arrays = _aligned({k: FeatureSet(v.embeddings, v.samples, v.class_names)
+    samples, arrays = align_feature_sets({k: FeatureSet(v.embeddings, v.samples, v.class_names)
                                 for k, v in features.items()})
     keep = [i for i, s in enumerate(samples) if s.sha256 in pool_shas]
     samples = [samples[i] for i in keep]

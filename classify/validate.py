@@ -56,7 +56,7 @@ from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.outputs import new_run_dir
 from cxr_transfer.core.record import run_record, write_json
 from cxr_transfer.extract.dataset import MANIFEST_NAME, Dataset, load_dataset
-from cxr_transfer.extract.pipeline import ExtractSettings, FeatureSet, load_features
+from cxr_transfer.extract.pipeline import ExtractSettings, align_feature_sets, load_features
 
 DUPLICATE_RULE_BACKBONE = "vgg16"
 """The audit's duplicate rule was calibrated on VGG16 embeddings: only those confirm a pHash match."""
@@ -150,18 +150,6 @@ def read_columns(source: Path, dataset: Dataset) -> tuple[list[str], dict[str, d
     return columns, rows
 
 
-def _aligned(features: dict[str, FeatureSet], keep: set[str] | None = None) -> tuple[list, dict[str, np.ndarray]]:
-    """The samples every backbone could read (restricted to ``keep`` sha256), same order, and their rows."""
-    common = set.intersection(*(set(f.sha256) for f in features.values()))
-    if keep is not None:
-        common &= keep
-    reference = next(iter(features.values()))
-    samples = [s for s in reference.samples if s.sha256 in common]
-    arrays = {}
-    for name, feature_set in features.items():
-        row = {sha: i for i, sha in enumerate(feature_set.sha256)}
-        arrays[name] = feature_set.embeddings[[row[s.sha256] for s in samples]]
-    return samples, arrays
 
 
 # ---------------------------------------------------------------------------------------------- fitting
@@ -376,8 +364,8 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
                                    "onnx_sha256": result.onnx_sha256, "input_size": features[config.name].attrs.get(
                                        "input_size"), "skipped": result.failures + ext_result.failures}
     tick = lap("read_and_embed", started)
-    samples, arrays = _aligned(features, {s.sha256 for s in pool.samples})
-    ext_samples, ext_arrays = _aligned(ext_features)
+    samples, arrays = align_feature_sets(features, {s.sha256 for s in pool.samples})
+    ext_samples, ext_arrays = align_feature_sets(ext_features)
     index = {name: i for i, name in enumerate(class_names)}
     y = np.array([index[s.label] for s in samples])
     y_ext = np.array([index[s.label] for s in ext_samples])

@@ -381,3 +381,17 @@ def _onnx_attrs(onnx: OnnxBackbone | None, path: Path) -> dict[str, object]:
     return {}
 
 
+def align_feature_sets(features: dict[str, FeatureSet],
+                       keep: set[str] | None = None) -> tuple[list[Sample], dict[str, np.ndarray]]:
+    """The samples every backbone could read (restricted to the ``keep`` sha256 when given), in one order for
+    all, and each backbone's embedding rows in that order."""
+    common = set.intersection(*(set(f.sha256) for f in features.values()))
+    if keep is not None:
+        common &= keep
+    reference = next(iter(features.values()))
+    samples = [s for s in reference.samples if s.sha256 in common]
+    arrays = {}
+    for name, feature_set in features.items():
+        row = {sha: i for i, sha in enumerate(feature_set.sha256)}
+        arrays[name] = feature_set.embeddings[[row[s.sha256] for s in samples]]
+    return samples, arrays
