@@ -385,6 +385,7 @@ def test_findings_speak_of_patient_ids_only_when_there_are_ids_and_name_unrun_ch
 
     from cxr_transfer.audit.acquisition import AcquisitionResult
     from cxr_transfer.audit.duplicates import DuplicatePair, DuplicateRule, DuplicateScan
+    from cxr_transfer.audit.header_shortcuts import HeaderShortcutResult
     from cxr_transfer.audit.leakage import LeakageResult
     from cxr_transfer.audit.pixel_shortcuts import PixelShortcutResult
     from cxr_transfer.audit.run import _findings, _verdict
@@ -395,8 +396,9 @@ def test_findings_speak_of_patient_ids_only_when_there_are_ids_and_name_unrun_ch
     skipped = "no cross-validation: only one class ('covid', 5 images); need at least two classes to split"
     acq = AcquisitionResult({}, [], None, None, {}, 1.0, {}, False, skipped)
     pix = PixelShortcutResult("logreg", 5, False, 1.0, {}, skipped)
-    assert "patient ids" not in " ".join(_findings(dup, leak, acq, pix, has_groups=False))
-    assert "1 between different patient ids" in " ".join(_findings(dup, leak, acq, pix, has_groups=True))
-    verdict = _verdict(DuplicateScan([], [], np.zeros((0, 0)), None, [], DuplicateRule()), leak, acq, pix)
+    header = HeaderShortcutResult(n_dicom=0, n_images=5)
+    assert "patient ids" not in " ".join(_findings(dup, leak, acq, pix, header, has_groups=False))
+    assert "1 between different patient ids" in " ".join(_findings(dup, leak, acq, pix, header, has_groups=True))
+    verdict = _verdict(DuplicateScan([], [], np.zeros((0, 0)), None, [], DuplicateRule()), leak, acq, pix, header)
     assert "Not checked: acquisition shortcuts (no cross-validation: only one class ('covid'" in verdict
     assert "No duplicates or leakage were found" in verdict and "or shortcuts were found" not in verdict

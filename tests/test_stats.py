@@ -195,7 +195,7 @@ def test_report_sets_the_inner_cv_choice_beside_finetuning(tmp_path: Path):
     models = [r["model"] for r in rows]
     assert "chosen head: logreg" in models and not any("best" in m for m in models)
     assert any("never by the test images" in n for n in notes)
-    assert any("given more than once" in n for n in notes)
+    assert any("given twice" in n and "counted once" in n for n in notes)
     assert next(r for r in rows if r["model"] == "finetune")["test sets"] == "3"
     assert any(n.startswith("vgg16: finetune minus the chosen head: logreg") and "corrected resampled t" in n
                for n in notes)
