@@ -23,7 +23,7 @@ import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import cv2
 import imagehash
@@ -190,6 +190,24 @@ def cosine_matrix(embeddings: np.ndarray) -> np.ndarray:
     return (x @ x.T).astype(np.float32)
 
 
+def linked_components(links: Iterable[tuple[str, str]]) -> list[list[str]]:
+    """Connected components of linked names (a~b, b~c -> [a, b, c]), each sorted, largest first (union-find)."""
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in links:
+        parent[root(a)] = root(b)
+    groups: dict[str, list[str]] = {}
+    for name in parent:
+        groups.setdefault(root(name), []).append(name)
+    return sorted((sorted(g) for g in groups.values()), key=lambda g: (-len(g), g))
+
+
 @dataclass
 class DuplicateScan:
     """Everything the duplicate search computed, for the report and for threshold checks."""
@@ -212,20 +230,7 @@ class DuplicateScan:
 
     def clusters(self) -> list[list[str]]:
         """Groups of images joined by duplicate pairs (a~b, b~c -> one cluster), largest first."""
-        parent: dict[str, str] = {}
-
-        def root(x: str) -> str:
-            while parent.setdefault(x, x) != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        for pair in self.pairs:
-            parent[root(pair.a)] = root(pair.b)
-        groups: dict[str, list[str]] = {}
-        for name in parent:
-            groups.setdefault(root(name), []).append(name)
-        return sorted((sorted(g) for g in groups.values()), key=lambda g: (-len(g), g))
+        return linked_components((pair.a, pair.b) for pair in self.pairs)
 
     def borderline(self, limit: int = 10, phash_slack: int = 8, cosine_slack: float = 0.03) -> list[dict]:
         """Unflagged pairs just outside the rule (pHash <= limit + slack and cosine >= min - slack): to check

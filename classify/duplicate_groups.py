@@ -21,25 +21,12 @@ from cxr_transfer.extract.dataset import Dataset
 def merge_groups(groups: Sequence[str], clusters: Iterable[Sequence[int]]) -> np.ndarray:
     """Groups with every cluster's rows in one group: groups linked through a cluster get one label, the
     sorted member labels joined by '+'. Rows outside any cluster keep their label."""
+    from cxr_transfer.audit.duplicates import linked_components
+
     groups = np.asarray(groups).astype(str)
-    parent: dict[str, str] = {}
-
-    def root(label: str) -> str:
-        while parent.setdefault(label, label) != label:
-            parent[label] = parent[parent[label]]
-            label = parent[label]
-        return label
-
-    for cluster in clusters:
-        labels = [groups[i] for i in cluster]
-        for label in labels[1:]:
-            a, b = root(labels[0]), root(label)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    members: dict[str, list[str]] = {}
-    for label in parent:
-        members.setdefault(root(label), []).append(label)
-    name = {label: "+".join(sorted(m)) for m in members.values() if len(m) > 1 for label in m}
+    links = [(groups[cluster[0]], groups[i]) for cluster in clusters if len(cluster) for i in cluster]
+    name = {label: "+".join(members) for members in linked_components(links) if len(members) > 1
+            for label in members}
     return np.array([name.get(g, g) for g in groups.tolist()], dtype=object).astype(str)
 
 
