@@ -154,7 +154,7 @@ def cache_file(dataset: Dataset, settings: ExtractSettings, weights_sha256: str,
     go to their own file per calibration set, never mixed with float32 ones."""
     size = settings.config.input_size(settings.input_size)
     name = model_key(settings.config.name, size, weights_sha256, settings.view.name if settings.view else "",
-                     precision_key(calibration_digest, settings.config.int8_calibration)
+                     precision_key(calibration_digest, settings.config.int8_variant)
                      if calibration_digest else "")
     return Path(settings.cache_dir) / dataset_cache_id(dataset.root) / f"{name}.h5"
 

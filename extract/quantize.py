@@ -6,7 +6,9 @@ multiply-adds of float32 FMAs; onnxruntime runs a QDQ graph with fused integer c
 Settings (measured on VGG16 and Xception with real weights; see the docs for the numbers):
 - QDQ format, int8 per-channel weights (per-channel keeps the cosine to float32 high on depthwise layers),
   uint8 activations, MinMax calibration (Entropy/Percentile were not better at the fidelity gate and are slower);
-- every operator type onnxruntime can quantize (Conv, MatMul, pooling, Add, ...).
+- every operator type onnxruntime can quantize (Conv, MatMul, pooling, Add, ...), except that a backbone may keep
+  its first N convolutions (and the input preprocessing before them) in float32
+  (``BackboneConfig.int8_float_convs``: Xception needs 2 to pass the fidelity gate, at 7% of its int8 speed).
 
 The calibration images are a deterministic sample of the dataset (the images with the smallest sha256, from
 ``train/`` when the dataset has that split; labels are never used). The next images in that order are held
@@ -58,9 +60,10 @@ class CalibrationSet:
         return sha256_strings(sorted(s.sha256 for s in self.calibration))
 
 
-def precision_key(digest: str, method: str = "minmax") -> str:
-    """The file-name qualifier for an int8 model / embeddings of a calibration set and method."""
-    return f"int8-cal{digest[:12]}" + ("" if method == "minmax" else f"-{method}")
+def precision_key(digest: str, variant: str = "") -> str:
+    """The file-name qualifier for an int8 model / embeddings of a calibration set and a backbone's
+    quantization variant (``BackboneConfig.int8_variant``: calibration method, float32 convolutions)."""
+    return f"int8-cal{digest[:12]}" + (f"-{variant}" if variant else "")
 
 
 def choose_calibration(samples: Sequence[Sample], size: int) -> CalibrationSet:
@@ -82,7 +85,7 @@ def choose_calibration(samples: Sequence[Sample], size: int) -> CalibrationSet:
 
 def int8_path(backbone: OnnxBackbone, digest: str, cache_dir: str | Path) -> Path:
     key = model_key(backbone.config.name, backbone.input_size, backbone.weights_sha256, f"opset{backbone.opset}",
-                    precision_key(digest, backbone.config.int8_calibration))
+                    precision_key(digest, backbone.config.int8_variant))
     return Path(cache_dir) / "onnx" / f"{key}.onnx"
 
 
@@ -115,7 +118,27 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(norms > 0, dots / np.where(norms > 0, norms, 1), 1.0)
 
 
-def _quantize(float_path: Path, calibration: np.ndarray, out: Path, method: str = "minmax") -> None:
+def float_prefix_nodes(model, n_convs: int) -> list[str]:
+    """Names of the nodes before the (n_convs + 1)-th convolution, in graph order: the input preprocessing and
+    the first ``n_convs`` convolutions with their activations, which ``_quantize`` keeps in float32.
+
+    Defined by position in the graph, not by node names, which change from one tf2onnx export to another.
+    """
+    if n_convs <= 0:
+        return []
+    names, seen = [], 0
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            seen += 1
+            if seen > n_convs:
+                return names
+        names.append(node.name)
+    return names
+
+
+def _quantize(float_path: Path, calibration: np.ndarray, out: Path, method: str = "minmax",
+              float_convs: int = 0) -> list[str]:
+    """Write the static QDQ int8 model of ``float_path`` to ``out``; returns the nodes kept in float32."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -138,12 +161,14 @@ def _quantize(float_path: Path, calibration: np.ndarray, out: Path, method: str 
     with tempfile.TemporaryDirectory(dir=out.parent) as work:
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
+        kept_float = float_prefix_nodes(onnx.load(str(prepared)), float_convs)
         quantize_static(str(prepared), str(out), Reader(input_name), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method={"minmax": CalibrationMethod.MinMax,
                                           "percentile": CalibrationMethod.Percentile,
                                           "entropy": CalibrationMethod.Entropy}[method],
-                        extra_options={"CalibTensorRangeSymmetric": False})
+                        nodes_to_exclude=kept_float, extra_options={"CalibTensorRangeSymmetric": False})
+    return kept_float
 
 
 def _cached(path: Path, backbone: OnnxBackbone) -> OnnxBackbone | None:
@@ -186,8 +211,8 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
     held_images = _decode(calibration.held_back, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    method = backbone.config.int8_calibration
-    _quantize(backbone.path, calib_images, tmp, method)
+    method, float_convs = backbone.config.int8_calibration, backbone.config.int8_float_convs
+    kept_float = _quantize(backbone.path, calib_images, tmp, method, float_convs)
     cosines = cosine_rows(_embed(backbone.path, held_images, threads), _embed(tmp, held_images, threads))
     fidelity = {"min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()),
                 "n_held_back": int(len(cosines)), "threshold": FIDELITY_MIN_COSINE}
@@ -200,7 +225,8 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
     write_json(path.with_suffix(".json"), {
         "backbone": backbone.config.name, "input_size": size, "precision": "int8", "sha256": sha256_file(path),
         "float_onnx_sha256": backbone.sha256, "weights_sha256": backbone.weights_sha256, "opset": backbone.opset,
-        "quantization": {**QUANTIZATION, "calibration_method": method},
+        "quantization": {**QUANTIZATION, "calibration_method": method, "float32_convolutions": float_convs,
+                         "float32_nodes": kept_float},
         "calibration": {"digest": digest, "n_images": int(len(calib_images)),
                         "sha256": sorted(s.sha256 for s in calibration.calibration)},
         "held_back_sha256": sorted(s.sha256 for s in calibration.held_back), "fidelity": fidelity,

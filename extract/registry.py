@@ -25,6 +25,14 @@ class BackboneConfig:
     keras_weights_dir: str = ""  # folder of that file on Keras' download server (default: keras_module)
     keras_weights_md5: str | None = None  # the file hash Keras publishes; checked by keras.utils.get_file
     int8_calibration: str = "minmax"      # onnxruntime calibration for --precision int8 (docs/benchmarks.md)
+    int8_float_convs: int = 0             # int8: the first N convolutions (and what precedes them) stay float32
+
+    @property
+    def int8_variant(self) -> str:
+        """How this backbone is quantized, as a file-name qualifier ("" for the default MinMax, all int8)."""
+        parts = ([] if self.int8_calibration == "minmax" else [self.int8_calibration]) + \
+                ([f"f{self.int8_float_convs}"] if self.int8_float_convs else [])
+        return "-".join(parts)
 
     @property
     def keras_weights_url(self) -> str:
@@ -71,7 +79,9 @@ BACKBONES: dict[str, BackboneConfig] = {c.name: c for c in (
                    default_input_size=299, feature_dim=2048, min_input_size=71,
                    keras_weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
                    keras_weights_md5="b0042744bf5b25fce3cb969f33bebb97",
-                   int8_calibration="percentile"),  # MinMax: min cosine 0.944; Percentile 99.999: 0.9885
+                   # held-back min cosine to float32: MinMax 0.944 (0.971 with the first two convs in float32),
+                   # Percentile 0.985, Percentile + first two convs in float32 0.991 (docs/benchmarks.md)
+                   int8_calibration="percentile", int8_float_convs=2),
     BackboneConfig(name="inceptionresnetv2", keras_factory="InceptionResNetV2", keras_module="inception_resnet_v2",
                    preprocessing="tf", default_input_size=299, feature_dim=1536, min_input_size=75,
                    keras_weights_file="inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",

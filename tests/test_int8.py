@@ -101,3 +101,39 @@ def test_finetune_refuses_int8(data: Path, tmp_path: Path):
     with pytest.raises(CxrError, match="float32"):
         cxr_transfer.finetune(data, "vgg16", random_weights=True, precision="int8", run_dir=tmp_path / "r",
                               cache_dir=tmp_path)
+
+
+def test_float_prefix_nodes_keep_the_input_and_first_convolutions():
+    from onnx import helper
+
+    ops = ["Mul", "Sub", "Transpose", "Conv", "Relu", "Conv", "Relu", "Conv", "Add", "Conv"]
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node(op, [], [], name=f"n{i}") for i, op in enumerate(ops)], "g", [], []))
+    assert quantize.float_prefix_nodes(model, 0) == []
+    assert quantize.float_prefix_nodes(model, 1) == ["n0", "n1", "n2", "n3", "n4"]
+    assert quantize.float_prefix_nodes(model, 2) == ["n0", "n1", "n2", "n3", "n4", "n5", "n6"]
+    assert quantize.float_prefix_nodes(model, 9) == [f"n{i}" for i in range(len(ops))]
+
+
+def test_a_backbone_with_float32_convolutions_keeps_them_and_names_its_files(data: Path, tmp_path: Path):
+    """Xception's int8 model keeps its first two convolutions in float32; the variant names the model and cache."""
+    from cxr_transfer.extract.registry import get_backbone
+
+    config = get_backbone("xception")
+    assert config.int8_float_convs == 2 and config.int8_variant == "percentile-f2"
+    assert get_backbone("vgg16").int8_variant == ""
+    import onnx
+
+    result = extract_features(load_dataset(data), settings(tmp_path, backbone="xception", input_size=71,
+                                                           precision="int8", calibration_size=8))
+    assert result.cache_path.name.endswith("-percentile-f2.h5")
+    model_file = next(tmp_path.glob("onnx/*int8*-percentile-f2.onnx"))
+    sidecar = json.loads(model_file.with_suffix(".json").read_text())
+    kept = sidecar["quantization"]["float32_nodes"]
+    assert sidecar["quantization"]["float32_convolutions"] == 2 and kept
+    graph = onnx.load(str(model_file)).graph
+    ops = {node.name: node.op_type for node in graph.node}
+    assert [ops[name] for name in kept if name in ops].count("Conv") == 2
+    quantized_inputs = {i for node in graph.node if node.op_type == "DequantizeLinear" for i in node.output}
+    first_conv = next(node for node in graph.node if node.name in kept and node.op_type == "Conv")
+    assert not set(first_conv.input) & quantized_inputs     # it reads float32 tensors, not dequantized ones
