@@ -207,7 +207,7 @@ def test_damaged_onnx_export_is_verified_and_exported_again(tmp_path: Path, warm
     def export(config, input_size, source, target, opset):      # what a real export writes, without the wait
         exports.append(target)
         target.write_bytes(good)
-        return 0.0
+        return 0.0, None
 
     monkeypatch.setattr(onnx_export, "_export", export)
     result = extract_features(load_dataset(root), settings(cache))
