@@ -139,7 +139,8 @@ def _convert(function, spec, opset: int, path: Path) -> None:
     except OSError:  # a full disk or an unwritable folder: converting again would meet it again
         raise
     except Exception as exc:  # noqa: BLE001 - convert again the way tf2onnx does by default
-        log.info("lean tf2onnx conversion failed (%s); converting with tf2onnx's defaults", exc)
+        log.warning("the lean tf2onnx conversion failed (%s); converting with tf2onnx's defaults, which can "
+                    "take several times more memory", exc)
         tf2onnx.convert.from_function(function, input_signature=spec, opset=opset, output_path=str(path))
 
 

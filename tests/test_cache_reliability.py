@@ -722,6 +722,24 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
+def test_a_full_disk_during_the_onnx_export_gives_the_one_error_line(tmp_path: Path, small_disk: Path):
+    """The export runs in its own process (extract.onnx_export); its ENOSPC reaches the user as before."""
+    root = write_class_tree(tmp_path / "d", per_class=1)
+    cache = small_disk / "features"
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 2 * 2**20))    # 2 MB left: the 8 MB export
+    done = subprocess.run([sys.executable, "-m", "cxr_transfer.cli", *extract_args(root, cache)],
+                          check=False, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.search(rf"^error: no space left in {re.escape(str(cache / 'onnx'))}: writing the cache needs about",
+                     one_error_line(done.stderr))
+    assert not list(cache.rglob("*.tmp")) and not list(cache.rglob("*.onnx"))
+    filler.unlink()
+    done = subprocess.run([sys.executable, "-m", "cxr_transfer.cli", *extract_args(root, cache)],
+                          check=False, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0 and "3 computed" in done.stdout, done.stderr[-3000:]
+
+
 def test_a_really_full_disk_gives_one_error_line_and_no_crash(tmp_path: Path, warm: Path, small_disk: Path):
     """HDF5 meeting ENOSPC crashed the process (exit 139), on the rerun too."""
     root = write_class_tree(tmp_path / "d", per_class=4)

@@ -119,3 +119,23 @@ def test_real_weights_on_real_images(name: str, shared_data: Path, shared_weight
     source = resolve_weights(config, weights_dir=shared_weights)
     cosines = _keras_vs_onnx(config, size, source, images, tmp_path)
     assert cosines.min() >= 0.9999, cosines
+
+
+def test_when_the_lean_conversion_fails_tf2onnx_defaults_convert(tmp_path: Path, monkeypatch, caplog):
+    import keras
+    from tf2onnx import convert, tfonnx    # convert binds its own process_tf_graph at import: before the patch
+
+    from cxr_transfer.extract import onnx_export
+
+    def broken(*args, **kwargs):
+        raise ValueError("conversion failed")
+
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3),
+                              keras.layers.GlobalAveragePooling2D()])
+    batch = np.random.default_rng(0).uniform(0, 255, size=(2, 16, 16, 3)).astype(np.float32)
+    assert convert.process_tf_graph is tfonnx.process_tf_graph
+    monkeypatch.setattr(tfonnx, "process_tf_graph", broken)        # what the lean path calls
+    error = onnx_export.export_checked(lambda pixels: model(pixels), 16, tmp_path / "m.onnx", batch,
+                                       model.predict(batch, verbose=0), onnx_export.relative_error, 1e-4, "a test model")
+    assert error <= 1e-4 and (tmp_path / "m.onnx").is_file()
+    assert "lean tf2onnx conversion failed (conversion failed)" in caplog.text
