@@ -61,7 +61,7 @@ def _outcome_of(exc: BaseException) -> tuple[str, Any]:
             again = pickle.loads(pickle.dumps(exc))
             if type(again) is type(exc) and str(again) == str(exc):
                 return "error", exc
-        except Exception:  # noqa: BLE001 - an exception type that does not pickle: send its text
+        except Exception:  # noqa: BLE001, S110 - an exception type that does not pickle: send its text
             pass
     return "failed", _one_line(exc)
 
@@ -118,7 +118,7 @@ def _child() -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         outcome: tuple[str, Any] = ("ok", function(*args))
-    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+    except BaseException as exc:  # everything goes back to the parent
         log.debug("fresh process: %s failed", getattr(function, "__qualname__", function), exc_info=True)
         outcome = _outcome_of(exc)
     pickle.dump((outcome, peak_rss_mb()), answer)
