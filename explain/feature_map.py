@@ -5,7 +5,7 @@ The class activation map of a linear head needs the tensor that global average p
 writes a second file per (backbone, weights, input size, opset) with outputs ``(feature_map, embedding)``,
 through the same ``export_checked`` (raw RGB pixels in, Keras' own ``preprocess_input`` inside). The feature
 map is checked against Keras by ``export_checked`` and the embedding against Keras' pooled output here, each
-refused above ``MAX_RELATIVE_ERROR``. Files: ``<cache_dir>/onnx/<model_key(..., opset, "featuremap")>.onnx``
+refused above ``MAX_RELATIVE_ERROR``. Like the backbones' exports it runs in a fresh process. Files: ``<cache_dir>/onnx/<model_key(..., opset, "featuremap")>.onnx``
 with a JSON sidecar.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 
 from cxr_transfer.core.cache_keys import model_key
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.fresh_process import call_in_fresh_process
 from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.core.record import library_versions, now_iso, write_json
 from cxr_transfer.extract.onnx_export import (
@@ -74,8 +75,14 @@ def pooled_tensor(model: Any) -> tuple[Any, str]:
 
 def _export(config: BackboneConfig, input_size: int, source: WeightsSource, target: Path,
             opset: int) -> tuple[float, str]:
-    import gc
+    """The export in a fresh process, as the backbones' (``extract.onnx_export._export``): (error, layer)."""
+    (error, layer), _ = call_in_fresh_process(_export_here, config, input_size, source, target, opset,
+                                              what=f"exporting {config.name}'s feature map to ONNX")
+    return error, layer
 
+
+def _export_here(config: BackboneConfig, input_size: int, source: WeightsSource, target: Path,
+                 opset: int) -> tuple[float, str]:
     import keras
 
     backbone = build_keras_backbone(config, input_size, source)
@@ -84,20 +91,15 @@ def _export(config: BackboneConfig, input_size: int, source: WeightsSource, targ
     preprocess_input = keras_preprocess_input(config)
     batch = np.random.default_rng(0).uniform(0, 255, size=(2, input_size, input_size, 3)).astype(np.float32)
     reference_map, reference_pooled = model.predict(preprocess_input(batch.copy()), verbose=0)
-    try:
-        error = export_checked(lambda pixels: model(preprocess_input(pixels), training=False), input_size, target,
-                               batch, reference_map, relative_error, MAX_RELATIVE_ERROR,
-                               f"{config.name}'s feature map", opset)
-        pooled_error = relative_error(reference_pooled, _run(target, batch)[1])
-        if not np.isfinite(pooled_error) or pooled_error > MAX_RELATIVE_ERROR:
-            target.unlink(missing_ok=True)
-            raise CxrError(f"ONNX export of {config.name}'s pooled output differs from Keras: error "
-                           f"{pooled_error:.2e} > {MAX_RELATIVE_ERROR:.0e}")
-        return max(error, pooled_error), layer
-    finally:
-        model = backbone = None   # free the Keras model and the traced graphs (see extract.onnx_export)
-        keras.backend.clear_session()
-        gc.collect()
+    error = export_checked(lambda pixels: model(preprocess_input(pixels), training=False), input_size, target,
+                           batch, reference_map, relative_error, MAX_RELATIVE_ERROR,
+                           f"{config.name}'s feature map", opset)
+    pooled_error = relative_error(reference_pooled, _run(target, batch)[1])
+    if not np.isfinite(pooled_error) or pooled_error > MAX_RELATIVE_ERROR:
+        target.unlink(missing_ok=True)
+        raise CxrError(f"ONNX export of {config.name}'s pooled output differs from Keras: error "
+                       f"{pooled_error:.2e} > {MAX_RELATIVE_ERROR:.0e}")
+    return max(error, pooled_error), layer
 
 
 def _run(path: Path, batch: np.ndarray) -> list[np.ndarray]:

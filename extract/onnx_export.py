@@ -9,6 +9,10 @@ JSON sidecar holding the verification result and the file's sha256. At export th
 with Keras on a random batch; a max relative error above ``MAX_RELATIVE_ERROR`` is refused. Before a cached
 export is used its sha256 is checked against the sidecar: a damaged or truncated file (or sidecar) is
 removed and exported again. Exports are made under the file's lock (``core.locking``), one process at a time.
+
+Each export runs in a fresh Python process (``core.fresh_process``), so TensorFlow's memory is returned when it
+ends; the sidecar records that process's peak RSS (``export_peak_rss_mb``). The conversion keeps it low: no
+grappler pass, and tf2onnx's optimizer without its per-pass copies (``_convert``, docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import numpy as np
 
 from cxr_transfer.core.cache_keys import model_key
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.fresh_process import call_in_fresh_process
 from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
 from cxr_transfer.core.record import library_versions, now_iso, write_json
@@ -48,6 +53,7 @@ class OnnxBackbone:
     weights_sha256: str
     opset: int
     max_relative_error: float
+    export_peak_rss_mb: int | None = None   # peak RSS of the export's process; None: not exported here
 
     @property
     def preprocessing(self) -> str:
@@ -73,29 +79,68 @@ def relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 
 @contextlib.contextmanager
-def _optimizer_without_graph_copies():
-    """tf2onnx deep-copies the whole graph before each optimizer pass so that a failing pass can be skipped;
-    on NASNetLarge that copying is about a third of the export time. Run the passes in place instead; if one
-    fails, the caller retries the plain conversion."""
-    from tf2onnx import optimizer
+def _write_back_once():
+    """Skip tf2onnx's write-back of every node into its protobuf after each optimizer pass.
 
-    original = optimizer.optimize_graph
-    optimizer.optimize_graph = lambda graph, catch_errors=True, optimizers=None: original(
-        graph, catch_errors=False, optimizers=optimizers)
+    ``GraphOptimizerBase.optimize`` ends each pass with ``Graph.update_proto``. With the upb protobuf runtime
+    (protobuf >= 4) what a message held before stays in its arena until the message is freed, so each pass kept
+    one more copy of all the weights: about 45 passes, 14 GB on NASNetLarge at 32 px. Nothing reads those
+    protobufs between passes; ``make_model`` writes them once, at the end.
+    """
+    from tf2onnx.graph import Graph
+
+    write_back = Graph.update_proto
+    Graph.update_proto = lambda self, external_tensor_storage=None: None
     try:
         yield
     finally:
-        optimizer.optimize_graph = original
+        Graph.update_proto = write_back
 
 
 def _convert(function, spec, opset: int, path: Path) -> None:
-    import tf2onnx
+    """``tf2onnx.convert.from_function``'s steps, keeping one or two copies of the weights at a time instead of
+    up to 40 (docs/benchmarks.md, "Export memory").
 
+    - Freezing the variables into constants is tf2onnx's large-model freezing, which returns the frozen graph
+      as it is. The stock path also rebuilds it as a TF function, imports it twice more and runs grappler on
+      it (5 to 10 copies at once). The constant folding grappler did (batch normalisation) is done by
+      tf2onnx's own passes and onnxruntime's graph optimizer.
+    - The frozen graph and TensorFlow's copy of it are dropped once tf2onnx has its own graph, and tf2onnx's
+      graph once the ONNX protobuf is made, before it is serialised.
+    - The optimizer passes run in place: tf2onnx deep-copies the whole graph before each pass so that a
+      failing pass can be skipped (a third of NASNetLarge's export time), and writes every node back into its
+      protobuf after each (``_write_back_once``).
+    If this conversion fails, tf2onnx's stock one is tried.
+    """
+    import tensorflow as tf
+    import tf2onnx
+    from tf2onnx import optimizer, tf_loader, utils
+    from tf2onnx.convert import tensor_names_from_structed
+    from tf2onnx.tfonnx import process_tf_graph
+
+    concrete = function.get_concrete_function(*spec)
+    inputs = [t.name for t in concrete.inputs if t.dtype != tf.dtypes.resource]
+    outputs = [t.name for t in concrete.outputs if t.dtype != tf.dtypes.resource]
+    renames = tensor_names_from_structed(concrete, inputs, outputs)
     try:
-        with _optimizer_without_graph_copies():
-            tf2onnx.convert.from_function(function, input_signature=spec, opset=opset, output_path=str(path))
-    except Exception as exc:  # noqa: BLE001 - an optimizer pass failed in place: do it the careful way
-        log.info("fast tf2onnx conversion failed (%s); converting with graph copies", exc)
+        with tf.device("/cpu:0"):
+            frozen = tf_loader.from_function(concrete, inputs, outputs, large_model=True)
+            with tf.Graph().as_default() as tf_graph:
+                tf.import_graph_def(frozen, name="")
+                del frozen
+                graph = process_tf_graph(tf_graph, continue_on_error=True, opset=opset, input_names=inputs,
+                                         output_names=outputs, tensors_to_rename=renames)
+            del tf_graph
+            with _write_back_once():
+                graph = optimizer.optimize_graph(graph, catch_errors=False)
+            model = graph.make_model(f"converted from {concrete.name}")
+            del graph
+            utils.save_protobuf(str(path), model)
+    except OSError:  # a full disk or an unwritable folder: converting again would meet it again
+        raise
+    except Exception as exc:  # noqa: BLE001 - convert again the way tf2onnx does by default
+        log.warning("the lean tf2onnx conversion failed (%s); converting with tf2onnx's defaults, which can "
+                    "take several times more memory", exc)
         tf2onnx.convert.from_function(function, input_signature=spec, opset=opset, output_path=str(path))
 
 
@@ -124,24 +169,25 @@ def export_checked(model_fn, input_size: int, target: Path, check_batch: np.ndar
     return error
 
 
-def _export(config: BackboneConfig, input_size: int, source: WeightsSource, target: Path, opset: int) -> float:
-    import gc
+def _export(config: BackboneConfig, input_size: int, source: WeightsSource, target: Path,
+            opset: int) -> tuple[float, int | None]:
+    """Export in a fresh process (``core.fresh_process``): (max relative error vs Keras, its peak RSS in MB).
 
-    import keras
+    TensorFlow, the Keras model and tf2onnx's graphs live only in that process, so their memory is returned at
+    its exit (compare exports up to nine backbones in one run) and its peak can be recorded.
+    """
+    return call_in_fresh_process(_export_here, config, input_size, source, target, opset,
+                                 what=f"exporting {config.name} ({input_size} px) to ONNX")
 
+
+def _export_here(config: BackboneConfig, input_size: int, source: WeightsSource, target: Path, opset: int) -> float:
+    """The export itself, in this process: build the Keras model, convert it, check the ONNX file against it."""
     model = build_keras_backbone(config, input_size, source)
     preprocess_input = keras_preprocess_input(config)
     batch = np.random.default_rng(0).uniform(0, 255, size=(2, input_size, input_size, 3)).astype(np.float32)
     reference = model.predict(preprocess_input(batch.copy()), verbose=0)
-    try:
-        return export_checked(lambda pixels: model(preprocess_input(pixels), training=False), input_size, target,
-                              batch, reference, relative_error, MAX_RELATIVE_ERROR, config.name, opset)
-    finally:
-        # The Keras model and the traced TF graphs are only needed for the export: exporting several
-        # backbones in one process (compare, the tests) otherwise keeps every one of them in memory.
-        del model
-        keras.backend.clear_session()
-        gc.collect()
+    return export_checked(lambda pixels: model(preprocess_input(pixels), training=False), input_size, target,
+                          batch, reference, relative_error, MAX_RELATIVE_ERROR, config.name, opset)
 
 
 def _verified(target: Path, sidecar: Path) -> dict | None:
@@ -187,7 +233,7 @@ def get_onnx_backbone(config: BackboneConfig, input_size: int, source: WeightsSo
             info = _verified(target, sidecar)
             if info is not None:
                 return OnnxBackbone(config, input_size, target, info["onnx_sha256"], source.sha256, opset,
-                                    float(info["max_relative_error"]))
+                                    float(info["max_relative_error"]), info.get("export_peak_rss_mb"))
             return _export_and_record(config, input_size, source, target, sidecar, opset)
     except OSError as exc:
         from cxr_transfer.extract.cache import is_no_space, no_space_error
@@ -205,11 +251,11 @@ def _export_and_record(config: BackboneConfig, input_size: int, source: WeightsS
                        sidecar: Path, opset: int) -> OnnxBackbone:
     log.info("exporting %s (%d px, weights %s) to ONNX", config.name, input_size, source.describe())
     started = time.perf_counter()
-    error = _export(config, input_size, source, target, opset)
+    error, peak_mb = _export(config, input_size, source, target, opset)
     onnx_sha = sha256_file(target)
     write_json(sidecar, {"backbone": config.name, "input_size": input_size, "opset": opset,
                          "weights_sha256": source.sha256, "weights": source.describe(), "onnx_sha256": onnx_sha,
                          "max_relative_error": error, "export_seconds": round(time.perf_counter() - started, 1),
-                         "created": now_iso(), "versions": library_versions()})
-    log.info("exported %s: max relative error vs Keras %.2e", config.name, error)
-    return OnnxBackbone(config, input_size, target, onnx_sha, source.sha256, opset, error)
+                         "export_peak_rss_mb": peak_mb, "created": now_iso(), "versions": library_versions()})
+    log.info("exported %s: max relative error vs Keras %.2e, peak memory %s MB", config.name, error, peak_mb)
+    return OnnxBackbone(config, input_size, target, onnx_sha, source.sha256, opset, error, peak_mb)

@@ -207,7 +207,7 @@ def test_damaged_onnx_export_is_verified_and_exported_again(tmp_path: Path, warm
     def export(config, input_size, source, target, opset):      # what a real export writes, without the wait
         exports.append(target)
         target.write_bytes(good)
-        return 0.0
+        return 0.0, None
 
     monkeypatch.setattr(onnx_export, "_export", export)
     result = extract_features(load_dataset(root), settings(cache))
@@ -720,6 +720,24 @@ def small_disk(tmp_path: Path):
         yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_during_the_onnx_export_gives_the_one_error_line(tmp_path: Path, small_disk: Path):
+    """The export runs in its own process (extract.onnx_export); its ENOSPC reaches the user as before."""
+    root = write_class_tree(tmp_path / "d", per_class=1)
+    cache = small_disk / "features"
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 2 * 2**20))    # 2 MB left: the 8 MB export
+    done = subprocess.run([sys.executable, "-m", "cxr_transfer.cli", *extract_args(root, cache)],
+                          check=False, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.search(rf"^error: no space left in {re.escape(str(cache / 'onnx'))}: writing the cache needs about",
+                     one_error_line(done.stderr))
+    assert not list(cache.rglob("*.tmp")) and not list(cache.rglob("*.onnx"))
+    filler.unlink()
+    done = subprocess.run([sys.executable, "-m", "cxr_transfer.cli", *extract_args(root, cache)],
+                          check=False, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0 and "3 computed" in done.stdout, done.stderr[-3000:]
 
 
 def test_a_really_full_disk_gives_one_error_line_and_no_crash(tmp_path: Path, warm: Path, small_disk: Path):
