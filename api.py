@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from cxr_transfer.classify.compare import CompareRun
     from cxr_transfer.classify.validate import ValidateRun
     from cxr_transfer.explain.run import ExplainResult
+    from cxr_transfer.extract.export_table import ExportResult
     from cxr_transfer.extract.pipeline import FeatureSet
     from cxr_transfer.extract.registry import BackboneConfig
 
@@ -99,6 +100,28 @@ def embed_images(images: np.ndarray, backbone: str = "vgg16", *, weights: str | 
         batch = np.stack([resize_square(np.ascontiguousarray(image), size) for image in images[start:start + batch_size]])
         rows.append(embedder.embed(batch))
     return np.concatenate(rows)
+
+
+def export_embeddings(data: str | Path, backbone: str = "vgg16", *, out: str | Path, format: str = "parquet",
+                      overwrite: bool = False, common: BackboneSettings | None = None, **options: Any) -> ExportResult:
+    """One backbone's cached embeddings of a dataset as Parquet (one file) or npy (a folder), for other tools.
+
+    Embeddings the cache lacks are computed first, as ``compare`` does; the HDF5 cache stays the source of
+    truth. Parquet: columns sha256, path, label, split, group and embedding (fixed-size list of float32), the
+    backbone, weights, precision and cache path in the schema metadata; npy: ``embeddings.npy``, ``rows.csv``
+    and ``metadata.json`` (``extract/export_table.py``). An existing ``out`` is refused unless ``overwrite``.
+    Stage keywords: ``batch_size`` and the other ``ExtractSettings`` fields.
+    """
+    from cxr_transfer.core.errors import CxrError
+    from cxr_transfer.extract.export_table import export_embeddings as export_table
+    from cxr_transfer.extract.pipeline import ExtractSettings
+    from cxr_transfer.extract.registry import parse_backbone_list
+
+    if len(parse_backbone_list(backbone)) != 1:   # arguments first, data second
+        raise CxrError(f"--backbone: an export holds one backbone, got {backbone!r} instead; "
+                       f"export each backbone to its own --out")
+    settings = ExtractSettings.from_options(common, **_first_backbone(backbone.strip()), **options)
+    return export_table(data, out, settings, format, overwrite)
 
 
 def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *,

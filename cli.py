@@ -10,6 +10,7 @@
     cxr-transfer audit    --data DIR ...        duplicates, patient leakage and shortcuts
     cxr-transfer explain  IMAGES --model FILE   heatmaps of the evidence and its share at the border
     cxr-transfer validate --data DIR --external EXT   internal vs external, subgroups, calibration, conformal
+    cxr-transfer export   --data DIR --out PATH   cached embeddings as Parquet or .npy for pandas, Spark, Ray
 
 ``python cli.py ...`` from a checkout (after ``pip install -e .``) and ``python -m cxr_transfer ...`` are the same.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.settings import MAX_INPUT_SIZE, PRECISIONS, BackboneSettings
+from cxr_transfer.core.settings import EXPORT_FORMATS, MAX_INPUT_SIZE, PRECISIONS, BackboneSettings
 
 DATA_ENV = "CXR_DATA"
 WEIGHTS_ENV = "CXR_WEIGHTS_DIR"
@@ -311,6 +312,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import cxr_transfer
+
+    result = cxr_transfer.export_embeddings(args.data or default_data(), args.backbone, out=args.out,
+                                            format=args.format, overwrite=args.overwrite,
+                                            common=common_settings(args), batch_size=args.batch_size)
+    for line in result.dataset.skipped_summary():
+        print(line)
+    print(result.extraction.summary())
+    for path, reason in result.extraction.failures:
+        print(f"  skipped {path}: {reason.split(': ', 1)[-1]}")
+    print(result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="cxr-transfer", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -431,6 +447,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="run folder name (default: validate-TIMESTAMP-XXXXXX)")
     p.add_argument("--jobs", type=int, default=-1, help="parallel fits (default: all cores)")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("export", help="cached embeddings as Parquet or .npy, readable by pandas, Spark and Ray",
+                       description="Write one backbone's embeddings of a dataset with sha256, path, label, split "
+                                   "and group, one row per image, in the cache's order. Embeddings the HDF5 cache "
+                                   "lacks are computed first, exactly as compare does; the cache stays the source "
+                                   "of truth. parquet: one file, embedding = fixed-size list of float32, backbone, "
+                                   "weights, precision and cache path in the schema metadata. npy: a folder with "
+                                   "embeddings.npy (float32 N x D), rows.csv (UTF-8) and metadata.json.")
+    add_backbone_flags(p, many=False)
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="parquet",
+                   help="parquet (one file, default) or npy (a folder)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the Parquet file or npy folder to write; its parent folder must exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (an npy folder only when it holds nothing but an export)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -11,7 +11,6 @@ run on its train split); ``audit_pointer(dataset)`` turns it into the one line c
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from cxr_transfer.audit.pixel_shortcuts import PixelShortcutResult, pixel_shortc
 from cxr_transfer.audit.report import AUDIT_JSON, write_report
 from cxr_transfer.core.cache_keys import dataset_cache_id
 from cxr_transfer.core.outputs import writable_folder
-from cxr_transfer.core.record import run_record
+from cxr_transfer.core.record import Stopwatch, run_record
 from cxr_transfer.core.settings import BackboneSettings, UsesBackboneSettings
 from cxr_transfer.extract.dataset import Dataset, load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings, load_features
@@ -207,41 +206,34 @@ def _payload(dataset: Dataset, settings: AuditSettings, dup: DuplicateScan, leak
 
 def run_audit(settings: AuditSettings) -> AuditReport:
     """Run every check on ``settings.data`` and write the report folder (module docstring)."""
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 2)
-        return now
-
-    tick = started
+    watch = Stopwatch()
     out_dir = writable_folder(settings.out_dir, "--out") if settings.out_dir else None
     dataset = load_dataset(settings.data, keep_duplicates=True)   # the audit reports repeated images
     out_dir = out_dir or writable_folder(default_out_dir(dataset, settings.runs_dir), "audit")
-    tick = lap("read_dataset", tick)
+    watch.lap("read_dataset")
     extract = settings.extract_settings()
     full, result = load_features(dataset, extract)
-    tick = lap("embed_full", tick)
+    watch.lap("embed_full")
     embeddings = {s.sha256: full.embeddings[i] for i, s in enumerate(full.samples)}
     hash_cache = Path(settings.cache_dir) / dataset_cache_id(dataset.root) / HASH_CACHE_NAME
     duplicates = find_duplicates(dataset, embeddings, settings.rule, cache_path=hash_cache)
-    tick = lap("duplicates", tick)
+    watch.lap("duplicates")
     leakage = patient_leakage(dataset)
     acquisition = acquisition_shortcuts(dataset, settings.seed, settings.folds)
     header = header_shortcuts(dataset, settings.seed, settings.folds)
-    tick = lap("leakage_acquisition", tick)
+    watch.lap("leakage_acquisition")
     pixels = pixel_shortcuts(dataset, extract, settings.head, settings.folds, settings.seed, full=full)
-    tick = lap("pixel_shortcuts", tick)
+    watch.lap("pixel_shortcuts")
+    watch.total("total_before_report")
     findings = _findings(duplicates, leakage, acquisition, pixels, header, dataset.has_groups)
     verdict = _verdict(duplicates, leakage, acquisition, pixels, header)
-    timings["total_before_report"] = round(tick - started, 2)
+    timings = watch.timings
     payload = _payload(dataset, settings, duplicates, leakage, acquisition, pixels, header, findings, verdict,
                        timings, result.weights.describe())
     report = AuditReport(dataset, settings, duplicates, leakage, acquisition, pixels, header, findings, verdict,
                          timings, payload, out_dir)
     report.paths = write_report(report.payload, out_dir)
-    timings["total"] = round(time.perf_counter() - started, 2)
+    watch.total("total")
     return report
 
 

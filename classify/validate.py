@@ -54,7 +54,7 @@ from cxr_transfer.classify.validate_report import verdict_lines, write_external_
 from cxr_transfer.core.cache_keys import dataset_cache_id
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.outputs import new_run_dir
-from cxr_transfer.core.record import run_record, write_json
+from cxr_transfer.core.record import Stopwatch, run_record, write_json
 from cxr_transfer.extract.dataset import MANIFEST_NAME, Dataset, load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings, align_feature_sets, load_features
 
@@ -322,14 +322,7 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
     from cxr_transfer.classify.saved_model import save_head
     from cxr_transfer.extract.registry import parse_backbone_list
 
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 2)
-        return now
-
+    watch = Stopwatch()
     configs = parse_backbone_list(settings.backbones)
     heads = parse_head_list(settings.heads)
     notes: list[str] = []
@@ -363,7 +356,7 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
                                    "weights": result.weights.describe(), "weights_sha256": result.weights.sha256,
                                    "onnx_sha256": result.onnx_sha256, "input_size": features[config.name].attrs.get(
                                        "input_size"), "skipped": result.failures + ext_result.failures}
-    tick = lap("read_and_embed", started)
+    watch.lap("read_and_embed")
     samples, arrays = align_feature_sets(features, {s.sha256 for s in pool.samples})
     ext_samples, ext_arrays = align_feature_sets(ext_features)
     index = {name: i for i, name in enumerate(class_names)}
@@ -387,7 +380,7 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
                 notes.append(f"{len(merged)} group(s) joined patients that share a near-duplicate radiograph "
                              f"(audit rule{'' if embeddings else ', pHash alone'}): {'; '.join(merged[:5])}"
                              + (" ..." if len(merged) > 5 else ""))
-    tick = lap("groups_and_duplicates", tick)
+    watch.lap("groups_and_duplicates")
     outer = cv_splits(y, settings.folds, 1, settings.seed, groups)
     ext_clusters = np.array([s.group for s in ext_samples]) if external.has_groups and all(
         s.group for s in ext_samples) else None
@@ -407,12 +400,12 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
                            len(class_names))
         for backbone, head, part in tasks)
     fitted = _assemble(parts, len(y), len(class_names))
-    tick = lap("fit", tick)
+    watch.lap("fit")
     models = Parallel(n_jobs=settings.n_jobs)(
         delayed(_score)({k: v for k, v in f.items() if k != "saved_model"}, y, clusters, y_ext, ext_clusters,
                         subgroup_values, class_names, settings)
         for f in fitted)
-    tick = lap("bootstrap_and_scores", tick)
+    watch.lap("bootstrap_and_scores")
     flagged = _flags(models)
     verdict = verdict_lines(models, flagged, settings)
 
@@ -426,8 +419,8 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
                                                    if settings.merge_duplicates else "")) if group_by else "image",
                         internal_clusters="patients" if clusters is not None else "images",
                         external_clusters="patients" if ext_clusters is not None else "images",
-                        merged_groups=merged, mapie=_mapie_version(), extraction=extraction, timings=timings,
-                        seconds=round(time.perf_counter() - started, 2))
+                        merged_groups=merged, mapie=_mapie_version(), extraction=extraction, timings=watch.timings,
+                        seconds=watch.elapsed())
     if settings.save or settings.explain:   # explain needs the heads on disk
         record["saved_models"] = []
         for f in fitted:

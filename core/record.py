@@ -5,6 +5,7 @@ import datetime as _dt
 import json
 import platform
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,29 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+class Stopwatch:
+    """Seconds spent per stage of a run, for its record's ``timings``: ``lap(name)`` stores the time since the
+    previous lap (or the start), ``total(name)`` the time since the start; both rounded to 0.01 s."""
+
+    def __init__(self) -> None:
+        self.started = self._last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, name: str) -> float:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._last, 2)
+        self._last = now
+        return self.timings[name]
+
+    def total(self, name: str) -> float:
+        self.timings[name] = self.elapsed()
+        return self.timings[name]
+
+    def elapsed(self) -> float:
+        """Seconds since the start, rounded to 0.01 s (not stored)."""
+        return round(time.perf_counter() - self.started, 2)
 
 
 def now_iso() -> str:

@@ -14,6 +14,7 @@ from cxr_transfer.core.errors import CxrError
 
 DEFAULT_CACHE_DIR = Path("features")
 PRECISIONS = ("float32", "int8")
+EXPORT_FORMATS = ("parquet", "npy")   # ``export --format`` (extract/export_table.py)
 MAX_INPUT_SIZE = 1024
 """Largest square input accepted: the published weights were trained at 224-331 px, and a batch of 16 VGG16
 inputs of 1024 px already needs about 20 GiB of activations (the memory grows with the square of the side)."""

@@ -354,6 +354,11 @@ def test_run_audit_writes_report_and_pointer(tmp_path, cache_dir):
     assert [p["group"] for p in payload["leakage"]["leaked"]] == ["c0", "n0"]  # i=6 reuses patient 0
     assert payload["acquisition"]["shortcut"]
     assert any("near-duplicate" in f for f in report.findings)
+    stages = ["read_dataset", "embed_full", "duplicates", "leakage_acquisition", "pixel_shortcuts"]
+    assert list(payload["timings"]) == [*stages, "total_before_report"]      # written before the report's own time
+    assert list(report.timings) == [*stages, "total_before_report", "total"]
+    laps = sum(report.timings[stage] for stage in stages)
+    assert report.timings["total"] >= report.timings["total_before_report"] >= laps - 0.05
     assert any("more than one split" in f for f in report.findings)
     assert report.exit_code == 1
     dataset = load_dataset(tmp_path / "data")

@@ -246,6 +246,10 @@ def test_run_validate_writes_everything_and_handles_tiny_and_missing_subgroups(p
     assert len(predictions) == 15 and {"source", "mobilenetv2-logreg:set"} <= set(predictions[0])
     payload = json.loads((run.run_dir / "results.json").read_text(), parse_constant=pytest.fail)   # strict JSON
     assert payload["kind"] == "validate" and payload["record"]["grouping"].startswith("patient_id")
+    timings = payload["record"]["timings"]   # seconds per stage (core.record.Stopwatch), in stage order
+    assert list(timings) == ["read_and_embed", "groups_and_duplicates", "fit", "bootstrap_and_scores"]
+    assert all(isinstance(v, float) and v >= 0 for v in timings.values())
+    assert payload["record"]["seconds"] >= sum(timings.values()) - 0.05
 
 
 def test_cli_validate_then_predict_with_conformal_sets(pair, cache_dir, tmp_path, run_cli):
