@@ -46,13 +46,17 @@ def list_backbones() -> list[BackboneConfig]:
 def embed_folder(data: str | Path, backbone: str = "vgg16", *, weights: str | Path | None = None,
                  weights_dir: str | Path | None = None, random_weights: bool = False, input_size: int | None = None,
                  cache_dir: str | Path = DEFAULT_CACHE_DIR, batch_size: int = 16, threads: int | None = None,
-                 progress: bool = False) -> FeatureSet:
+                 progress: bool = False, engine: str = "local", address: str | None = None,
+                 workers: int | None = None, threads_per_worker: int = 1, shard_size: int = 256) -> FeatureSet:
     """Embeddings of every readable image of a dataset folder or CSV, through the HDF5 cache.
 
     Returns a ``FeatureSet``: ``embeddings`` (float32, one row per readable image), ``samples`` (path, label,
-    split, group, sha256), ``labels``, ``class_names``. Only images not cached yet are computed.
+    split, group, sha256), ``labels``, ``class_names``. Only images not cached yet are computed, in this process
+    (``engine="local"``) or on a Ray cluster (``engine="ray"`` with ``address``, ``workers``,
+    ``threads_per_worker``, ``shard_size``; docs/distributed.md), into the same cache.
     """
     from cxr_transfer.extract.dataset import load_dataset
+    from cxr_transfer.extract.engine import EngineSettings, check_engine
     from cxr_transfer.extract.pipeline import ExtractSettings, load_features
     from cxr_transfer.extract.registry import get_backbone
 
@@ -60,7 +64,11 @@ def embed_folder(data: str | Path, backbone: str = "vgg16", *, weights: str | Pa
     common = BackboneSettings(backbone=backbone, weights_file=weights, weights_dir=weights_dir,
                               random_weights=random_weights, input_size=input_size, cache_dir=Path(cache_dir),
                               threads=threads, progress=progress)
-    features, _ = load_features(load_dataset(data), ExtractSettings(common=common, batch_size=batch_size))
+    engine_settings = EngineSettings(name=engine, address=address, workers=workers,
+                                     threads_per_worker=threads_per_worker, shard_size=shard_size)
+    check_engine(engine_settings)
+    features, _ = load_features(load_dataset(data), ExtractSettings(common=common, batch_size=batch_size,
+                                                                    engine=engine_settings))
     return features
 
 

@@ -180,12 +180,30 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def engine_settings(args: argparse.Namespace):
+    """--engine and the Ray flags; the Ray flags with the local engine are refused (they would do nothing)."""
+    from cxr_transfer.extract.engine import EngineSettings
+
+    ray_flags = {"--address": args.address, "--workers": args.workers,
+                 "--threads-per-worker": args.threads_per_worker, "--shard-size": args.shard_size}
+    given = [flag for flag, value in ray_flags.items() if value is not None]
+    if args.engine != "ray":
+        if given:
+            raise CxrError(f"{', '.join(given)} only apply to --engine ray; add --engine ray or leave them out")
+        return EngineSettings()
+    options = {"address": args.address, "workers": args.workers, "threads_per_worker": args.threads_per_worker,
+               "shard_size": args.shard_size}
+    return EngineSettings(name="ray", **{k: v for k, v in options.items() if v is not None})
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from cxr_transfer.extract.commands import extract_many
     from cxr_transfer.extract.dataset import load_dataset
+    from cxr_transfer.extract.engine import check_engine
     from cxr_transfer.extract.pipeline import ExtractSettings
 
-    settings = ExtractSettings(common=common_settings(args), batch_size=args.batch_size)
+    settings = ExtractSettings(common=common_settings(args), batch_size=args.batch_size, engine=engine_settings(args))
+    check_engine(settings.engine)   # Ray missing: say how to install it before reading any data
     dataset = load_dataset(args.data or default_data())
     results = extract_many(dataset, args.backbone, settings)
     for line in dataset.skipped_summary():
@@ -342,6 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="embed a folder of images into the HDF5 cache")
     add_backbone_flags(p)
+    engine = p.add_argument_group("engine (docs/distributed.md)")
+    engine.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: this process (default); ray: a Ray cluster, or a local Ray instance")
+    engine.add_argument("--address", default=None,
+                        help="ray: cluster address host:port, auto or ray://host:port (default: $RAY_ADDRESS, else "
+                             "a new local instance)")
+    engine.add_argument("--workers", type=POSITIVE, default=None,
+                        help="ray: actors, each with its own onnxruntime session (default: the cluster's CPUs / "
+                             "--threads-per-worker)")
+    engine.add_argument("--threads-per-worker", type=POSITIVE, default=None,
+                        help="ray: onnxruntime threads (and CPUs reserved) per worker (default 1)")
+    engine.add_argument("--shard-size", type=POSITIVE, default=None,
+                        help="ray: images per shard, the unit of work, retry and resume (default 256)")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("compare", help="benchmark scikit-learn heads on cached embeddings")

@@ -16,11 +16,12 @@ bytes fail the read; on open every column must have N rows and every embedding m
 fails any of this is moved aside (``.damaged-<time>``) and rebuilt.
 
 Crash safety: while a run computes, every flushed block of embeddings is written to its own ``.npz`` part
-file next to the cache (atomic rename). The HDF5 file itself is only ever replaced whole, by a new file
-written beside it and renamed over it. A ``kill -9`` at any moment therefore leaves the old cache intact
-plus the finished parts, and the next run opens both and computes only what is missing; the half-written
-``.tmp`` files such a kill leaves are removed when the cache is opened. Callers hold the cache's lock
-(``core.locking.file_lock``) while a ``FeatureCache`` is open for writing: one writer per file.
+file next to the cache (``write_part``: atomic rename; the Ray engine's workers write one part per shard).
+The HDF5 file itself is only ever replaced whole, by a new file written beside it and renamed over it. A
+``kill -9`` at any moment therefore leaves the old cache intact plus the finished parts, and the next run
+opens both and computes only what is missing; the half-written ``.tmp`` files such a kill leaves are removed
+when the cache is opened. Callers hold the cache's lock (``core.locking.file_lock``) while a ``FeatureCache``
+is open for writing: one writer per file.
 
 Disk full: the new HDF5 file is built in memory, then the free space is checked and the bytes are written
 with plain file I/O, so HDF5 never meets a full disk (its failed close crashed the process). A failed write
@@ -148,6 +149,32 @@ def check_file(handle: h5py.File, embeddings_read: np.ndarray | None = None) -> 
     return n
 
 
+def write_part(parts_dir: Path, name: str, shas: list[str], embeddings: np.ndarray) -> Path:
+    """Write one part file (``part-*.npz``: sha256 and float32 embeddings, finite rows only) atomically: a
+    temporary file, fsync, rename. The same name written twice (a retried shard) is replaced whole."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if embeddings.shape[0] != len(shas) or not np.isfinite(embeddings).all():
+        raise ValueError(f"a part needs one finite embedding per sha256, got shape {embeddings.shape} "
+                         f"for {len(shas)} rows instead")
+    if not (name.startswith("part-") and name.endswith(".npz")):
+        raise ValueError(f"part files are named part-*.npz, got {name!r} instead")
+    tmp = parts_dir / f"{name[:-4]}-{os.getpid()}-{time.time_ns()}.npz.tmp"
+    try:
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            np.savez(handle, sha256=np.array(shas, dtype="S64"), embeddings=embeddings)
+            handle.flush()
+            os.fsync(handle.fileno())
+        final = parts_dir / name
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if is_no_space(exc):
+            raise no_space_error(parts_dir, embeddings.nbytes + 64 * len(shas) + _SPACE_SLACK) from None
+        raise
+    return final
+
+
 class FeatureCache:
     """Embeddings keyed by image sha256 for one model identity; see the module docstring for the layout."""
 
@@ -213,7 +240,10 @@ class FeatureCache:
     def _scan_parts(self) -> None:
         if not self.parts_dir.is_dir():
             return
+        known = {p for p, _ in self._parts.values()}
         for part in sorted(self.parts_dir.glob("part-*.npz")):
+            if part in known:
+                continue
             try:
                 with np.load(part) as data:
                     shas = data["sha256"].astype(str)
@@ -251,28 +281,15 @@ class FeatureCache:
     # ----------------------------------------------------------------- writing
     def add_part(self, shas: list[str], embeddings: np.ndarray) -> Path:
         """Persist a block of new embeddings at once, atomically, as a part file (finite rows only)."""
-        embeddings = np.asarray(embeddings, dtype=np.float32)
-        if embeddings.shape[0] != len(shas) or not np.isfinite(embeddings).all():
-            raise ValueError(f"a part needs one finite embedding per sha256, got shape {embeddings.shape} "
-                             f"for {len(shas)} rows instead")
-        name = f"part-{time.time_ns()}-{len(self._parts)}.npz"
-        tmp = self.parts_dir / (name + ".tmp")
-        try:
-            self.parts_dir.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as handle:
-                np.savez(handle, sha256=np.array(shas, dtype="S64"), embeddings=embeddings)
-                handle.flush()
-                os.fsync(handle.fileno())
-            final = self.parts_dir / name
-            os.replace(tmp, final)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if is_no_space(exc):
-                raise no_space_error(self.parts_dir, embeddings.nbytes + 64 * len(shas) + _SPACE_SLACK) from None
-            raise
+        final = write_part(self.parts_dir, f"part-{time.time_ns()}-{len(self._parts)}.npz", shas, embeddings)
         for i, sha in enumerate(shas):
             self._parts.setdefault(sha, (final, i))
         return final
+
+    def adopt_parts(self) -> None:
+        """Take up the part files other processes wrote into ``parts_dir`` while this cache was open (the
+        Ray engine's workers, under this process's lock); unreadable ones are dropped as on open."""
+        self._scan_parts()
 
     def listing_matches(self, rows: list[CacheRow]) -> bool:
         """True when the HDF5 file already holds exactly these rows, in this order, with checksums."""

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 from cxr_transfer.extract.dataset import load_dataset
+from cxr_transfer.extract.engine import engine_session
 from cxr_transfer.extract.pipeline import (
     ExtractResult,
     ExtractSettings,
@@ -18,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def extract_many(data: str | Path, backbones: str, settings: ExtractSettings) -> list[ExtractResult]:
-    """Extract the dataset with each backbone of a comma list; a --weights file goes to the only backbone."""
+    """Extract the dataset with each backbone of a comma list; a --weights file goes to the only backbone.
+    The Ray engine connects once (when a backbone has work) and serves every backbone."""
     configs = parse_backbone_list(backbones)
     if settings.weights_file and len(configs) > 1:
         from cxr_transfer.core.errors import CxrError
@@ -29,7 +31,8 @@ def extract_many(data: str | Path, backbones: str, settings: ExtractSettings) ->
     for config in configs:
         resolve_weights(config, settings.weights_file, settings.weights_dir, settings.random_weights,
                         allow_download=True)
-    return [extract_features(dataset, settings.with_backbone(c.name)) for c in configs]
+    with engine_session(settings.engine):
+        return [extract_features(dataset, settings.with_backbone(c.name)) for c in configs]
 
 
 def backbone_table(weights_dir: str | Path | None = None, input_size: int | None = None,

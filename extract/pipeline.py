@@ -2,7 +2,9 @@
 
 ``extract_features`` makes sure the cache holds an embedding for every readable image of the dataset and
 returns a summary; ``load_features`` does the same and returns the embeddings aligned with the samples.
-Only images whose sha256 is not cached yet are decoded and run through the network.
+Only images whose sha256 is not cached yet are decoded and run through the network, by the engine the
+settings name (``extract/engine.py``: this process, or a Ray cluster); planning, the cache and its merge are
+the same for both.
 
 Before any work: files whose name (or class, split, group) is not valid UTF-8 are skipped with a warning
 (cache columns are UTF-8 text), the cache folder must be a folder, and when embeddings must be computed it
@@ -41,6 +43,7 @@ from cxr_transfer.extract.cache import (
     utf8_problem,
 )
 from cxr_transfer.extract.dataset import Dataset, Sample
+from cxr_transfer.extract.engine import Computed, EngineSettings, check_engine
 from cxr_transfer.extract.images import ImageView, decoded_batches
 from cxr_transfer.extract.onnx_export import (
     DEFAULT_OPSET,
@@ -77,6 +80,7 @@ class ExtractSettings(UsesBackboneSettings):
     view: ImageView | None = None
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT   # seconds to wait for another run writing the same cache
     calibration_digest: str | None = None   # int8: use the cached model of this calibration (e.g. a saved head's)
+    engine: EngineSettings = field(default_factory=EngineSettings)   # who computes the missing embeddings
 
     @property
     def config(self) -> BackboneConfig:
@@ -89,7 +93,7 @@ class ExtractSettings(UsesBackboneSettings):
     def record(self) -> dict[str, object]:
         return {**self.common.record(), "input_size": self.config.input_size(self.input_size),
                 "batch_size": self.batch_size, "decode_workers": self.decode_workers, "opset": self.opset,
-                "view": self.view.name if self.view else "full"}
+                "view": self.view.name if self.view else "full", "engine": self.engine.record()}
 
 
 @dataclass
@@ -108,6 +112,7 @@ class ExtractResult:
     onnx_sha256: str
     precision: str = "float32"
     calibration_digest: str | None = None   # int8: the calibration set the quantized model was made with
+    engine_note: str = ""                   # what the engine reports (Ray: workers, shards run and failed)
 
     @property
     def rate(self) -> float:
@@ -117,7 +122,7 @@ class ExtractResult:
         name = f"{self.backbone} int8" if self.precision == "int8" else self.backbone
         text = (f"{name}: {self.n_images} images, {self.n_cached} cached, {self.n_computed} computed"
                 f" ({self.rate:.1f} img/s), {len(self.failures)} skipped -> {self.cache_path}")
-        return text
+        return f"{text} [{self.engine_note}]" if self.engine_note else text
 
 
 @dataclass
@@ -259,6 +264,7 @@ def extract_features(dataset: Dataset, settings: ExtractSettings, prune: bool = 
     ``prune=False`` keeps the cached rows of images not in ``dataset`` (``predict`` on a few files of a
     folder must not drop the folder's other embeddings) and leaves their columns as they were.
     """
+    check_engine(settings.engine)
     plan = _plan(dataset, settings)
     with _cache_guard(plan, settings) as locked:
         return _extract(dataset, settings, plan, locked, prune)
@@ -267,6 +273,7 @@ def extract_features(dataset: Dataset, settings: ExtractSettings, prune: bool = 
 def load_features(dataset: Dataset, settings: ExtractSettings,
                   prune: bool = True) -> tuple[FeatureSet, ExtractResult]:
     """Extract what is missing, then return the embeddings aligned with ``dataset``'s readable samples."""
+    check_engine(settings.engine)
     plan = _plan(dataset, settings)
     with _cache_guard(plan, settings) as locked:
         result = _extract(dataset, settings, plan, locked, prune)
@@ -311,37 +318,16 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
             read_only = True
         if read_only:
             log.warning("%s is read-only: using its embeddings without updating its row list", path)
-    inference_seconds = 0.0
-    n_embedded = 0
+    computed = Computed()
     if todo:
         onnx = get_onnx_backbone(config, size, source, settings.cache_dir, settings.opset, settings.lock_timeout)
         if plan.digest:
             onnx = get_int8_backbone(onnx, plan.calibration, settings.cache_dir, settings.threads, plan.digest)
-        embedder = OnnxEmbedder(onnx, settings.threads)
-        block_shas: list[str] = []
-        block_rows: list[np.ndarray] = []
-        with _progress(len(todo), settings.progress, f"{config.name} {plan.view_name}") as bar:
-            for good, batch, bad in decoded_batches(todo, size, settings.batch_size, settings.decode_workers,
-                                                    settings.view):
-                if len(good):
-                    tick = time.perf_counter()
-                    embedded = embedder.embed(batch)
-                    inference_seconds += time.perf_counter() - tick
-                    finite = np.isfinite(embedded).all(axis=1)
-                    bad = bad + [(s, f"{s.path}: non-finite embedding from {onnx.path.name}")
-                                 for s, ok in zip(good, finite) if not ok]
-                    block_rows.append(embedded[finite])
-                    block_shas += [s.sha256 for s, ok in zip(good, finite) if ok]
-                    n_embedded += int(finite.sum())
-                for sample, reason in bad:
-                    log.warning("skipped %s", reason)
-                failures += bad
-                if len(block_shas) >= settings.flush_every:
-                    cache.add_part(block_shas, np.concatenate(block_rows))
-                    block_shas, block_rows = [], []
-                bar.update(len(good) + len(bad))
-        if block_shas:
-            cache.add_part(block_shas, np.concatenate(block_rows))
+        compute = _embed_local
+        if settings.engine.is_ray:
+            from cxr_transfer.extract.engine_ray import embed_on_ray as compute
+        computed = compute(todo, onnx, cache, settings, f"{config.name} {plan.view_name}")
+        failures += computed.failures
 
     rows = _rows(dataset, samples, cache, prune)
     if not any(cache.has(s.sha256) for s in samples):
@@ -354,11 +340,44 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
             precision.update(calibration_digest=plan.digest,
                              int8_fidelity=(int8_info(onnx).get("fidelity", {}) if onnx else {}))
         cache.write(rows, {**onnx_attrs, **precision, "dataset_root": printable(str(dataset.root)), "failed": failed,
-                           "versions": library_versions(), "opset": settings.opset})
-    return ExtractResult(path, config.name, len(dataset), n_cached, n_embedded, failed,
-                         time.perf_counter() - started, inference_seconds, source,
+                           "versions": library_versions(), "opset": settings.opset,
+                           "engine": settings.engine.record()})
+    return ExtractResult(path, config.name, len(dataset), n_cached, computed.n_embedded, failed,
+                         time.perf_counter() - started, computed.inference_seconds, source,
                          onnx.sha256 if onnx else str(_onnx_attrs(None, path).get("onnx_sha256", "")),
-                         settings.precision, plan.digest)
+                         settings.precision, plan.digest, computed.note)
+
+
+def _embed_local(todo: list[Sample], onnx: OnnxBackbone, cache: FeatureCache, settings: ExtractSettings,
+                 label: str) -> Computed:
+    """The local engine: decode in threads, run onnxruntime in this process, flush part files as it goes."""
+    embedder = OnnxEmbedder(onnx, settings.threads)
+    computed = Computed()
+    block_shas: list[str] = []
+    block_rows: list[np.ndarray] = []
+    with _progress(len(todo), settings.progress, label) as bar:
+        for good, batch, bad in decoded_batches(todo, onnx.input_size, settings.batch_size, settings.decode_workers,
+                                                settings.view):
+            if len(good):
+                tick = time.perf_counter()
+                embedded = embedder.embed(batch)
+                computed.inference_seconds += time.perf_counter() - tick
+                finite = np.isfinite(embedded).all(axis=1)
+                bad = bad + [(s, f"{s.path}: non-finite embedding from {onnx.path.name}")
+                             for s, ok in zip(good, finite) if not ok]
+                block_rows.append(embedded[finite])
+                block_shas += [s.sha256 for s, ok in zip(good, finite) if ok]
+                computed.n_embedded += int(finite.sum())
+            for sample, reason in bad:
+                log.warning("skipped %s", reason)
+            computed.failures += bad
+            if len(block_shas) >= settings.flush_every:
+                cache.add_part(block_shas, np.concatenate(block_rows))
+                block_shas, block_rows = [], []
+            bar.update(len(good) + len(bad))
+    if block_shas:
+        cache.add_part(block_shas, np.concatenate(block_rows))
+    return computed
 
 
 def _rows(dataset: Dataset, samples: list[Sample], cache: FeatureCache, prune: bool) -> list[CacheRow]:

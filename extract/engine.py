@@ -1,0 +1,99 @@
+"""Where the missing embeddings of an extraction are computed: in this process, or on a Ray cluster.
+
+Both engines get the same work from ``extract/pipeline.py`` (the images whose sha256 the cache lacks, the ONNX
+model on disk, the open ``FeatureCache``) and leave the same thing behind: one part file per finished block in
+the cache's ``.parts`` folder, which the pipeline then merges into the one HDF5 file. Only this step differs,
+so both engines write the same rows and embeddings (docs/distributed.md).
+
+- ``local`` (default): decode in threads and run onnxruntime in this process (``pipeline._embed_local``).
+- ``ray``: shards of images by sha256 run by Ray Data actors, each with its own onnxruntime session
+  (``extract/engine_ray.py``); Ray is an optional extra, imported only when this engine runs.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cxr_transfer.core.errors import CxrError
+
+if TYPE_CHECKING:
+    from cxr_transfer.extract.dataset import Sample
+
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Which engine computes the missing embeddings, and (Ray) on which cluster with how many workers."""
+
+    name: str = "local"               # "local" or "ray"
+    address: str | None = None        # ray: "host:port", "auto" or "ray://host:port"; None: $RAY_ADDRESS, else
+                                      #   a new local instance on this machine
+    workers: int | None = None        # ray: actors, one onnxruntime session each; None: the cluster's CPUs
+                                      #   divided by threads_per_worker
+    threads_per_worker: int = 1       # ray: onnxruntime intra-op threads (and Ray CPUs) of each actor
+    shard_size: int = 256             # ray: images per shard (one task, one part file)
+    max_retries: int = 3              # ray: times a shard is run again after its worker process died
+
+    def __post_init__(self) -> None:
+        if self.name not in ENGINES:
+            raise CxrError(f"engine must be one of {', '.join(ENGINES)}, got {self.name!r} instead")
+        for name in ("workers", "threads_per_worker", "shard_size", "max_retries"):
+            value = getattr(self, name)
+            if value is None and name == "workers":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r} instead")
+            if value < (0 if name == "max_retries" else 1):
+                raise CxrError(f"{name} must be at least {0 if name == 'max_retries' else 1}, "
+                               f"got {value} instead")
+        if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
+            raise CxrError(f"address must be host:port, auto or ray://host:port, got {self.address!r} instead")
+
+    @property
+    def is_ray(self) -> bool:
+        return self.name == "ray"
+
+    def record(self) -> dict[str, object]:
+        """JSON-ready form for run records and cache attributes."""
+        if not self.is_ray:
+            return {"engine": "local"}
+        return {"engine": "ray", "address": self.address or "", "workers": self.workers,
+                "threads_per_worker": self.threads_per_worker, "shard_size": self.shard_size,
+                "max_retries": self.max_retries}
+
+
+@dataclass
+class Computed:
+    """What an engine did with the images it was given: how many embeddings it added to the cache's parts,
+    the images it skipped (with the reason), the seconds spent in onnxruntime (summed over workers) and a
+    short note for the summary line."""
+
+    n_embedded: int = 0
+    failures: list[tuple[Sample, str]] = field(default_factory=list)
+    inference_seconds: float = 0.0
+    note: str = ""
+
+
+def check_engine(settings: EngineSettings) -> None:
+    """Fail at once, before any export or computing, when the engine cannot run here (Ray not installed)."""
+    if settings.is_ray:
+        from cxr_transfer.extract.engine_ray import require_ray
+
+        require_ray()
+
+
+@contextlib.contextmanager
+def engine_session(settings: EngineSettings) -> Iterator[None]:
+    """Share one Ray connection (or local instance) between the extractions run inside this block, e.g. the
+    backbones of one ``extract`` command; nothing for the local engine. Ray starts only when a shard runs."""
+    check_engine(settings)
+    if not settings.is_ray:
+        yield
+        return
+    from cxr_transfer.extract.engine_ray import ray_session
+
+    with ray_session():
+        yield
