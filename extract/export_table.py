@@ -146,7 +146,9 @@ def write_parquet(out: Path, embeddings: np.ndarray, columns: dict[str, list[str
     table = pa.Table.from_arrays(arrays, names=names).replace_schema_metadata(metadata)
     tmp = _temporary(out, is_folder=False)
     try:
-        pq.write_table(table, str(tmp))
+        # Plain (not dictionary) encoding for the floats: the dictionary of 425 VGG16 embeddings made the file
+        # 1.23 MB instead of 0.83 MB. Snappy, Parquet's most widely read compression, for the rest.
+        pq.write_table(table, str(tmp), use_dictionary=list(ROW_COLUMNS), compression="snappy")
         _fsync(tmp)
         _publish(tmp, out, overwrite)
     except BaseException as exc:   # any failure, Ctrl-C included: leave no temporary behind

@@ -78,6 +78,8 @@ def test_parquet_holds_the_cache_bit_for_bit_with_its_provenance(exported):
     assert meta["cache_path"] == str(exported.extraction.cache_path)
     assert meta["cxr_transfer_version"] == cxr_transfer.__version__ and meta["embedding_dim"] == str(dim)
     assert "calibration_digest" not in meta
+    row_group = pq.ParquetFile(exported.path).metadata.row_group(0)
+    assert "RLE_DICTIONARY" not in row_group.column(5).encodings          # floats plain: a dictionary is larger
     assert [p.name for p in exported.path.parent.iterdir()] == [exported.path.name]    # no temporary left
 
 
