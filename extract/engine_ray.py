@@ -317,10 +317,6 @@ def embed_on_ray(todo: list[Sample], onnx: OnnxBackbone, cache: FeatureCache, se
                  label: str) -> Computed:
     """The Ray engine: embed ``todo`` on the cluster into part files of ``cache`` (see module docstring)."""
     require_ray()
-    import ray
-    import ray.data
-    from tqdm import tqdm
-
     engine = settings.engine
     with ray_session():
         tick = time.perf_counter()
@@ -328,69 +324,93 @@ def embed_on_ray(todo: list[Sample], onnx: OnnxBackbone, cache: FeatureCache, se
         connect_seconds = time.perf_counter() - tick
         shards = make_shards(todo, engine.shard_size)
         workers = min(_pool_size(engine, where), len(shards))
-        items = [shard.item() for shard in shards]
-        dataset = ray.data.from_items(items, override_num_blocks=len(items))
-        del items
-        context = dataset.context
-        context.max_errored_blocks = -1           # a shard whose worker died too often: named below, not fatal
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
-        with warnings.catch_warnings():
-            # Ray Data takes an actor's restart and retry limits only as ``ray_remote_args`` (deprecated without
-            # a named replacement so far); its own default retries a shard whose worker dies forever.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            mapped = dataset.map_batches(
-                EmbedShard, batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),  # spread shards
-                num_cpus=engine.threads_per_worker,
-                fn_constructor_kwargs={"backbone": replace(onnx, path=onnx.path.absolute()),   # workers' cwd
-                                       "batch_size": settings.batch_size, "threads": engine.threads_per_worker,
-                                       "view": settings.view, "parts_dir": str(cache.parts_dir.absolute()),
-                                       "fault": os.environ.get(FAULT_ENV, "")},
-                max_restarts=-1, max_task_retries=engine.max_retries)
-        computed = Computed()
-        finished: set[str] = set()
-        nodes: set[str] = set()
-        n_errored = 0
-        first_seconds = None
-        by_sha = {s.sha256: s for s in todo}
-        started = time.perf_counter()
-        with _quiet_ray_data(), tqdm(total=len(todo), unit="img", desc=f"{label} (ray)", leave=False,
-                                     disable=not settings.progress) as bar:
-            try:
-                for row in mapped.iter_rows():
-                    shard = shards[int(row["index"])]
-                    finished.add(shard.name)
-                    nodes.add(str(row["node"]))
-                    first_seconds = first_seconds if first_seconds is not None else time.perf_counter() - started
-                    if row["fatal"]:
-                        raise CxrError(str(row["error"]))
-                    if row["error"]:
-                        n_errored += 1
-                        log.warning("shard %d (%d images) failed: %s", shard.index, len(shard.samples), row["error"])
-                        computed.failures += [(s, f"{s.path}: shard {shard.index} failed ({row['error']})")
-                                              for s in shard.samples]
-                    else:
-                        computed.n_embedded += int(row["done"])
-                        computed.inference_seconds += float(row["seconds"])
-                        for sha, reason in json.loads(str(row["failures"])):
-                            log.warning("skipped %s", reason)
-                            computed.failures.append((by_sha[sha], reason))
-                    bar.update(len(shard.samples))
-            except ray.exceptions.RayError as exc:
-                raise CxrError(f"the Ray workers failed ({_first_line(exc)}); every node needs cxr-transfer and its "
-                               f"dependencies installed (docs/distributed.md); finished shards are kept") from None
-    lost = [shard for shard in shards if shard.name not in finished]
+        run = _Run(shards, {s.sha256: s for s in todo})
+        run.consume(_mapped(shards, workers, onnx, cache, settings), settings.progress, label, len(todo))
+    lost = [shard for shard in shards if shard.name not in run.finished]
     for shard in lost:
         log.warning("shard %d (%d images) did not finish", shard.index, len(shard.samples))
         reason = (f"not embedded: shard {shard.index}'s Ray worker died {engine.max_retries + 1} times (crash, "
                   f"out of memory or killed)")
-        computed.failures += [(s, f"{s.path}: {reason}") for s in shard.samples]
+        run.computed.failures += [(s, f"{s.path}: {reason}") for s in shard.samples]
     order = {s.sha256: i for i, s in enumerate(todo)}
-    computed.failures.sort(key=lambda failure: order[failure[0].sha256])   # the dataset's order, as locally
+    run.computed.failures.sort(key=lambda failure: order[failure[0].sha256])   # the dataset's order, as locally
     cache.adopt_parts()
-    startup = f"connect {connect_seconds:.1f} s, first shard back after {first_seconds or 0.0:.1f} s"
-    computed.note = (f"ray: {where}, {_count(workers, 'worker')} x {_count(engine.threads_per_worker, 'thread')} on "
-                     f"{_count(len(nodes), 'node')}, {_count(len(shards), 'shard')}, {n_errored + len(lost)} failed; "
-                     f"{startup}")
-    return computed
+    startup = f"connect {connect_seconds:.1f} s, first shard back after {run.first_seconds or 0.0:.1f} s"
+    run.computed.note = (f"ray: {where}, {_count(workers, 'worker')} x {_count(engine.threads_per_worker, 'thread')} "
+                         f"on {_count(len(run.nodes), 'node')}, {_count(len(shards), 'shard')}, "
+                         f"{run.n_errored + len(lost)} failed; {startup}")
+    return run.computed
+
+
+def _mapped(shards: list[Shard], workers: int, onnx: OnnxBackbone, cache: FeatureCache,
+            settings: ExtractSettings):
+    """The Ray Data pipeline: one block per shard, mapped by a fixed pool of ``EmbedShard`` actors."""
+    import ray.data
+
+    engine = settings.engine
+    dataset = ray.data.from_items([shard.item() for shard in shards], override_num_blocks=len(shards))
+    context = dataset.context
+    context.max_errored_blocks = -1           # a shard whose worker died too often: named by the driver, not fatal
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    with warnings.catch_warnings():
+        # Ray Data takes an actor's restart and retry limits only as ``ray_remote_args`` (deprecated without a
+        # named replacement so far); its own default retries a shard whose worker dies forever.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return dataset.map_batches(
+            EmbedShard, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),  # spread shards
+            num_cpus=engine.threads_per_worker,
+            fn_constructor_kwargs={"backbone": replace(onnx, path=onnx.path.absolute()),   # workers' cwd differs
+                                   "batch_size": settings.batch_size, "threads": engine.threads_per_worker,
+                                   "view": settings.view, "parts_dir": str(cache.parts_dir.absolute()),
+                                   "fault": os.environ.get(FAULT_ENV, "")},
+            max_restarts=-1, max_task_retries=engine.max_retries)
+
+
+class _Run:
+    """What the driver learns from the shards' summary rows as they stream in."""
+
+    def __init__(self, shards: list[Shard], by_sha: dict[str, Sample]) -> None:
+        self.shards, self.by_sha = shards, by_sha
+        self.computed = Computed()
+        self.finished: set[str] = set()
+        self.nodes: set[str] = set()
+        self.n_errored = 0
+        self.first_seconds: float | None = None
+
+    def consume(self, mapped, progress: bool, label: str, total: int) -> None:
+        import ray
+        from tqdm import tqdm
+
+        started = time.perf_counter()
+        with _quiet_ray_data(), tqdm(total=total, unit="img", desc=f"{label} (ray)", leave=False,
+                                     disable=not progress) as bar:
+            try:
+                for row in mapped.iter_rows():
+                    if self.first_seconds is None:
+                        self.first_seconds = time.perf_counter() - started
+                    bar.update(self.add(row))
+            except ray.exceptions.RayError as exc:
+                raise CxrError(f"the Ray workers failed ({_first_line(exc)}); every node needs cxr-transfer and its "
+                               f"dependencies installed (docs/distributed.md); finished shards are kept") from None
+
+    def add(self, row: dict) -> int:
+        """Take one summary row; returns the shard's image count. A fatal row stops the run."""
+        shard = self.shards[int(row["index"])]
+        self.finished.add(shard.name)
+        self.nodes.add(str(row["node"]))
+        if row["fatal"]:
+            raise CxrError(str(row["error"]))
+        if row["error"]:
+            self.n_errored += 1
+            log.warning("shard %d (%d images) failed: %s", shard.index, len(shard.samples), row["error"])
+            self.computed.failures += [(s, f"{s.path}: shard {shard.index} failed ({row['error']})")
+                                       for s in shard.samples]
+        else:
+            self.computed.n_embedded += int(row["done"])
+            self.computed.inference_seconds += float(row["seconds"])
+            for sha, reason in json.loads(str(row["failures"])):
+                log.warning("skipped %s", reason)
+                self.computed.failures.append((self.by_sha[sha], reason))
+        return len(shard.samples)

@@ -8,6 +8,7 @@ exported once and copied into each test's cache folder.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import secrets
@@ -147,6 +148,52 @@ def test_shards_are_cut_by_sha256_and_named_by_their_content():
     again = make_shards(list(reversed(samples)), 2)
     assert [s.name for s in shards] == [s.name for s in again] and len({s.name for s in shards}) == 3
     assert shards[0].part_name == f"part-shard-{shards[0].name}.npz"
+
+
+def test_the_actor_stops_the_run_on_a_missing_model_and_fails_only_the_shard_otherwise(ray_local, data: Path,
+                                                                                      models: Path, tmp_path: Path):
+    from dataclasses import replace
+
+    from cxr_transfer.extract.engine_ray import EmbedShard, make_shards
+    from cxr_transfer.extract.images import ImageView
+    from cxr_transfer.extract.onnx_export import get_onnx_backbone
+    from cxr_transfer.extract.registry import get_backbone
+    from cxr_transfer.extract.weights import resolve_weights
+
+    config = get_backbone("mobilenetv2")
+    onnx = get_onnx_backbone(config, 32, resolve_weights(config, None, None, True), models.parent)
+    (shard,) = make_shards(load_dataset(data).samples[:3], 4)       # covid/broken.png and two images
+    batch = {key: np.array([value]) for key, value in shard.item().items()}
+
+    def boom(image):
+        raise RuntimeError("view broke")
+
+    parts = tmp_path / "parts"
+    missing = EmbedShard(replace(onnx, path=tmp_path / "gone.onnx"), 4, 1, None, str(parts))(batch)
+    assert missing["fatal"].tolist() == [True] and "is not on node" in missing["error"][0]
+    broken = EmbedShard(onnx, 4, 1, ImageView("boom", boom), str(parts))(batch)
+    assert broken["fatal"].tolist() == [False] and broken["error"].tolist() == ["RuntimeError: view broke"]
+    fine = EmbedShard(onnx, 4, 1, None, str(parts))(batch)
+    assert (fine["error"].tolist(), fine["done"].tolist()) == ([""], [2])
+    (failure,) = json.loads(fine["failures"][0])
+    assert failure[1].endswith("broken.png: cannot read image (UnidentifiedImageError: cannot identify image file "
+                               f"'{data / 'covid' / 'broken.png'}')")
+    assert [p.name for p in parts.iterdir()] == [shard.part_name]
+
+
+def test_the_driver_names_the_images_of_a_failed_shard_and_stops_on_a_fatal_one():
+    from cxr_transfer.extract.engine_ray import _Run, make_shards
+
+    samples = [Sample(Path(f"/d/{i}.png"), "a", sha256=f"{i:064x}") for i in range(4)]
+    shards = make_shards(samples, 2)
+    run = _Run(shards, {s.sha256: s for s in samples})
+    row = {"index": 1, "node": "n", "fatal": False, "error": "OSError: disk went away", "done": 0,
+           "seconds": 0.0, "failures": "[]"}
+    assert run.add(row) == 2
+    assert run.computed.failures == [(samples[2], "/d/2.png: shard 1 failed (OSError: disk went away)"),
+                                     (samples[3], "/d/3.png: shard 1 failed (OSError: disk went away)")]
+    with pytest.raises(CxrError, match="no space left"):
+        run.add({**row, "index": 0, "fatal": True, "error": "no space left in /d"})
 
 
 # ---------------------------------------------------------------------------------------------- command line
