@@ -359,7 +359,8 @@ def _mapped(shards: list[Shard], workers: int, onnx: OnnxBackbone, cache: Featur
         warnings.simplefilter("ignore", DeprecationWarning)
         return dataset.map_batches(
             EmbedShard, batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),  # spread shards
+            # one shard per actor at a time: a worker killed by one shard takes no other shard down with it
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
             num_cpus=engine.threads_per_worker,
             fn_constructor_kwargs={"backbone": replace(onnx, path=onnx.path.absolute()),   # workers' cwd differs
                                    "batch_size": settings.batch_size, "threads": engine.threads_per_worker,

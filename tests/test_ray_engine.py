@@ -248,7 +248,10 @@ def test_interrupted_runs_keep_their_shards_and_the_rerun_computes_only_the_rest
     child = _start_cli(args, tmp_path, slow)                                 # 1. Ctrl-C
     try:
         _wait_for_parts(child, cache, 0)
-        os.killpg(child.pid, signal.SIGINT)                                  # what a terminal's Ctrl-C sends
+        deadline = time.time() + 60
+        while child.poll() is None and time.time() < deadline:
+            os.killpg(child.pid, signal.SIGINT)     # what a terminal's Ctrl-C sends (again, as a user would,
+            time.sleep(1.0)                         # when the first arrives while Ray itself handles signals)
         _, stderr = child.communicate(timeout=60)
         assert child.returncode == 130 and "interrupted" in stderr, stderr[-3000:]
         deadline = time.time() + 15
