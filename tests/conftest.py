@@ -1,7 +1,9 @@
 """Shared fixtures: synthetic datasets, ../shared when it is beside the repository."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -67,3 +69,29 @@ def run_cli(tmp_path: Path):
         return CliResult(done.returncode, done.stdout, done.stderr)
 
     return run
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path):
+    """Make ``folder`` unwritable, for root too (immutable attribute) or by its mode bits."""
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)],
+                                                            check=False, capture_output=True).returncode != 0:
+            pytest.skip("running as root on a file system without chattr +i: cannot make a folder read-only")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        mode = folder.stat().st_mode
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(mode)
+
+
+@pytest.fixture
+def read_only():
+    """``with read_only(folder):`` makes the folder unwritable inside the block (see ``_read_only``)."""
+    return _read_only

@@ -90,26 +90,6 @@ def add_image_bytes_name(folder: Path, name: bytes, seed: int) -> None:
         Image.fromarray(synthetic_xray(seed, 48)).save(handle, format="PNG")
 
 
-@contextlib.contextmanager
-def read_only(folder: Path):
-    """Make ``folder`` unwritable, for root too (immutable attribute) or by its mode bits."""
-    if os.geteuid() == 0:
-        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)],
-                                                            check=False, capture_output=True).returncode != 0:
-            pytest.skip("running as root on a file system without chattr +i: cannot make a folder read-only")
-        try:
-            yield
-        finally:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
-    else:
-        mode = folder.stat().st_mode
-        folder.chmod(0o555)
-        try:
-            yield
-        finally:
-            folder.chmod(mode)
-
-
 DiskUsage = namedtuple("DiskUsage", "total used free")
 
 
@@ -379,7 +359,8 @@ def test_read_cache_refuses_a_damaged_file(tmp_path: Path, warm: Path):
         read_cache(path)
 
 
-def test_read_only_cache_that_needs_writing_fails_before_computing(tmp_path: Path, warm: Path, monkeypatch):
+def test_read_only_cache_that_needs_writing_fails_before_computing(tmp_path: Path, warm: Path, monkeypatch,
+                                                                   read_only):
     from cxr_transfer.extract import pipeline
 
     root = write_class_tree(tmp_path / "d", per_class=1)
@@ -652,7 +633,7 @@ CORPUS = {name[len("case_"):]: fn for name, fn in sorted(globals().items()) if n
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
-def test_cli_corpus(name: str, tmp_path: Path, warm: Path, run_cli):
+def test_cli_corpus(name: str, tmp_path: Path, warm: Path, run_cli, read_only):
     made = CORPUS[name](tmp_path, warm)
     case, frozen = made if isinstance(made, tuple) else (made, None)
     with read_only(frozen) if frozen else contextlib.nullcontext():

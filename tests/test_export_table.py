@@ -1,7 +1,6 @@
 """export: a dataset's cached embeddings as Parquet or npy, read back by pyarrow, pandas, numpy and Ray."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import errno
 import json
@@ -200,27 +199,7 @@ def test_refusals_are_one_line_before_any_computing(exported, data: Path, tmp_pa
     assert not fresh.exists()
 
 
-@contextlib.contextmanager
-def read_only(folder: Path):
-    """Make ``folder`` unwritable, for root too (immutable attribute) or by its mode bits."""
-    if os.geteuid() == 0:
-        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)],
-                                                            check=False, capture_output=True).returncode != 0:
-            pytest.skip("running as root on a file system without chattr +i: cannot make a folder read-only")
-        try:
-            yield
-        finally:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
-    else:
-        mode = folder.stat().st_mode
-        folder.chmod(0o555)
-        try:
-            yield
-        finally:
-            folder.chmod(mode)
-
-
-def test_unwritable_destination_is_refused(exported, data: Path, cache: Path, tmp_path: Path):
+def test_unwritable_destination_is_refused(exported, data: Path, cache: Path, tmp_path: Path, read_only):
     locked = tmp_path / "locked"
     locked.mkdir()
     with read_only(locked), pytest.raises(CxrError, match=r"locked: the --out folder is not writable \("):
