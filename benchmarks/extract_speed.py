@@ -36,7 +36,7 @@ from cxr_transfer.core.settings import BackboneSettings
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.images import read_rgb
 from cxr_transfer.extract.onnx_export import get_onnx_backbone, keras_preprocess_input
-from cxr_transfer.extract.pipeline import ExtractSettings, extract_features
+from cxr_transfer.extract.pipeline import ExtractSettings, cache_file, extract_features
 from cxr_transfer.extract.registry import get_backbone
 from cxr_transfer.extract.runner import OnnxEmbedder, default_threads
 from cxr_transfer.extract.weights import build_keras_backbone, resolve_weights
@@ -138,6 +138,8 @@ def bench_backbone(name: str, data: Path, weights_dir: str, n_images: int, batch
                                                         precision=precision), batch_size=batch_size)
             # This machine's speed drifts by 10-20% within minutes (shared host): the ratio is taken to
             # inference-only timed right before and right after the end-to-end run.
+            cache_file(dataset, settings, source.sha256,
+                       calibration.digest if precision == "int8" else None).unlink(missing_ok=True)
             before = rate(runner.embed, batches, 1)
             try:
                 result = extract_features(dataset, settings)
@@ -153,9 +155,10 @@ def bench_backbone(name: str, data: Path, weights_dir: str, n_images: int, batch
 
 def markdown_table(rows: list[dict]) -> str:
     """The rows as the Markdown table of docs/benchmarks.md."""
-    lines = ["| backbone | input | GFLOP/img | Keras img/s | ORT float32 img/s | ORT int8 img/s | ORT / Keras "
-             "| int8 / float32 | float32 ceiling | int8 ceiling | float32 / ceiling | int8 / ceiling | int8 gate "
-             "| e2e float32 / inference | e2e int8 / inference |", "|" + "---|" * 15]
+    header = ("| backbone | input | GFLOP/img | Keras img/s | ORT float32 img/s | ORT int8 img/s | ORT / Keras "
+              "| int8 / float32 | float32 ceiling | int8 ceiling | float32 / ceiling | int8 / ceiling | int8 gate "
+              "| e2e float32 / inference | e2e int8 / inference |")
+    lines = [header, "|" + "---|" * 15]
     for r in rows:
         e2e = [f"{r[k]:.0%}" if k in r else "-" for k in ("float32_end_to_end_over_inference",
                                                           "int8_end_to_end_over_inference")]
@@ -182,17 +185,20 @@ def main() -> None:
     parser.add_argument("--random-weights", action="store_true", help="random weights (speed only)")
     parser.add_argument("--no-end-to-end", action="store_true", help="skip the file-to-cache runs")
     parser.add_argument("--out", type=Path, default=here / "docs" / "extract_speed.json")
+    parser.add_argument("--cache-dir", type=Path, help="keep the exports here (default: a temporary folder); "
+                        "end-to-end runs still start from an empty embeddings cache")
     args = parser.parse_args()
 
     peak = matmul_flops()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        cache_root = args.cache_dir or Path(tmp)
         for name in args.backbones.split(","):
             native = get_backbone(name).default_input_size
             sizes = dict.fromkeys(native if size == "native" else int(size) for size in args.sizes.split(","))
             for size in sizes:        # "224,native" is one size for the 224 px backbones
                 rows.append(bench_backbone(name, args.data, args.weights_dir, args.images, args.batch_size,
-                                           args.repeats, peak, Path(tmp), size, args.random_weights,
+                                           args.repeats, peak, cache_root, size, args.random_weights,
                                            not args.no_end_to_end))
                 print(json.dumps(rows[-1]), flush=True)
     from threadpoolctl import threadpool_info
