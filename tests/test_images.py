@@ -78,3 +78,30 @@ def test_bad_files_raise_a_named_error(tmp_path: Path, content):
         path.write_bytes(content)
     with pytest.raises(ImageDecodeError, match="bad.jpg"):
         read_rgb(path, 32)
+
+
+def test_alpha_compositing_equals_the_rounded_real_quotient():
+    from cxr_transfer.extract.images import _composite_on_black
+
+    colour, alpha = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    rgba = np.stack([colour, colour, colour, alpha], axis=2).astype(np.uint8)
+    expected = np.rint(rgba[:, :, :3].astype(np.float32) * (rgba[:, :, 3:4] / np.float32(255.0))).astype(np.uint8)
+    assert np.array_equal(_composite_on_black(rgba), expected)
+
+
+@pytest.mark.parametrize("shape,size", [((300, 200), 224), ((897, 1203), 224), ((448, 448), 224), ((90, 130), 224),
+                                        ((331, 331), 299), ((1000, 37), 64)])
+def test_grey_resized_then_copied_equals_three_channels_resized(shape, size):
+    from cxr_transfer.extract.images import _as_rgb, resize_square
+
+    grey = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    three = np.repeat(grey[:, :, None], 3, axis=2)
+    assert np.array_equal(_as_rgb(resize_square(grey, size)), resize_square(three, size))
+
+
+def test_opaque_rgba_keeps_its_colours():
+    from cxr_transfer.extract.images import _composite_on_black
+
+    rgba = np.random.default_rng(5).integers(0, 256, (7, 9, 4), dtype=np.uint8)
+    rgba[:, :, 3] = 255
+    assert np.array_equal(_composite_on_black(rgba), rgba[:, :, :3])
