@@ -242,7 +242,7 @@ class EmbedShard:
             if sha256_file(path) != self.backbone.sha256:
                 raise _Fatal(f"the model {path} on node {node} is not the one the driver exported (sha256 differs); "
                              f"the cache folder must be one shared folder, not a copy per node")
-            self._embedder = OnnxEmbedder(self.backbone, self.threads)
+            self._embedder = OnnxEmbedder(self.backbone, self.threads, spin=False)   # decoders share the cores
         return self._embedder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -134,7 +134,7 @@ def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
             if size is not None and image.format == "JPEG":
                 image.draft(image.mode if image.mode in ("L", "RGB") else None, (size, size))
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)     # no copy when there is nothing to turn
             pixels = _to_pixels(image)
     except ImageDecodeError:
         raise

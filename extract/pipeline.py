@@ -351,7 +351,7 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
 def _embed_local(todo: list[Sample], onnx: OnnxBackbone, cache: FeatureCache, settings: ExtractSettings,
                  label: str) -> Computed:
     """The local engine: decode in threads, run onnxruntime in this process, flush part files as it goes."""
-    embedder = OnnxEmbedder(onnx, settings.threads)
+    embedder = OnnxEmbedder(onnx, settings.threads, spin=False)   # the decode threads share the cores
     computed = Computed()
     block_shas: list[str] = []
     block_rows: list[np.ndarray] = []

@@ -12,15 +12,22 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, spin: bool = True):
     """onnxruntime options for inference on this machine: intra-op threads (default: all cores), full graph
-    optimization, one inter-op thread (the graph is a chain)."""
+    optimization, one inter-op thread (the graph is a chain).
+
+    spin=False stops idle intra-op threads from busy-waiting between operators: where decode threads share the
+    cores with the network (extraction), a spinning thread takes CPU the decoders need (docs/benchmarks.md,
+    "End to end").
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -30,11 +37,11 @@ class OnnxEmbedder:
     images: uint8 or float32 RGB (N, size, size, 3) in [0, 255]; preprocessing is inside the graph.
     """
 
-    def __init__(self, backbone: OnnxBackbone, threads: int | None = None) -> None:
+    def __init__(self, backbone: OnnxBackbone, threads: int | None = None, spin: bool = True) -> None:
         import onnxruntime as ort
 
         self.backbone = backbone
-        self.session = ort.InferenceSession(str(backbone.path), session_options(threads),
+        self.session = ort.InferenceSession(str(backbone.path), session_options(threads, spin),
                                             providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 

@@ -113,6 +113,18 @@ def test_onnx_equals_keras_predict_on_decoded_images(class_tree: Path, tmp_path:
     assert cosines.min() >= 0.9999
 
 
+def test_a_session_that_does_not_spin_gives_the_same_embeddings(class_tree: Path, tmp_path: Path):
+    """Extraction runs onnxruntime with spinning off (decode threads share the cores): same numbers."""
+    from cxr_transfer.extract.runner import session_options
+
+    assert session_options(1, spin=False).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    config = get_backbone("vgg16")
+    images = np.stack([read_rgb(s.path, 32) for s in load_dataset(class_tree).samples])
+    backbone = get_onnx_backbone(config, 32, resolve_weights(config, random_weights=True), tmp_path)
+    spinning = OnnxEmbedder(backbone, threads=1).embed(images)
+    assert np.array_equal(OnnxEmbedder(backbone, threads=1, spin=False).embed(images), spinning)
+
+
 @pytest.mark.parametrize("name", ["vgg16", "xception"])
 def test_real_weights_on_real_images(name: str, shared_data: Path, shared_weights: Path, tmp_path: Path):
     config = get_backbone(name)
