@@ -14,6 +14,9 @@ from cxr_transfer.core.errors import CxrError
 
 DEFAULT_CACHE_DIR = Path("features")
 PRECISIONS = ("float32", "int8")
+INT8_CALIBRATION_BATCH = 8
+"""int8 calibration feeds onnxruntime this many images per collection step, one step at a time, so that its
+activation statistics (min/max, or histograms merged step by step) need memory for one batch, not for all."""
 EXPORT_FORMATS = ("parquet", "npy")   # ``export --format`` (extract/export_table.py)
 MAX_INPUT_SIZE = 1024
 """Largest square input accepted: the published weights were trained at 224-331 px, and a batch of 16 VGG16

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.settings import INT8_CALIBRATION_BATCH
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,9 @@ class BackboneConfig:
     @property
     def int8_variant(self) -> str:
         """How this backbone is quantized, as a file-name qualifier ("" for the default MinMax, all int8)."""
-        parts = ([] if self.int8_calibration == "minmax" else [self.int8_calibration]) + \
-                ([f"f{self.int8_float_convs}"] if self.int8_float_convs else [])
+        # Histogram methods depend on how batches are merged ("b8": collected 8 images at a time); MinMax does not.
+        parts = ([] if self.int8_calibration == "minmax" else [self.int8_calibration, f"b{INT8_CALIBRATION_BATCH}"]) \
+            + ([f"f{self.int8_float_convs}"] if self.int8_float_convs else [])
         return "-".join(parts)
 
     @property

@@ -120,14 +120,14 @@ def test_a_backbone_with_float32_convolutions_keeps_them_and_names_its_files(dat
     from cxr_transfer.extract.registry import get_backbone
 
     config = get_backbone("xception")
-    assert config.int8_float_convs == 2 and config.int8_variant == "percentile-f2"
+    assert config.int8_float_convs == 2 and config.int8_variant == "percentile-b8-f2"
     assert get_backbone("vgg16").int8_variant == ""
     import onnx
 
     result = extract_features(load_dataset(data), settings(tmp_path, backbone="xception", input_size=71,
                                                            precision="int8", calibration_size=8))
-    assert result.cache_path.name.endswith("-percentile-f2.h5")
-    model_file = next(tmp_path.glob("onnx/*int8*-percentile-f2.onnx"))
+    assert result.cache_path.name.endswith("-percentile-b8-f2.h5")
+    model_file = next(tmp_path.glob("onnx/*int8*-percentile-b8-f2.onnx"))
     sidecar = json.loads(model_file.with_suffix(".json").read_text())
     kept = sidecar["quantization"]["float32_nodes"]
     assert sidecar["quantization"]["float32_convolutions"] == 2 and kept
@@ -137,3 +137,41 @@ def test_a_backbone_with_float32_convolutions_keeps_them_and_names_its_files(dat
     quantized_inputs = {i for node in graph.node if node.op_type == "DequantizeLinear" for i in node.output}
     first_conv = next(node for node in graph.node if node.name in kept and node.op_type == "Conv")
     assert not set(first_conv.input) & quantized_inputs     # it reads float32 tensors, not dequantized ones
+
+
+@pytest.mark.parametrize("method, calibrater", [("minmax", "MinMaxCalibrater"), ("percentile", "HistogramCalibrater")])
+def test_calibration_statistics_are_collected_one_batch_at_a_time(data: Path, cache: Path, monkeypatch, method,
+                                                                  calibrater):
+    """onnxruntime keeps every batch's activations until its collect step ends: one batch per step keeps the
+    memory of a large --calibration-size to one batch (128 Xception images collected at once needed > 24 GB)."""
+    from onnxruntime.quantization import calibrate
+
+    from cxr_transfer.core.settings import INT8_CALIBRATION_BATCH
+
+    dataset = load_dataset(data)
+    load_features(dataset, settings(cache))
+    float_model = next(p for p in cache.glob("onnx/vgg16-32-*.onnx") if "int8" not in p.name)
+    images = quantize._decode(dataset.samples[:20], 32)
+    cls = getattr(calibrate, calibrater)
+    steps: list[list[int]] = []
+    monkeypatch.setattr(cls, "collect_data", _recording(cls.collect_data, steps))
+    quantize._quantize(float_model, images, cache / f"steps-{method}.onnx", method)
+    assert steps == [[INT8_CALIBRATION_BATCH]] * 2 + [[20 - 2 * INT8_CALIBRATION_BATCH]]
+
+
+def _recording(original, steps):
+    """A collect_data that records the batch sizes each collection step received, then collects them."""
+    def collect(self, reader):
+        items = []
+        while (item := reader.get_next()) is not None:
+            items.append(item)
+        steps.append([len(next(iter(item.values()))) for item in items])
+
+        class Replay:
+            def __init__(self) -> None:
+                self.pending = iter(items)
+
+            def get_next(self):
+                return next(self.pending, None)
+        return original(self, Replay())
+    return collect
