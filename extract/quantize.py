@@ -19,6 +19,8 @@ sha256, opset, "int8", calibration-set hash) and its sha256 is checked against i
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import tempfile
@@ -33,8 +35,10 @@ from cxr_transfer.core.cache_keys import model_key
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file, sha256_strings
 from cxr_transfer.core.record import library_versions, now_iso, write_json
-from cxr_transfer.core.settings import INT8_CALIBRATION_BATCH
-from cxr_transfer.core.settings import PRECISIONS  # noqa: F401 (one source of truth, re-exported)
+from cxr_transfer.core.settings import (
+    INT8_CALIBRATION_BATCH,
+    PRECISIONS,  # noqa: F401 (one source of truth, re-exported)
+)
 from cxr_transfer.extract.dataset import Sample
 from cxr_transfer.extract.images import ImageDecodeError, read_rgb
 from cxr_transfer.extract.onnx_export import OnnxBackbone
@@ -174,16 +178,17 @@ def _quantize(float_path: Path, calibration: np.ndarray, out: Path, method: str 
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
         kept_float = float_prefix_nodes(onnx.load(str(prepared)), float_convs)
-        quantize_static(str(prepared), str(out), Reader(input_name), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method={"minmax": CalibrationMethod.MinMax,
-                                          "percentile": CalibrationMethod.Percentile,
-                                          "entropy": CalibrationMethod.Entropy}[method],
-                        nodes_to_exclude=kept_float,
-                        # one batch per collection step (any method, despite the option's name): onnxruntime's
-                        # histogram calibrators otherwise keep every batch's activations until the end (128
-                        # Xception images at 299 px: killed at 24 GB); MinMax gives the same ranges either way.
-                        extra_options={"CalibTensorRangeSymmetric": False, "CalibStridedMinMax": 1})
+        with contextlib.redirect_stdout(io.StringIO()):     # onnxruntime print()s each calibration step
+            quantize_static(str(prepared), str(out), Reader(input_name), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method={"minmax": CalibrationMethod.MinMax,
+                                              "percentile": CalibrationMethod.Percentile,
+                                              "entropy": CalibrationMethod.Entropy}[method],
+                            nodes_to_exclude=kept_float,
+                            # one batch per collection step (any method, despite the option's name): onnxruntime's
+                            # histogram calibrators otherwise keep every batch's activations until the end (128
+                            # Xception images at 299 px: killed at 24 GB); MinMax gives the same ranges either way.
+                            extra_options={"CalibTensorRangeSymmetric": False, "CalibStridedMinMax": 1})
     return kept_float
 
 
