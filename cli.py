@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.errors import CxrError, Int8RefusedError
 from cxr_transfer.core.settings import EXPORT_FORMATS, MAX_INPUT_SIZE, PRECISIONS, BackboneSettings
 
 DATA_ENV = "CXR_DATA"
@@ -205,13 +205,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
     settings = ExtractSettings(common=common_settings(args), batch_size=args.batch_size, engine=engine_settings(args))
     check_engine(settings.engine)   # Ray missing: say how to install it before reading any data
     dataset = load_dataset(args.data or default_data())
-    results = extract_many(dataset, args.backbone, settings)
+    try:
+        results, refused = extract_many(dataset, args.backbone, settings), None
+    except Int8RefusedError as exc:   # the other backbones ran: report them, then the refusal (exit 2)
+        results, refused = exc.results, exc
     for line in dataset.skipped_summary():
         print(line)
     for result in results:
         print(result.summary())
         for path, reason in result.failures:
             print(f"  skipped {path}: {reason.split(': ', 1)[-1]}")
+    if refused is not None:
+        raise refused
     return 0
 
 

@@ -15,3 +15,12 @@ class CxrError(ValueError):
 
 class WeightsNotFoundError(CxrError):
     """No weights could be found or downloaded for a backbone."""
+
+
+class Int8RefusedError(CxrError):
+    """An int8 model failed its fidelity gate. ``results`` holds what was extracted before and after it (a
+    multi-backbone extract goes on with the other backbones and raises this at the end)."""
+
+    def __init__(self, message: str, results: list | None = None) -> None:
+        super().__init__(message)
+        self.results = list(results or [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from cxr_transfer.core.errors import Int8RefusedError
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.engine import engine_session
 from cxr_transfer.extract.pipeline import (
@@ -20,7 +21,9 @@ log = logging.getLogger(__name__)
 
 def extract_many(data: str | Path, backbones: str, settings: ExtractSettings) -> list[ExtractResult]:
     """Extract the dataset with each backbone of a comma list; a --weights file goes to the only backbone.
-    The Ray engine connects once (when a backbone has work) and serves every backbone."""
+    The Ray engine connects once (when a backbone has work) and serves every backbone. A backbone whose int8
+    model is refused by the fidelity gate does not stop the others: ``Int8RefusedError`` comes at the end,
+    carrying the results of those that ran."""
     configs = parse_backbone_list(backbones)
     if settings.weights_file and len(configs) > 1:
         from cxr_transfer.core.errors import CxrError
@@ -31,8 +34,17 @@ def extract_many(data: str | Path, backbones: str, settings: ExtractSettings) ->
     for config in configs:
         resolve_weights(config, settings.weights_file, settings.weights_dir, settings.random_weights,
                         allow_download=True)
+    results, refused = [], []
     with engine_session(settings.engine):
-        return [extract_features(dataset, settings.with_backbone(c.name)) for c in configs]
+        for config in configs:
+            try:
+                results.append(extract_features(dataset, settings.with_backbone(config.name)))
+            except Int8RefusedError as exc:   # one backbone's int8 model is refused: the others still run
+                refused.append(str(exc))
+    if refused:
+        done = f" ({', '.join(r.backbone for r in results)} extracted)" if results else ""
+        raise Int8RefusedError("; ".join(refused) + done, results)
+    return results
 
 
 def backbone_table(weights_dir: str | Path | None = None, input_size: int | None = None,

@@ -120,8 +120,9 @@ class ExtractResult:
 
     def summary(self) -> str:
         name = f"{self.backbone} int8" if self.precision == "int8" else self.backbone
-        text = (f"{name}: {self.n_images} images, {self.n_cached} cached, {self.n_computed} computed"
-                f" ({self.rate:.1f} img/s), {len(self.failures)} skipped -> {self.cache_path}")
+        speed = f" ({self.rate:.1f} img/s)" if self.n_computed else ""   # nothing computed: no rate to report
+        text = (f"{name}: {self.n_images} images, {self.n_cached} cached, {self.n_computed} computed{speed}, "
+                f"{len(self.failures)} skipped -> {self.cache_path}")
         return f"{text} [{self.engine_note}]" if self.engine_note else text
 
 

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from cxr_transfer.core.cache_keys import model_key
-from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.errors import CxrError, Int8RefusedError
 from cxr_transfer.core.hashing import sha256_file, sha256_strings
 from cxr_transfer.core.record import library_versions, now_iso, write_json
 from cxr_transfer.core.settings import (
@@ -239,7 +239,7 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
                 "n_held_back": int(len(cosines)), "threshold": FIDELITY_MIN_COSINE}
     if not np.all(np.isfinite(cosines)) or cosines.min() < FIDELITY_MIN_COSINE:
         tmp.unlink(missing_ok=True)
-        raise CxrError(f"int8 {backbone.config.name} refused: its embeddings of {len(cosines)} held-back images have "
+        raise Int8RefusedError(f"int8 {backbone.config.name} refused: its embeddings of {len(cosines)} held-back images have "
                        f"a min cosine of {cosines.min():.4f} to float32, below {FIDELITY_MIN_COSINE}; "
                        f"use --precision float32")
     tmp.replace(path)

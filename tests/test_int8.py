@@ -175,3 +175,29 @@ def _recording(original, steps):
                 return next(self.pending, None)
         return original(self, Replay())
     return collect
+
+
+def test_a_refused_backbone_does_not_stop_the_others(data: Path, cache: Path, monkeypatch, capsys):
+    """extract vgg19,vgg16 --precision int8 with vgg19 refused: vgg16 is still extracted and reported, then one
+    error line names the refusal and what was extracted (exit 2)."""
+    from cxr_transfer.cli import main
+    from cxr_transfer.core.errors import Int8RefusedError
+    from cxr_transfer.extract import pipeline
+
+    real = pipeline.get_int8_backbone
+
+    def refuse_vgg19(backbone, *args, **kwargs):
+        if backbone.config.name == "vgg19":
+            raise Int8RefusedError("int8 vgg19 refused: its embeddings of 6 held-back images have a min cosine of "
+                                   "0.5000 to float32, below 0.99; use --precision float32")
+        return real(backbone, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "get_int8_backbone", refuse_vgg19)
+    code = main(["extract", "--data", str(data), "--backbone", "vgg19,vgg16", "--random-weights", "--input-size", "32",
+                 "--precision", "int8", "--calibration-size", "16", "--cache-dir", str(cache), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "vgg16" in out and "vgg19" not in out
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: int8 vgg19 refused: its embeddings of 6 held-back images have a min cosine of 0.5000 "
+                      "to float32, below 0.99; use --precision float32 (vgg16 extracted)"]
