@@ -19,11 +19,11 @@ Importing the package loads no deep-learning framework and changes no global sta
 """
 from cxr_transfer import audit, explain, finetune  # subpackages that are also callable: audit(...), ...
 from cxr_transfer.api import compare, embed_folder, embed_images, export_embeddings, list_backbones, predict, validate
-from cxr_transfer.core.errors import CxrError, WeightsNotFoundError
+from cxr_transfer.core.errors import CxrError, Int8RefusedError, WeightsNotFoundError
 from cxr_transfer.core.settings import BackboneSettings
 
 __version__ = "0.2.0"
 
-__all__ = ["BackboneSettings", "CxrError", "WeightsNotFoundError", "__version__", "audit", "compare",
-           "embed_folder", "embed_images", "explain", "export_embeddings", "finetune", "list_backbones", "predict",
-           "validate"]
+__all__ = ["BackboneSettings", "CxrError", "Int8RefusedError", "WeightsNotFoundError", "__version__", "audit",
+           "compare", "embed_folder", "embed_images", "explain", "export_embeddings", "finetune", "list_backbones",
+           "predict", "validate"]

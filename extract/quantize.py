@@ -239,9 +239,9 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
                 "n_held_back": int(len(cosines)), "threshold": FIDELITY_MIN_COSINE}
     if not np.all(np.isfinite(cosines)) or cosines.min() < FIDELITY_MIN_COSINE:
         tmp.unlink(missing_ok=True)
-        raise Int8RefusedError(f"int8 {backbone.config.name} refused: its embeddings of {len(cosines)} held-back images have "
-                       f"a min cosine of {cosines.min():.4f} to float32, below {FIDELITY_MIN_COSINE}; "
-                       f"use --precision float32")
+        raise Int8RefusedError(f"int8 {backbone.config.name} refused: its embeddings of {len(cosines)} held-back "
+                               f"images have a min cosine of {cosines.min():.4f} to float32, below "
+                               f"{FIDELITY_MIN_COSINE}; use --precision float32")
     tmp.replace(path)
     write_json(path.with_suffix(".json"), {
         "backbone": backbone.config.name, "input_size": size, "precision": "int8", "sha256": sha256_file(path),
