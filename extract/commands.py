@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cxr_transfer.core.errors import Int8RefusedError
+from cxr_transfer.core.errors import CxrError, Int8RefusedError
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.engine import engine_session
 from cxr_transfer.extract.pipeline import (
@@ -26,8 +26,6 @@ def extract_many(data: str | Path, backbones: str, settings: ExtractSettings) ->
     carrying the results of those that ran."""
     configs = parse_backbone_list(backbones)
     if settings.weights_file and len(configs) > 1:
-        from cxr_transfer.core.errors import CxrError
-
         raise CxrError("--weights FILE names one file: use it with one backbone, or use --weights-dir for several")
     dataset = load_dataset(data)
     # Resolve every backbone's weights before computing anything: a missing file fails at once.

@@ -82,7 +82,8 @@ BACKBONES: dict[str, BackboneConfig] = {c.name: c for c in (
                    keras_weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
                    keras_weights_md5="b0042744bf5b25fce3cb969f33bebb97",
                    # held-back min cosine to float32: MinMax 0.944 (0.971 with the first two convs in float32),
-                   # Percentile 0.985, Percentile + first two convs in float32 0.991 (docs/benchmarks.md)
+                   # Percentile 0.985, Percentile + first two convs in float32 0.991 on an older export, 0.989
+                   # on the current one (refused by the gate; docs/benchmarks.md)
                    int8_calibration="percentile", int8_float_convs=2),
     BackboneConfig(name="inceptionresnetv2", keras_factory="InceptionResNetV2", keras_module="inception_resnet_v2",
                    preprocessing="tf", default_input_size=299, feature_dim=1536, min_input_size=75,
