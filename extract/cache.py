@@ -110,6 +110,15 @@ def no_space_error(folder: Path, needed: int) -> CxrError:
                     f"cached rows are kept: free some space (or use another --cache-dir) and run again")
 
 
+def cannot_write_error(folder: Path, exc: OSError, what: str = "cache folder", needed: int = 1 << 20) -> CxrError:
+    """The one message for a failed write under --cache-dir: a full disk (with the space needed), or why the
+    folder refused it."""
+    if is_no_space(exc):
+        return no_space_error(folder, needed)
+    return CxrError(f"--cache-dir: cannot write to the {what} {folder} ({exc.strerror or exc}); "
+                    f"give a writable folder with --cache-dir")
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
 

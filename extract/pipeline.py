@@ -35,8 +35,7 @@ from cxr_transfer.core.settings import (
 from cxr_transfer.extract.cache import (
     CacheRow,
     FeatureCache,
-    is_no_space,
-    no_space_error,
+    cannot_write_error,
     printable,
     read_cache,
     read_cache_attrs,
@@ -201,13 +200,6 @@ def _plan(dataset: Dataset, settings: ExtractSettings) -> _Plan:
                  calibration, digest)
 
 
-def _cannot_write(folder: Path, exc: OSError, what: str = "cache folder") -> CxrError:
-    if is_no_space(exc):
-        return no_space_error(folder, 1 << 20)
-    return CxrError(f"--cache-dir: cannot write to the {what} {folder} ({exc.strerror or exc}); "
-                    f"give a writable folder with --cache-dir")
-
-
 def _prepare_folder(folder: Path, cache_dir: Path) -> None:
     """Create the dataset's cache folder; a --cache-dir that is a file or cannot be created is refused."""
     for parent in (Path(cache_dir), folder):
@@ -218,7 +210,7 @@ def _prepare_folder(folder: Path, cache_dir: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _cannot_write(folder, exc) from None
+        raise cannot_write_error(folder, exc) from None
 
 
 def _check_writable(folder: Path) -> None:
@@ -227,7 +219,7 @@ def _check_writable(folder: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
             pass
     except OSError as exc:
-        raise _cannot_write(folder, exc) from None
+        raise cannot_write_error(folder, exc) from None
 
 
 @contextlib.contextmanager
@@ -240,7 +232,7 @@ def _cache_guard(plan: _Plan, settings: ExtractSettings):
             locked = True
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
-                raise _cannot_write(plan.path.parent, exc) from None
+                raise cannot_write_error(plan.path.parent, exc) from None
             log.debug("no lock on read-only %s (%s)", plan.path.parent, exc)
             locked = False
         yield locked
@@ -323,7 +315,8 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
     if todo:
         onnx = get_onnx_backbone(config, size, source, settings.cache_dir, settings.opset, settings.lock_timeout)
         if plan.digest:
-            onnx = get_int8_backbone(onnx, plan.calibration, settings.cache_dir, settings.threads, plan.digest)
+            onnx = get_int8_backbone(onnx, plan.calibration, settings.cache_dir, settings.threads, plan.digest,
+                                     settings.lock_timeout)
         compute = _embed_local
         if settings.engine.is_ray:
             from cxr_transfer.extract.engine_ray import embed_on_ray as compute

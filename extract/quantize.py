@@ -35,11 +35,13 @@ import numpy as np
 from cxr_transfer.core.cache_keys import model_key
 from cxr_transfer.core.errors import CxrError, Int8RefusedError
 from cxr_transfer.core.hashing import sha256_file, sha256_strings
+from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
 from cxr_transfer.core.record import library_versions, now_iso, write_json
 from cxr_transfer.core.settings import (
     INT8_CALIBRATION_BATCH,
     PRECISIONS,  # noqa: F401 (one source of truth, re-exported)
 )
+from cxr_transfer.extract.cache import cannot_write_error
 from cxr_transfer.extract.dataset import Sample
 from cxr_transfer.extract.images import ImageDecodeError, read_rgb
 from cxr_transfer.extract.onnx_export import OnnxBackbone
@@ -212,10 +214,12 @@ def _cached(path: Path, backbone: OnnxBackbone) -> OnnxBackbone | None:
 
 
 def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None, cache_dir: str | Path,
-                      threads: int | None = None, digest: str | None = None) -> OnnxBackbone:
+                      threads: int | None = None, digest: str | None = None,
+                      lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> OnnxBackbone:
     """The int8 version of a float32 export (cached, hash-checked), quantizing and gating it when needed.
 
     ``digest`` instead of ``calibration`` looks up an existing model (e.g. the one a saved head was trained on).
+    Quantization holds the model's file lock: a second run that needs the same model waits, then uses it.
     """
     digest = digest or (calibration.digest if calibration else None)
     if digest is None:
@@ -227,12 +231,27 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
     if calibration is None:
         raise CxrError(f"the int8 model {path.name} (calibration {digest[:12]}) is not in {path.parent}; "
                        f"extract the dataset it was calibrated on with --precision int8 into this --cache-dir first")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(path, lock_timeout):
+            tmp.unlink(missing_ok=True)                      # left by a killed run
+            found = _cached(path, backbone)                  # quantized by another run while this one waited
+            return found if found is not None else _quantize_gated(backbone, calibration, path, tmp, threads)
+    except OSError as exc:   # a full disk or an unwritable folder: no temporary file is left, and a model
+        # without its sidecar is quantized again by the next run
+        tmp.unlink(missing_ok=True)
+        # quantization writes a prepared float32 copy and the int8 model beside it
+        raise cannot_write_error(path.parent, exc, "ONNX folder", 2 * backbone.path.stat().st_size) from None
+
+
+def _quantize_gated(backbone: OnnxBackbone, calibration: CalibrationSet, path: Path, tmp: Path,
+                    threads: int | None) -> OnnxBackbone:
+    """Quantize into ``tmp``, gate it against float32 on the held-back images, then install it at ``path``."""
     started = time.perf_counter()
     size = backbone.input_size
     calib_images = _decode(calibration.calibration, size)
     held_images = _decode(calibration.held_back, size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     method, float_convs = backbone.config.int8_calibration, backbone.config.int8_float_convs
     kept_float = _quantize(backbone.path, calib_images, tmp, method, float_convs)
     cosines = cosine_rows(_embed(backbone.path, held_images, threads), _embed(tmp, held_images, threads))
@@ -249,7 +268,7 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
         "float_onnx_sha256": backbone.sha256, "weights_sha256": backbone.weights_sha256, "opset": backbone.opset,
         "quantization": {**QUANTIZATION, "calibration_method": method, "float32_convolutions": float_convs,
                          "float32_nodes": kept_float},
-        "calibration": {"digest": digest, "n_images": int(len(calib_images)),
+        "calibration": {"digest": calibration.digest, "n_images": int(len(calib_images)),
                         "sha256": sorted(s.sha256 for s in calibration.calibration)},
         "held_back_sha256": sorted(s.sha256 for s in calibration.held_back), "fidelity": fidelity,
         "seconds": round(time.perf_counter() - started, 1), "created": now_iso(), "versions": library_versions()})

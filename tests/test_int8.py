@@ -199,5 +199,61 @@ def test_a_refused_backbone_does_not_stop_the_others(data: Path, cache: Path, mo
     assert code == 2
     assert "vgg16" in out and "vgg19" not in out
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert errors == ["error: int8 vgg19 refused: its embeddings of 6 held-back images have a min cosine of 0.5000 "
-                      "to float32, below 0.99; use --precision float32 (vgg16 extracted)"]
+    assert errors == [("error: int8 vgg19 refused: its embeddings of 6 held-back images have a min cosine of 0.5000 "
+                       "to float32, below 0.99; use --precision float32 (vgg16 extracted)")]
+
+
+def test_a_full_disk_while_quantizing_is_one_error_and_leaves_no_file(data: Path, cache: Path, tmp_path: Path,
+                                                                      monkeypatch):
+    import errno
+    import shutil
+
+    dataset = load_dataset(data)
+    load_features(dataset, settings(cache))
+    (tmp_path / "onnx").mkdir()
+    for exported in (cache / "onnx").glob("vgg16-32-*"):      # the float32 export, so only quantization writes
+        if "int8" not in exported.name:
+            shutil.copy(exported, tmp_path / "onnx" / exported.name)
+    real = quantize._quantize
+
+    def full_disk(float_path, calibration, out, *args):
+        real(float_path, calibration, out, *args)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(quantize, "_quantize", full_disk)
+    with pytest.raises(CxrError, match=r"^no space left in .*onnx: writing the cache needs about"):
+        extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    assert not [p for p in (tmp_path / "onnx").iterdir() if "int8" in p.name]
+
+
+def test_quantization_holds_the_model_lock_and_a_waiter_uses_the_model(data: Path, cache: Path, tmp_path: Path,
+                                                                        monkeypatch):
+    """Two runs that need the same int8 model (copies of one folder, same calibration images): while one
+    quantizes, the model's lock is held, and a run that got the lock after it finds the model and uses it."""
+    import shutil
+
+    from cxr_transfer.core.locking import file_lock
+
+    dataset = load_dataset(data)
+    load_features(dataset, settings(cache))
+    (tmp_path / "onnx").mkdir()
+    for exported in (cache / "onnx").glob("vgg16-32-*"):
+        if "int8" not in exported.name:
+            shutil.copy(exported, tmp_path / "onnx" / exported.name)
+    real, seen = quantize._quantize, []
+
+    def quantize_and_probe_the_lock(float_path, calibration, out, *args):
+        model = out.with_name(out.name.removesuffix(".tmp"))
+        with pytest.raises(CxrError, match="is being written by pid"), file_lock(model, timeout=0):
+            pass
+        seen.append(model)
+        return real(float_path, calibration, out, *args)
+
+    monkeypatch.setattr(quantize, "_quantize", quantize_and_probe_the_lock)
+    first, _ = load_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    assert len(seen) == 1 and not list((tmp_path / "onnx").glob("*.tmp"))
+    for h5 in tmp_path.rglob("*int8*.h5"):
+        h5.unlink()
+    second, _ = load_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    assert len(seen) == 1                                      # the model was there: not quantized again
+    np.testing.assert_array_equal(first.embeddings, second.embeddings)
