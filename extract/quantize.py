@@ -237,7 +237,13 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
         with file_lock(path, lock_timeout):
             tmp.unlink(missing_ok=True)                      # left by a killed run
             found = _cached(path, backbone)                  # quantized by another run while this one waited
-            return found if found is not None else _quantize_gated(backbone, calibration, path, tmp, threads)
+            if found is not None:
+                return found
+            try:
+                return _quantize_gated(backbone, calibration, path, tmp, threads)
+            except KeyboardInterrupt:                        # Ctrl-C: leave nothing half-written behind
+                tmp.unlink(missing_ok=True)
+                raise
     except OSError as exc:   # a full disk or an unwritable folder: no temporary file is left, and a model
         # without its sidecar is quantized again by the next run
         tmp.unlink(missing_ok=True)

@@ -257,3 +257,26 @@ def test_quantization_holds_the_model_lock_and_a_waiter_uses_the_model(data: Pat
     second, _ = load_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
     assert len(seen) == 1                                      # the model was there: not quantized again
     np.testing.assert_array_equal(first.embeddings, second.embeddings)
+
+
+def test_an_interrupted_quantization_leaves_no_temporary_file(data: Path, cache: Path, tmp_path: Path, monkeypatch):
+    """Ctrl-C while the int8 model is being written: no half-written model stays in the cache folder."""
+    import shutil
+
+    dataset = load_dataset(data)
+    load_features(dataset, settings(cache))
+    (tmp_path / "onnx").mkdir()
+    for exported in (cache / "onnx").glob("vgg16-32-*"):
+        if "int8" not in exported.name:
+            shutil.copy(exported, tmp_path / "onnx" / exported.name)
+    real = quantize._quantize
+
+    def interrupted(float_path, calibration, out, *args):
+        real(float_path, calibration, out, *args)
+        assert out.is_file()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantize, "_quantize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    assert not [p for p in (tmp_path / "onnx").iterdir() if "int8" in p.name]
