@@ -206,14 +206,8 @@ def test_a_refused_backbone_does_not_stop_the_others(data: Path, cache: Path, mo
 def test_a_full_disk_while_quantizing_is_one_error_and_leaves_no_file(data: Path, cache: Path, tmp_path: Path,
                                                                       monkeypatch):
     import errno
-    import shutil
 
-    dataset = load_dataset(data)
-    load_features(dataset, settings(cache))
-    (tmp_path / "onnx").mkdir()
-    for exported in (cache / "onnx").glob("vgg16-32-*"):      # the float32 export, so only quantization writes
-        if "int8" not in exported.name:
-            shutil.copy(exported, tmp_path / "onnx" / exported.name)
+    dataset = _with_float_export_only(data, cache, tmp_path)
     real = quantize._quantize
 
     def full_disk(float_path, calibration, out, *args):
@@ -230,16 +224,9 @@ def test_quantization_holds_the_model_lock_and_a_waiter_uses_the_model(data: Pat
                                                                         monkeypatch):
     """Two runs that need the same int8 model (copies of one folder, same calibration images): while one
     quantizes, the model's lock is held, and a run that got the lock after it finds the model and uses it."""
-    import shutil
-
     from cxr_transfer.core.locking import file_lock
 
-    dataset = load_dataset(data)
-    load_features(dataset, settings(cache))
-    (tmp_path / "onnx").mkdir()
-    for exported in (cache / "onnx").glob("vgg16-32-*"):
-        if "int8" not in exported.name:
-            shutil.copy(exported, tmp_path / "onnx" / exported.name)
+    dataset = _with_float_export_only(data, cache, tmp_path)
     real, seen = quantize._quantize, []
 
     def quantize_and_probe_the_lock(float_path, calibration, out, *args):
@@ -261,14 +248,7 @@ def test_quantization_holds_the_model_lock_and_a_waiter_uses_the_model(data: Pat
 
 def test_an_interrupted_quantization_leaves_no_temporary_file(data: Path, cache: Path, tmp_path: Path, monkeypatch):
     """Ctrl-C while the int8 model is being written: no half-written model stays in the cache folder."""
-    import shutil
-
-    dataset = load_dataset(data)
-    load_features(dataset, settings(cache))
-    (tmp_path / "onnx").mkdir()
-    for exported in (cache / "onnx").glob("vgg16-32-*"):
-        if "int8" not in exported.name:
-            shutil.copy(exported, tmp_path / "onnx" / exported.name)
+    dataset = _with_float_export_only(data, cache, tmp_path)
     real = quantize._quantize
 
     def interrupted(float_path, calibration, out, *args):
@@ -280,3 +260,17 @@ def test_an_interrupted_quantization_leaves_no_temporary_file(data: Path, cache:
     with pytest.raises(KeyboardInterrupt):
         extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
     assert not [p for p in (tmp_path / "onnx").iterdir() if "int8" in p.name]
+
+
+def _with_float_export_only(data: Path, cache: Path, tmp_path: Path):
+    """The fixture dataset, with a copy of its float32 export (no int8 model) in ``tmp_path``: only quantization
+    writes there."""
+    import shutil
+
+    dataset = load_dataset(data)
+    load_features(dataset, settings(cache))
+    (tmp_path / "onnx").mkdir()
+    for exported in (cache / "onnx").glob("vgg16-32-*"):
+        if "int8" not in exported.name:
+            shutil.copy(exported, tmp_path / "onnx" / exported.name)
+    return dataset
