@@ -241,19 +241,18 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
                 return found
             try:
                 return _quantize_gated(backbone, calibration, path, tmp, threads)
-            except KeyboardInterrupt:                        # Ctrl-C: leave nothing half-written behind
-                tmp.unlink(missing_ok=True)
-                raise
-    except OSError as exc:   # a full disk or an unwritable folder: no temporary file is left, and a model
-        # without its sidecar is quantized again by the next run
-        tmp.unlink(missing_ok=True)
-        # quantization writes a prepared float32 copy and the int8 model beside it
+            except BaseException:   # refused, a full disk, Ctrl-C: no half-written model is left (this run holds
+                tmp.unlink(missing_ok=True)           # the lock, so the file is its own); a model without its
+                raise                                 # sidecar is quantized again by the next run
+    except OSError as exc:   # a full disk or an unwritable folder; quantization writes a prepared float32 copy and
+        # the int8 model beside it
         raise cannot_write_error(path.parent, exc, "ONNX folder", 2 * backbone.path.stat().st_size) from None
 
 
 def _quantize_gated(backbone: OnnxBackbone, calibration: CalibrationSet, path: Path, tmp: Path,
                     threads: int | None) -> OnnxBackbone:
-    """Quantize into ``tmp``, gate it against float32 on the held-back images, then install it at ``path``."""
+    """Quantize into ``tmp``, gate it against float32 on the held-back images, then install it at ``path``
+    (the caller removes ``tmp`` when this raises)."""
     started = time.perf_counter()
     size = backbone.input_size
     calib_images = _decode(calibration.calibration, size)
@@ -264,7 +263,6 @@ def _quantize_gated(backbone: OnnxBackbone, calibration: CalibrationSet, path: P
     fidelity = {"min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()),
                 "n_held_back": int(len(cosines)), "threshold": FIDELITY_MIN_COSINE}
     if not np.all(np.isfinite(cosines)) or cosines.min() < FIDELITY_MIN_COSINE:
-        tmp.unlink(missing_ok=True)
         raise Int8RefusedError(f"int8 {backbone.config.name} refused: its embeddings of {len(cosines)} held-back "
                                f"images have a min cosine of {cosines.min():.4f} to float32, below "
                                f"{FIDELITY_MIN_COSINE}; use --precision float32")

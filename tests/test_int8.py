@@ -76,7 +76,7 @@ def test_fidelity_gate_refuses_with_one_line(data: Path, tmp_path: Path, monkeyp
     monkeypatch.setattr(quantize, "FIDELITY_MIN_COSINE", 1.000001)
     with pytest.raises(CxrError, match=r"int8 vgg16 refused: .* min cosine of .* use --precision float32"):
         extract_features(load_dataset(data), settings(tmp_path, precision="int8", calibration_size=8))
-    assert not list(tmp_path.glob("onnx/*int8*.onnx"))
+    assert not list(tmp_path.glob("onnx/*int8*"))          # neither the model nor its .tmp
 
 
 def test_saved_head_keeps_its_precision_and_predict_refuses_another(data: Path, cache: Path, tmp_path: Path):
