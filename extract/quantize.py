@@ -21,9 +21,11 @@ sha256, opset, "int8", calibration-set hash) and its sha256 is checked against i
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -41,7 +43,7 @@ from cxr_transfer.core.settings import (
     INT8_CALIBRATION_BATCH,
     PRECISIONS,  # noqa: F401 (one source of truth, re-exported)
 )
-from cxr_transfer.extract.cache import cannot_write_error
+from cxr_transfer.extract.cache import cannot_write_error, no_space_error
 from cxr_transfer.extract.dataset import Sample
 from cxr_transfer.extract.images import ImageDecodeError, read_rgb
 from cxr_transfer.extract.onnx_export import OnnxBackbone
@@ -177,7 +179,8 @@ def _quantize(float_path: Path, calibration: np.ndarray, out: Path, method: str 
     import onnx
 
     input_name = onnx.load(str(float_path), load_external_data=False).graph.input[0].name
-    with tempfile.TemporaryDirectory(dir=out.parent) as work:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f"{out.name}.") as work:   # named after ``out``: a
+        # killed run's folder is found and removed by the next (get_int8_backbone)
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
         kept_float = float_prefix_nodes(onnx.load(str(prepared)), float_convs)
@@ -232,21 +235,29 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
         raise CxrError(f"the int8 model {path.name} (calibration {digest[:12]}) is not in {path.parent}; "
                        f"extract the dataset it was calibrated on with --precision int8 into this --cache-dir first")
     tmp = path.with_name(path.name + ".tmp")
+    # quantization writes a prepared float32 copy and its shape-inferred twin (in a work folder beside the model),
+    # then the int8 model (about a quarter of the float32 size)
+    needed = 2 * backbone.path.stat().st_size + backbone.path.stat().st_size // 4
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(path, lock_timeout):
-            tmp.unlink(missing_ok=True)                      # left by a killed run
+            for stale in path.parent.glob(glob.escape(tmp.name) + "*"):   # .tmp and work folder of a killed run
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
             found = _cached(path, backbone)                  # quantized by another run while this one waited
             if found is not None:
                 return found
+            if shutil.disk_usage(path.parent).free < needed:  # onnx's shape inference truncates its file on a
+                raise no_space_error(path.parent, needed)     # full disk instead of failing: check first
             try:
                 return _quantize_gated(backbone, calibration, path, tmp, threads)
             except BaseException:   # refused, a full disk, Ctrl-C: no half-written model is left (this run holds
                 tmp.unlink(missing_ok=True)           # the lock, so the file is its own); a model without its
                 raise                                 # sidecar is quantized again by the next run
-    except OSError as exc:   # a full disk or an unwritable folder; quantization writes a prepared float32 copy and
-        # the int8 model beside it
-        raise cannot_write_error(path.parent, exc, "ONNX folder", 2 * backbone.path.stat().st_size) from None
+    except OSError as exc:   # a full disk or an unwritable folder
+        raise cannot_write_error(path.parent, exc, "ONNX folder", needed) from None
 
 
 def _quantize_gated(backbone: OnnxBackbone, calibration: CalibrationSet, path: Path, tmp: Path,

@@ -262,6 +262,46 @@ def test_an_interrupted_quantization_leaves_no_temporary_file(data: Path, cache:
     assert not [p for p in (tmp_path / "onnx").iterdir() if "int8" in p.name]
 
 
+def test_a_killed_quantization_leaves_nothing_the_next_run_keeps(data: Path, cache: Path, tmp_path: Path):
+    """A run killed while quantizing (SIGKILL: no cleanup) leaves the model's .tmp and its work folder with a
+    prepared float32 copy; the next run that quantizes that model removes both."""
+    dataset = _with_float_export_only(data, cache, tmp_path)
+    extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    model = next(tmp_path.glob("onnx/*int8*.onnx"))
+    for made in [model, model.with_suffix(".json"), *tmp_path.rglob("*int8*.h5")]:
+        made.unlink()
+    work = model.with_name(model.name + ".tmp.k1ll3d")
+    work.mkdir()
+    (work / "prepared.onnx").write_bytes(b"x" * 1000)
+    model.with_name(model.name + ".tmp").write_bytes(b"half")
+    extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir() if "int8" in p.name) == [
+        model.with_suffix(".json").name, model.name]
+
+
+def test_too_little_space_to_quantize_is_one_error_before_writing(data: Path, cache: Path, tmp_path: Path,
+                                                                    monkeypatch):
+    """onnx's shape inference truncates its output on a full disk instead of failing (then a protobuf error
+    came out): the free space is checked before quantizing."""
+    import collections
+    import shutil
+
+    dataset = _with_float_export_only(data, cache, tmp_path)
+    real = quantize._quantize
+    called = []
+
+    def recording(*args):
+        called.append(args)
+        return real(*args)
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(quantize, "_quantize", recording)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(1 << 40, 1 << 40, 1 << 20))
+    with pytest.raises(CxrError, match=r"^no space left in .*onnx: writing the cache needs about .*, 1\.0 MB free"):
+        extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    assert not called and not [p for p in (tmp_path / "onnx").iterdir() if "int8" in p.name]
+
+
 def _with_float_export_only(data: Path, cache: Path, tmp_path: Path):
     """The fixture dataset, with a copy of its float32 export (no int8 model) in ``tmp_path``: only quantization
     writes there."""
