@@ -104,7 +104,8 @@ def bench_backbone(name: str, data: Path, weights_dir: str, n_images: int, batch
     calibration = choose_calibration(dataset.samples, 64)
     calib = np.stack([read_rgb(s.path, size) for s in calibration.calibration]).astype(np.float32)
     int8_path = cache_root / f"{name}-{size}-bench-int8.onnx"
-    _quantize(float_backbone.path, calib, int8_path, config.int8_calibration, config.int8_float_convs)
+    _quantize(float_backbone.path, calib, int8_path, config.int8_calibration, config.int8_float_convs,
+              config.int8_bias_correction)
     int8 = OnnxEmbedder(replace(float_backbone, path=int8_path))
     int8_rate = rate(int8.embed, batches, repeats)
     cosine = cosine_rows(embedder.embed(images[:16]), int8.embed(images[:16]))

@@ -116,21 +116,23 @@ def test_float_prefix_nodes_keep_the_input_and_first_convolutions():
 
 
 def test_a_backbone_with_float32_convolutions_keeps_them_and_names_its_files(data: Path, tmp_path: Path):
-    """Xception's int8 model keeps its first two convolutions in float32; the variant names the model and cache."""
+    """Xception's int8 model keeps its first two convolutions in float32 and has its biases corrected; the variant
+    names the model and cache."""
     from cxr_transfer.extract.registry import get_backbone
 
     config = get_backbone("xception")
-    assert config.int8_float_convs == 2 and config.int8_variant == "percentile-b8-f2"
+    assert config.int8_float_convs == 2 and config.int8_variant == "percentile-b8-f2-bc"
     assert get_backbone("vgg16").int8_variant == ""
     import onnx
 
     result = extract_features(load_dataset(data), settings(tmp_path, backbone="xception", input_size=71,
                                                            precision="int8", calibration_size=8))
-    assert result.cache_path.name.endswith("-percentile-b8-f2.h5")
-    model_file = next(tmp_path.glob("onnx/*int8*-percentile-b8-f2.onnx"))
+    assert result.cache_path.name.endswith("-percentile-b8-f2-bc.h5")
+    model_file = next(tmp_path.glob("onnx/*int8*-percentile-b8-f2-bc.onnx"))
     sidecar = json.loads(model_file.with_suffix(".json").read_text())
     kept = sidecar["quantization"]["float32_nodes"]
     assert sidecar["quantization"]["float32_convolutions"] == 2 and kept
+    assert sidecar["quantization"]["bias_corrected_convolutions"] > 30     # Xception's 38 int8 convs with a bias
     graph = onnx.load(str(model_file)).graph
     ops = {node.name: node.op_type for node in graph.node}
     assert [ops[name] for name in kept if name in ops].count("Conv") == 2
