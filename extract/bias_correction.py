@@ -139,7 +139,9 @@ def correct_biases(int8_model, float_model, images: np.ndarray, new_session: Cal
             low, high = step * (0 - zero), step * (255 - zero)
             int8_mean, inside = _channel_means(int8_model, [target.int8_output], images, new_session, (low, high))
             slope = np.maximum(inside, MIN_SLOPE)
-        shift = np.round((int8_mean - float_mean) / slope / scale)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shift = np.round((int8_mean - float_mean) / slope / scale)
+        shift = np.where(np.isfinite(shift), shift, 0)    # a zero scale or a non-finite mean: leave the bias
         values = numpy_helper.to_array(bias).astype(np.int64) - shift.astype(np.int64)
         info = np.iinfo(np.int32)
         bias.CopyFrom(numpy_helper.from_array(np.clip(values, info.min, info.max).astype(np.int32), target.bias))

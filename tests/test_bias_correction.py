@@ -75,3 +75,16 @@ def test_correction_is_measured_after_rounding_and_layer_by_layer(models):
     assert [t.conv for t in targets] == ["conv1", "conv2"]
     assert [t.float_output for t in targets] == ["r1", "r2"]          # the quantizer fused each ReLU
     assert all(t.int8_output.endswith("DequantizeLinear_Output") for t in targets)
+
+
+def test_a_zero_bias_scale_leaves_that_bias_alone(models):
+    """A scale of 0 would make the shift infinite (an int32 bias of -2**31): that bias is left as it was."""
+    model, original = onnx.load(str(models["plain"])), onnx.load(str(models["float"]))
+    scale = next(i for i in model.graph.initializer if i.name == "b1_quantized_scale")
+    scale.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(scale)), scale.name))
+    before = {i.name: numpy_helper.to_array(i).copy() for i in model.graph.initializer if i.name.endswith("quantized")}
+    corrected = bias_correction.correct_biases(model, original, models["calibration"],
+                                               lambda m: quantize._session(m, 1))
+    after = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("quantized")}
+    assert corrected == 2 and np.array_equal(after["b1_quantized"], before["b1_quantized"])
+    assert not np.array_equal(after["b2_quantized"], before["b2_quantized"])
