@@ -71,6 +71,10 @@ def write_json(path: str | Path, payload: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str, sort_keys=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, default=str, sort_keys=False) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:    # a full disk, Ctrl-C: no half-written .tmp is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path

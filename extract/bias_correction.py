@@ -20,6 +20,7 @@ Bias Correction" (ICCV 2019), done on the ONNX graph: onnxruntime.quantization d
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,22 +49,29 @@ class _Target:
 def _targets(int8_model, float_model) -> list[_Target]:
     """The convolutions of ``int8_model`` with a quantized (int32) bias and a same-named float32 twin, each with
     the tensor to measure: its output after rounding to uint8, which is what the next layers read."""
-    initializers = {i.name for i in int8_model.graph.initializer}
+    from onnx import TensorProto
+
+    tensors = {i.name: i for i in int8_model.graph.initializer}
+    initializers = set(tensors)
     producer = {out: node for node in int8_model.graph.node for out in node.output}
     readers: dict[str, list] = {}
     for node in int8_model.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     float_tensors = {out for node in float_model.graph.node for out in node.output}
-    float_nodes = {node.name: node for node in float_model.graph.node}
-    targets = []
+    names = Counter(node.name for node in float_model.graph.node)
+    # twins are matched by name, so only names that are set and unique in both graphs count
+    float_nodes = {node.name: node for node in float_model.graph.node if node.name and names[node.name] == 1}
+    int8_names = Counter(node.name for node in int8_model.graph.node)
+    targets: list[_Target] = []
     for node in int8_model.graph.node:
-        if node.op_type != "Conv" or len(node.input) < 3:
+        if node.op_type != "Conv" or len(node.input) < 3 or int8_names[node.name] != 1:
             continue
         dequantize = producer.get(node.input[2])
         twin = float_nodes.get(node.name)
         if dequantize is None or dequantize.op_type != "DequantizeLinear" or twin is None \
-                or dequantize.input[0] not in initializers or twin.op_type != "Conv":
+                or not {dequantize.input[0], dequantize.input[1]} <= initializers or twin.op_type != "Conv" \
+                or any(t.bias == dequantize.input[0] for t in targets):   # a shared bias is corrected once
             continue
         measured, reference, rounded = node.output[0], twin.output[0], None
         if node.output[0] in float_tensors:
@@ -72,12 +80,18 @@ def _targets(int8_model, float_model) -> list[_Target]:
             quantizers = [r for r in readers.get(node.output[0], []) if r.op_type == "QuantizeLinear"]
             dequantizers = [r for q in quantizers for r in readers.get(q.output[0], [])
                             if r.op_type == "DequantizeLinear"]
-            if len(dequantizers) == 1 and len(dequantizers[0].input) == 3 \
-                    and {dequantizers[0].input[1], dequantizers[0].input[2]} <= initializers:
+            rounding = dequantizers[0].input if len(dequantizers) == 1 else []
+            if len(rounding) == 3 and {rounding[1], rounding[2]} <= initializers \
+                    and _size(tensors[rounding[1]]) == 1 and tensors[rounding[2]].data_type == TensorProto.UINT8:
+                # per-tensor uint8 rounding (what _quantize writes); anything else is measured before rounding
                 measured, reference = dequantizers[0].output[0], node.output[0]
                 rounded = (dequantizers[0].input[1], dequantizers[0].input[2])
         targets.append(_Target(node.name, measured, reference, dequantize.input[0], dequantize.input[1], rounded))
     return targets
+
+
+def _size(tensor) -> int:
+    return int(np.prod(tensor.dims)) if tensor.dims else 1
 
 
 def _with_outputs(model, names: list[str]) -> bytes:
@@ -141,9 +155,10 @@ def correct_biases(int8_model, float_model, images: np.ndarray, new_session: Cal
             slope = np.maximum(inside, MIN_SLOPE)
         with np.errstate(divide="ignore", invalid="ignore"):
             shift = np.round((int8_mean - float_mean) / slope / scale)
-        shift = np.where(np.isfinite(shift), shift, 0)    # a zero scale or a non-finite mean: leave the bias
-        values = numpy_helper.to_array(bias).astype(np.int64) - shift.astype(np.int64)
         info = np.iinfo(np.int32)
+        shift = np.where(np.isfinite(shift), shift, 0)    # a zero scale or a non-finite mean: leave the bias
+        shift = np.clip(shift, info.min, info.max)          # (a tiny scale: no int64 overflow; the bias saturates)
+        values = numpy_helper.to_array(bias).astype(np.int64) - shift.astype(np.int64)
         bias.CopyFrom(numpy_helper.from_array(np.clip(values, info.min, info.max).astype(np.int32), target.bias))
     log.info("int8 bias correction: %d convolutions on %d images", len(targets), len(images))
     return len(targets)

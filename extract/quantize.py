@@ -45,7 +45,7 @@ from cxr_transfer.core.settings import (
     INT8_CALIBRATION_BATCH,
     PRECISIONS,  # noqa: F401 (one source of truth, re-exported)
 )
-from cxr_transfer.extract.bias_correction import correct_biases
+from cxr_transfer.extract.bias_correction import MIN_SLOPE, correct_biases
 from cxr_transfer.extract.cache import cannot_write_error, no_space_error
 from cxr_transfer.extract.dataset import Sample
 from cxr_transfer.extract.images import ImageDecodeError, read_rgb
@@ -209,8 +209,12 @@ def _quantize(float_path: Path, calibration: np.ndarray, out: Path, method: str 
             quantized = onnx.load(str(out))
             corrected = correct_biases(quantized, onnx.load(str(prepared)), calibration,
                                        lambda model: _session(model, threads))
+            if not corrected:
+                log.warning("int8 bias correction is configured but found no convolution to correct in %s "
+                            "(its convolutions need unique node names)", float_path.name)
             onnx.save(quantized, str(out))
-    return {"float32_nodes": kept_float, "bias_corrected_convolutions": corrected}
+    return {"float32_nodes": kept_float, "bias_corrected_convolutions": corrected,
+            **({"bias_correction_min_slope": MIN_SLOPE} if bias_correction else {})}
 
 
 def _cached(path: Path, backbone: OnnxBackbone) -> OnnxBackbone | None:
@@ -256,7 +260,10 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(path, lock_timeout):
-            for stale in path.parent.glob(glob.escape(tmp.name) + "*"):   # .tmp and work folder of a killed run
+            sidecar_tmp = path.with_suffix(".json.tmp")
+            for stale in [*path.parent.glob(glob.escape(tmp.name) + "*"), sidecar_tmp]:  # a killed run's .tmp,
+                if not stale.exists():                                                   # work folder, sidecar
+                    continue
                 if stale.is_dir():
                     shutil.rmtree(stale)
                 else:
@@ -269,8 +276,8 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
             try:
                 return _quantize_gated(backbone, calibration, path, tmp, threads)
             except BaseException:   # refused, a full disk, Ctrl-C: no half-written model is left (this run holds
-                tmp.unlink(missing_ok=True)           # the lock, so the file is its own); a model without its
-                raise                                 # sidecar is quantized again by the next run
+                tmp.unlink(missing_ok=True)           # the lock, so the file is its own; a failed sidecar takes
+                raise                                 # its model with it, _quantize_gated)
     except OSError as exc:   # a full disk or an unwritable folder
         raise cannot_write_error(path.parent, exc, "ONNX folder", needed) from None
 
@@ -294,17 +301,27 @@ def _quantize_gated(backbone: OnnxBackbone, calibration: CalibrationSet, path: P
                                f"images have a min cosine of {cosines.min():.4f} to float32, below "
                                f"{FIDELITY_MIN_COSINE}; use --precision float32")
     tmp.replace(path)
+    try:
+        _write_sidecar(path, backbone, calibration, done, fidelity, size, len(calib_images), started)
+    except BaseException:        # a full disk or Ctrl-C: no model without its sidecar (this run holds the lock)
+        path.unlink(missing_ok=True)
+        raise
+    log.info("int8 %s: min cosine %.4f on %d held-back images", backbone.config.name, cosines.min(), len(cosines))
+    return replace(backbone, path=path, sha256=sha256_file(path))
+
+
+def _write_sidecar(path: Path, backbone: OnnxBackbone, calibration: CalibrationSet, done: dict[str, object],
+                   fidelity: dict[str, object], size: int, n_calibration: int, started: float) -> None:
+    config = backbone.config
     write_json(path.with_suffix(".json"), {
         "backbone": backbone.config.name, "input_size": size, "precision": "int8", "sha256": sha256_file(path),
         "float_onnx_sha256": backbone.sha256, "weights_sha256": backbone.weights_sha256, "opset": backbone.opset,
-        "quantization": {**QUANTIZATION, "calibration_method": method, "float32_convolutions": float_convs,
-                         **done},
-        "calibration": {"digest": calibration.digest, "n_images": int(len(calib_images)),
+        "quantization": {**QUANTIZATION, "calibration_method": config.int8_calibration,
+                         "float32_convolutions": config.int8_float_convs, **done},
+        "calibration": {"digest": calibration.digest, "n_images": n_calibration,
                         "sha256": sorted(s.sha256 for s in calibration.calibration)},
         "held_back_sha256": sorted(s.sha256 for s in calibration.held_back), "fidelity": fidelity,
         "seconds": round(time.perf_counter() - started, 1), "created": now_iso(), "versions": library_versions()})
-    log.info("int8 %s: min cosine %.4f on %d held-back images", backbone.config.name, cosines.min(), len(cosines))
-    return replace(backbone, path=path, sha256=sha256_file(path))
 
 
 def int8_info(backbone: OnnxBackbone) -> dict[str, object]:

@@ -88,3 +88,16 @@ def test_a_zero_bias_scale_leaves_that_bias_alone(models):
     after = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("quantized")}
     assert corrected == 2 and np.array_equal(after["b1_quantized"], before["b1_quantized"])
     assert not np.array_equal(after["b2_quantized"], before["b2_quantized"])
+
+
+@pytest.mark.parametrize("name", ["", "same"])
+def test_convolutions_without_a_unique_name_are_not_matched(models, name):
+    """Twins are found by node name: unnamed or duplicate names would pair a conv with another's output."""
+    plain, original = onnx.load(str(models["plain"])), onnx.load(str(models["float"]))
+    for graph in (plain.graph, original.graph):
+        for node in graph.node:
+            if node.op_type == "Conv":
+                node.name = name
+    assert bias_correction._targets(plain, original) == []
+    assert bias_correction.correct_biases(plain, original, models["calibration"],
+                                          lambda m: quantize._session(m, 1)) == 0

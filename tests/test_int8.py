@@ -264,9 +264,11 @@ def test_an_interrupted_quantization_leaves_no_temporary_file(data: Path, cache:
     assert not [p for p in (tmp_path / "onnx").iterdir() if "int8" in p.name]
 
 
-def test_a_killed_quantization_leaves_nothing_the_next_run_keeps(data: Path, cache: Path, tmp_path: Path):
-    """A run killed while quantizing (SIGKILL: no cleanup) leaves the model's .tmp and its work folder with a
-    prepared float32 copy; the next run that quantizes that model removes both."""
+def test_a_killed_quantization_leaves_nothing_the_next_run_keeps(data: Path, cache: Path, tmp_path: Path,
+                                                                 monkeypatch):
+    """A run killed while quantizing (SIGKILL: no cleanup) leaves the model's .tmp, its work folder with a
+    prepared float32 copy, or a sidecar's .tmp; the next run that quantizes that model removes them, even when
+    that run's model is refused."""
     dataset = _with_float_export_only(data, cache, tmp_path)
     extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
     model = next(tmp_path.glob("onnx/*int8*.onnx"))
@@ -276,9 +278,38 @@ def test_a_killed_quantization_leaves_nothing_the_next_run_keeps(data: Path, cac
     work.mkdir()
     (work / "prepared.onnx").write_bytes(b"x" * 1000)
     model.with_name(model.name + ".tmp").write_bytes(b"half")
+    model.with_suffix(".json.tmp").write_bytes(b"")                 # killed while writing the sidecar
+    with monkeypatch.context() as refusing:
+        refusing.setattr(quantize, "FIDELITY_MIN_COSINE", 1.000001)
+        with pytest.raises(CxrError, match="refused"):
+            extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    assert not [p for p in (tmp_path / "onnx").iterdir() if "int8" in p.name]
     extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir() if "int8" in p.name) == [
         model.with_suffix(".json").name, model.name]
+
+
+def test_a_full_disk_while_writing_the_sidecar_leaves_no_model(data: Path, cache: Path, tmp_path: Path, monkeypatch):
+    """The model is in place when its sidecar is written: if that fails, the model goes too (one error line)."""
+    import errno
+
+    from cxr_transfer.core import record
+
+    dataset = _with_float_export_only(data, cache, tmp_path)
+    real_replace = Path.replace
+
+    def full_disk(self, target):
+        if str(self).endswith(".json.tmp") and "int8" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", full_disk)
+    with pytest.raises(CxrError, match=r"^no space left in .*onnx"):
+        extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    assert not [p for p in (tmp_path / "onnx").iterdir() if "int8" in p.name]
+    monkeypatch.undo()
+    record.write_json(tmp_path / "ok.json", {"a": 1})          # and write_json itself still works
+    assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}
 
 
 def test_too_little_space_to_quantize_is_one_error_before_writing(data: Path, cache: Path, tmp_path: Path,
