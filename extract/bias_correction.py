@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cxr_transfer.core.settings import INT8_CALIBRATION_BATCH
+
 log = logging.getLogger(__name__)
 
-BATCH = 8
-"""Images per run while measuring channel means (memory stays at one batch's activations)."""
 MIN_SLOPE = 0.25
 """Lower bound of the fraction of a channel's values inside the uint8 range, by which its mean shift is divided."""
 FLOAT_OUTPUTS_PER_RUN = 16
@@ -51,8 +51,7 @@ def _targets(int8_model, float_model) -> list[_Target]:
     the tensor to measure: its output after rounding to uint8, which is what the next layers read."""
     from onnx import TensorProto
 
-    tensors = {i.name: i for i in int8_model.graph.initializer}
-    initializers = set(tensors)
+    initializers = {i.name: i for i in int8_model.graph.initializer}
     producer = {out: node for node in int8_model.graph.node for out in node.output}
     readers: dict[str, list] = {}
     for node in int8_model.graph.node:
@@ -70,7 +69,7 @@ def _targets(int8_model, float_model) -> list[_Target]:
         dequantize = producer.get(node.input[2])
         twin = float_nodes.get(node.name)
         if dequantize is None or dequantize.op_type != "DequantizeLinear" or twin is None \
-                or not {dequantize.input[0], dequantize.input[1]} <= initializers or twin.op_type != "Conv" \
+                or not {dequantize.input[0], dequantize.input[1]} <= initializers.keys() or twin.op_type != "Conv" \
                 or any(t.bias == dequantize.input[0] for t in targets):   # a shared bias is corrected once
             continue
         measured, reference, rounded = node.output[0], twin.output[0], None
@@ -81,8 +80,9 @@ def _targets(int8_model, float_model) -> list[_Target]:
             dequantizers = [r for q in quantizers for r in readers.get(q.output[0], [])
                             if r.op_type == "DequantizeLinear"]
             rounding = dequantizers[0].input if len(dequantizers) == 1 else []
-            if len(rounding) == 3 and {rounding[1], rounding[2]} <= initializers \
-                    and _size(tensors[rounding[1]]) == 1 and tensors[rounding[2]].data_type == TensorProto.UINT8:
+            if len(rounding) == 3 and {rounding[1], rounding[2]} <= initializers.keys() \
+                    and _size(initializers[rounding[1]]) == 1 \
+                    and initializers[rounding[2]].data_type == TensorProto.UINT8:
                 # per-tensor uint8 rounding (what _quantize writes); anything else is measured before rounding
                 measured, reference = dequantizers[0].output[0], node.output[0]
                 rounded = (dequantizers[0].input[1], dequantizers[0].input[2])
@@ -113,8 +113,9 @@ def _channel_means(model, names: list[str], images: np.ndarray, new_session: Cal
     sums: list[np.ndarray] = [np.zeros(0)] * len(names)
     counts = [0] * len(names)
     within: np.ndarray | float = 0.0
-    for start in range(0, len(images), BATCH):
-        outputs = session.run(names, {input_name: images[start:start + BATCH]})
+    step = INT8_CALIBRATION_BATCH        # memory stays at one batch's activations
+    for start in range(0, len(images), step):
+        outputs = session.run(names, {input_name: images[start:start + step]})
         for k, out in enumerate(outputs):
             axes = (0, *range(2, out.ndim))
             total = out.astype(np.float64).sum(axis=axes)

@@ -260,14 +260,12 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(path, lock_timeout):
-            sidecar_tmp = path.with_suffix(".json.tmp")
-            for stale in [*path.parent.glob(glob.escape(tmp.name) + "*"), sidecar_tmp]:  # a killed run's .tmp,
-                if not stale.exists():                                                   # work folder, sidecar
-                    continue
+            for stale in path.parent.glob(glob.escape(tmp.name) + "*"):   # .tmp and work folder of a killed run
                 if stale.is_dir():
                     shutil.rmtree(stale)
                 else:
                     stale.unlink()
+            path.with_suffix(".json.tmp").unlink(missing_ok=True)          # and its half-written sidecar
             found = _cached(path, backbone)                  # quantized by another run while this one waited
             if found is not None:
                 return found
@@ -291,8 +289,8 @@ def _quantize_gated(backbone: OnnxBackbone, calibration: CalibrationSet, path: P
     calib_images = _decode(calibration.calibration, size)
     held_images = _decode(calibration.held_back, size)
     config = backbone.config
-    method, float_convs = config.int8_calibration, config.int8_float_convs
-    done = _quantize(backbone.path, calib_images, tmp, method, float_convs, config.int8_bias_correction, threads)
+    done = _quantize(backbone.path, calib_images, tmp, config.int8_calibration, config.int8_float_convs,
+                     config.int8_bias_correction, threads)
     cosines = cosine_rows(_embed(backbone.path, held_images, threads), _embed(tmp, held_images, threads))
     fidelity = {"min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()),
                 "n_held_back": int(len(cosines)), "threshold": FIDELITY_MIN_COSINE}
@@ -302,7 +300,7 @@ def _quantize_gated(backbone: OnnxBackbone, calibration: CalibrationSet, path: P
                                f"{FIDELITY_MIN_COSINE}; use --precision float32")
     tmp.replace(path)
     try:
-        _write_sidecar(path, backbone, calibration, done, fidelity, size, len(calib_images), started)
+        _write_sidecar(path, backbone, calibration, done, fidelity, len(calib_images), started)
     except BaseException:        # a full disk or Ctrl-C: no model without its sidecar (this run holds the lock)
         path.unlink(missing_ok=True)
         raise
@@ -311,10 +309,10 @@ def _quantize_gated(backbone: OnnxBackbone, calibration: CalibrationSet, path: P
 
 
 def _write_sidecar(path: Path, backbone: OnnxBackbone, calibration: CalibrationSet, done: dict[str, object],
-                   fidelity: dict[str, object], size: int, n_calibration: int, started: float) -> None:
+                   fidelity: dict[str, object], n_calibration: int, started: float) -> None:
     config = backbone.config
     write_json(path.with_suffix(".json"), {
-        "backbone": backbone.config.name, "input_size": size, "precision": "int8", "sha256": sha256_file(path),
+        "backbone": config.name, "input_size": backbone.input_size, "precision": "int8", "sha256": sha256_file(path),
         "float_onnx_sha256": backbone.sha256, "weights_sha256": backbone.weights_sha256, "opset": backbone.opset,
         "quantization": {**QUANTIZATION, "calibration_method": config.int8_calibration,
                          "float32_convolutions": config.int8_float_convs, **done},

@@ -219,7 +219,7 @@ def test_a_full_disk_while_quantizing_is_one_error_and_leaves_no_file(data: Path
     monkeypatch.setattr(quantize, "_quantize", full_disk)
     with pytest.raises(CxrError, match=r"^no space left in .*onnx: writing the cache needs about"):
         extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
-    assert not [p for p in (tmp_path / "onnx").iterdir() if "int8" in p.name]
+    assert not _int8_files(tmp_path)
 
 
 def test_quantization_holds_the_model_lock_and_a_waiter_uses_the_model(data: Path, cache: Path, tmp_path: Path,
@@ -261,7 +261,7 @@ def test_an_interrupted_quantization_leaves_no_temporary_file(data: Path, cache:
     monkeypatch.setattr(quantize, "_quantize", interrupted)
     with pytest.raises(KeyboardInterrupt):
         extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
-    assert not [p for p in (tmp_path / "onnx").iterdir() if "int8" in p.name]
+    assert not _int8_files(tmp_path)
 
 
 def test_a_killed_quantization_leaves_nothing_the_next_run_keeps(data: Path, cache: Path, tmp_path: Path,
@@ -283,9 +283,9 @@ def test_a_killed_quantization_leaves_nothing_the_next_run_keeps(data: Path, cac
         refusing.setattr(quantize, "FIDELITY_MIN_COSINE", 1.000001)
         with pytest.raises(CxrError, match="refused"):
             extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
-    assert not [p for p in (tmp_path / "onnx").iterdir() if "int8" in p.name]
+    assert not _int8_files(tmp_path)
     extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
-    assert sorted(p.name for p in (tmp_path / "onnx").iterdir() if "int8" in p.name) == [
+    assert _int8_files(tmp_path) == [
         model.with_suffix(".json").name, model.name]
 
 
@@ -306,7 +306,7 @@ def test_a_full_disk_while_writing_the_sidecar_leaves_no_model(data: Path, cache
     monkeypatch.setattr(Path, "replace", full_disk)
     with pytest.raises(CxrError, match=r"^no space left in .*onnx"):
         extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
-    assert not [p for p in (tmp_path / "onnx").iterdir() if "int8" in p.name]
+    assert not _int8_files(tmp_path)
     monkeypatch.undo()
     record.write_json(tmp_path / "ok.json", {"a": 1})          # and write_json itself still works
     assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}
@@ -332,7 +332,12 @@ def test_too_little_space_to_quantize_is_one_error_before_writing(data: Path, ca
     monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(1 << 40, 1 << 40, 1 << 20))
     with pytest.raises(CxrError, match=r"^no space left in .*onnx: writing the cache needs about .*, 1\.0 MB free"):
         extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
-    assert not called and not [p for p in (tmp_path / "onnx").iterdir() if "int8" in p.name]
+    assert not called and not _int8_files(tmp_path)
+
+
+def _int8_files(cache: Path) -> list[str]:
+    """Names of everything int8 in the cache's ONNX folder (models, sidecars, .tmp files, work folders), sorted."""
+    return sorted(p.name for p in (cache / "onnx").iterdir() if "int8" in p.name)
 
 
 def _with_float_export_only(data: Path, cache: Path, tmp_path: Path):
