@@ -378,7 +378,7 @@ def test_no_pointer_for_other_data(tmp_path):
 
 
 def test_cli_audit_exits_2_on_a_bad_path(tmp_path, capsys):
-    from cli import main
+    from cxr_transfer.cli import main
 
     assert main(["audit", "--data", str(tmp_path / "missing"), "--random-weights", "--no-progress"]) == 2
     assert "no such file" in capsys.readouterr().err

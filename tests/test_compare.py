@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from cxr_transfer import cli
 from cxr_transfer.classify.compare import CompareSettings, run_compare
 from cxr_transfer.classify.predict import predict_images
 from cxr_transfer.classify.results import load_results

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -59,10 +60,15 @@ def test_wheel_installs_one_import_name_with_the_sample_as_package_data(wheel: P
 
 def test_regular_install_runs_from_another_directory(wheel: Path, tmp_path: Path):
     """pip install (not editable) into a fresh venv; the console script, the API and the bundled sample work
-    from a folder that has nothing of the checkout beside it."""
+    from a folder that has nothing of the checkout beside it. The venv's dependencies come from the environment
+    running the tests (a .pth naming its site-packages), never from packages installed system-wide."""
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
+    nested_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    ours = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))   # ordered, no repeats
+    Path(nested_site, "running-environment.pth").write_text("".join(f"{path}\n" for path in ours))
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
                    capture_output=True, env=ENV)
     elsewhere = tmp_path / "elsewhere"
