@@ -21,6 +21,7 @@ import errno
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,13 +196,26 @@ def _verified(target: Path, sidecar: Path) -> dict | None:
 
     A damaged export (flipped bytes, truncated) or sidecar is removed, with a warning, so it is made again.
     """
+    return verified_cache(target, sidecar, lambda info: float(info["max_relative_error"]))
+
+
+def verified_cache(target: Path, sidecar: Path, check_fields: Callable[[dict], object] = lambda info: None,
+                   what: str = "cached ONNX export", redo: str = "exporting it again") -> dict | None:
+    """The sidecar of a cached ONNX file whose bytes still have the sidecar's ``onnx_sha256``; None when there is
+    none, or when the file or sidecar is damaged: then both are removed, with a warning, so they are made again.
+
+    ``check_fields(info)`` raises KeyError, TypeError or ValueError when a field the caller needs is malformed.
+    Used for the built-in exports here and for the wrapped user models (``extract/user_onnx.py``).
+    """
     if not target.is_file() and not sidecar.is_file():
         return None
     problem = None
     try:
         info = json.loads(sidecar.read_text(encoding="utf-8"))
         recorded = info["onnx_sha256"]
-        float(info["max_relative_error"])
+        if not isinstance(recorded, str):
+            raise TypeError(f"onnx_sha256 is {recorded!r}")
+        check_fields(info)
         if not target.is_file():
             problem = "the ONNX file is missing"
         elif sha256_file(target) != recorded:
@@ -210,7 +224,7 @@ def _verified(target: Path, sidecar: Path) -> dict | None:
         problem = f"its sidecar {sidecar.name} is unreadable ({exc})"
     if problem is None:
         return info
-    log.warning("cached ONNX export %s is damaged (%s); exporting it again", target, problem)
+    log.warning("%s %s is damaged (%s); %s", what, target, problem, redo)
     for stale in (target, sidecar):
         stale.unlink(missing_ok=True)
     return None

@@ -128,8 +128,11 @@ def get_backbone(name: str) -> BackboneConfig:
 
 
 def parse_backbone_list(spec: str) -> list[BackboneConfig]:
-    """'vgg16,xception' or 'all' -> configs, in the order given, without repeats."""
-    names = list(BACKBONES) if spec.strip().lower() == "all" else [n for n in spec.split(",") if n.strip()]
+    """'vgg16,xception' or 'all' -> configs, in the order given, without repeats (commas in an ``onnx:`` path:
+    ``user_onnx.split_backbone_spec``)."""
+    from cxr_transfer.extract.user_onnx import split_backbone_spec
+
+    names = list(BACKBONES) if spec.strip().lower() == "all" else split_backbone_spec(spec)
     if not names:
         raise CxrError("no backbone given (e.g. --backbone vgg16 or --backbone vgg16,xception)")
     configs = []

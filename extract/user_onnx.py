@@ -14,8 +14,12 @@ Normalize). With one channel, per-channel constants are averaged.
 
 At load the model is validated: one image input of rank 4 with a channel axis of the size given, its size
 (a fixed input size must equal ``--input-size``), an output of rank 2 or 4, and a finite forward pass on a
-random batch; each failure is one ``CxrError`` line. The wrapped file is cached in ``<cache>/onnx/`` by the
-model file's sha256 and the preprocessing, like the built-in exports; a sidecar JSON records both.
+random batch; each failure is one ``CxrError`` line (an output without shape information gets its rank from
+that forward pass; of several outputs the first is used, with a warning). The wrapped file is cached in
+``<cache>/onnx/`` by the model file's sha256 and the preprocessing, like the built-in exports; a sidecar JSON
+records both and the wrap's sha256, checked on every use (``onnx_export.verified_cache``): a damaged wrap is
+wrapped again from the model file. A saved head records the file and settings (``saved_record``) so that
+another process registers it again (``backbone_for_saved``).
 Registered models are named ``onnx-<file stem>-<channels>ch-<preprocessing>`` (file-name safe) for the rest of
 the process; ``backbones`` lists those whose wrapped file is in the cache.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +37,11 @@ import numpy as np
 from cxr_transfer.core.cache_keys import model_key
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
 from cxr_transfer.core.record import now_iso, write_json
 from cxr_transfer.extract.registry import BackboneConfig
+
+log = logging.getLogger(__name__)
 
 PREFIX = "onnx:"
 NAME_PREFIX = "onnx-"
@@ -116,6 +124,7 @@ class UserOnnxConfig(BackboneConfig):
     wrapped_path: Path = Path()
     spec: InputSpec = InputSpec()
     fixed_size: int | None = None
+    requested_size: int | None = None   # the input_size it was registered with (part of the cache key)
 
     @property
     def is_user_onnx(self) -> bool:
@@ -168,8 +177,28 @@ def _fixed_size(dims: list[int | None], layout: str, path: Path) -> int | None:
     return int(height)
 
 
-def _wrap(path: Path, spec: InputSpec, target: Path) -> dict[str, object]:
-    """Write the wrapped model (module docstring) to ``target``; returns facts about the original."""
+def _output_rank(model, path: Path, layout: str, channels: int, size: int) -> int:
+    """The rank of the first output of a model whose output has no shape information: a forward pass on a random
+    batch of 2 at ``size`` px tells it (one ``CxrError`` line when the model does not run)."""
+    import onnxruntime as ort
+
+    shape = (2, channels, size, size) if layout == "NCHW" else (2, size, size, channels)
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        batch = np.random.default_rng(0).uniform(0, 1, size=shape).astype(np.float32)
+        result = session.run([model.graph.output[0].name], {session.get_inputs()[0].name: batch})[0]
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types; the first line says why
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CxrError(f"{path}: the model does not run on a {size}x{size} input ({first})") from exc
+    return int(np.ndim(result))
+
+
+def _wrap(path: Path, spec: InputSpec, target: Path, input_size: int | None = None) -> dict[str, object]:
+    """Write the wrapped model (module docstring) to ``target``; returns facts about the original.
+
+    An output without shape information gets its rank from a forward pass at ``input_size`` (or the model's fixed
+    size, or ``DEFAULT_SIZE``). Of several outputs the first is used (the others are recorded in
+    ``ignored_outputs``, and registration warns)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -195,10 +224,17 @@ def _wrap(path: Path, spec: InputSpec, target: Path) -> dict[str, object]:
     if dims[0] not in (None, 0):
         raise CxrError(f"{path}: the model's batch size is fixed to {dims[0]}; export it with a dynamic batch axis")
     fixed = _fixed_size(dims, layout, path)
-    out_dims = _dims(graph.output[0])
-    if len(out_dims) not in (2, 4):
-        raise CxrError(f"{path}: the output has rank {len(out_dims)} (shape {out_dims}); a feature map "
+    if graph.output[0].type.tensor_type.HasField("shape"):
+        out_dims = _dims(graph.output[0])
+        rank = len(out_dims)
+    else:   # no shape information: the rank is unknown, not 0
+        out_dims = None
+        rank = _output_rank(model, path, layout, spec.channels, fixed or input_size or DEFAULT_SIZE)
+    if rank not in (2, 4):
+        shown = f"shape {out_dims}" if out_dims is not None else "found by a forward pass"
+        raise CxrError(f"{path}: the output has rank {rank} ({shown}); a feature map "
                        f"(rank 4) or a vector (rank 2) is expected")
+    outputs = [o.name for o in graph.output]
 
     matrix, mean, std = spec.constants()
     graph.initializer.extend([numpy_helper.from_array(matrix, "cxr_pre_matrix"),
@@ -211,7 +247,7 @@ def _wrap(path: Path, spec: InputSpec, target: Path) -> dict[str, object]:
     if layout == "NCHW":
         pre.append(helper.make_node("Transpose", ["cxr_pre_nhwc"], [image.name], perm=[0, 3, 1, 2]))
     output = graph.output[0].name
-    if len(out_dims) == 4:
+    if rank == 4:
         # The output feature map has the input's layout (NCHW models keep channels first).
         post = []
         pooled_input = output
@@ -233,8 +269,8 @@ def _wrap(path: Path, spec: InputSpec, target: Path) -> dict[str, object]:
     graph.output.extend([helper.make_tensor_value_info(_WRAPPED_OUTPUT, TensorProto.FLOAT, ["batch", "dim"])])
     tmp = target.with_name(target.name + ".tmp")
     onnx.save(model, str(tmp))
-    return {"layout": layout, "fixed_size": fixed, "input_shape": dims, "output_shape": out_dims, "opset": opset,
-            "tmp": tmp}
+    return {"layout": layout, "fixed_size": fixed, "input_shape": dims, "output_shape": out_dims,
+            "output_rank": rank, "output": outputs[0], "ignored_outputs": outputs[1:], "opset": opset, "tmp": tmp}
 
 
 def _check_forward(path: Path, wrapped: Path, size: int) -> int:
@@ -259,65 +295,151 @@ def _safe_stem(path: Path) -> str:
     return re.sub(r"[^a-z0-9_.]+", "_", path.stem.lower()).strip("_.")[:40] or "model"
 
 
+def _check_sidecar_fields(info: dict) -> None:
+    """Raises KeyError, TypeError or ValueError when a wrapped model's sidecar lacks what registration reads."""
+    if info.get("kind") != "user-onnx":
+        raise ValueError(f"kind is {info.get('kind')!r}, not 'user-onnx'")
+    for key in ("feature_dim", "default_input_size", "opset"):
+        int(info[key])
+    if info["fixed_size"] is not None:
+        int(info["fixed_size"])
+
+
+def _wrapped_info(path: Path, sha: str, name: str, spec: InputSpec, input_size: int | None,
+                  target: Path) -> dict:
+    """The sidecar of the cached wrap at ``target``, verified against its sha256 (``onnx_export.verified_cache``);
+    wrapped again from ``path`` first, with a warning, when it is missing, damaged or its sidecar unreadable."""
+    from cxr_transfer.extract.onnx_export import verified_cache
+
+    sidecar = target.with_suffix(".json")
+    checks = dict(check_fields=_check_sidecar_fields, what="cached wrapped ONNX model",
+                  redo=f"wrapping it again from {path}")
+    info = verified_cache(target, sidecar, **checks)
+    if info is not None:
+        return info
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(target, DEFAULT_LOCK_TIMEOUT):
+            info = verified_cache(target, sidecar, **checks)   # another process may have wrapped it meanwhile
+            if info is not None:
+                return info
+            target.with_name(target.name + ".tmp").unlink(missing_ok=True)      # left by a killed run
+            return _wrap_and_record(path, sha, name, spec, input_size, target)
+    except OSError as exc:
+        target.with_name(target.name + ".tmp").unlink(missing_ok=True)
+        raise CxrError(f"--cache-dir: cannot write the wrapped ONNX model to {target.parent} "
+                       f"({exc.strerror or exc}); give a writable folder with --cache-dir") from None
+
+
+def _wrap_and_record(path: Path, sha: str, name: str, spec: InputSpec, input_size: int | None,
+                     target: Path) -> dict:
+    """Wrap ``path`` (whose sha256 must still be ``sha``), check a forward pass, write the file and its sidecar."""
+    now = sha256_file(path)
+    if now != sha:
+        raise CxrError(f"{path}: changed since it was registered (sha256 {now[:16]}..., was {sha[:16]}...); "
+                       f"run again to use the new file")
+    facts = _wrap(path, spec, target, input_size)
+    tmp = facts.pop("tmp")
+    fixed = facts["fixed_size"]
+    if fixed is not None and input_size is not None and input_size != fixed:
+        tmp.unlink(missing_ok=True)
+        raise CxrError(f"{path}: the model's input is {fixed}x{fixed}; got --input-size {input_size} instead")
+    check_size = fixed or input_size or DEFAULT_SIZE
+    try:
+        dim = _check_forward(path, tmp, check_size)
+    except CxrError:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(target)
+    info = {"kind": "user-onnx", "name": name, "source": str(path), "source_sha256": sha,
+            "input": spec.describe(), "channels": spec.channels, "preprocess": spec.preprocess,
+            "mean": spec.mean, "std": spec.std, "input_size": input_size, **facts,
+            "default_input_size": check_size, "feature_dim": dim, "onnx_sha256": sha256_file(target),
+            "created": now_iso()}
+    try:
+        write_json(target.with_suffix(".json"), info)
+    except OSError:
+        target.unlink(missing_ok=True)   # a wrap without its sidecar would be removed as damaged anyway
+        raise
+    return info
+
+
 def register_user_onnx(path: str | Path, spec: InputSpec | None = None, input_size: int | None = None,
                        cache_dir: str | Path = "features") -> UserOnnxConfig:
     """Validate ``path`` (module docstring), wrap and cache it, and register it for this process.
 
-    Returns the config; its ``name`` is what the rest of the library (get_backbone, caches) uses.
+    Returns the config; its ``name`` is what the rest of the library (get_backbone, caches) uses. A cached wrap is
+    used only when its sha256 matches its sidecar's; otherwise it is wrapped again from ``path``.
     """
     spec = spec or InputSpec()
     path = Path(path).expanduser()
     if not path.is_file():
         raise CxrError(f"{path}: no such ONNX file")
+    if path.stat().st_size == 0:
+        raise CxrError(f"{path}: empty file (0 bytes), not an ONNX model")
     path = path.resolve()
     sha = sha256_file(path)
     name = f"{NAME_PREFIX}{_safe_stem(path)}-{spec.tag}"
-    folder = Path(cache_dir) / "onnx"
     key = model_key(name, input_size or 0, sha)
-    target = folder / f"{key}.onnx"
-    sidecar = target.with_suffix(".json")
-    if target.is_file() and sidecar.is_file():
-        info = json.loads(sidecar.read_text())
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        facts = _wrap(path, spec, target)
-        tmp = facts.pop("tmp")
-        fixed = facts["fixed_size"]
-        if fixed is not None and input_size is not None and input_size != fixed:
-            tmp.unlink(missing_ok=True)
-            raise CxrError(f"{path}: the model's input is {fixed}x{fixed}; got --input-size {input_size} instead")
-        check_size = fixed or input_size or DEFAULT_SIZE
-        try:
-            dim = _check_forward(path, tmp, check_size)
-        except CxrError:
-            tmp.unlink(missing_ok=True)
-            raise
-        tmp.replace(target)
-        info = {"kind": "user-onnx", "name": name, "source": str(path), "source_sha256": sha,
-                "input": spec.describe(), "channels": spec.channels, "preprocess": spec.preprocess,
-                "mean": spec.mean, "std": spec.std, **facts, "default_input_size": check_size,
-                "feature_dim": dim, "onnx_sha256": sha256_file(target), "created": now_iso()}
-        write_json(sidecar, info)
+    target = Path(cache_dir) / "onnx" / f"{key}.onnx"
+    info = _wrapped_info(path, sha, name, spec, input_size, target)
+    if info.get("ignored_outputs"):
+        log.warning("%s has %d outputs; using the first, %r, as the embedding (ignored: %s)", path,
+                    1 + len(info["ignored_outputs"]), info.get("output"),
+                    ", ".join(repr(o) for o in info["ignored_outputs"]))
     fixed = info["fixed_size"]
     config = UserOnnxConfig(name=name, keras_factory="", keras_module="", preprocessing=spec.tag,
                             default_input_size=int(info["default_input_size"]), feature_dim=int(info["feature_dim"]),
                             min_input_size=int(fixed or 1), keras_weights_file="", source_path=path,
-                            source_sha256=sha, wrapped_path=target, spec=spec, fixed_size=fixed)
+                            source_sha256=sha, wrapped_path=target, spec=spec, fixed_size=fixed,
+                            requested_size=input_size)
     _REGISTERED[name] = config
     return config
 
 
+def verified_wrap(config: UserOnnxConfig) -> dict:
+    """The sidecar of ``config``'s wrapped file after checking the file against its sha256; a missing or damaged
+    wrap (or sidecar) is wrapped again from the source file, with a warning, never used."""
+    return _wrapped_info(config.source_path, config.source_sha256, config.name, config.spec, config.requested_size,
+                         config.wrapped_path)
+
+
 def wrapped_sha256(config: UserOnnxConfig) -> str:
-    """The sha256 of the wrapped file (from its sidecar)."""
-    return str(json.loads(config.wrapped_path.with_suffix(".json").read_text())["onnx_sha256"])
+    """The sha256 of the wrapped file (from its sidecar, verified against the file)."""
+    return str(verified_wrap(config)["onnx_sha256"])
+
+
+def split_backbone_spec(spec: str) -> list[str]:
+    """The items of a comma list of backbones, stripped, empty ones dropped.
+
+    A comma may be part of an ``onnx:`` path: an ``onnx:`` item takes the following comma-separated pieces too
+    as long as that makes the longest path that names an existing file (``onnx:a,b.onnx,vgg16`` is the file
+    ``a,b.onnx`` then vgg16 when ``a,b.onnx`` exists); when no such file exists the item ends at the next comma.
+    """
+    pieces = spec.split(",")
+    items, i = [], 0
+    while i < len(pieces):
+        end = i + 1
+        if is_user_onnx(pieces[i]):
+            for j in range(len(pieces), i + 1, -1):
+                joined = ",".join(pieces[i:j]).strip()
+                if Path(joined[len(PREFIX):]).expanduser().is_file():
+                    end = j
+                    break
+        item = ",".join(pieces[i:end]).strip()
+        if item:
+            items.append(item)
+        i = end
+    return items
 
 
 def resolve_backbone_spec(spec: str, input_spec: InputSpec | None = None, input_size: int | None = None,
                           cache_dir: str | Path = "features") -> str:
-    """A comma list of backbones with every ``onnx:PATH`` registered and replaced by its registered name."""
+    """A comma list of backbones with every ``onnx:PATH`` registered and replaced by its registered name.
+
+    Commas inside a path are kept as ``split_backbone_spec`` says."""
     names = []
-    for item in spec.split(","):
-        item = item.strip()
+    for item in split_backbone_spec(spec):
         names.append(register_user_onnx(item[len(PREFIX):], input_spec, input_size, cache_dir).name
                      if is_user_onnx(item) else item)
     return ",".join(names)
@@ -332,7 +454,7 @@ def cached_user_models(cache_dir: str | Path) -> list[dict]:
             info = json.loads(sidecar.read_text())
         except (OSError, ValueError):
             continue
-        if info.get("kind") == "user-onnx":
+        if isinstance(info, dict) and info.get("kind") == "user-onnx":
             found.append(info)
     return found
 
@@ -341,6 +463,59 @@ def user_onnx_backbone(config: UserOnnxConfig, input_size: int):
     """The wrapped file as an ``OnnxBackbone`` (what the runner and caches use for the built-in exports)."""
     from cxr_transfer.extract.onnx_export import OnnxBackbone
 
-    opset = int(json.loads(config.wrapped_path.with_suffix(".json").read_text()).get("opset", 0))
-    return OnnxBackbone(config, config.input_size(input_size), config.wrapped_path, wrapped_sha256(config),
-                        config.source_sha256, opset, 0.0)
+    info = verified_wrap(config)   # checked on every use, like the built-in exports
+    return OnnxBackbone(config, config.input_size(input_size), config.wrapped_path, str(info["onnx_sha256"]),
+                        config.source_sha256, int(info["opset"]), 0.0)
+
+
+def saved_record(name: str) -> dict | None:
+    """For a saved head: how to register the user ONNX model ``name`` again in another process (its source file,
+    that file's sha256, and the wrap settings); None when ``name`` is not a user model registered here."""
+    config = registered(name)
+    if config is None:
+        return None
+    spec = config.spec
+    return {"source": str(config.source_path), "source_sha256": config.source_sha256, "channels": spec.channels,
+            "preprocess": spec.preprocess, "mean": list(spec.mean) if spec.mean is not None else None,
+            "std": list(spec.std) if spec.std is not None else None, "input_size": config.requested_size}
+
+
+def backbone_for_saved(part: dict, cache_dir: str | Path = "features") -> BackboneConfig:
+    """The backbone one part of a saved head names (``part["backbone"]``).
+
+    A user ONNX model not registered in this process is registered again from the head's record
+    (``saved_record``): from the file registered here with the same sha256 (``--backbone onnx:PATH``), else from
+    the recorded path when that file still has the recorded sha256; otherwise one ``CxrError`` line names the file
+    and sha256 needed and the flag that supplies it.
+    """
+    from cxr_transfer.extract.registry import get_backbone
+
+    name = str(part["backbone"]).strip()
+    if registered(name) is not None or not name.startswith(NAME_PREFIX):
+        return get_backbone(name)
+    record = part.get("user_onnx")
+    sha = str(part.get("weights_sha256", ""))
+    if not isinstance(record, dict):
+        raise CxrError(f"{name} is a user ONNX model and the head's description does not say which file (saved "
+                       f"before cxr-transfer recorded it): pass the file with sha256 {sha} with --backbone "
+                       f"onnx:PATH and the --channels/--preprocess/--mean/--std/--input-size it was trained with")
+    try:
+        spec = InputSpec(int(record["channels"]), str(record["preprocess"]),
+                         tuple(map(float, record["mean"])) if record["mean"] is not None else None,
+                         tuple(map(float, record["std"])) if record["std"] is not None else None)
+        size = record["input_size"]
+        size = None if size is None else int(size)
+        source = Path(str(record["source"]))
+        sha = str(record["source_sha256"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CxrError(f"the head's record of the user ONNX model {name} is malformed ({type(exc).__name__}: "
+                       f"{exc}); save the head again") from None
+    given = [c for c in _REGISTERED.values() if c.source_sha256 == sha]
+    if given:   # the file given with --backbone onnx:PATH (wherever it is now), with the recorded settings
+        return register_user_onnx(given[0].source_path, spec, size, cache_dir)
+    now = sha256_file(source) if source.is_file() else None
+    if now == sha:
+        return register_user_onnx(source, spec, size, cache_dir)
+    problem = "is missing" if now is None else f"has changed since (its sha256 is now {now[:16]}...)"
+    raise CxrError(f"the head was trained on the ONNX model {source}, which {problem}; pass the file with sha256 "
+                   f"{sha} with --backbone onnx:PATH")
