@@ -211,7 +211,12 @@ def resolve_groups(dataset: Dataset, group_by: str | None, merge_duplicates: boo
     groups = np.array(dataset.groups)
     missing = int((groups == "").sum())
     if missing:
-        raise CxrError(f"{dataset.root}: {missing} images have no {group_by}; every image needs one to group by it")
+        unmatched = dataset.manifest_unmatched
+        why = (f": {len(unmatched)} row(s) of manifest.csv match no image (first: '{unmatched[0]}'; its paths must "
+               f"be relative to the manifest's folder, like '{dataset.relative(dataset.samples[0])}')"
+               if unmatched else "")
+        raise CxrError(f"{dataset.root}: {missing} images have no {group_by}{why}; every image needs one to group "
+                       f"by it")
     if group_by == DICOM_GROUP_BY and not all(g.startswith(DICOM_GROUP_PREFIX) for g in dataset.groups):
         raise CxrError(f"{dataset.root}: the groups come from a manifest or CSV, not from DICOM headers; "
                        f"use --group-by patient_id")

@@ -5,7 +5,11 @@ Three layouts are read (README, "Datasets"):
 - ``ROOT/<split>/<class>/<image>``              split folders (train/, test/, val/, ...);
 - a CSV file with columns ``path,label[,split][,group]`` (paths relative to the CSV's folder).
 A ``manifest.csv`` beside the class or split folders (as in the paper's dataset) supplies the group column
-(``patient_id``) when present. Rows are sorted by (split, label, path) so every run sees the same order.
+(``patient_id``) when present. Its paths are relative to its folder and normalised before matching (``./``,
+backslashes, repeated separators, ``a/../``); its rows that match no image are listed in
+``Dataset.manifest_unmatched``. Every other column of the manifest or CSV (``source``, ``age_group``, ...) is
+kept per sample (``Sample.column``), so every command reads the same values.
+Rows are sorted by (split, label, path) so every run sees the same order.
 The sha256 of a file's bytes is its identity: caches, audits and predictions key on it.
 
 Nothing is dropped silently: files that cannot be read, broken or looping symbolic links, folders that cannot
@@ -21,6 +25,7 @@ import errno
 import io
 import logging
 import os
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +51,11 @@ class Sample:
     split: str = ""
     group: str = ""
     sha256: str = ""
+    extra: tuple[tuple[str, str], ...] = ()   # the manifest's or CSV's columns (but path) of its row, in order
+
+    def column(self, name: str) -> str | None:
+        """This image's value in column ``name`` of its manifest or CSV; None without such a column or row."""
+        return next((value for key, value in self.extra if key == name), None)
 
 
 @dataclass
@@ -57,6 +67,8 @@ class Dataset:
     class_names: list[str] = field(default_factory=list)
     has_groups: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, why it was left out)
+    columns: list[str] = field(default_factory=list)              # manifest / CSV columns (but path), in order
+    manifest_unmatched: list[str] = field(default_factory=list)   # manifest paths that match no image, as written
 
     def __post_init__(self) -> None:
         if not self.class_names:
@@ -96,7 +108,7 @@ class Dataset:
     def subset(self, split: str) -> "Dataset":
         """The samples of one split, with the same class names."""
         return Dataset(self.root, [s for s in self.samples if s.split == split], list(self.class_names),
-                       self.has_groups, list(self.skipped))
+                       self.has_groups, list(self.skipped), list(self.columns), list(self.manifest_unmatched))
 
     def skipped_summary(self) -> list[str]:
         """Lines for a command's summary: how many entries were left out, and each one with its reason."""
@@ -177,16 +189,46 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise CxrError(f"{path}: not a readable CSV file ({exc})") from None
 
 
-def _read_group_manifest(root: Path) -> dict[str, str]:
-    """Map of relative path -> patient group from manifest.csv, when there is one with a group column."""
+def manifest_key(text: str) -> str:
+    """A manifest path as matched against the images: backslashes as ``/``, then ``./``, repeated separators
+    and ``a/../`` folded away (``./train\\covid//x.jpg`` -> ``train/covid/x.jpg``)."""
+    return posixpath.normpath(text.strip().replace("\\", "/"))
+
+
+@dataclass
+class _Manifest:
+    """What manifest.csv says: its columns (but path) and, per normalised path, its row."""
+
+    columns: list[str] = field(default_factory=list)
+    group_column: str | None = None
+    rows: dict[str, dict[str, str]] = field(default_factory=dict)   # manifest_key(path) -> row
+    written: dict[str, str] = field(default_factory=dict)           # manifest_key(path) -> path as written
+
+    def extra(self, key: str) -> tuple[tuple[str, str], ...]:
+        row = self.rows.get(key)
+        return () if row is None else tuple((c, row.get(c) or "") for c in self.columns)
+
+    def group(self, key: str) -> str:
+        row = self.rows.get(key)
+        return (row.get(self.group_column) or "") if row is not None and self.group_column else ""
+
+
+def _read_manifest(root: Path) -> _Manifest:
+    """manifest.csv beside the class or split folders (empty when there is none or it has no path column)."""
     manifest = root / MANIFEST_NAME
     if not manifest.is_file():
-        return {}
+        return _Manifest()
     fields, rows = _read_csv(manifest)
-    column = next((c for c in GROUP_COLUMNS if c in fields), None)
-    if column is None or "path" not in fields:
-        return {}
-    return {row["path"]: row[column] for row in rows if row.get("path") and row.get(column)}
+    if "path" not in fields:
+        return _Manifest()
+    found = _Manifest([c for c in fields if c != "path"], next((c for c in GROUP_COLUMNS if c in fields), None))
+    for row in rows:
+        if row.get("path"):
+            key = manifest_key(row["path"])
+            if Path(key).is_absolute():
+                key = _shown(Path(key), root)
+            found.rows[key], found.written[key] = row, row["path"]
+    return found
 
 
 def _list_dir(folder: Path, root: Path, skipped: Skipped) -> list[Path]:
@@ -209,14 +251,14 @@ def _not_folders(entries: list[Path], root: Path, skipped: Skipped, where: str) 
             skipped.append((_shown(entry, root), f"image outside any class folder ({where})"))
 
 
-def _from_folders(root: Path, skipped: Skipped) -> tuple[list[Sample], bool]:
+def _from_folders(root: Path, skipped: Skipped) -> tuple[list[Sample], bool, _Manifest]:
     entries = _list_dir(root, root, skipped)
     subdirs = [p for p in entries if p.is_dir()]
     if not subdirs:
         raise CxrError(f"{root}: no class folders found (expected {root}/<class>/<image> "
                        f"or {root}/<split>/<class>/<image>)")
     split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_NAMES]
-    groups = _read_group_manifest(root)
+    manifest = _read_manifest(root)
     rows: list[tuple[Path, str, str]] = []
     if split_dirs:
         _not_folders(entries, root, skipped, "beside the split folders")
@@ -234,30 +276,38 @@ def _from_folders(root: Path, skipped: Skipped) -> tuple[list[Sample], bool]:
         _not_folders(entries, root, skipped, "beside the class folders")
         for class_dir in subdirs:
             rows += [(p, class_dir.name, "") for p in _images_under(class_dir, root, skipped)]
-    samples = [Sample(path, label, split, groups.get(path.relative_to(root).as_posix(), ""))
-               for path, label, split in rows]
-    return samples, bool(groups)
+    keys = [path.relative_to(root).as_posix() for path, _, _ in rows]
+    samples = [Sample(path, label, split, manifest.group(key), extra=manifest.extra(key))
+               for (path, label, split), key in zip(rows, keys)]
+    return samples, _has_group_values(manifest), manifest
 
 
-def _from_csv(csv_path: Path) -> tuple[list[Sample], bool]:
+def _has_group_values(manifest: _Manifest) -> bool:
+    """The manifest has a group column with at least one value (then every image is expected to have one)."""
+    return bool(manifest.group_column) and any(row.get(manifest.group_column) for row in manifest.rows.values())
+
+
+def _from_csv(csv_path: Path) -> tuple[list[Sample], bool, list[str]]:
     base = csv_path.parent
     fields, rows = _read_csv(csv_path)
     if "path" not in fields or "label" not in fields:
         raise CxrError(f"{csv_path}: a dataset CSV needs the columns path,label[,split][,group]; "
                        f"found {','.join(fields) or 'none'}")
     group_column = next((c for c in GROUP_COLUMNS if c in fields), None)
+    columns = [c for c in fields if c != "path"]
     samples = []
     for line, row in enumerate(rows, start=2):
         if not row.get("path") or not row.get("label"):
             raise CxrError(f"{csv_path}:{line}: empty path or label")
-        path = Path(row["path"])
+        path = Path(manifest_key(row["path"]))
         samples.append(Sample(path if path.is_absolute() else base / path, row["label"],
                               (row.get("split") or "").lower(),
-                              (row.get(group_column) or "") if group_column else ""))
+                              (row.get(group_column) or "") if group_column else "",
+                              extra=tuple((c, row.get(c) or "") for c in columns)))
     missing = [s.path for s in samples if not s.path.is_file()]
     if missing:
         raise CxrError(f"{csv_path}: {len(missing)} listed file(s) do not exist, first: {missing[0]}")
-    return samples, group_column is not None
+    return samples, group_column is not None, columns
 
 
 def _digest(path: Path) -> str | OSError:
@@ -285,7 +335,7 @@ def hash_samples(samples: list[Sample], workers: int = 4,
             log.warning("skipped %s: %s", sample.path, reason)
             skipped.append((_shown(sample.path, root) if root else str(sample.path), reason))
         else:
-            hashed.append(Sample(sample.path, sample.label, sample.split, sample.group, digest))
+            hashed.append(Sample(sample.path, sample.label, sample.split, sample.group, digest, sample.extra))
     return hashed
 
 
@@ -328,14 +378,19 @@ def load_dataset(source: "str | Path | Dataset", split: str | None = None,
         raise CxrError(f"{source}: no such file or folder")
     source = source.resolve()
     skipped: Skipped = []
+    unmatched: list[str] = []
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise CxrError(f"{source}: give a folder of class subfolders or a .csv file with path,label columns")
-        samples, has_groups = _from_csv(source)
+        samples, has_groups, columns = _from_csv(source)
         root = source.parent
     else:
-        samples, has_groups = _from_folders(source, skipped)
-        root = source
+        samples, has_groups, manifest = _from_folders(source, skipped)
+        root, columns = source, manifest.columns
+        found = {s.path.relative_to(root).as_posix() for s in samples}
+        unmatched = [manifest.written[key] for key in manifest.rows if key not in found]
+        if unmatched:
+            log.warning("%s: %d row(s) match no image, first: %s", root / MANIFEST_NAME, len(unmatched), unmatched[0])
     if not has_groups:  # DICOM hook (extract/dicom.py): group = salted hash of the PatientID, never the id
         samples, has_groups = fill_dicom_groups(samples)
     for path, reason in skipped:
@@ -351,7 +406,8 @@ def load_dataset(source: "str | Path | Dataset", split: str | None = None,
         raise CxrError(f"{source}: none of the images could be read (first: {skipped[-1][0]}: {skipped[-1][1]})")
     if not keep_duplicates:
         samples = merge_duplicates(samples, root, skipped)
-    return Dataset(root, samples, has_groups=has_groups, skipped=skipped)
+    return Dataset(root, samples, has_groups=has_groups, skipped=skipped, columns=columns,
+                   manifest_unmatched=unmatched)
 
 
 def images_in_folder(folder: str | Path) -> list[Path]:

@@ -24,7 +24,7 @@ from cxr_transfer.classify.calibration import brier_score, expected_calibration_
 from cxr_transfer.classify.conformal import fit_conformal, nested_sets, prediction_sets, set_summary
 from cxr_transfer.classify.duplicate_groups import merge_groups
 from cxr_transfer.classify.protocols import cv_splits, resolve_groups
-from cxr_transfer.classify.validate import ValidateSettings, read_columns, run_validate
+from cxr_transfer.classify.validate import ValidateSettings, run_validate
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.synthetic import write_class_tree
 from cxr_transfer.extract.dataset import load_dataset
@@ -178,11 +178,11 @@ def test_subgroup_columns_come_from_a_dataset_csv_or_a_manifest(tmp_path):
     root = write_class_tree(tmp_path / "d", per_class=2)
     rows = [f"{p.relative_to(root).as_posix()},{p.parent.name},site-{p.stem[-1]}" for p in sorted(root.rglob("*.png"))]
     (root / "list.csv").write_text("path,label,site\n" + "\n".join(rows) + "\n")
-    dataset = load_dataset(root / "list.csv")
-    columns, extra = read_columns(root / "list.csv", dataset)
-    assert columns == ["label", "site"]
-    assert [extra[dataset.relative(s)]["site"] for s in dataset.samples][:2] == ["site-0", "site-1"]
-    assert read_columns(root, load_dataset(root)) == ([], {})                 # a folder without manifest.csv
+    dataset = load_dataset(root / "list.csv")     # the loader keeps the columns (validate's subgroups)
+    assert dataset.columns == ["label", "site"]
+    assert [s.column("site") for s in dataset.samples][:2] == ["site-0", "site-1"]
+    plain = load_dataset(root)                    # a folder without manifest.csv
+    assert plain.columns == [] and all(s.extra == () for s in plain.samples)
 
 
 # ------------------------------------------------------------------------------------- end to end
