@@ -9,6 +9,13 @@ absent, so no sensitivity) are left out of that metric's interval.
 
 Wilson's score interval is used where the sample is a handful of images (subgroup tables): it stays inside
 [0, 1] and is not degenerate for n = 1, where every bootstrap replicate would be the same image.
+
+The rule for a whole evaluation (``evaluation_intervals``): with at least ``SMALL_SAMPLE`` resampling units
+(patients, or images without patient ids) every metric gets the bootstrap interval; with fewer, the proportions
+(accuracy, sensitivity, specificity) get Wilson intervals on their images and macro F1 and AUC get none (a
+bootstrap of a handful of units is near-degenerate: of one image, zero width). A gap between two evaluations
+takes the bootstrap interval of the replicate differences when both are bootstrapped, else the MOVER
+(Newcombe) interval built from the two sides' intervals, and none where a side has none.
 """
 from __future__ import annotations
 
@@ -18,10 +25,13 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
-from cxr_transfer.classify.metrics import confusion_matrix, metrics_from_confusion
+from cxr_transfer.classify.metrics import confusion_matrix, macro_over_present, metrics_from_confusion
 
 DEFAULT_N_BOOT = 1000
 """Bootstrap replicates per evaluation: the 2.5 % tail then holds 25 replicates."""
+
+SMALL_SAMPLE = 30
+"""Fewest resampling units (patients, or images) for bootstrap intervals; below it, Wilson (module docstring)."""
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -37,7 +47,8 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     denominator = 1.0 + z * z / n
     centre = (p + z * z / (2.0 * n)) / denominator
     half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval always holds p; rounding left 15 of 15 with an upper end of 0.9999999999999999
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def ovr_auc(is_positive: np.ndarray, scores: np.ndarray) -> float:
@@ -65,13 +76,15 @@ def flat_metrics(y: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -
 
     Counts come from ``classify.metrics`` (the one definition of the paper's metrics); the prediction is
     the most probable class. A metric whose denominator is empty is nan here (not 0), so that bootstrap
-    replicates lacking a class do not drag an interval towards 0.
+    replicates lacking a class do not drag an interval towards 0; for the same reason macro F1 is the mean
+    over the classes present in ``y`` (``metrics.macro_over_present``), which equals the paper's macro F1
+    when every class is present.
     """
     y = np.asarray(y)
     proba = np.asarray(proba, dtype=float)
     n_classes = len(class_names)
     metrics = metrics_from_confusion(confusion_matrix(y, proba.argmax(axis=1), n_classes), class_names)
-    out = {"accuracy": metrics["accuracy"] if len(y) else math.nan, "macro_f1": metrics["macro"]["f1"]}
+    out = {"accuracy": metrics["accuracy"] if len(y) else math.nan, "macro_f1": macro_over_present(metrics, "f1")}
     aucs = []
     for index, name in enumerate(class_names):
         positive = y == index
@@ -149,3 +162,73 @@ def gap_intervals(point_a: dict[str, float], replicates_a: np.ndarray, point_b: 
         low, high = percentile_interval(replicates_b[:, column] - replicates_a[:, column], confidence)
         out[name] = {"value": point_b[name] - point_a[name], "ci_low": low, "ci_high": high}
     return out
+
+
+def resampling_units(n: int, clusters: Sequence | None) -> int:
+    """How many units a cluster bootstrap draws: distinct clusters, or ``n`` images without clusters."""
+    return int(len(np.unique(np.asarray(clusters)))) if clusters is not None else int(n)
+
+
+def wilson_intervals(y: np.ndarray, proba: np.ndarray, class_names: Sequence[str],
+                     confidence: float = 0.95) -> dict[str, dict]:
+    """``intervals``-shaped output for a small set: Wilson intervals of accuracy, per-class sensitivity and
+    specificity on their images; no interval (nan) for macro F1 and AUC."""
+    y = np.asarray(y)
+    proba = np.asarray(proba, dtype=float)
+    point = flat_metrics(y, proba, class_names)
+    cm = confusion_matrix(y, proba.argmax(axis=1), len(class_names))
+    counts = {"accuracy": (int(np.trace(cm)), int(cm.sum()))}
+    for index, name in enumerate(class_names):
+        tp, positives, predicted = int(cm[index, index]), int(cm[index, :].sum()), int(cm[:, index].sum())
+        negatives = int(cm.sum()) - positives
+        counts[f"sensitivity_{name}"] = (tp, positives)
+        counts[f"specificity_{name}"] = (negatives - (predicted - tp), negatives)
+    out = {}
+    for name, value in point.items():
+        low = high = math.nan
+        if name in counts and counts[name][1] > 0:
+            low, high = wilson_interval(*counts[name], confidence=confidence)
+        out[name] = {"value": value, "ci_low": low, "ci_high": high}
+    return out
+
+
+def evaluation_intervals(y: np.ndarray, proba: np.ndarray, class_names: Sequence[str],
+                         clusters: Sequence | None = None, n_boot: int = DEFAULT_N_BOOT,
+                         seed: int = 0) -> tuple[dict, np.ndarray | None]:
+    """Every metric of one evaluation with its interval, by the module docstring's rule.
+
+    Returns ``({"interval": "bootstrap" | "wilson", "units": int, "metrics": {metric: {...}}}, replicates)``;
+    replicates (for ``evaluation_gap``) are None under the Wilson rule.
+    """
+    units = resampling_units(len(y), clusters)
+    if units >= SMALL_SAMPLE:
+        point, replicates = bootstrap_metrics(y, proba, class_names, clusters, n_boot, seed)
+        return {"interval": "bootstrap", "units": units, "metrics": intervals(point, replicates)}, replicates
+    return {"interval": "wilson", "units": units, "metrics": wilson_intervals(y, proba, class_names)}, None
+
+
+def mover_gap_intervals(stats_a: dict[str, dict], stats_b: dict[str, dict]) -> dict[str, dict]:
+    """``b - a`` for every metric with the MOVER (Newcombe) interval of a difference of two independent
+    estimates from their own intervals: d - sqrt((b - b_low)^2 + (a_high - a)^2) to
+    d + sqrt((b_high - b)^2 + (a - a_low)^2). nan where either side has no interval."""
+    out = {}
+    for name, a in stats_a.items():
+        b = stats_b[name]
+        value = b["value"] - a["value"]
+        low = value - math.hypot(b["value"] - b["ci_low"], a["ci_high"] - a["value"])
+        high = value + math.hypot(b["ci_high"] - b["value"], a["value"] - a["ci_low"])
+        if math.isnan(low) or math.isnan(high):
+            low = high = math.nan
+        out[name] = {"value": value, "ci_low": low, "ci_high": high}
+    return out
+
+
+def evaluation_gap(a: dict, replicates_a: np.ndarray | None, b: dict,
+                   replicates_b: np.ndarray | None) -> dict[str, dict]:
+    """``b - a`` of two ``evaluation_intervals`` results: the bootstrap interval of the replicate differences
+    when both were bootstrapped, else the MOVER interval (``mover_gap_intervals``)."""
+    if replicates_a is not None and replicates_b is not None:
+        point_a = {k: v["value"] for k, v in a["metrics"].items()}
+        point_b = {k: v["value"] for k, v in b["metrics"].items()}
+        return gap_intervals(point_a, replicates_a, point_b, replicates_b)
+    return mover_gap_intervals(a["metrics"], b["metrics"])

@@ -15,6 +15,8 @@ conformity_score, cv, random_state).fit_conformalize(X, y, groups=...)``, then `
 """
 from __future__ import annotations
 
+import math
+from decimal import Decimal
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,6 +35,58 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
+def _mapie_alpha(alpha: float) -> float:
+    """The alpha MAPIE checks: 1 - confidence_level, computed its way (Decimal of the float's repr)."""
+    return float(Decimal("1") - Decimal(str(1.0 - alpha)))
+
+
+def _calibrates(n: int, alpha: float) -> bool:
+    """MAPIE's own condition on its conformity scores (mapie.utils._check_alpha_and_n_samples): as many
+    scores as 1/alpha and 1/(1 - alpha); cross-conformal has one score per training image."""
+    a = _mapie_alpha(alpha)
+    return 0.0 < a < 1.0 and n >= max(1.0 / a, 1.0 / (1.0 - a))
+
+
+def smallest_alpha(n: int) -> float:
+    """The smallest alpha ``n`` training images can calibrate (about 1/n; the largest is 1 minus it);
+    nan below 2 images, where none can."""
+    if n < 2:
+        return math.nan
+    alpha = 1.0 / n
+    while not _calibrates(n, alpha):
+        alpha = float(np.nextafter(alpha, 1.0))
+    return alpha
+
+
+def _round(value: float, up: bool) -> float:
+    """``value`` to 3 significant digits, rounded away from the invalid side."""
+    scale = 10.0 ** (2 - math.floor(math.log10(value)))
+    return (math.ceil if up else math.floor)(value * scale) / scale
+
+
+def calibration_size_problem(n: int, alpha: float) -> str | None:
+    """None when ``n`` training images can calibrate conformal sets at ``alpha``; else one sentence saying
+    what is missing and the range of alpha that ``n`` images allow."""
+    alpha = _check_alpha(alpha)
+    if _calibrates(n, alpha):
+        return None
+    a = _mapie_alpha(alpha)
+    need = math.ceil(max(1.0 / a, 1.0 / (1.0 - a)))
+    why = "1/alpha" if a < 0.5 else "1/(1 - alpha)"
+    text = f"alpha={alpha:g} needs at least {need} images to calibrate conformal sets ({why}), got {n} images"
+    low = smallest_alpha(n)
+    if math.isnan(low):
+        return text + "; no alpha works with fewer than 2 images"
+    shown_low, shown_high = _round(low, up=True), _round(1.0 - low, up=False)
+    while not _calibrates(n, shown_low):
+        shown_low = float(np.nextafter(shown_low, 1.0))
+    while not _calibrates(n, shown_high):
+        shown_high = float(np.nextafter(shown_high, 0.0))
+    if a < 0.5:
+        return text + f"; the smallest alpha {n} images allow is {shown_low:.3g}"
+    return text + f"; the largest alpha {n} images allow is {shown_high:.3g}"
+
+
 def conformal_folds(folds: int, seed: int, grouped: bool):
     """The calibration folds: patient-grouped when groups are given, stratified either way."""
     if grouped:
@@ -46,6 +100,9 @@ def fit_conformal(head: str, X: np.ndarray, y: np.ndarray, alpha: float, groups:
     from mapie.classification import CrossConformalClassifier
 
     alpha = _check_alpha(alpha)
+    problem = calibration_size_problem(len(y), alpha)
+    if problem:   # MAPIE would fit every fold first and refuse only at prediction
+        raise CxrError(problem)
     model = CrossConformalClassifier(estimator=make_head(head, seed), confidence_level=1.0 - alpha,
                                      conformity_score=CONFORMITY_SCORE,
                                      cv=conformal_folds(folds, seed, groups is not None), random_state=seed)

@@ -88,6 +88,17 @@ def metrics_from_confusion(cm: np.ndarray, class_names: Sequence[str]) -> dict:
     }
 
 
+def macro_over_present(metrics: dict, key: str = "f1") -> float:
+    """Mean of a per-class metric over the classes present in the true labels (support > 0) only.
+
+    ``metrics`` is ``metrics_from_confusion`` output. Unlike its ``macro`` (the paper's mean over every class,
+    an absent class counting as 0), a class without images says nothing here; nan when no class has images.
+    For test sets that may lack a class (an external folder): its macro F1 is then that of its own classes.
+    """
+    present = [values[key] for values in metrics["per_class"].values() if values["support"] > 0]
+    return float(np.mean(present)) if present else math.nan
+
+
 def classification_metrics(
     y_true: np.ndarray,
     y_pred: np.ndarray,
