@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_strings
+from cxr_transfer.core.outputs import incomplete_run
 from cxr_transfer.core.record import write_json
 
 RESULTS_FILE = "results.json"
@@ -57,10 +58,19 @@ def save_results(run_dir: str | Path, kind: str, class_names: Sequence[str], rec
 def load_results(run_dir: str | Path) -> dict[str, Any]:
     """Read a run folder's results.json, with evaluations as Evaluation objects."""
     path = Path(run_dir) / RESULTS_FILE
+    incomplete = incomplete_run(run_dir)
+    if incomplete:
+        raise CxrError(incomplete)
     if not path.is_file():
         raise CxrError(f"{run_dir}: not a cxr-transfer run folder (no {RESULTS_FILE})")
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise CxrError(f"{path}: not a readable results file ({type(exc).__name__}: {exc})") from None
+    if isinstance(payload, dict) and payload.get("kind") == "validate":
+        raise CxrError(f"{run_dir}: a validate run (internal vs external accuracy), which report does not put "
+                       f"side by side; read its report.md, or give compare and finetune run folders")
+    try:
         payload["evaluations"] = [Evaluation(**e) for e in payload["evaluations"]]
     except (ValueError, TypeError, KeyError) as exc:
         raise CxrError(f"{path}: not a readable results file ({type(exc).__name__}: {exc})") from None

@@ -9,15 +9,20 @@ already holds files (a finished run is never overwritten or mixed with a new one
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import secrets
 import tempfile
 from pathlib import Path
 
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.record import now_iso, write_json
 
 FINISHED_MARKERS = ("results.json", "record.json", "run.json")
 """Files whose presence means a run folder holds (or held) a run."""
+IN_PROGRESS_MARKER = "run-in-progress.json"
+"""Written (atomically) when a run starts writing its folder, removed once everything is written: a folder that
+still holds it is an incomplete run (killed or interrupted, or still running)."""
 
 
 def _reason(exc: OSError) -> str:
@@ -96,3 +101,31 @@ def new_run_dir(out_dir: str | Path, prefix: str, name: str | None = None) -> Pa
             raise CxrError(f"{path}: cannot create the run folder ({_reason(exc)})") from None
         return path
     raise CxrError(f"{out_dir}: could not find a free run folder name for {prefix}-{stamp}")
+
+
+def mark_in_progress(run_dir: str | Path, command: str) -> Path:
+    """Write ``run_dir/run-in-progress.json`` (atomic), before a run writes anything else into its folder."""
+    return write_json(Path(run_dir) / IN_PROGRESS_MARKER, {"command": command, "pid": os.getpid(),
+                                                           "started": now_iso()})
+
+
+def mark_finished(run_dir: str | Path) -> None:
+    """Remove the in-progress marker: the last step of a run, after every file of its folder is written."""
+    (Path(run_dir) / IN_PROGRESS_MARKER).unlink(missing_ok=True)
+
+
+def incomplete_run(run_dir: str | Path) -> str | None:
+    """Why ``run_dir`` is an incomplete run (its in-progress marker is still there), or None when it is not."""
+    marker = Path(run_dir) / IN_PROGRESS_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        info = {}
+    info = info if isinstance(info, dict) else {}
+    what = f"a {info['command']} run" if isinstance(info.get("command"), str) else "a run"
+    when = f" started {info['started']}" if isinstance(info.get("started"), str) else ""
+    return (f"{run_dir}: incomplete run (interrupted): {what}{when} stopped before writing all its files "
+            f"({IN_PROGRESS_MARKER} is still there; or it is still running, pid {info.get('pid', '?')}); "
+            f"run it again")
