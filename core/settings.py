@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.bounds import COUNT, INPUT_SIZE, MAX_INPUT_SIZE, check_int  # noqa: F401 (re-export)
 
 DEFAULT_CACHE_DIR = Path("features")
 PRECISIONS = ("float32", "int8")
@@ -18,9 +18,6 @@ INT8_CALIBRATION_BATCH = 8
 """int8 calibration feeds onnxruntime this many images per collection step, one step at a time, so that its
 activation statistics (min/max, or histograms merged step by step) need memory for one batch, not for all."""
 EXPORT_FORMATS = ("parquet", "npy")   # ``export --format`` (extract/export_table.py)
-MAX_INPUT_SIZE = 1024
-"""Largest square input accepted: the published weights were trained at 224-331 px, and a batch of 16 VGG16
-inputs of 1024 px already needs about 20 GiB of activations (the memory grows with the square of the side)."""
 
 
 @dataclass(frozen=True)
@@ -42,17 +39,12 @@ class BackboneSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, str) or not self.backbone.strip():
             raise TypeError(f"backbone must be a non-empty str, got {self.backbone!r} instead")
-        if self.input_size is not None and (isinstance(self.input_size, bool) or not isinstance(self.input_size, int)):
-            raise TypeError(f"input_size must be an int or None, got {self.input_size!r} instead")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)):
-            raise TypeError(f"threads must be an int or None, got {self.threads!r} instead")
+        # the bounds are core.bounds', which the command line's flags use too
+        check_int("input_size", self.input_size, INPUT_SIZE, none_means="the backbone's own size")
+        check_int("threads", self.threads, COUNT, none_means="all cores")
+        check_int("calibration_size", self.calibration_size, COUNT)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r} instead")
-        if self.input_size is not None and not 1 <= self.input_size <= MAX_INPUT_SIZE:
-            raise CxrError(f"input size must be between 1 and {MAX_INPUT_SIZE} pixels, got {self.input_size} "
-                           f"instead (None: the backbone's own size)")
-        if self.threads is not None and self.threads < 1:
-            raise CxrError(f"threads must be at least 1, got {self.threads} instead (None: all cores)")
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 
     def with_backbone(self, name: str) -> "BackboneSettings":

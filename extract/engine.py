@@ -16,12 +16,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cxr_transfer.core.bounds import COUNT, IntBound, check_int
 from cxr_transfer.core.errors import CxrError
 
 if TYPE_CHECKING:
     from cxr_transfer.extract.dataset import Sample
 
 ENGINES = ("local", "ray")
+RETRIES = IntBound(0)
 
 
 @dataclass(frozen=True)
@@ -40,15 +42,10 @@ class EngineSettings:
     def __post_init__(self) -> None:
         if self.name not in ENGINES:
             raise CxrError(f"engine must be one of {', '.join(ENGINES)}, got {self.name!r} instead")
-        for name in ("workers", "threads_per_worker", "shard_size", "max_retries"):
-            value = getattr(self, name)
-            if value is None and name == "workers":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {value!r} instead")
-            if value < (0 if name == "max_retries" else 1):
-                raise CxrError(f"{name} must be at least {0 if name == 'max_retries' else 1}, "
-                               f"got {value} instead")
+        check_int("workers", self.workers, COUNT, none_means="the cluster's CPUs / threads_per_worker")
+        for name in ("threads_per_worker", "shard_size"):
+            check_int(name, getattr(self, name), COUNT)
+        check_int("max_retries", self.max_retries, RETRIES)
         if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
             raise CxrError(f"address must be host:port, auto or ray://host:port, got {self.address!r} instead")
 
@@ -78,11 +75,13 @@ class Computed:
 
 
 def check_engine(settings: EngineSettings) -> None:
-    """Fail at once, before any export or computing, when the engine cannot run here (Ray not installed)."""
+    """Fail at once, before any export or computing, when the engine cannot run here (Ray not installed, more
+    workers than a local instance has cores)."""
     if settings.is_ray:
-        from cxr_transfer.extract.engine_ray import require_ray
+        from cxr_transfer.extract.engine_ray import check_local_fit, require_ray
 
         require_ray()
+        check_local_fit(settings)
 
 
 @contextlib.contextmanager

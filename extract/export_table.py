@@ -102,7 +102,7 @@ def export_metadata(features: FeatureSet, result: ExtractResult) -> dict[str, st
             "precision": result.precision, "weights_sha256": result.weights.sha256,
             "weights": result.weights.describe(), "onnx_sha256": result.onnx_sha256,
             "preprocessing": str(attrs.get("preprocessing", "")), "view": str(attrs.get("view", "full")),
-            "embedding_dim": str(features.embeddings.shape[1]), "cache_path": str(result.cache_path),
+            "embedding_dim": str(features.embeddings.shape[1]), "cache_path": str(Path(result.cache_path).absolute()),
             "dataset_root": str(attrs.get("dataset_root", "")), "cxr_transfer_version": __version__}
     if result.calibration_digest:
         meta["calibration_digest"] = result.calibration_digest
