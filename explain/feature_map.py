@@ -23,6 +23,7 @@ from cxr_transfer.core.cache_keys import model_key
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.fresh_process import call_in_fresh_process
 from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.core.quiet import start_tensorflow
 from cxr_transfer.core.record import library_versions, now_iso, write_json
 from cxr_transfer.extract.onnx_export import (
     DEFAULT_OPSET,
@@ -63,6 +64,7 @@ def pooled_tensor(model: Any) -> tuple[Any, str]:
 
     Checked, not assumed: a model that does not end in global average pooling has no exact CAM.
     """
+    start_tensorflow()
     import keras
 
     pooling = model.layers[-1]
@@ -83,6 +85,7 @@ def _export(config: BackboneConfig, input_size: int, source: WeightsSource, targ
 
 def _export_here(config: BackboneConfig, input_size: int, source: WeightsSource, target: Path,
                  opset: int) -> tuple[float, str]:
+    start_tensorflow()
     import keras
 
     backbone = build_keras_backbone(config, input_size, source)

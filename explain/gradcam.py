@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from cxr_transfer.core.quiet import start_tensorflow
 from cxr_transfer.explain.feature_map import pooled_tensor
 
 
@@ -20,6 +21,7 @@ class GradCam:
     """Grad-CAM on a loaded fine-tuned Keras model: ``maps(images) -> (signed maps (N, h, w), probabilities)``."""
 
     def __init__(self, model: Any) -> None:
+        start_tensorflow()
         import keras
 
         from cxr_transfer.finetune.layers import KerasPreprocess

@@ -58,6 +58,9 @@ RAY_INSTALL = 'pip install "cxr-transfer[distributed]"'
 LOCAL_OBJECT_STORE_BYTES = 256 << 20
 """Object store of a local instance: only file names and small summaries travel through it."""
 FAULT_ENV = "CXR_RAY_TEST_FAULT"
+CONNECT_TIMEOUT_S = 10.0
+"""Seconds to wait for a host:port address to accept a connection before Ray is asked to connect."""
+BACKEND_LOG_ENV = "RAY_BACKEND_LOG_LEVEL"
 
 
 def require_ray() -> None:
@@ -96,6 +99,56 @@ def _address(settings: EngineSettings) -> str:
     return settings.address or os.environ.get("RAY_ADDRESS") or "local"
 
 
+def check_local_fit(settings: EngineSettings) -> None:
+    """A local instance (no address) gets this machine's cores: more workers x threads than that is refused
+    in one line, before Ray starts (a cluster's CPUs are checked once connected, ``_pool_size``)."""
+    import ray
+
+    from cxr_transfer.extract.runner import default_threads
+
+    if _address(settings) != "local" or ray.is_initialized():   # connected already: _pool_size checks
+        return
+    cores, threads = default_threads(), settings.threads_per_worker
+    need = (settings.workers or 1) * threads
+    if need > cores:
+        asked = f"--workers {settings.workers} x " if settings.workers else ""
+        raise CxrError(f"{asked}--threads-per-worker {threads} needs {need} CPUs, but this machine has {cores} "
+                       f"for a local Ray instance; give fewer workers or threads, or --address a Ray cluster "
+                       f"(docs/distributed.md)")
+
+
+def _check_reachable(address: str) -> None:
+    """A host:port address where nothing listens fails here within ``CONNECT_TIMEOUT_S`` (Ray itself retries
+    for minutes); ``auto``, ``ray://`` and malformed addresses are left to Ray, which fails on them at once."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
+        raise CxrError(f"--address {address}: nothing answers there ({reason}); start a cluster with "
+                       f"`ray start --head` or give its address (docs/distributed.md)") from None
+
+
+@contextlib.contextmanager
+def _quiet_ray_start() -> Iterator[None]:
+    """Ray's start-up lines (and its core worker's log lines, e.g. on actors with constructor arguments in the
+    object store) stay off stderr unless verbose (``core.quiet``): the driver's C++ log level for this
+    connection, set where Ray starts and inherited by the processes of a local instance; restored after."""
+    from cxr_transfer.core.quiet import native_stderr_to_log, verbose
+
+    if verbose() or BACKEND_LOG_ENV in os.environ:
+        yield
+        return
+    os.environ[BACKEND_LOG_ENV] = "fatal"
+    try:
+        with native_stderr_to_log("starting Ray"):
+            yield
+    finally:
+        os.environ.pop(BACKEND_LOG_ENV, None)
+
+
 def _connect(settings: EngineSettings, workers: int | None) -> str:
     """Connect to the cluster (or start a local instance) unless connected; returns where the work runs."""
     global _started_here
@@ -110,10 +163,14 @@ def _connect(settings: EngineSettings, workers: int | None) -> str:
     if address == "local":
         from cxr_transfer.extract.runner import default_threads
 
-        cpus = max(default_threads(), (workers or 1) * settings.threads_per_worker)
-        options.update(num_cpus=cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False)
+        check_local_fit(settings)
+        options.update(num_cpus=default_threads(), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                       include_dashboard=False)
+    else:
+        _check_reachable(address)
     try:
-        ray.init(address=address, **options)
+        with _quiet_ray_start():
+            ray.init(address=address, **options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         if _is_auth_error(exc):
             raise CxrError(f"--address {address}: the Ray cluster wants its authentication token; set "

@@ -20,6 +20,7 @@ from typing import Any
 
 from cxr_transfer.core.errors import CxrError, WeightsNotFoundError
 from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.core.quiet import start_tensorflow
 from cxr_transfer.extract.registry import BACKBONES, BackboneConfig
 
 WEIGHTS_DIR_ENV = "CXR_WEIGHTS_DIR"
@@ -65,6 +66,7 @@ def _missing_message(config: BackboneConfig, weights_dir: Path | None) -> str:
 
 def _download_imagenet(config: BackboneConfig, weights_dir: Path | None) -> Path:
     """Keras' own download into ~/.keras/models; a clear WeightsNotFoundError when offline."""
+    start_tensorflow()
     import keras
 
     try:
@@ -111,6 +113,7 @@ def build_keras_backbone(config: BackboneConfig, input_size: int, source: Weight
     if config.is_user_onnx:
         raise CxrError(f"{config.name} is an ONNX model: this step needs one of the Keras backbones "
                        f"({', '.join(BACKBONES)})")
+    start_tensorflow()
     import keras
 
     factory = getattr(keras.applications, config.keras_factory)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cxr_transfer.core.quiet import start_tensorflow
 from cxr_transfer.extract.registry import BackboneConfig
 from cxr_transfer.extract.weights import WeightsSource, build_keras_backbone
 
@@ -29,6 +30,7 @@ HEAD_NAME = "head"
 
 
 def _keras():
+    start_tensorflow()   # without TensorFlow's start-up notices on stderr (core/quiet.py)
     import keras
 
     return keras
@@ -36,9 +38,10 @@ def _keras():
 
 def load_finetuned(path: str) -> Any:
     """Load a saved fine-tuned model (.keras) with its custom preprocessing layer registered."""
+    keras = _keras()   # first: the layers module imports Keras at its top
     import cxr_transfer.finetune.layers  # noqa: F401  (registers KerasPreprocess)
 
-    return _keras().saving.load_model(path)
+    return keras.saving.load_model(path)
 
 
 def build_head(feature_dim: int, dense_units: int = PAPER_DENSE_UNITS, dropout: float = PAPER_DROPOUT,
