@@ -123,6 +123,7 @@ def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
             rgb = read_dicom_rgb(path)
         except DicomReadError as exc:
             raise ImageDecodeError(str(exc)) from exc
+        check_not_degenerate(path, rgb)
         return resize_square(rgb, size) if size is not None else rgb
     try:
         if path.stat().st_size == 0:
@@ -141,9 +142,24 @@ def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
-    if pixels.ndim not in (2, 3) or pixels.shape[0] < 2 or pixels.shape[1] < 2:
-        raise ImageDecodeError(f"{path}: degenerate image of shape {pixels.shape}")
+    except Exception as exc:  # noqa: BLE001 - a decoder failing on one file in any other way: that file's skip
+        raise ImageDecodeError(f"{path}: cannot read image ({type(exc).__name__})") from exc
+    check_not_degenerate(path, pixels)
     return _as_rgb(resize_square(pixels, size) if size is not None else pixels)
+
+
+MIN_SIDE = 2
+"""Images with a side shorter than this are skipped as degenerate, whatever their format (PNG, DICOM, ...)."""
+
+
+def check_not_degenerate(path: str | Path, pixels: np.ndarray) -> None:
+    """Raise ImageDecodeError for pixels that are not an image (H, W) or (H, W, C) of at least MIN_SIDE per side.
+
+    The one rule for every format, so a 1x1 DICOM and a 1x1 PNG give the same reason.
+    """
+    if pixels.ndim not in (2, 3) or pixels.shape[0] < MIN_SIDE or pixels.shape[1] < MIN_SIDE:
+        size = "x".join(str(n) for n in pixels.shape[:2]) if pixels.ndim >= 2 else str(pixels.shape)
+        raise ImageDecodeError(f"{path}: degenerate image of {size} pixels (at least {MIN_SIDE}x{MIN_SIDE} is read)")
 
 
 @dataclass(frozen=True)
