@@ -238,7 +238,7 @@ def _cache_guard(plan: _Plan, settings: ExtractSettings):
         yield locked
 
 
-def _name_problems(dataset: Dataset) -> list[tuple[Sample, str]]:
+def name_problems(dataset: Dataset) -> list[tuple[Sample, str]]:
     """Samples whose path, class, split or group cannot be stored as UTF-8 text, with the reason."""
     problems = []
     for sample in dataset.samples:
@@ -281,7 +281,7 @@ def load_features(dataset: Dataset, settings: ExtractSettings,
 def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: bool, prune: bool) -> ExtractResult:
     started = time.perf_counter()
     config, size, source, path = plan.config, plan.size, plan.source, plan.path
-    failures: list[tuple[Sample, str]] = _name_problems(dataset)
+    failures: list[tuple[Sample, str]] = name_problems(dataset)
     for _, reason in failures:
         log.warning("skipped %s", reason)
     unnamed = {id(s) for s, _ in failures}
