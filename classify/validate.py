@@ -4,8 +4,13 @@ For every backbone and head:
 - **internal**: out-of-fold probabilities of a patient-grouped k-fold cross-validation of TRAIN (the
   ``train/`` split when there is one); groups are patient ids merged over the audit's duplicate clusters;
 - **external**: the head fitted on all of TRAIN, applied to every image of EXT (never trained or tuned on);
+- **overlap**: EXT images byte-identical to a TRAIN image, near duplicates of one (the audit's rule) or of a
+  TRAIN patient are left out of the external metrics and named (``train_overlap``); an EXT that overlaps
+  TRAIN entirely is refused;
 - accuracy, per-class sensitivity / specificity, macro F1 and one-vs-rest AUC, each with a 95% patient-cluster
-  bootstrap interval (``classify.bootstrap``), and the external - internal gap with its interval;
+  bootstrap interval (``classify.bootstrap``; Wilson / none below 30 patients), and the external - internal
+  gap with its interval; TRAIN's listing is checked against ``folds`` and ``alpha`` before any embedding
+  (``check_sizes``);
 - **subgroups** of EXT (any column of its manifest or CSV): n, accuracy with a Wilson interval, sensitivity
   per class, conformal coverage; a subgroup whose interval lies wholly below the internal accuracy is flagged;
 - **calibration** (``classify.calibration``): ECE, Brier score and reliability diagrams, internal and external,
@@ -21,11 +26,11 @@ prediction set).
 """
 from __future__ import annotations
 
-import csv
 import math
+import numbers
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +40,10 @@ from threadpoolctl import threadpool_limits
 
 from cxr_transfer.classify.bootstrap import (
     DEFAULT_N_BOOT,
-    bootstrap_metrics,
-    gap_intervals,
-    intervals,
+    SMALL_SAMPLE,
+    evaluation_gap,
+    evaluation_intervals,
+    resampling_units,
     wilson_interval,
 )
 from cxr_transfer.classify.calibration import (
@@ -45,21 +51,42 @@ from cxr_transfer.classify.calibration import (
     calibrated_head,
     calibration_summary,
 )
-from cxr_transfer.classify.conformal import ConformalHead, fit_conformal, nested_sets, prediction_sets, set_summary
+from cxr_transfer.classify.conformal import (
+    ConformalHead,
+    calibration_size_problem,
+    fit_conformal,
+    nested_sets,
+    prediction_sets,
+    set_summary,
+)
 from cxr_transfer.classify.duplicate_groups import duplicate_aware_groups
 from cxr_transfer.classify.heads import make_head, parse_head_list
-from cxr_transfer.classify.protocols import Split, cv_splits, resolve_groups
+from cxr_transfer.classify.protocols import Split, check_splittable, cv_splits, resolve_groups
 from cxr_transfer.classify.results import images_fingerprint
 from cxr_transfer.classify.validate_report import verdict_lines, write_external_predictions, write_report
 from cxr_transfer.core.cache_keys import dataset_cache_id
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.outputs import new_run_dir
+from cxr_transfer.core.outputs import check_run_name, mark_finished, mark_in_progress, new_run_dir, writable_folder
 from cxr_transfer.core.record import Stopwatch, run_record, write_json
-from cxr_transfer.extract.dataset import MANIFEST_NAME, Dataset, load_dataset
+from cxr_transfer.extract.dataset import Dataset, Sample, load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings, align_feature_sets, load_features
 
 DUPLICATE_RULE_BACKBONE = "vgg16"
 """The audit's duplicate rule was calibrated on VGG16 embeddings: only those confirm a pHash match."""
+
+
+SEED_MAX = 2**32 - 1
+"""The largest seed NumPy's legacy generators (scikit-learn's random_state) accept."""
+
+
+def _check_whole(name: str, value: Any, minimum: int, maximum: int | None = None, what: str = "") -> None:
+    """TypeError unless ``value`` is a whole number; CxrError (a ValueError) naming ``name`` when it is outside
+    [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a whole number, got {value!r} instead")
+    if value < minimum or (maximum is not None and value > maximum):
+        limits = what or (f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}")
+        raise CxrError(f"{name} must be {limits}, got {value} instead")
 
 
 @dataclass(frozen=True)
@@ -88,14 +115,17 @@ class ValidateSettings:
     def __post_init__(self) -> None:
         if self.calibrate is not None and self.calibrate not in CALIBRATION_METHODS:
             raise CxrError(f"--calibrate takes {' or '.join(CALIBRATION_METHODS)}, got '{self.calibrate}' instead")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):
+            raise TypeError(f"alpha must be a number, got {self.alpha!r} instead")
         if not 0.0 < float(self.alpha) < 1.0:
-            raise CxrError(f"--alpha (the miscoverage) must be between 0 and 1, got {self.alpha} instead")
-        if self.folds < 2:
-            raise CxrError(f"--folds must be at least 2, got {self.folds} instead")
-        if self.explain < 0:
-            raise CxrError(f"--explain takes a number of images (0: none), got {self.explain} instead")
-        if self.n_boot < 100:
-            raise CxrError(f"--n-boot must be at least 100 for a 95% interval, got {self.n_boot} instead")
+            raise CxrError(f"alpha (the miscoverage) must be between 0 and 1, got {self.alpha} instead")
+        _check_whole("folds", self.folds, 2)
+        _check_whole("explain", self.explain, 0, what="a number of images (0: none)")
+        _check_whole("n_boot", self.n_boot, 100, what="at least 100 for a 95% interval")
+        _check_whole("seed", self.seed, 0, SEED_MAX, what="between 0 and 2**32 - 1 (the seeds NumPy accepts)")
+        _check_whole("n_jobs", self.n_jobs, -1, what="-1 (all cores) or at least 1")
+        if self.n_jobs == 0:
+            raise CxrError("n_jobs must be -1 (all cores) or at least 1, got 0 instead")
 
     @property
     def subgroup_columns(self) -> list[str]:
@@ -118,6 +148,9 @@ class ValidateRun:
     models: list[dict[str, Any]]
     verdict: list[str]
     notes: list[str]
+    warnings: list[str] = field(default_factory=list)     # for the summary, loud: TRAIN/EXT overlap
+    overlap: dict[str, Any] = field(default_factory=dict)  # results.json "overlap" (``train_overlap``)
+    skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # "TRAIN"/"EXT": (path, reason)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -128,26 +161,110 @@ def _training_pool(dataset: Dataset) -> Dataset:
     return dataset.subset("train") if any(s.split == "train" for s in dataset.samples) else dataset
 
 
-def read_columns(source: Path, dataset: Dataset) -> tuple[list[str], dict[str, dict[str, str]]]:
-    """Extra per-image columns of a dataset: its manifest.csv (folder) or the CSV itself, keyed by the path
-    relative to the dataset root. Returns (column names, {relative path: {column: value}})."""
-    source = Path(source).expanduser().resolve()
-    table = source if source.is_file() else source / MANIFEST_NAME
-    if not table.is_file():
-        return [], {}
-    with open(table, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c for c in (reader.fieldnames or []) if c != "path"]
-        rows = {}
-        for row in reader:
-            path = Path(row.get("path") or "")
-            absolute = path if path.is_absolute() else table.parent / path
-            try:
-                key = absolute.resolve().relative_to(dataset.root).as_posix()
-            except ValueError:
-                key = str(absolute)
-            rows[key] = {c: (row.get(c) or "") for c in columns}
-    return columns, rows
+# ---------------------------------------------------------------------------------------------- TRAIN/EXT overlap
+
+
+def near_duplicate_pairs(train: Dataset, train_samples: list[Sample], external: Dataset, ext_samples: list[Sample],
+                         train_embeddings: np.ndarray | None = None, ext_embeddings: np.ndarray | None = None,
+                         cache_dir: Path | None = None) -> list[dict[str, Any]]:
+    """EXT images that the audit's duplicate rule (``audit.duplicates.DuplicateRule``: pHash of 81 trimmed
+    views, confirmed by the VGG16 cosine when embeddings are given) calls a near duplicate of a TRAIN image
+    with other bytes: one row per such EXT image, its closest TRAIN image first (paths relative to each root)."""
+    # layering: moves below classify in issue 23
+    from cxr_transfer.audit.duplicates import HASH_CACHE_NAME, DuplicateRule, cosine_matrix, phash_distance_matrix
+    from cxr_transfer.audit.duplicates import hash_samples as view_hashes
+
+    def hashes(dataset: Dataset, samples: list[Sample]) -> list:
+        cache = Path(cache_dir) / dataset_cache_id(dataset.root) / HASH_CACHE_NAME if cache_dir else None
+        return view_hashes(samples, cache)
+
+    train_hashes, ext_hashes = hashes(train, train_samples), hashes(external, ext_samples)
+    rows_t = [i for i, h in enumerate(train_hashes) if not isinstance(h, str)]
+    rows_e = [j for j, h in enumerate(ext_hashes) if not isinstance(h, str)]
+    if not rows_t or not rows_e:
+        return []
+    n = len(rows_t)
+    phash = phash_distance_matrix(np.stack([train_hashes[i] for i in rows_t] + [ext_hashes[j] for j in rows_e]))
+    phash = phash[:n, n:]
+    cosine = None
+    if train_embeddings is not None and ext_embeddings is not None:
+        cosine = cosine_matrix(np.vstack([train_embeddings[rows_t], ext_embeddings[rows_e]]))[:n, n:]
+    hits = DuplicateRule().flags(phash, cosine)
+    pairs = []
+    for column, j in enumerate(rows_e):
+        matched = [k for k in np.flatnonzero(hits[:, column])
+                   if train_samples[rows_t[k]].sha256 != ext_samples[j].sha256]
+        if not matched:
+            continue
+        k = min(matched, key=lambda k: (phash[k, column], -(cosine[k, column] if cosine is not None else 0.0)))
+        pairs.append({"external": external.relative(ext_samples[j]),
+                      "train": train.relative(train_samples[rows_t[k]]), "phash_distance": int(phash[k, column]),
+                      "cosine": None if cosine is None else round(float(cosine[k, column]), 4),
+                      "train_matches": len(matched)})
+    return pairs
+
+
+def train_overlap(train: Dataset, train_samples: list[Sample], external: Dataset, ext_samples: list[Sample],
+                  near: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What EXT shares with TRAIN: byte-identical images (sha256), near duplicates (``near_duplicate_pairs``)
+    and patient ids, with counts; ``excluded``: the EXT images in any of the three, which validate leaves out
+    of the external metrics. Paths are relative to each dataset's root."""
+    by_sha = {s.sha256: s for s in train_samples}
+    identical = [{"external": external.relative(e), "train": train.relative(by_sha[e.sha256])}
+                 for e in ext_samples if e.sha256 in by_sha]
+    same = {p["external"] for p in identical}
+    near = [p for p in (near or []) if p["external"] not in same]
+    train_patients: dict[str, int] = {}
+    for s in train_samples:
+        if s.group:
+            train_patients[s.group] = train_patients.get(s.group, 0) + 1
+    shared = sorted({e.group for e in ext_samples if e.group in train_patients}) if train_patients else []
+    shared_images = [{"external": external.relative(e), "patient_id": e.group, "train_images": train_patients[e.group]}
+                     for e in ext_samples if e.group and e.group in train_patients]
+    flagged = same | {p["external"] for p in near} | {p["external"] for p in shared_images}
+    excluded = [external.relative(e) for e in ext_samples if external.relative(e) in flagged]
+    return {"identical": {"n": len(identical), "pairs": identical},
+            "near_duplicate": {"n": len(near), "pairs": near, "rule": "audit.duplicates.DuplicateRule"},
+            "shared_patients": {"n": len(shared), "patient_ids": shared, "n_external_images": len(shared_images),
+                                "n_train_images": sum(train_patients[g] for g in shared), "images": shared_images},
+            "excluded": {"n": len(excluded), "images": excluded},
+            "n_external": len(ext_samples), "n_external_evaluated": len(ext_samples) - len(excluded)}
+
+
+def overlap_words(overlap: dict[str, Any]) -> str:
+    """'2 byte-identical, 1 near-duplicate, 1 sharing a patient id with TRAIN (1 patient(s))': the overlap's
+    counts in words."""
+    shared = overlap["shared_patients"]
+    return (f"{overlap['identical']['n']} byte-identical, {overlap['near_duplicate']['n']} near-duplicate, "
+            f"{shared['n_external_images']} sharing a patient id with TRAIN ({shared['n']} patient(s))")
+
+
+def _refuse_full_overlap(overlap: dict[str, Any], external: Dataset) -> None:
+    """CxrError when every EXT image overlaps TRAIN: nothing would be left to validate on."""
+    if overlap["n_external"] and overlap["n_external_evaluated"] == 0:
+        hint = (" (if the patient ids come from unrelated numberings, prefix them, e.g. with the source)"
+                if overlap["shared_patients"]["n"] else "")
+        raise CxrError(f"{external.root}: every one of the {overlap['n_external']} images of EXT overlaps TRAIN "
+                       f"({overlap_words(overlap)}): nothing is left to validate on; give images of other "
+                       f"patients{hint}")
+
+
+def _overlap_warning(overlap: dict[str, Any]) -> str | None:
+    if not overlap["excluded"]["n"]:
+        return None
+    return (f"{overlap['excluded']['n']} of {overlap['n_external']} external images overlap TRAIN "
+            f"({overlap_words(overlap)}): left out of the external metrics, which cover the other "
+            f"{overlap['n_external_evaluated']} (report.md, 'Overlap with TRAIN')")
+
+
+def _skipped(dataset: Dataset, failures: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Files of a dataset left out when reading it or when embedding it, each once (the reason without the
+    file's absolute path in front, since the path is named beside it)."""
+    out = list(dataset.skipped)
+    for path, reason in failures:
+        if all(path != seen for seen, _ in out):
+            out.append((path, reason.removeprefix(f"{dataset.root / path}: ")))
+    return out
 
 
 
@@ -213,6 +330,56 @@ def _inner_splits(y: np.ndarray, groups: np.ndarray | None, folds: int, seed: in
     return [(s.train_idx, s.test_idx) for s in cv_splits(y, folds, 1, seed, groups)]
 
 
+def _folds_problem(labels: np.ndarray, groups: np.ndarray | None, folds: int, seed: int,
+                   class_names: list[str]) -> tuple[str | None, list[Split]]:
+    """(what is missing for ``folds`` outer folds and ``folds`` nested folds inside each outer training part,
+    or None; the outer splits when they can be drawn)."""
+    try:
+        outer = cv_splits(labels, folds, 1, seed, groups, class_names)
+    except CxrError as exc:
+        return str(exc), []
+    for split in outer:
+        try:
+            check_splittable(labels[split.train_idx], folds, class_names,
+                             groups[split.train_idx] if groups is not None else None)
+        except CxrError as exc:
+            return (f"each outer fold's training part is split again into {folds} folds (conformal calibration, "
+                    f"and calibrate), and in one of them {exc}"), outer
+    return None, outer
+
+
+def check_sizes(labels: np.ndarray, groups: np.ndarray | None, folds: int, alpha: float, seed: int,
+                class_names: list[str]) -> None:
+    """CxrError (one sentence) unless TRAIN is large enough for what validate fits, decided from its labels
+    and groups alone, so before any embedding (and again on the embedded images, before any fitting).
+
+    - outer folds: every class needs ``folds`` images (and patients, when grouped);
+    - nested folds (conformal calibration, ``calibrate``): the same inside every outer training part;
+    - conformal sets: MAPIE needs 1/alpha and 1/(1 - alpha) images in the smallest outer training part.
+
+    The message names the class and says the largest folds, or the alpha range, the data allows.
+    """
+    labels = np.asarray(labels)
+    problem, outer = _folds_problem(labels, groups, folds, seed, class_names)
+    if problem:
+        smallest_class = int(np.bincount(labels).min()) if labels.size else 0
+        for k in range(min(folds - 1, smallest_class), 1, -1):
+            found, splits = _folds_problem(labels, groups, k, seed, class_names)
+            if found is None:
+                at_k = calibration_size_problem(min(len(s.train_idx) for s in splits), alpha)
+                problem += f"; the largest folds this data allows is {k}" + (
+                    f" (but then {at_k})" if at_k else "")
+                break
+        else:
+            problem += "; no number of folds works with this data (add images, or patients, of that class)"
+        raise CxrError(f"TRAIN is too small for folds={folds}: {problem}")
+    smallest = min(len(s.train_idx) for s in outer)
+    problem = calibration_size_problem(smallest, alpha)
+    if problem:
+        raise CxrError(f"TRAIN is too small for the conformal sets: they are calibrated on each outer fold's "
+                       f"training part, the smallest of which (folds={folds}) has {smallest} images: {problem}")
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 
 
@@ -245,21 +412,29 @@ def _subgroup_rows(y_ext: np.ndarray, proba: np.ndarray, sets: np.ndarray, value
     return rows
 
 
+MACRO_METRICS = ("macro_f1", "auc_macro")
+"""Averages over classes: over the classes present in a set, so an EXT lacking a class gets no gap for them."""
+
+
 def _score(fitted: dict[str, Any], y: np.ndarray, clusters: np.ndarray | None, y_ext: np.ndarray,
            ext_clusters: np.ndarray | None, subgroup_values: dict[str, list[str]], class_names: list[str],
            settings: ValidateSettings) -> dict[str, Any]:
     """Metrics with intervals, calibration, conformal coverage and subgroups for one fitted model."""
     n_boot, seed = settings.n_boot, settings.seed
-    point_int, reps_int = bootstrap_metrics(y, fitted["internal_proba"], class_names, clusters, n_boot, seed)
-    point_ext, reps_ext = bootstrap_metrics(y_ext, fitted["external_proba"], class_names, ext_clusters, n_boot,
-                                            seed + 1)
+    internal, reps_int = evaluation_intervals(y, fitted["internal_proba"], class_names, clusters, n_boot, seed)
+    external, reps_ext = evaluation_intervals(y_ext, fitted["external_proba"], class_names, ext_clusters, n_boot,
+                                              seed + 1)
+    gap = evaluation_gap(internal, reps_int, external, reps_ext)
+    if set(np.unique(y_ext)) != set(range(len(class_names))):
+        # EXT's macro values cover only its own classes: not comparable with TRAIN's, so no gap for them
+        for name in MACRO_METRICS:
+            gap[name] = {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan}
     result: dict[str, Any] = {
         "backbone": fitted["backbone"], "head": fitted["head"], "seconds": round(fitted["seconds"], 2),
-        "internal": {"n": len(y), "metrics": intervals(point_int, reps_int),
-                     "calibration": calibration_summary(y, fitted["internal_proba"])},
-        "external": {"n": len(y_ext), "metrics": intervals(point_ext, reps_ext),
+        "internal": {"n": len(y), **internal, "calibration": calibration_summary(y, fitted["internal_proba"])},
+        "external": {"n": len(y_ext), **external,
                      "calibration": calibration_summary(y_ext, fitted["external_proba"])},
-        "gap": gap_intervals(point_int, reps_int, point_ext, reps_ext),
+        "gap": gap,
     }
     if "internal_calibrated" in fitted:
         result["calibrated"] = {
@@ -280,6 +455,25 @@ def _score(fitted: dict[str, Any], y: np.ndarray, clusters: np.ndarray | None, y
                                                   column, class_names)
                            for column, values in subgroup_values.items()}
     return result
+
+
+def _interval_notes(y: np.ndarray, clusters: np.ndarray | None, y_ext: np.ndarray, ext_clusters: np.ndarray | None,
+                    class_names: list[str]) -> list[str]:
+    """Notes on the interval rule (``classify.bootstrap``) where it departs from the bootstrap: a TRAIN or EXT
+    of fewer than SMALL_SAMPLE patients (or images), and an EXT lacking some of TRAIN's classes."""
+    notes = []
+    for where, labels, units in (("TRAIN", y, clusters), ("EXT", y_ext, ext_clusters)):
+        n = resampling_units(len(labels), units)
+        if n < SMALL_SAMPLE:
+            what = ("patient" if units is not None else "image") + ("" if n == 1 else "s")
+            notes.append(f"{where} has {n} {what} (fewer than {SMALL_SAMPLE}): its accuracy, sensitivity and "
+                         f"specificity get Wilson 95% intervals instead of the bootstrap, macro F1 and AUC no "
+                         f"interval, and its gaps the MOVER interval of the two sides")
+    absent = [name for k, name in enumerate(class_names) if not (np.asarray(y_ext) == k).any()]
+    if absent:
+        notes.append(f"EXT lacks class {', '.join(repr(a) for a in absent)}: its macro F1 and macro AUC cover "
+                     f"only the classes it has, so they get no gap")
+    return notes
 
 
 def _flags(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -325,6 +519,9 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
     watch = Stopwatch()
     configs = parse_backbone_list(settings.backbones)
     heads = parse_head_list(settings.heads)
+    writable_folder(settings.out_dir, "--out")   # fail before any computing, not after it (as compare)
+    if settings.run_name:
+        check_run_name(settings.out_dir, settings.run_name)
     notes: list[str] = []
     full = load_dataset(settings.data)
     pool = _training_pool(full)
@@ -334,7 +531,8 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
     if unknown:
         raise CxrError(f"{external.root}: classes {', '.join(unknown)} are not among TRAIN's classes "
                        f"({', '.join(class_names)})")
-    columns, extra = read_columns(settings.external, external)
+    _refuse_full_overlap(train_overlap(pool, pool.samples, external, external.samples), external)
+    columns = external.columns
     subgroup_columns = []
     for column in settings.subgroup_columns:
         if column in columns or column in ("label", "split"):
@@ -345,20 +543,39 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
     group_by = settings.group_by or ("patient_id" if pool.has_groups else None)
     if group_by is None:
         notes.append("TRAIN has no patient ids: folds and bootstrap treat every image as its own patient")
-    resolve_groups(pool, group_by, merge_duplicates=False)  # fail before extracting when grouping cannot work
+    pool_groups = resolve_groups(pool, group_by, merge_duplicates=False)  # fail before extracting when grouping cannot work
+    check_sizes(np.array([class_names.index(s.label) for s in pool.samples]), pool_groups, settings.folds,
+                settings.alpha, settings.seed, class_names)   # before extracting: the listing decides
 
     features, ext_features, extraction = {}, {}, {}
+    train_failures: list[tuple[str, str]] = []
+    ext_failures: list[tuple[str, str]] = []
     for config in configs:
         extract = settings.extract.with_backbone(config.name)
         features[config.name], result = load_features(full, extract)
-        ext_features[config.name], ext_result = load_features(external, extract)
+        # int8: EXT goes through the model calibrated on TRAIN, the one its saved heads are predicted with
+        ext_features[config.name], ext_result = load_features(
+            external, replace(extract, calibration_digest=result.calibration_digest))
         extraction[config.name] = {"cache": str(result.cache_path), "external_cache": str(ext_result.cache_path),
                                    "weights": result.weights.describe(), "weights_sha256": result.weights.sha256,
                                    "onnx_sha256": result.onnx_sha256, "input_size": features[config.name].attrs.get(
-                                       "input_size"), "skipped": result.failures + ext_result.failures}
+                                       "input_size"), "skipped": result.failures + ext_result.failures,
+                                   "precision": result.precision, "calibration_digest": result.calibration_digest}
+        train_failures += result.failures
+        ext_failures += ext_result.failures
     watch.lap("read_and_embed")
     samples, arrays = align_feature_sets(features, {s.sha256 for s in pool.samples})
     ext_samples, ext_arrays = align_feature_sets(ext_features)
+    skipped = {"TRAIN": _skipped(full, train_failures), "EXT": _skipped(external, ext_failures)}
+    vgg_train, vgg_ext = arrays.get(DUPLICATE_RULE_BACKBONE), ext_arrays.get(DUPLICATE_RULE_BACKBONE)
+    overlap = train_overlap(pool, samples, external, ext_samples,
+                            near_duplicate_pairs(full, samples, external, ext_samples, vgg_train, vgg_ext,
+                                                 Path(settings.extract.cache_dir)))
+    _refuse_full_overlap(overlap, external)
+    excluded = set(overlap["excluded"]["images"])
+    keep = [i for i, s in enumerate(ext_samples) if external.relative(s) not in excluded]
+    ext_samples, ext_arrays = [ext_samples[i] for i in keep], {k: v[keep] for k, v in ext_arrays.items()}
+    warnings = [w for w in [_overlap_warning(overlap)] if w]
     index = {name: i for i, name in enumerate(class_names)}
     y = np.array([index[s.label] for s in samples])
     y_ext = np.array([index[s.label] for s in ext_samples])
@@ -381,10 +598,18 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
                              f"(audit rule{'' if embeddings else ', pHash alone'}): {'; '.join(merged[:5])}"
                              + (" ..." if len(merged) > 5 else ""))
     watch.lap("groups_and_duplicates")
-    outer = cv_splits(y, settings.folds, 1, settings.seed, groups)
+    # again on the images embedded and the groups merged: skipped images or joined patients can shrink them
+    check_sizes(y, groups, settings.folds, settings.alpha, settings.seed, class_names)
+    outer = cv_splits(y, settings.folds, 1, settings.seed, groups, class_names)
     ext_clusters = np.array([s.group for s in ext_samples]) if external.has_groups and all(
         s.group for s in ext_samples) else None
-    ext_extra = [extra.get(external.relative(s), {}) for s in ext_samples]
+    if external.has_groups and ext_clusters is None:
+        lacking = [external.relative(s) for s in ext_samples if not s.group]
+        unmatched = external.manifest_unmatched
+        notes.append(f"{len(lacking)} EXT image(s) have no patient id (first: {lacking[0]})"
+                     + (f"; {len(unmatched)} row(s) of its manifest.csv match no image (first: '{unmatched[0]}')"
+                        if unmatched else "") + ": the external bootstrap resamples images, not patients")
+    notes += _interval_notes(y, clusters, y_ext, ext_clusters, class_names)
     subgroup_values = {}
     for column in subgroup_columns:
         if column == "label":
@@ -392,7 +617,7 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
         elif column == "split":
             subgroup_values[column] = [s.split or "-" for s in ext_samples]
         else:
-            subgroup_values[column] = [row.get(column) or "(missing)" for row in ext_extra]
+            subgroup_values[column] = [s.column(column) or "(missing)" for s in ext_samples]
 
     tasks = [(backbone, head, part) for backbone in arrays for head in heads for part in [None, *range(len(outer))]]
     parts = Parallel(n_jobs=settings.n_jobs)(
@@ -410,6 +635,7 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
     verdict = verdict_lines(models, flagged, settings)
 
     run_dir = new_run_dir(settings.out_dir, "validate", settings.run_name)
+    mark_in_progress(run_dir, "validate")   # removed last: heads of a run killed before then are refused
     record = run_record("validate", settings.record(), seed=settings.seed, train_root=str(pool.root),
                         train_note=", train/ split" if pool is not full else "", n_train=len(samples),
                         train_fingerprint=images_fingerprint([s.sha256 for s in samples]),
@@ -420,7 +646,8 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
                         internal_clusters="patients" if clusters is not None else "images",
                         external_clusters="patients" if ext_clusters is not None else "images",
                         merged_groups=merged, mapie=_mapie_version(), extraction=extraction, timings=watch.timings,
-                        seconds=watch.elapsed())
+                        seconds=watch.elapsed(), external_overlap_excluded=overlap["excluded"]["n"],
+                        skipped={k: [list(x) for x in v] for k, v in skipped.items()})
     if settings.save or settings.explain:   # explain needs the heads on disk
         record["saved_models"] = []
         for f in fitted:
@@ -434,14 +661,17 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
     write_json(run_dir / "record.json", record)
     write_json(run_dir / "results.json", _json_safe({"kind": "validate", "class_names": class_names,
                                                      "record": record, "verdict": verdict, "notes": notes,
+                                                     "warnings": warnings, "overlap": overlap,
                                                      "flagged_subgroups": flagged, "models": models}))
     write_external_predictions(run_dir / "external_predictions.csv", [external.relative(s) for s in ext_samples],
                                [s.label for s in ext_samples], subgroup_values, fitted, class_names)
-    write_report(run_dir, models, verdict, notes, class_names, record, settings)
+    write_report(run_dir, models, verdict, notes, class_names, record, settings, warnings=warnings,
+                 overlap=overlap, skipped=skipped)
     if settings.explain:
         with open(run_dir / "report.md", "a", encoding="utf-8") as handle:
             handle.write("\n" + explain_section(record["explain"]) + "\n")
-    return ValidateRun(run_dir, class_names, models, verdict, notes)
+    mark_finished(run_dir)
+    return ValidateRun(run_dir, class_names, models, verdict, notes, warnings, overlap, skipped)
 
 
 LINEAR_HEADS = ("logreg", "linsvm")

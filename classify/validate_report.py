@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cxr_transfer.classify.bootstrap import SMALL_SAMPLE
 from cxr_transfer.classify.calibration import BINNING_WORDS, plot_reliability
 from cxr_transfer.classify.conformal import format_set
 from cxr_transfer.core.plotting import subplots
@@ -23,14 +24,25 @@ def _ci(stat: dict[str, float] | None, digits: int = 3) -> str:
     if not stat or stat.get("value") is None or math.isnan(stat["value"]):
         return "-"
     if math.isnan(stat["ci_low"]):
-        return f"{stat['value']:.{digits}f}"
+        return f"{stat['value']:.{digits}f} (no interval)"
     return f"{stat['value']:.{digits}f} [{stat['ci_low']:.{digits}f}, {stat['ci_high']:.{digits}f}]"
 
 
 def _signed_ci(stat: dict[str, float]) -> str:
-    if math.isnan(stat["value"]):
+    if stat.get("value") is None or math.isnan(stat["value"]):
         return "-"
+    if math.isnan(stat["ci_low"]):
+        return f"{stat['value']:+.3f} (no interval)"
     return f"{stat['value']:+.3f} [{stat['ci_low']:+.3f}, {stat['ci_high']:+.3f}]"
+
+
+def _interval_words(models: list[dict[str, Any]], where: str, units: str, n_boot: int) -> str:
+    """Which interval rule (``classify.bootstrap.evaluation_intervals``) an evaluation got, in words."""
+    first = models[0][where]
+    if first.get("interval", "bootstrap") == "bootstrap":
+        return f"{where}: 95% percentile bootstrap, {n_boot} replicates resampling {units}"
+    return (f"{where}: Wilson 95% on its images for accuracy, sensitivity and specificity, none for macro F1 and "
+            f"AUC ({first['units']} {units}, fewer than {SMALL_SAMPLE}: a bootstrap of so few is near-degenerate)")
 
 
 def _name(m: dict[str, Any]) -> str:
@@ -207,8 +219,56 @@ def write_external_predictions(path: Path, names: list[str], labels: list[str], 
     return path
 
 
+def overlap_section(overlap: dict[str, Any]) -> list[str]:
+    """The report's "Overlap with TRAIN" lines: counts, then every overlapping EXT image and its TRAIN match."""
+    shared = overlap["shared_patients"]
+    lines = ["## Overlap with TRAIN", "",
+             f"{overlap['excluded']['n']} of {overlap['n_external']} external images overlap TRAIN and are left out "
+             f"of the external metrics, which cover the other {overlap['n_external_evaluated']} (a copy of a "
+             f"training image, or an image of a training patient, is not external evidence):", "",
+             f"- byte-identical (same sha256): {overlap['identical']['n']}",
+             f"- near-duplicate (the audit's rule: pHash of trimmed views, confirmed by the VGG16 cosine when "
+             f"vgg16 is among the backbones): {overlap['near_duplicate']['n']}",
+             f"- of a TRAIN patient (same patient id): {shared['n_external_images']} image(s) of {shared['n']} "
+             f"patient(s), who have {shared['n_train_images']} TRAIN image(s)"
+             + (f": {', '.join(shared['patient_ids'])}" if shared["patient_ids"] else ""), ""]
+    rows = [{"external image": p["external"], "overlap": "byte-identical", "TRAIN image": p["train"]}
+            for p in overlap["identical"]["pairs"]]
+    rows += [{"external image": p["external"], "overlap": f"near-duplicate (pHash {p['phash_distance']}"
+              + (f", cosine {p['cosine']:.3f}" if p["cosine"] is not None else "") + ")", "TRAIN image": p["train"]}
+             for p in overlap["near_duplicate"]["pairs"]]
+    listed = {r["external image"] for r in rows}
+    rows += [{"external image": p["external"], "overlap": f"patient {p['patient_id']}",
+              "TRAIN image": f"({p['train_images']} image(s) of that patient)"}
+             for p in shared["images"] if p["external"] not in listed]
+    return lines + [markdown_table(rows), ""] if rows else lines
+
+
+def skipped_section(skipped: dict[str, list[tuple[str, str]]]) -> list[str]:
+    """The report's "Skipped images" lines: every file of TRAIN and EXT left out, with its reason."""
+    lines = ["## Skipped images", ""]
+    for where, entries in skipped.items():
+        lines.append(f"{where}: {len(entries)} file(s) skipped or left out" + (":" if entries else "."))
+        lines += [f"- `{path}`: {reason}" for path, reason in entries]
+        lines.append("")
+    return lines
+
+
+def _skipped_words(skipped: dict[str, list[tuple[str, str]]] | None, where: str) -> str:
+    count = len((skipped or {}).get(where, []))
+    return f", {count} file(s) skipped: see 'Skipped images'" if count else ""
+
+
+def _excluded_words(overlap: dict[str, Any] | None) -> str:
+    if not overlap or not overlap["excluded"]["n"]:
+        return ""
+    return f" evaluated, {overlap['excluded']['n']} more left out: see 'Overlap with TRAIN'"
+
+
 def write_report(run_dir: Path, models: list[dict[str, Any]], verdict: list[str], notes: list[str],
-                 class_names: list[str], record: dict[str, Any], settings: ValidateSettings) -> Path:
+                 class_names: list[str], record: dict[str, Any], settings: ValidateSettings,
+                 warnings: list[str] | None = None, overlap: dict[str, Any] | None = None,
+                 skipped: dict[str, list[tuple[str, str]]] | None = None) -> Path:
     """report.md (verdict first), results.csv, accuracy.png and reliability.png in ``run_dir``."""
     _write_results_csv(run_dir / "results.csv", models)
     plot_accuracy_dots(run_dir / "accuracy.png", models)
@@ -223,14 +283,16 @@ def write_report(run_dir: Path, models: list[dict[str, Any]], verdict: list[str]
     plot_reliability(run_dir / "reliability.png", panels)
     grouping = record["grouping"]
     lines = [f"# cxr-transfer validate: {Path(settings.data).name} -> {Path(settings.external).name}", "",
-             "## Verdict", "", *[f"- {line}" for line in verdict], "",
-             f"- TRAIN: `{record['train_root']}` ({record['n_train']} images{record['train_note']}); "
-             f"EXT: `{record['external_root']}` ({record['n_external']} images)",
+             "## Verdict", "", *[f"- **warning**: {line}" for line in warnings or []], *[f"- {line}" for line in verdict],
+             "", f"- TRAIN: `{record['train_root']}` ({record['n_train']} images{record['train_note']}"
+             f"{_skipped_words(skipped, 'TRAIN')}); EXT: `{record['external_root']}` ({record['n_external']} images"
+             f"{_skipped_words(skipped, 'EXT')}{_excluded_words(overlap)})",
              f"- internal: out-of-fold predictions of {settings.folds}-fold StratifiedGroupKFold of TRAIN by "
              f"{grouping}; external: each head fitted on all of TRAIN",
-             f"- intervals: 95% percentile bootstrap, {settings.n_boot} replicates resampling "
-             f"{record['internal_clusters']} (internal) and {record['external_clusters']} (external); the gap's "
-             f"interval is that of the replicate differences; subgroup accuracies: Wilson 95% interval",
+             f"- intervals: {_interval_words(models, 'internal', record['internal_clusters'], settings.n_boot)}; "
+             f"{_interval_words(models, 'external', record['external_clusters'], settings.n_boot)}; the gap's "
+             f"interval is that of the replicate differences when both sides are bootstrapped, else the MOVER "
+             f"(Newcombe) interval from the two sides' intervals; subgroup accuracies: Wilson 95% interval",
              f"- calibration: {BINNING_WORDS}",
              f"- conformal: MAPIE {record['mapie']} CrossConformalClassifier (LAC score, mean aggregation), "
              f"alpha {settings.alpha:g}, calibrated on TRAIN only with {settings.folds} folds grouped like the "
@@ -238,7 +300,8 @@ def write_report(run_dir: Path, models: list[dict[str, Any]], verdict: list[str]
              f"without it)",
              f"- seed {settings.seed}; created {record['created']}; {record['seconds']:.0f} s", ""]
     lines += [f"- note: {note}" for note in notes]
-    lines += ["", "![internal vs external accuracy](accuracy.png)", "", "## Internal vs external", ""]
+    lines += [""] + (overlap_section(overlap) if overlap and overlap["excluded"]["n"] else [])
+    lines += ["![internal vs external accuracy](accuracy.png)", "", "## Internal vs external", ""]
     for m in models:
         lines += [f"### {_name(m)}", "", _metric_table(m, class_names), ""]
     lines += ["## Calibration", "", _calibration_table(models), "", "![reliability diagrams](reliability.png)", "",
@@ -254,6 +317,8 @@ def write_report(run_dir: Path, models: list[dict[str, Any]], verdict: list[str]
             for column, rows in m["subgroups"].items():
                 lines += [f"### {_name(m)}: by {column} (internal accuracy {internal:.3f})", "",
                           _subgroup_table(rows, class_names, internal), ""]
+    if skipped and any(skipped.values()):
+        lines += skipped_section(skipped)
     lines += ["Files: results.json (everything above), results.csv (long format), external_predictions.csv (every "
               "external image: label, subgroups, each model's prediction, probability and set), record.json.", ""]
     path = run_dir / "report.md"
