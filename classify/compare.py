@@ -29,8 +29,9 @@ from cxr_transfer.classify.protocols import (
     resolve_groups,
 )
 from cxr_transfer.classify.results import Evaluation, images_fingerprint, save_results
+from cxr_transfer.core.bounds import COUNT, FOLDS, JOBS, SEED, check_int, names_argument
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.outputs import check_run_name, new_run_dir, writable_folder
+from cxr_transfer.core.outputs import check_run_name, mark_finished, mark_in_progress, new_run_dir, writable_folder
 from cxr_transfer.core.record import run_record, write_json
 from cxr_transfer.extract.dataset import Dataset, load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings, FeatureSet, align_feature_sets, load_features
@@ -68,6 +69,14 @@ class CompareSettings:
     out_dir: Path = Path("runs")
     run_name: str | None = None
     n_jobs: int = -1
+
+    def __post_init__(self) -> None:
+        self.backbones = names_argument("backbones", self.backbones)
+        self.heads = names_argument("heads", self.heads)
+        check_int("seed", self.seed, SEED)
+        for name, bound in (("seeds", COUNT), ("folds", FOLDS), ("repeats", COUNT), ("select_folds", FOLDS),
+                            ("n_jobs", JOBS)):
+            check_int(name, getattr(self, name), bound)
 
     def record(self) -> dict[str, object]:
         return {"data": str(self.data), "backbones": self.backbones, "heads": self.heads,
@@ -280,6 +289,7 @@ def run_compare(settings: CompareSettings) -> CompareRun:
     summary = summarize_evaluations(evaluations)
 
     run_dir = new_run_dir(settings.out_dir, run_dir_prefix(settings), settings.run_name)
+    mark_in_progress(run_dir, "compare")   # removed last: a run killed before then is seen as incomplete
     record = run_record("compare", settings.record(), seed=settings.seed, dataset_root=str(dataset.root),
                         dataset_fingerprint=dataset.fingerprint, dataset_skipped=dataset.skipped,
                         evaluated_images=len(samples),
@@ -301,4 +311,5 @@ def run_compare(settings: CompareSettings) -> CompareRun:
     write_json(run_dir / "record.json", record)
     save_results(run_dir, "compare", class_names, record, evaluations, summary)
     write_compare_report(run_dir, class_names, evaluations, summary, record)
+    mark_finished(run_dir)
     return CompareRun(run_dir, class_names, evaluations, summary, list(dataset.skipped))

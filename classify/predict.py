@@ -11,19 +11,18 @@ Two kinds of model:
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from cxr_transfer.classify.saved_model import load_head, read_head_info
+from cxr_transfer.classify.saved_model import FINETUNE_JSON, load_head, read_finetune_info, refuse_incomplete_run
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.core.outputs import writable_file
 from cxr_transfer.extract.dataset import Dataset, Sample, hash_samples, images_in_folder
 from cxr_transfer.extract.pipeline import ExtractSettings, load_features
-from cxr_transfer.extract.registry import get_backbone
+from cxr_transfer.extract.user_onnx import backbone_for_saved
 from cxr_transfer.extract.weights import resolve_weights
 
 
@@ -39,7 +38,7 @@ def unlabeled_dataset(images: str | Path, class_names: list[str]) -> Dataset:
 def check_weights(part: dict, settings: ExtractSettings, precision: str | None = None) -> ExtractSettings:
     """Settings for one backbone of the model, after checking the weights found are the ones it used and that
     the requested precision (if any) is the one it was trained on."""
-    config = get_backbone(part["backbone"])
+    config = backbone_for_saved(part, settings.cache_dir)   # a user ONNX model: registered from the record
     weights_file = settings.weights_file
     source = resolve_weights(config, weights_file, settings.weights_dir, settings.random_weights)
     if source.sha256 != part["weights_sha256"]:
@@ -50,17 +49,26 @@ def check_weights(part: dict, settings: ExtractSettings, precision: str | None =
     if precision is not None and precision != trained:
         raise CxrError(f"the model was trained on {trained} {config.name} embeddings; --precision {precision} "
                        f"would give it other features (leave --precision out, or use {trained})")
+    check_input_size(settings.input_size, int(part["input_size"]))
     common = replace(settings.common, backbone=config.name, input_size=int(part["input_size"]),
                      weights_file=weights_file, precision=trained)
     return replace(settings, common=common, calibration_digest=part.get("calibration_digest"))
 
 
-FINETUNE_JSON = "model.json"
+def check_input_size(asked: int | None, trained: int) -> None:
+    """CxrError when an input size was asked for that is not the one the model was trained at (None: the
+    model's own is used)."""
+    if asked is not None and int(asked) != trained:
+        raise CxrError(f"the model was trained at input_size {trained}; input_size {asked} would give it other "
+                       f"features (leave --input-size out: the model's own is used, or give {trained})")
 
 
 def finetuned_model_json(model_path: str | Path) -> Path | None:
     """model.json of a fine-tuned model given as its run folder, model.json or model.onnx; else None."""
     path = Path(model_path)
+    if path.suffix == ".keras":
+        raise CxrError(f"{model_path}: a Keras model file is not loaded directly; give its finetune run folder "
+                       f"({path.parent}) or its model.onnx")
     candidate = path / FINETUNE_JSON if path.is_dir() else path.with_name(FINETUNE_JSON)
     if path.is_dir() or path.suffix == ".onnx" or path.name == FINETUNE_JSON:
         if not candidate.is_file():
@@ -74,9 +82,10 @@ def _finetuned_probabilities(info_path: Path, dataset: Dataset, settings: Extrac
 
     from cxr_transfer.extract.pipeline import decoded_batches
 
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    if info.get("kind") != "finetune" or not info.get("onnx_file"):
+    info = read_finetune_info(info_path)
+    if not info.get("onnx_file"):
         raise CxrError(f"{info_path}: not a fine-tuned model with an ONNX export")
+    check_input_size(settings.input_size, info["input_size"])
     onnx_path = info_path.parent / info["onnx_file"]
     if not onnx_path.is_file() or sha256_file(onnx_path) != info["onnx_sha256"]:
         raise CxrError(f"{onnx_path}: missing or changed since it was saved (sha256 differs from {info_path.name})")
@@ -109,10 +118,10 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
         readable, proba, classes, skipped = _finetuned_probabilities(finetuned, dataset, settings)
         default_out = finetuned.parent / "predictions.csv"
         return _write_predictions(Path(out_csv or default_out), dataset, readable, proba, classes), skipped
-    info = read_head_info(model_path)
+    refuse_incomplete_run(model_path)
+    model, info = load_head(model_path)   # its sidecar's fields checked against the hashed file first
     parts = [check_weights(part, settings, precision) for part in info["backbones"]]
     dataset = unlabeled_dataset(images, info["class_names"])
-    model, info = load_head(model_path)
     blocks, skipped, readable = [], [], None
     for part_settings in parts:
         # prune=False: a few files of a folder must not drop the folder's other cached embeddings.

@@ -424,7 +424,7 @@ def _saved_head(tmp_path: Path, warm: Path) -> Path:
     model = LogisticRegression(max_iter=200).fit(features.embeddings, features.labels)
     return save_head(tmp_path / "head.joblib", model, features.class_names,
                      [{"backbone": "mobilenetv2", "input_size": 32, "weights_sha256": result.weights.sha256,
-                       "onnx_sha256": result.onnx_sha256}], {})
+                       "onnx_sha256": result.onnx_sha256, "precision": "float32"}], {})
 
 
 # ------------------------------------------------------------------------------ command-line corpus
