@@ -8,11 +8,11 @@ Which method serves which model (``method="auto"``):
 - a fine-tuned model (finetune run folder, model.json or model.onnx): ``gradcam`` with TensorFlow on
   model.keras. ``occlusion`` also works for it, through model.onnx.
 Weights are found and checked as predict does (``classify.predict.check_weights``); model files are checked
-against the sha256 recorded when they were saved.
+against the sha256 recorded when they were saved. A head trained on int8 embeddings runs through the int8
+model of its calibration (occlusion: the exact CAM needs the float32 feature-map export).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,19 +60,29 @@ def _occlusion(predict_proba: Callable[[np.ndarray], np.ndarray], size: int, bat
     return explain, {"patch_px": patch, "stride_px": stride}
 
 
-def _head_explainer(model_path: Path, settings: ExtractSettings, method: str) -> Explainer:
+def _head_explainer(model_path: Path, settings: ExtractSettings, method: str,
+                    precision: str | None = None) -> Explainer:
     from cxr_transfer.classify.predict import check_weights
-    from cxr_transfer.classify.saved_model import load_head, read_head_info
+    from cxr_transfer.classify.saved_model import load_head
     from cxr_transfer.explain.cam import class_activation_maps, linear_scores, unwrap
     from cxr_transfer.extract.weights import resolve_weights
 
-    info = read_head_info(model_path)
-    parts = [check_weights(part, settings) for part in info["backbones"]]
-    head, info = load_head(model_path)
+    head, info = load_head(model_path)   # its sidecar's fields checked against the hashed file first
+    parts = [check_weights(part, settings, precision) for part in info["backbones"]]
     classes = [info["class_names"][int(c)] for c in unwrap(head).classes_]
     sources = [resolve_weights(p.config, p.weights_file, p.weights_dir, p.random_weights) for p in parts]
     sizes = [p.config.input_size(p.input_size) for p in parts]
     scores = linear_scores(head) if len(parts) == 1 else None
+    if scores is not None and parts[0].config.is_user_onnx:   # auto: occlusion, through the wrapped model
+        if method == "cam":
+            raise CxrError(f"{model_path}: no exact class activation map for a head on your own ONNX model (its "
+                           f"wrapped graph pools the feature map inside); use --method occlusion")
+        scores = None
+    if scores is not None and parts[0].precision == "int8":  # auto: occlusion, through the int8 model it was trained on
+        if method == "cam":
+            raise CxrError(f"{model_path}: no exact class activation map for a head trained on int8 embeddings (the "
+                           f"feature-map export is float32); use --method occlusion")
+        scores = None
     if method == "cam" and scores is None:
         raise CxrError(f"{model_path}: no exact class activation map for this head (it is not linear on one "
                        f"backbone's pooled features); use --method occlusion")
@@ -95,7 +105,8 @@ def _head_explainer(model_path: Path, settings: ExtractSettings, method: str) ->
     from cxr_transfer.extract.onnx_export import get_onnx_backbone
     from cxr_transfer.extract.runner import OnnxEmbedder
 
-    embedders = [OnnxEmbedder(get_onnx_backbone(p.config, size, source, p.cache_dir, p.opset), p.threads)
+    embedders = [OnnxEmbedder(_backbone_as_trained(p, get_onnx_backbone(p.config, size, source, p.cache_dir,
+                                                                          p.opset)), p.threads)
                  for p, size, source in zip(parts, sizes, sources)]
 
     def predict_proba(images: np.ndarray) -> np.ndarray:
@@ -106,10 +117,22 @@ def _head_explainer(model_path: Path, settings: ExtractSettings, method: str) ->
     return Explainer("occlusion", size, classes, explain, details)
 
 
+def _backbone_as_trained(part: ExtractSettings, backbone: Any) -> Any:
+    """The float32 export, or for a head trained on int8 embeddings the int8 model of its calibration."""
+    if part.precision != "int8":
+        return backbone
+    from cxr_transfer.extract.quantize import get_int8_backbone
+
+    return get_int8_backbone(backbone, None, part.cache_dir, part.threads, digest=part.calibration_digest,
+                             lock_timeout=part.lock_timeout)
+
+
 def _finetuned_explainer(info_path: Path, settings: ExtractSettings, method: str) -> Explainer:
-    info = json.loads(info_path.read_text())
-    if info.get("kind") != "finetune":
-        raise CxrError(f"{info_path}: not a fine-tuned model description")
+    from cxr_transfer.classify.predict import check_input_size
+    from cxr_transfer.classify.saved_model import read_finetune_info
+
+    info = read_finetune_info(info_path)
+    check_input_size(settings.input_size, info["input_size"])
     size, classes = int(info["input_size"]), list(info["class_names"])
     if method == "cam":
         raise CxrError(f"{info_path}: the exact CAM is for linear saved heads; a fine-tuned model takes gradcam "
@@ -140,8 +163,12 @@ def _finetuned_explainer(info_path: Path, settings: ExtractSettings, method: str
     return Explainer("gradcam", size, classes, gradcam.maps, {"layer": gradcam.layer})
 
 
-def load_explainer(model_path: str | Path, settings: ExtractSettings, method: str = "auto") -> Explainer:
-    """The explainer for a saved head (.joblib) or a fine-tuned model (run folder, model.json, model.onnx)."""
+def load_explainer(model_path: str | Path, settings: ExtractSettings, method: str = "auto",
+                   precision: str | None = None) -> Explainer:
+    """The explainer for a saved head (.joblib) or a fine-tuned model (run folder, model.json, model.onnx).
+
+    A head is run at the precision it was trained on (an int8 head through its int8 model, by occlusion);
+    ``precision`` other than that one is refused, as in predict."""
     from cxr_transfer.classify.predict import finetuned_model_json
 
     if method not in METHODS:
@@ -149,4 +176,4 @@ def load_explainer(model_path: str | Path, settings: ExtractSettings, method: st
     finetuned = finetuned_model_json(model_path)
     if finetuned is not None:
         return _finetuned_explainer(finetuned, settings, method)
-    return _head_explainer(Path(model_path), settings, method)
+    return _head_explainer(Path(model_path), settings, method, precision)

@@ -27,6 +27,7 @@ import numpy as np
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.explain.explainers import Explainer, load_explainer
 from cxr_transfer.explain.regions import REGIONS, evidence_shares
+from cxr_transfer.extract.cache import printable
 from cxr_transfer.extract.dataset import Dataset, Sample, hash_samples
 from cxr_transfer.extract.pipeline import ExtractSettings
 
@@ -85,10 +86,16 @@ def mean_shares(explanations: Sequence[Explanation], labels: Sequence[str] | Non
 
 def iter_explanations(dataset: Dataset, explainer: Explainer, settings: ExtractSettings,
                        skipped: list[tuple[str, str]]) -> Iterator[tuple[Explanation, Sample]]:
-    """Explain the dataset's images batch by batch, in order; unreadable ones are added to ``skipped``."""
+    """Explain the dataset's images batch by batch, in order; unreadable ones are added to ``skipped``, and so
+    are files whose name is not valid UTF-8, with predict's reason (``extract.pipeline.name_problems``)."""
     from cxr_transfer.extract.images import decoded_batches
+    from cxr_transfer.extract.pipeline import name_problems
 
-    for good, batch, bad in decoded_batches(dataset.samples, explainer.input_size, settings.batch_size,
+    problems = name_problems(dataset)
+    skipped += [(printable(dataset.relative(s)), reason) for s, reason in problems]
+    unnamed = {id(s) for s, _ in problems}
+    samples = [s for s in dataset.samples if id(s) not in unnamed]
+    for good, batch, bad in decoded_batches(samples, explainer.input_size, settings.batch_size,
                                             settings.decode_workers):
         skipped += [(dataset.relative(s), reason) for s, reason in bad]
         if not good:
@@ -100,9 +107,29 @@ def iter_explanations(dataset: Dataset, explainer: Explainer, settings: ExtractS
                               explainer.method, heatmap, evidence_shares(heatmap, explainer.input_size)), sample
 
 
+def summary_lines(explanations: Sequence[Explanation], region: str = "border") -> list[str]:
+    """One line per predicted class: every image explained, and the mean share of ``region`` over those with
+    positive evidence (a map without any has no shares; how many is said separately)."""
+    counts: dict[str, int] = defaultdict(int)
+    for item in explanations:
+        counts[item.predicted] += 1
+    means = mean_shares(explanations, region=region)
+    lines = []
+    for name, total in sorted(counts.items()):
+        if name not in means:
+            lines.append(f"predicted {name}: {total} images, none with positive evidence (no {region} share)")
+            continue
+        share, with_evidence = means[name]
+        text = f"predicted {name}: {total} images, mean {region} share {share:.1%}"
+        if with_evidence < total:
+            text += f" over the {with_evidence} with positive evidence ({total - with_evidence} without)"
+        lines.append(text)
+    return lines
+
+
 def _title(item: Explanation, caption: str = "") -> str:
     border = "n/a" if math.isnan(item.shares["border"]) else f"{item.shares['border']:.0%}"
-    head = f"{caption}\n" if caption else f"{Path(item.path).name[:40]}\n"
+    head = f"{caption}\n" if caption else f"{printable(Path(item.path).name)[:40]}\n"
     return f"{head}{item.predicted} p={item.probability:.2f} ({item.method}), border {border}"
 
 
@@ -126,23 +153,76 @@ def default_out_dir(model: str | Path) -> Path:
     return Path(model).with_name(Path(model).stem + "-explain")
 
 
+def _earlier_run_files(out: Path) -> list[Path]:
+    """explain.csv in ``out`` and the PNGs it lists (plain names in ``out`` only), when there is one."""
+    csv_path = out / CSV_NAME
+    if not csv_path.is_file():
+        return []
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            names = [row.get("png") or "" for row in csv.DictReader(handle)]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        names = []
+    pngs = [out / n for n in names if n.endswith(".png") and "/" not in n and "\\" not in n and (out / n).is_file()]
+    return [csv_path, *dict.fromkeys(pngs)]
+
+
+def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """The output folder of an explain run, created and proved writable (``core.outputs.writable_folder``).
+
+    A folder that already holds files is refused (an earlier run's explain.csv would be replaced and its PNGs
+    left among the new ones) unless ``overwrite``: then the earlier explain run there (its explain.csv and
+    the PNGs it lists) is removed, and any other file is left alone. CxrError naming the folder otherwise.
+    """
+    from cxr_transfer.core.outputs import writable_folder
+
+    out = writable_folder(out, "output")
+    entries = list(out.iterdir())
+    if not entries:
+        return out
+    earlier = _earlier_run_files(out)
+    if not overwrite:
+        if earlier:
+            raise CxrError(f"{out}: the output folder already holds an explain run ({CSV_NAME} and "
+                           f"{len(earlier) - 1} PNGs); give another output folder, or overwrite=True "
+                           f"(--overwrite) to replace that run")
+        raise CxrError(f"{out}: the output folder is not empty ({len(entries)} entries, no {CSV_NAME}); give an "
+                       f"empty or new folder, or overwrite=True (--overwrite) to write beside them")
+    for path in earlier:
+        path.unlink(missing_ok=True)
+    return out
+
+
 def explain_images(images: str | Path, model: str | Path, settings: ExtractSettings | None = None,
-                   out_dir: str | Path | None = None, method: str = "auto", pngs: bool = True) -> ExplainResult:
+                   out_dir: str | Path | None = None, method: str = "auto", pngs: bool = True,
+                   precision: str | None = None, overwrite: bool = False) -> ExplainResult:
     """Explain every image under a folder (or one file) with a saved head or a fine-tuned model.
 
     method: auto (cam for linear heads, occlusion for other heads, gradcam for fine-tuned models), cam,
     occlusion or gradcam. Writes ``explain.csv`` and, with ``pngs``, one overlay PNG per image into out_dir
-    (default ``default_out_dir(model)``). Unreadable files are skipped and listed, like predict.
+    (default ``default_out_dir(model)``). Unreadable files are skipped and listed, like predict. ``precision``
+    other than the one the head was trained on is refused. The output folder is checked before the model is
+    loaded (``prepare_out_dir``: a folder holding files is refused unless ``overwrite``).
     """
-    from cxr_transfer.classify.predict import unlabeled_dataset
+    from cxr_transfer.classify.predict import finetuned_model_json, unlabeled_dataset
+    from cxr_transfer.classify.saved_model import read_head_info, refuse_incomplete_run
     from cxr_transfer.explain.overlay import write_overlay
     from cxr_transfer.extract.images import read_rgb
 
     settings = settings or ExtractSettings()
-    explainer = load_explainer(model, settings, method)
-    dataset = unlabeled_dataset(images, [])
-    out = Path(out_dir) if out_dir is not None else default_out_dir(model)
-    out.mkdir(parents=True, exist_ok=True)
+    if finetuned_model_json(model) is None:
+        refuse_incomplete_run(model)
+        read_head_info(model)       # the model's plain-data description, before any folder is made
+    out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(model)
+    created = not out.exists()
+    out = prepare_out_dir(out, overwrite)
+    try:
+        explainer = load_explainer(model, settings, method, precision)
+        dataset = unlabeled_dataset(images, [])
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()              # a refused model or image folder leaves no empty output folder behind
+        raise
     skipped: list[tuple[str, str]] = []
     explanations: list[Explanation] = []
     used: set[str] = set()
