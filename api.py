@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cxr_transfer.core.bounds import COUNT, check_int, names_argument
 from cxr_transfer.core.settings import DEFAULT_CACHE_DIR, BackboneSettings
 
 if TYPE_CHECKING:
@@ -60,10 +61,10 @@ def embed_folder(data: str | Path, backbone: str = "vgg16", *, weights: str | Pa
     from cxr_transfer.extract.pipeline import ExtractSettings, load_features
     from cxr_transfer.extract.registry import get_backbone
 
-    get_backbone(backbone)   # arguments first, data second
     common = BackboneSettings(backbone=backbone, weights_file=weights, weights_dir=weights_dir,
                               random_weights=random_weights, input_size=input_size, cache_dir=Path(cache_dir),
-                              threads=threads, progress=progress)
+                              threads=threads, progress=progress)   # arguments first (types, bounds), data second
+    get_backbone(backbone)
     engine_settings = EngineSettings(name=engine, address=address, workers=workers,
                                      threads_per_worker=threads_per_worker, shard_size=shard_size)
     check_engine(engine_settings)
@@ -95,12 +96,15 @@ def embed_images(images: np.ndarray, backbone: str = "vgg16", *, weights: str | 
         images = np.repeat(images[..., None], 3, axis=3)
     if images.ndim != 4 or images.shape[3] != 3 or min(images.shape[1:3]) < 2:
         raise ValueError(f"images must have shape (N, H, W, 3) or (N, H, W), got {images.shape} instead")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r} instead")
-    config = get_backbone(backbone)
-    size = config.input_size(input_size)
+    check_int("batch_size", batch_size, COUNT)
+    # the shared settings check backbone, input_size (1..MAX_INPUT_SIZE) and threads before any export
+    common = BackboneSettings(backbone=backbone, weights_file=weights, weights_dir=weights_dir,
+                              random_weights=random_weights, input_size=input_size, cache_dir=Path(cache_dir),
+                              threads=threads)
+    config = get_backbone(common.backbone)
+    size = config.input_size(common.input_size)
     source = resolve_weights(config, weights, weights_dir, random_weights)
-    embedder = OnnxEmbedder(get_onnx_backbone(config, size, source, Path(cache_dir)), threads)
+    embedder = OnnxEmbedder(get_onnx_backbone(config, size, source, common.cache_dir), threads)
     if len(images) == 0:
         return np.empty((0, config.feature_dim), np.float32)
     rows = []
@@ -125,6 +129,8 @@ def export_embeddings(data: str | Path, backbone: str = "vgg16", *, out: str | P
     from cxr_transfer.extract.pipeline import ExtractSettings
     from cxr_transfer.extract.registry import parse_backbone_list
 
+    if not isinstance(backbone, str) or not backbone.strip():
+        raise TypeError(f"backbone must be a non-empty str, got {backbone!r} instead")
     if len(parse_backbone_list(backbone)) != 1:   # arguments first, data second
         raise CxrError(f"--backbone: an export holds one backbone, got {backbone!r} instead; "
                        f"export each backbone to its own --out")
@@ -144,7 +150,9 @@ def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *,
     from cxr_transfer.extract.pipeline import ExtractSettings
     from cxr_transfer.extract.registry import parse_backbone_list
 
-    parse_backbone_list(backbones)   # arguments first, data second
+    backbones = names_argument("backbones", backbones)   # arguments first, data second
+    heads = names_argument("heads", heads)
+    parse_backbone_list(backbones)
     first = backbones.split(",")[0].strip()
     extract_keywords = {f.name for f in fields(ExtractSettings)} | {f.name for f in fields(BackboneSettings)}
     extract_options = {k: options.pop(k) for k in list(options) if k in extract_keywords | {"weights"}}
@@ -197,17 +205,22 @@ def predict(images: str | Path, model: str | Path, *, out: str | Path | None = N
 
 
 def explain(images: str | Path, model: str | Path, *, out: str | Path | None = None, method: str = "auto",
-            pngs: bool = True, common: BackboneSettings | None = None, **options: Any) -> ExplainResult:
+            pngs: bool = True, precision: str | None = None, overwrite: bool = False,
+            common: BackboneSettings | None = None, **options: Any) -> ExplainResult:
     """Heatmaps of the evidence for each image's predicted class, and its share in the audit's regions.
 
     model: a saved head (.joblib: exact CAM when linear, else occlusion) or a finetune run folder (Grad-CAM);
     ``method`` forces cam, occlusion or gradcam. Writes one PNG per image and explain.csv (path, sha256,
     predicted, probability, method, center/middle/border share) into ``out`` (default beside the model).
+    A head runs at the precision it was trained on (an int8 head by occlusion through its int8 model); a
+    ``precision`` other than that one is refused. ``out`` is checked before the model is loaded; a folder that
+    already holds files is refused unless ``overwrite`` (which replaces an earlier explain run there).
     """
     from cxr_transfer.explain.run import explain_images
     from cxr_transfer.extract.pipeline import ExtractSettings
 
-    return explain_images(images, model, ExtractSettings.from_options(common, **options), out, method, pngs)
+    return explain_images(images, model, ExtractSettings.from_options(common, **options), out, method, pngs,
+                          precision, overwrite)
 
 
 def validate(data: str | Path, external: str | Path, backbones: str = "vgg16", heads: str = "logreg", *,
@@ -221,6 +234,8 @@ def validate(data: str | Path, external: str | Path, backbones: str = "vgg16", h
     from cxr_transfer.classify.validate import ValidateSettings, run_validate
     from cxr_transfer.extract.pipeline import ExtractSettings
 
+    backbones = names_argument("backbones", backbones)
+    heads = names_argument("heads", heads)
     first = backbones.split(",")[0].strip()
     extract_keywords = {f.name for f in fields(ExtractSettings)} | {f.name for f in fields(BackboneSettings)}
     extract_options = {k: options.pop(k) for k in list(options) if k in extract_keywords | {"weights"}}

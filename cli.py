@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from cxr_transfer.core.errors import CxrError, Int8RefusedError
-from cxr_transfer.core.settings import EXPORT_FORMATS, MAX_INPUT_SIZE, PRECISIONS, BackboneSettings
+from cxr_transfer.core import bounds
+from cxr_transfer.core.bounds import IntBound
+from cxr_transfer.core.settings import EXPORT_FORMATS, PRECISIONS, BackboneSettings
 
 DATA_ENV = "CXR_DATA"
 WEIGHTS_ENV = "CXR_WEIGHTS_DIR"
@@ -63,31 +65,28 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog.split()[-1]}: {message} (see {self.prog} --help)\n")
 
 
-def int_at_least(minimum: int, maximum: int | None = None, name: str = "value"):
-    """An argparse type: an int in [minimum, maximum], with a message that says the limit."""
+def bounded(bound: IntBound):
+    """An argparse type: an int within one of ``core.bounds``' bounds (the ones the library checks too)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r} instead") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value} instead")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum} ({name}), got {value} instead")
+        problem = bound.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return value
     parse.__name__ = "int"
     return parse
 
 
-def jobs_count(text: str) -> int:
-    """--jobs: a positive number of processes, or -1 for all cores (joblib's convention)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r} instead") from None
-    if value == 0 or value < -1:
-        raise argparse.ArgumentTypeError(f"must be -1 (all cores) or at least 1, got {value} instead")
-    return value
+def int_at_least(minimum: int, maximum: int | None = None, name: str = "value"):
+    """An argparse type: an int in [minimum, maximum], with a message that says the limit."""
+    return bounded(IntBound(minimum, maximum, name))
+
+
+jobs_count = bounded(bounds.JOBS)
+"""--jobs: a positive number of processes, or -1 for all cores (joblib's convention)."""
 
 
 def fraction(text: str) -> float:
@@ -111,9 +110,9 @@ def positive_float(text: str) -> float:
     return value
 
 
-POSITIVE = int_at_least(1)
-SEED = int_at_least(0, 2**32 - 1, "the largest seed NumPy accepts")
-INPUT_SIZE = int_at_least(1, MAX_INPUT_SIZE, "larger inputs need tens of GiB of memory per batch")
+POSITIVE = bounded(bounds.COUNT)
+SEED = bounded(bounds.SEED)
+INPUT_SIZE = bounded(bounds.INPUT_SIZE)
 
 
 def add_backbone_flags(parser: argparse.ArgumentParser, many: bool = True, input_size: int | None = None,
@@ -136,7 +135,7 @@ def add_backbone_flags(parser: argparse.ArgumentParser, many: bool = True, input
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="float32 (default) or int8: a statically quantized export calibrated on the dataset's "
                              "own images, refused when its embeddings drift from float32 (predict: the model's own)")
-    parser.add_argument("--calibration-size", type=int, default=64,
+    parser.add_argument("--calibration-size", type=POSITIVE, default=64,
                         help="int8: images of the dataset to calibrate on (default 64)")
     onnx = parser.add_argument_group("your own ONNX model (--backbone onnx:PATH)")
     onnx.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image channels the model takes")
@@ -308,15 +307,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     import cxr_transfer
-    from cxr_transfer.explain.run import mean_shares
+    from cxr_transfer.explain.run import summary_lines
 
     result = cxr_transfer.explain(args.images, args.model, out=args.out, method=args.method,
-                                  common=common_settings(args), batch_size=args.batch_size)
+                                  precision=args.precision, overwrite=args.overwrite, common=common_settings(args),
+                                  batch_size=args.batch_size)
     for path, reason in result.skipped:
         print(f"skipped {path}: {reason.split(': ', 1)[-1]}")
-    for name, (share, count) in mean_shares(result.explanations).items():
-        print(f"predicted {name}: {count} images, mean border share {share:.1%}")
+    for line in summary_lines(result.explanations):
+        print(line)
     print(f"{result.method}: {len(result.explanations)} heatmaps in {result.out_dir} ({result.csv_path.name})")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     import cxr_transfer
 
@@ -327,10 +330,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
                                 seed=args.seed, save=args.save, explain=args.explain, out_dir=args.out,
                                 run_name=args.name,
                                 n_jobs=args.jobs)
+    for warning in run.warnings:
+        print(f"warning: {warning}")
     for line in run.verdict:
         print(line)
     for note in run.notes:
         print(f"note: {note}")
+    for where, entries in run.skipped.items():
+        if entries:
+            print(f"{where}: {len(entries)} file(s) skipped or left out:")
+            for path, reason in entries:
+                print(f"  skipped {path}: {reason}")
     print(f"\nrun folder: {run.run_dir} (report.md, results.json, results.csv, accuracy.png, reliability.png)")
     return 0
 
@@ -388,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "holdout: fit on train/, evaluate on test/")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--seeds", type=POSITIVE, default=10, help="paper protocol: number of seeded splits")
-    p.add_argument("--folds", type=int_at_least(2), default=5)
+    p.add_argument("--folds", type=bounded(bounds.FOLDS), default=5)
     p.add_argument("--repeats", type=POSITIVE, default=1)
     p.add_argument("--test-size", type=fraction, default=0.2)
     p.add_argument("--group-by", default=None, help="patient_id (manifest/CSV) or dicom:PatientID (salted hash of "
@@ -456,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("auto", "cam", "occlusion", "gradcam"), default="auto",
                    help="auto: exact CAM for linear heads, occlusion for other heads, Grad-CAM for fine-tuned models")
     p.add_argument("--out", type=Path, default=None, help="folder for the PNGs and explain.csv (default: beside the model)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --out folder that holds files: an earlier explain run there is replaced")
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("validate", help="internal vs external validation: subgroups, calibration, conformal sets")
     add_backbone_flags(p)

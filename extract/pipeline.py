@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_transfer.core.bounds import COUNT, check_int
 from cxr_transfer.core.cache_keys import dataset_cache_id, model_key
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
@@ -81,6 +82,14 @@ class ExtractSettings(UsesBackboneSettings):
     calibration_digest: str | None = None   # int8: use the cached model of this calibration (e.g. a saved head's)
     engine: EngineSettings = field(default_factory=EngineSettings)   # who computes the missing embeddings
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.common, BackboneSettings):
+            raise TypeError(f"common must be a BackboneSettings, got {type(self.common).__name__} instead")
+        if not isinstance(self.engine, EngineSettings):
+            raise TypeError(f"engine must be an EngineSettings, got {type(self.engine).__name__} instead")
+        for name in ("batch_size", "decode_workers", "flush_every"):
+            check_int(name, getattr(self, name), COUNT)
+
     @property
     def config(self) -> BackboneConfig:
         return get_backbone(self.backbone)
@@ -112,6 +121,7 @@ class ExtractResult:
     precision: str = "float32"
     calibration_digest: str | None = None   # int8: the calibration set the quantized model was made with
     engine_note: str = ""                   # what the engine reports (Ray: workers, shards run and failed)
+    calibration_note: str = ""              # int8: said when fewer images calibrated than calibration_size
 
     @property
     def rate(self) -> float:
@@ -122,6 +132,8 @@ class ExtractResult:
         speed = f" ({self.rate:.1f} img/s)" if self.n_computed else ""   # nothing computed: no rate to report
         text = (f"{name}: {self.n_images} images, {self.n_cached} cached, {self.n_computed} computed{speed}, "
                 f"{len(self.failures)} skipped -> {self.cache_path}")
+        if self.calibration_note:
+            text += f"; {self.calibration_note}"
         return f"{text} [{self.engine_note}]" if self.engine_note else text
 
 
@@ -339,7 +351,26 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
     return ExtractResult(path, config.name, len(dataset), n_cached, computed.n_embedded, failed,
                          time.perf_counter() - started, computed.inference_seconds, source,
                          onnx.sha256 if onnx else str(_onnx_attrs(None, path).get("onnx_sha256", "")),
-                         settings.precision, plan.digest, computed.note)
+                         settings.precision, plan.digest, computed.note,
+                         _calibration_note(plan.calibration, settings.calibration_size, onnx))
+
+
+def _calibration_note(chosen: CalibrationSet | None, requested: int, onnx: OnnxBackbone | None) -> str:
+    """int8: 'calibrated on 23 of 64 requested images (the dataset has 30, 7 held back ...)' when the
+    quantization saw fewer images than ``calibration_size``; empty otherwise (or for a cached model)."""
+    if chosen is None:
+        return ""
+    picked = len(chosen.calibration)
+    used = picked
+    if onnx is not None:   # the sidecar of the model just made or checked counts the images that decoded
+        used = int((int8_info(onnx).get("calibration") or {}).get("n_images", picked))
+    if used >= requested:
+        return ""
+    unreadable = f", {picked - used} unreadable" if used < picked else ""
+    pool = picked + len(chosen.held_back)
+    where = "its train split has" if {s.split for s in chosen.calibration} == {"train"} else "the dataset has"
+    return (f"calibrated on {used} of {requested} requested images ({where} {pool}, {len(chosen.held_back)} held "
+            f"back to check the int8 model{unreadable})")
 
 
 def _embed_local(todo: list[Sample], onnx: OnnxBackbone, cache: FeatureCache, settings: ExtractSettings,
