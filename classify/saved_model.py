@@ -21,7 +21,7 @@ from typing import Any
 import joblib
 
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.core.hashing import sha256_bytes, sha256_file
 from cxr_transfer.core.outputs import incomplete_run
 from cxr_transfer.core.record import library_versions, now_iso, write_json
 
@@ -201,7 +201,23 @@ def read_finetune_info(path: str | Path) -> dict[str, Any]:
     problem = _finetune_problem(info)
     if problem:
         raise CxrError(f"{path}: malformed fine-tuned model description: {problem}; run finetune again")
+    recorded = info.get("description_sha256")      # absent in model.json files written before it existed
+    if recorded is not None and recorded != finetune_description_digest(info):
+        raise CxrError(f"{path}: its fields were edited since the model was saved (description_sha256 does not "
+                       f"match {', '.join(FINETUNE_DESCRIBED)}); run finetune again or restore the file")
     return info
+
+
+FINETUNE_DESCRIBED = ("model", "backbone", "input_size", "class_names", "weights_sha256", "keras_sha256",
+                      "onnx_sha256")
+"""model.json fields that change a fine-tuned model's result, covered by its ``description_sha256``."""
+
+
+def finetune_description_digest(info: dict[str, Any]) -> str:
+    """The sha256 over a fine-tuned model's result-changing fields (``FINETUNE_DESCRIBED``), written into
+    model.json at save time and checked by ``read_finetune_info``: an edited class name or input size is refused."""
+    fields = {name: info.get(name) for name in FINETUNE_DESCRIBED}
+    return sha256_bytes(json.dumps(fields, sort_keys=True, ensure_ascii=True).encode("ascii"))
 
 
 def _finetune_problem(info: dict[str, Any]) -> str | None:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cxr_transfer.classify.saved_model import finetune_description_digest
 from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.core.record import library_versions, now_iso, write_json
 from cxr_transfer.extract.onnx_export import DEFAULT_OPSET, export_checked
@@ -51,5 +52,6 @@ def save_model(run_dir: Path, model: Any, backbone: str, input_size: int, class_
         error = export_onnx(model, input_size, onnx_path, check_images)
         info.update(onnx_file=MODEL_ONNX, onnx_sha256=sha256_file(onnx_path), onnx_max_probability_error=error,
                     onnx_opset=DEFAULT_OPSET, onnx_checked_on=f"{len(check_images)} test images")
+    info["description_sha256"] = finetune_description_digest(info)
     write_json(run_dir / MODEL_JSON, info)
     return info

@@ -297,3 +297,23 @@ def test_predict_runs_the_fine_tuned_onnx_model_and_refuses_a_changed_file(plain
             predict_images(dataset_dir / "test", plain_run, ExtractSettings.from_options(progress=False), tmp_path / "q.csv")
     finally:
         onnx.write_bytes(original)
+
+
+def test_model_json_fields_are_covered_by_its_description_digest(plain_run, dataset_dir, tmp_path):
+    """Swapping the class names (or the input size) in model.json would relabel every prediction silently."""
+    from cxr_transfer.classify.predict import predict_images
+    from cxr_transfer.core.errors import CxrError
+    from cxr_transfer.extract.pipeline import ExtractSettings
+
+    described = plain_run / "model.json"
+    original = described.read_text()
+    info = json.loads(original)
+    assert len(info["description_sha256"]) == 64
+    for edit in ({"class_names": info["class_names"][::-1]}, {"input_size": info["input_size"] + 1}):
+        described.write_text(json.dumps({**info, **edit}))
+        try:
+            with pytest.raises(CxrError, match="edited since the model was saved"):
+                predict_images(dataset_dir / "test", plain_run, ExtractSettings.from_options(progress=False),
+                               tmp_path / "p.csv")
+        finally:
+            described.write_text(original)

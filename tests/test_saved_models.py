@@ -303,3 +303,17 @@ def test_a_compare_run_interrupted_while_saving_is_marked_incomplete(data, cache
     assert "interrupted" in str(caught.value)
     done = run_cli("report", run_dir, "--out", tmp_path / "side.md")
     assert done.returncode == 2 and "incomplete run (interrupted)" in done.error_line()
+
+
+def test_finetune_description_digest_refuses_an_edited_field_and_old_files_still_read(tmp_path):
+    from cxr_transfer.classify.saved_model import finetune_description_digest, read_finetune_info
+
+    signed = {**FINETUNE_JSON, "description_sha256": finetune_description_digest(FINETUNE_JSON)}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(signed))
+    assert read_finetune_info(path)["class_names"] == FINETUNE_JSON["class_names"]
+    path.write_text(json.dumps({**signed, "class_names": ["normal", "covid", "pneumonia"]}))
+    with pytest.raises(CxrError, match="edited since the model was saved"):
+        read_finetune_info(path)
+    path.write_text(json.dumps(FINETUNE_JSON))          # written before the digest existed
+    assert read_finetune_info(path)["input_size"] == 32
