@@ -169,6 +169,9 @@ def load_head(path: str | Path) -> tuple[Any, dict[str, Any]]:
     payload = joblib.load(path)
     sidecar = Path(path).with_suffix(".json")
     if info["format"] == OLD_FORMAT:
+        if isinstance(payload, dict) and payload.get("format") == FORMAT or not hasattr(payload, "predict_proba"):
+            raise CxrError(f"{sidecar}: format {OLD_FORMAT!r} does not match what {Path(path).name} holds "
+                           f"(a {FORMAT!r} head or no model); refusing an edited description, save the head again")
         model = payload
     else:
         if not isinstance(payload, dict) or payload.get("format") != FORMAT or \

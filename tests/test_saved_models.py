@@ -138,6 +138,7 @@ EDITS = {
     "onnx_sha256": (lambda i: i["backbones"][0].update(onnx_sha256="0" * 64), "onnx_sha256"),
     "precision": (lambda i: i["backbones"][0].update(precision="int8", calibration_digest="1" * 64), "precision"),
     "weights_sha256": (lambda i: i["backbones"][0].update(weights_sha256="2" * 64), "weights_sha256"),
+    "format-old": (lambda i: i.update(format="cxr-transfer/head/1"), "format"),   # was an AttributeError
 }
 
 
