@@ -241,20 +241,25 @@ def _grey_to_8bit(pixels: np.ndarray, ds, path: Path) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     _check_luts(path, ds)
-    try:
-        values = apply_modality_lut(pixels, ds)
-    except Exception as exc:  # noqa: BLE001 - one file's header: that file's skip
-        raise DicomReadError(f"{path}: cannot apply the modality LUT (Rescale Slope/Intercept or Modality LUT "
-                             f"Sequence: {type(exc).__name__})") from exc
-    try:
-        if _has_voi_lut(ds):
-            lo, hi = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
-        else:
-            lo, hi = _modality_range(ds)
-        values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
-    except Exception as exc:  # noqa: BLE001
-        raise DicomReadError(f"{path}: cannot apply the VOI LUT (VOI LUT Sequence or Window Center/Width, Bits "
-                             f"Stored: {type(exc).__name__})") from exc
+    with np.errstate(over="ignore", invalid="ignore"):   # an overflowing slope is checked below, not warned
+        try:
+            values = apply_modality_lut(pixels, ds)
+        except Exception as exc:  # noqa: BLE001 - one file's header: that file's skip
+            raise DicomReadError(f"{path}: cannot apply the modality LUT (Rescale Slope/Intercept or Modality "
+                                 f"LUT Sequence: {type(exc).__name__})") from exc
+        try:
+            if _has_voi_lut(ds):
+                lo, hi = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+            else:
+                lo, hi = _modality_range(ds)
+            values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
+        except Exception as exc:  # noqa: BLE001
+            raise DicomReadError(f"{path}: cannot apply the VOI LUT (VOI LUT Sequence or Window Center/Width, "
+                                 f"Bits Stored: {type(exc).__name__})") from exc
+        finite = np.isfinite(hi - lo) and bool(np.isfinite(values).all())
+    if not finite:
+        raise DicomReadError(f"{path}: Rescale Slope/Intercept (0028,1053/1052) or the window take the values "
+                             f"beyond the floating-point range, so the image has no range")
     if not hi > lo:
         raise DicomReadError(f"{path}: the header gives the output an empty range ({lo:g} to {hi:g}), so the "
                              f"image has no range")

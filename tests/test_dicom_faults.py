@@ -59,6 +59,8 @@ BAD = {  # name -> (writer, pattern the skip reason must match)
                        r"transfer syntax UID 1\.2\.3\.4\.5 is not a known transfer syntax"),
     "slope0": (lambda p: write_dicom(p, _ramp(), bits_stored=12, RescaleSlope=0, RescaleIntercept=10, **PATIENT),
                r"Rescale Slope \(0028,1053\) is 0"),
+    "slope_overflow": (lambda p: write_dicom(p, _ramp(), bits_stored=12, RescaleSlope=1e308, RescaleIntercept=0,
+                                             **PATIENT), r"beyond the floating-point range"),   # was all black
     "bits_too_small": (lambda p: write_dicom(p, _ramp(3591), bits_stored=8, **PATIENT),
                        r"Bits Stored \(0028,0101\) is 8 .* values up to 3591"),
     "one_pixel": (lambda p: write_dicom(p, np.array([[7]], np.uint8), **PATIENT), r"degenerate image of 1x1 pixels"),
