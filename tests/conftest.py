@@ -21,6 +21,23 @@ SHARED_DATA = SHARED / "data" / "covid19-xray"
 SHARED_WEIGHTS = SHARED / "weights"
 
 
+def _project_python_files() -> list[Path]:
+    """The project's own .py files under ROOT: not .git, build outputs, caches, run folders, or any virtual
+    environment (a folder holding pyvenv.cfg, e.g. the .venv that .ci/run creates inside the checkout)."""
+    skipped = {".git", "build", "dist", "features", "runs", "__pycache__"}
+    found: list[Path] = []
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = sorted(d for d in subfolders if d not in skipped and not d.endswith(".egg-info")
+                               and not (Path(folder, d) / "pyvenv.cfg").exists())
+        found += [Path(folder, name) for name in sorted(files) if name.endswith(".py")]
+    return found
+
+
+@pytest.fixture(scope="session")
+def project_python_files() -> list[Path]:
+    return _project_python_files()
+
+
 @pytest.fixture
 def class_tree(tmp_path: Path) -> Path:
     return write_class_tree(tmp_path / "data")

@@ -43,12 +43,6 @@ def _declared() -> dict[str, set[str]]:
     return declared
 
 
-def _python_files() -> list[Path]:
-    skip = {".git", "build", "dist", "features", "runs", ".venv"}
-    return [p for p in ROOT.rglob("*.py") if not skip.intersection(p.relative_to(ROOT).parts)
-            and not any(part.endswith(".egg-info") for part in p.parts)]
-
-
 def _imports(path: Path) -> list[tuple[str, bool]]:
     """(top-level module name, imported at module level) for each absolute import in ``path``; imports inside
     functions or under ``if TYPE_CHECKING:`` are not module level."""
@@ -73,7 +67,7 @@ def _third_party(name: str) -> bool:
     return name not in sys.stdlib_module_names and name not in ("cxr_transfer", "__future__")
 
 
-def test_every_imported_module_is_declared_in_setup_cfg():
+def test_every_imported_module_is_declared_in_setup_cfg(project_python_files: list[Path]):
     """Library modules may import install_requires and (lazily) any extra; tests may import install_requires and
     the `test` extra; benchmarks anything declared. Each import name is mapped to the distribution that
     provides it in the running environment."""
@@ -81,7 +75,7 @@ def test_every_imported_module_is_declared_in_setup_cfg():
     everything = set().union(*declared.values())
     providers = importlib.metadata.packages_distributions()
     problems = []
-    for path in _python_files():
+    for path in project_python_files:
         where = path.relative_to(ROOT).parts[0]
         allowed = {"tests": declared["install_requires"] | declared["test"], "benchmarks": everything}.get(
             where, everything)

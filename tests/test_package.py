@@ -168,7 +168,7 @@ def test_readme_library_example_runs(shared_weights: Path):
     assert "(24, 512)" in done.stdout
 
 
-def test_tests_do_not_import_each_other_and_nothing_in_the_library_is_named_test():
+def test_tests_do_not_import_each_other_and_nothing_in_the_library_is_named_test(project_python_files: list[Path]):
     for path in TESTS.glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -176,8 +176,7 @@ def test_tests_do_not_import_each_other_and_nothing_in_the_library_is_named_test
                 assert not (node.module or "").startswith(("tests", "conftest", "test_")), (path.name, node.module)
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith(("tests", "conftest", "test_")) for a in node.names), path.name
-    library = [p for p in ROOT.rglob("*.py") if p.parts[len(ROOT.parts)] not in ("tests", "benchmarks", "build")
-               and ".git" not in p.parts and "features" not in p.parts]
+    library = [p for p in project_python_files if p.parts[len(ROOT.parts)] not in ("tests", "benchmarks")]
     assert library
     for path in library:
         assert not path.name.startswith("test_"), path
@@ -186,8 +185,8 @@ def test_tests_do_not_import_each_other_and_nothing_in_the_library_is_named_test
         assert not [n for n in named if n.startswith("test_")], path
 
 
-def test_no_sys_path_edits_anywhere():
-    for path in ROOT.rglob("*.py"):
-        if ".git" in path.parts or "build" in path.parts or path == Path(__file__).resolve():
+def test_no_sys_path_edits_anywhere(project_python_files: list[Path]):
+    for path in project_python_files:
+        if path == Path(__file__).resolve():
             continue
         assert "sys.path.insert" not in path.read_text() and "sys.path.append" not in path.read_text(), path
