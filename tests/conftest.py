@@ -38,6 +38,20 @@ def project_python_files() -> list[Path]:
     return _project_python_files()
 
 
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory) -> Path:
+    """The ONNX export folder of mobilenetv2 with random weights at 32 px, made once by a local extraction:
+    tests copy it into their own cache folder to skip the export."""
+    from cxr_transfer.extract.dataset import load_dataset
+    from cxr_transfer.extract.pipeline import ExtractSettings, extract_features
+
+    cache = tmp_path_factory.mktemp("tiny-exports")
+    extract_features(load_dataset(write_class_tree(tmp_path_factory.mktemp("warm"), per_class=1)),
+                     ExtractSettings.from_options(cache_dir=cache, backbone="mobilenetv2", random_weights=True,
+                                                  input_size=32, progress=False))
+    return cache / "onnx"
+
+
 @pytest.fixture
 def class_tree(tmp_path: Path) -> Path:
     return write_class_tree(tmp_path / "data")

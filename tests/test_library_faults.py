@@ -28,12 +28,9 @@ IMAGES = np.zeros((2, 40, 40, 3), np.uint8)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    """The tiny model's ONNX export folder (made once by a local extraction)."""
-    cache = tmp_path_factory.mktemp("models")
-    extract_features(load_dataset(write_class_tree(tmp_path_factory.mktemp("warm"), per_class=1)),
-                     ExtractSettings.from_options(cache_dir=cache, **TINY))
-    return cache / "onnx"
+def models(tiny_exports: Path) -> Path:
+    """The tiny model's ONNX export folder (conftest's, made once per session)."""
+    return tiny_exports
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,7 @@ import pytest
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.synthetic import write_class_tree
-from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.engine import EngineSettings, check_engine
-from cxr_transfer.extract.pipeline import ExtractSettings, extract_features
 
 pytest.importorskip("ray")
 
@@ -33,12 +31,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    """The tiny model's ONNX export folder (made once by a local extraction)."""
-    cache = tmp_path_factory.mktemp("models")
-    extract_features(load_dataset(write_class_tree(tmp_path_factory.mktemp("warm"), per_class=1)),
-                     ExtractSettings.from_options(cache_dir=cache, **TINY))
-    return cache / "onnx"
+def models(tiny_exports: Path) -> Path:
+    """The tiny model's ONNX export folder (conftest's, made once per session)."""
+    return tiny_exports
 
 
 def test_an_address_where_nothing_listens_fails_in_one_line(run_cli, class_tree: Path, tmp_path: Path):
