@@ -21,6 +21,7 @@ from cxr_transfer.classify.metrics import classification_metrics, summarize
 from cxr_transfer.classify.protocols import cv_splits
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.extract.dataset import Dataset
+from cxr_transfer.extract.dicom import is_dicom_file
 
 MARGIN = 0.2
 """Accuracy above chance from which file properties count as a shortcut."""
@@ -135,6 +136,9 @@ def acquisition_shortcuts(dataset: Dataset, seed: int = 0, folds: int = 5) -> Ac
     groups = np.array([group_of[p.path] for p in props]) if dataset.has_groups and all(
         group_of[p.path] for p in props) else None
     empty = AcquisitionResult(summary, unreadable, None, None, {}, chance, {}, groups is not None)
+    if not props:
+        empty.skipped = _nothing_readable(dataset)
+        return empty
     try:
         splits = cv_splits(labels, folds=folds, repeats=1, seed=seed, groups=groups,
                            class_names=dataset.class_names)
@@ -148,6 +152,16 @@ def acquisition_shortcuts(dataset: Dataset, seed: int = 0, folds: int = 5) -> Ac
     top = sorted(zip(columns, importances), key=lambda item: -item[1])[:8]
     return AcquisitionResult(summary, unreadable, summarize(fold_accuracy), float(metrics["macro"]["recall"]),
                              recall, chance, {k: round(float(v), 4) for k, v in top}, groups is not None)
+
+
+def _nothing_readable(dataset: Dataset) -> str:
+    """Why the check cannot run when Pillow opened none of the images, in plain words."""
+    n_dicom = sum(is_dicom_file(Path(s.path)) for s in dataset.samples)
+    compared = "file format, colour mode and size were not compared"
+    if n_dicom == len(dataset):
+        return f"Pillow reads no DICOM file, and all {n_dicom} images are DICOM: {compared}"
+    dicom = f" ({n_dicom} of them DICOM, which Pillow does not read)" if n_dicom else ""
+    return f"Pillow could open none of the {len(dataset)} images{dicom}: {compared}"
 
 
 def forest_cv(features: np.ndarray, labels: np.ndarray, splits: list,

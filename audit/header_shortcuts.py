@@ -111,7 +111,8 @@ def header_shortcuts(dataset: Dataset, seed: int = 0, folds: int = 5) -> HeaderS
     groups = np.array([s.group for s in samples]) if samples and all(s.group for s in samples) else None
     result.grouped = groups is not None
     try:
-        splits = cv_splits(labels, folds=folds, repeats=1, seed=seed, groups=groups)
+        splits = cv_splits(labels, folds=folds, repeats=1, seed=seed, groups=groups,
+                           class_names=dataset.class_names)
     except CxrError as exc:
         result.skipped = f"no cross-validation: {exc}"
         return result

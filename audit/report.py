@@ -110,7 +110,8 @@ def _header_section(head: dict | None) -> list[str]:
             f"{head['margin']:.0%}), balanced accuracy {_pct(head['balanced_accuracy'])}; recall "
             + ", ".join(f"{k} {_pct(v)}" for k, v in head["per_class_recall"].items())
             + ". Share of the signal per field: "
-            + ", ".join(f"{k} {100 * v:.0f}%" for k, v in head["field_importance"].items() if v >= 0.01) + ".", ""]
+            + (", ".join(f"{k} {100 * v:.0f}%" for k, v in head["field_importance"].items() if v >= 0.01)
+               or "none (no field differs between the classes in a way the forest could use)") + ".", ""]
     if head["shortcut"]:
         out += [f"**The header tells the classes apart**, mostly through {', '.join(head['top_fields'])}: a model "
                 "can learn the scanner or protocol instead of the disease; evaluate on data where these fields "

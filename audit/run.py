@@ -149,21 +149,46 @@ def _verdict(dup: DuplicateScan, leak: LeakageResult, acq: AcquisitionResult, pi
     if problems:
         parts.append("The splits are not independent: " + ", ".join(problems)
                      + "; evaluate with patient-grouped folds and drop or merge duplicates.")
-    unchecked = unchecked_shortcuts(acq, pix)
+    unchecked = unchecked_shortcuts(acq, pix, header)
+    checked = checked_shortcuts(acq, pix, header)
+    if not parts:
+        if not unchecked:
+            ran = "duplicates, leakage or shortcuts"
+        elif checked:     # e.g. duplicates, leakage, pixel or header-field shortcuts
+            names = ["duplicates", "leakage", *checked]
+            ran = ", ".join(names[:-1]) + f" or {names[-1]} shortcuts"
+        else:
+            ran = "duplicates or leakage"
+        parts.append(f"No {ran} were found by these checks (which can only show problems, not prove their "
+                     "absence).")
+    if header.accuracy is not None and not header.shortcut:
+        parts.append(f"A classifier on the header fields of the {header.n_dicom} DICOM files alone reaches "
+                     f"{100 * header.accuracy['mean']:.0f}% accuracy (chance {100 * header.chance:.0f}%): no header "
+                     "shortcut.")
     if unchecked:
-        parts.append("Not checked: " + "; ".join(unchecked) + ", so nothing is known about shortcuts.")
-    if not parts or (unchecked and len(parts) == 1):
-        ran = "duplicates or leakage" if unchecked else "duplicates, leakage or shortcuts"
-        parts.insert(0, f"No {ran} were found by these checks (which can only show problems, not prove their "
-                        "absence).")
+        parts.append("Not checked: " + "; ".join(unchecked)
+                     + (", so nothing is known about shortcuts." if not checked else "."))
     return " ".join(parts)
 
 
-def unchecked_shortcuts(acq: AcquisitionResult, pix: PixelShortcutResult) -> list[str]:
-    """The shortcut checks that could not run (e.g. one class: nothing to tell apart), with the reason."""
+def checked_shortcuts(acq: AcquisitionResult, pix: PixelShortcutResult,
+                      header: HeaderShortcutResult | None = None) -> list[str]:
+    """The shortcut checks that ran (file-property, header-field, pixel), whatever they found."""
+    ran = [("file-property", acq.accuracy is not None), ("pixel", bool(pix.scores)),
+           ("header-field", header is not None and header.accuracy is not None)]
+    return [name for name, done in ran if done]
+
+
+def unchecked_shortcuts(acq: AcquisitionResult, pix: PixelShortcutResult,
+                        header: HeaderShortcutResult | None = None) -> list[str]:
+    """The shortcut checks that could not run (e.g. one class: nothing to tell apart), with the reason.
+
+    The header-field check counts only when the dataset has DICOM files (without them it does not apply)."""
     missing = []
     if acq.accuracy is None:
         missing.append(f"acquisition shortcuts ({acq.skipped or 'no cross-validation'})")
+    if header is not None and header.n_dicom and header.accuracy is None:
+        missing.append(f"DICOM header shortcuts ({header.skipped or 'no cross-validation'})")
     if not pix.scores:
         missing.append(f"pixel shortcuts ({pix.skipped or 'no cross-validation'})")
     return missing
