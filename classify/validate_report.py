@@ -15,6 +15,7 @@ from cxr_transfer.classify.calibration import BINNING_WORDS, plot_reliability
 from cxr_transfer.classify.conformal import format_set
 from cxr_transfer.core.plotting import subplots
 from cxr_transfer.core.tables import markdown_table
+from cxr_transfer.extract.cache import printable
 
 if TYPE_CHECKING:
     from cxr_transfer.classify.validate import ValidateSettings
@@ -322,5 +323,5 @@ def write_report(run_dir: Path, models: list[dict[str, Any]], verdict: list[str]
     lines += ["Files: results.json (everything above), results.csv (long format), external_predictions.csv (every "
               "external image: label, subgroups, each model's prediction, probability and set), record.json.", ""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    path.write_text(printable("\n".join(lines)), encoding="utf-8")   # a folder name that is not UTF-8 as \xNN
     return path

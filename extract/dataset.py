@@ -32,6 +32,7 @@ from pathlib import Path
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file, sha256_strings
+from cxr_transfer.extract.cache import printable, utf8_problem
 from cxr_transfer.extract.dicom import fill_dicom_groups
 from cxr_transfer.extract.images import IMAGE_SUFFIXES, is_image_file
 
@@ -122,10 +123,12 @@ Skipped = list[tuple[str, str]]
 
 
 def _shown(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when inside it, as printable text (undecodable name bytes as ``\\xNN``):
+    what skipped lists and messages show."""
     try:
-        return path.relative_to(root).as_posix()
+        return printable(path.relative_to(root).as_posix())
     except ValueError:
-        return str(path)
+        return printable(str(path))
 
 
 def _broken_link_reason(path: Path) -> str:
@@ -348,7 +351,9 @@ def merge_duplicates(samples: list[Sample], root: Path, skipped: Skipped) -> lis
     """One sample per sha256: copies under the same label are kept once (train/ copy first) and listed in
     ``skipped``; copies under different labels raise CxrError naming both files."""
     first: dict[str, Sample] = {}
-    for sample in sorted(samples, key=lambda s: (_split_rank(s.split), s.split, s.label, str(s.path))):
+    # a copy whose name is not UTF-8 goes last: extraction skips such names, and the image must not go with it
+    for sample in sorted(samples, key=lambda s: (_split_rank(s.split), s.split, s.label,
+                                                 utf8_problem(str(s.path)) is not None, str(s.path))):
         kept = first.setdefault(sample.sha256, sample)
         if kept is sample:
             continue
