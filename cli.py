@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", choices=("sigmoid", "isotonic"), default=None,
                    help="also recalibrate each head on grouped folds of TRAIN and report before / after")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates per interval")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates per interval (100 to 100000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", action="store_true",
                    help="save each head with its conformal calibration (for predict --conformal)")

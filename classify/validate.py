@@ -32,7 +32,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -54,16 +54,18 @@ from cxr_transfer.classify.calibration import (
 from cxr_transfer.classify.conformal import (
     ConformalHead,
     calibration_size_problem,
+    conformal_folds,
     fit_conformal,
     nested_sets,
     prediction_sets,
     set_summary,
 )
 from cxr_transfer.classify.duplicate_groups import duplicate_aware_groups
-from cxr_transfer.classify.heads import make_head, parse_head_list
+from cxr_transfer.classify.heads import get_head, make_head, parse_head_list
 from cxr_transfer.classify.protocols import Split, check_splittable, cv_splits, resolve_groups
 from cxr_transfer.classify.results import images_fingerprint
 from cxr_transfer.classify.validate_report import verdict_lines, write_external_predictions, write_report
+from cxr_transfer.core.bounds import N_BOOT, check_int
 from cxr_transfer.core.cache_keys import dataset_cache_id
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.outputs import check_run_name, mark_finished, mark_in_progress, new_run_dir, writable_folder
@@ -121,7 +123,8 @@ class ValidateSettings:
             raise CxrError(f"alpha (the miscoverage) must be between 0 and 1, got {self.alpha} instead")
         _check_whole("folds", self.folds, 2)
         _check_whole("explain", self.explain, 0, what="a number of images (0: none)")
-        _check_whole("n_boot", self.n_boot, 100, what="at least 100 for a 95% interval")
+        _check_whole("n_boot", self.n_boot, N_BOOT.minimum, what="at least 100 for a 95% interval")
+        check_int("n_boot", int(self.n_boot), N_BOOT)
         _check_whole("seed", self.seed, 0, SEED_MAX, what="between 0 and 2**32 - 1 (the seeds NumPy accepts)")
         _check_whole("n_jobs", self.n_jobs, -1, what="-1 (all cores) or at least 1")
         if self.n_jobs == 0:
@@ -348,14 +351,51 @@ def _folds_problem(labels: np.ndarray, groups: np.ndarray | None, folds: int, se
     return None, outer
 
 
+def _smallest_fit(labels: np.ndarray, groups: np.ndarray | None, folds: int, seed: int, outer: list[Split],
+                  calibrate: str | None) -> tuple[int, str]:
+    """(the fewest images any head is fitted on, and which part that is): outer training parts, the conformal
+    calibration folds inside each of them and inside all of TRAIN (``conformal_folds``, as MAPIE splits them)
+    and, with ``calibrate``, its inner folds."""
+    found = [(len(s.train_idx), "an outer fold's training part") for s in outer]
+    parts = [(np.arange(len(labels)), "all of TRAIN")] + [(s.train_idx, "an outer fold's training part")
+                                                          for s in outer]
+    for rows, name in parts:
+        part_groups = groups[rows] if groups is not None else None
+        cv = conformal_folds(folds, seed, part_groups is not None)
+        found += [(len(inner), f"a conformal calibration fold inside {name}")
+                  for inner, _ in cv.split(np.zeros((len(rows), 1)), labels[rows], part_groups)]
+        if calibrate:
+            found += [(len(inner), f"a calibration fold inside {name}")
+                      for inner, _ in _inner_splits(labels[rows], part_groups, folds, seed)]
+    return min(found)
+
+
+def _neighbours_problem(labels: np.ndarray, groups: np.ndarray | None, folds: int, seed: int, outer: list[Split],
+                        heads: Sequence[str], calibrate: str | None) -> str | None:
+    """One sentence when a head that looks at k neighbours (knn) would be fitted on fewer than k images."""
+    needs = {head: get_head(head).params.get("n_neighbors") for head in heads}
+    needs = {head: k for head, k in needs.items() if k}
+    if not needs:
+        return None
+    smallest, where = _smallest_fit(labels, groups, folds, seed, outer, calibrate)
+    for head, k in needs.items():
+        if smallest < k:
+            return (f"TRAIN is too small for the {head} head: it looks at {k} neighbours, so every part of TRAIN "
+                    f"it is fitted on needs at least {k} images, and the smallest ({where}, folds={folds}) has "
+                    f"{smallest} images; add images, or leave {head} out of heads")
+    return None
+
+
 def check_sizes(labels: np.ndarray, groups: np.ndarray | None, folds: int, alpha: float, seed: int,
-                class_names: list[str]) -> None:
+                class_names: list[str], heads: Sequence[str] = (), calibrate: str | None = None) -> None:
     """CxrError (one sentence) unless TRAIN is large enough for what validate fits, decided from its labels
     and groups alone, so before any embedding (and again on the embedded images, before any fitting).
 
     - outer folds: every class needs ``folds`` images (and patients, when grouped);
     - nested folds (conformal calibration, ``calibrate``): the same inside every outer training part;
-    - conformal sets: MAPIE needs 1/alpha and 1/(1 - alpha) images in the smallest outer training part.
+    - conformal sets: MAPIE needs 1/alpha and 1/(1 - alpha) images in the smallest outer training part;
+    - ``heads``: knn needs as many images as neighbours in every part it is fitted on (``calibrate``: its
+      inner folds too).
 
     The message names the class and says the largest folds, or the alpha range, the data allows.
     """
@@ -378,6 +418,9 @@ def check_sizes(labels: np.ndarray, groups: np.ndarray | None, folds: int, alpha
     if problem:
         raise CxrError(f"TRAIN is too small for the conformal sets: they are calibrated on each outer fold's "
                        f"training part, the smallest of which (folds={folds}) has {smallest} images: {problem}")
+    problem = _neighbours_problem(labels, groups, folds, seed, outer, heads, calibrate)
+    if problem:
+        raise CxrError(problem)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -545,7 +588,7 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
         notes.append("TRAIN has no patient ids: folds and bootstrap treat every image as its own patient")
     pool_groups = resolve_groups(pool, group_by, merge_duplicates=False)  # fail before extracting when grouping cannot work
     check_sizes(np.array([class_names.index(s.label) for s in pool.samples]), pool_groups, settings.folds,
-                settings.alpha, settings.seed, class_names)   # before extracting: the listing decides
+                settings.alpha, settings.seed, class_names, heads, settings.calibrate)   # before extracting
 
     features, ext_features, extraction = {}, {}, {}
     train_failures: list[tuple[str, str]] = []
@@ -599,7 +642,7 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
                              + (" ..." if len(merged) > 5 else ""))
     watch.lap("groups_and_duplicates")
     # again on the images embedded and the groups merged: skipped images or joined patients can shrink them
-    check_sizes(y, groups, settings.folds, settings.alpha, settings.seed, class_names)
+    check_sizes(y, groups, settings.folds, settings.alpha, settings.seed, class_names, heads, settings.calibrate)
     outer = cv_splits(y, settings.folds, 1, settings.seed, groups, class_names)
     ext_clusters = np.array([s.group for s in ext_samples]) if external.has_groups and all(
         s.group for s in ext_samples) else None
