@@ -65,7 +65,7 @@ from cxr_transfer.classify.heads import get_head, make_head, parse_head_list
 from cxr_transfer.classify.protocols import Split, check_splittable, cv_splits, resolve_groups
 from cxr_transfer.classify.results import images_fingerprint
 from cxr_transfer.classify.validate_report import verdict_lines, write_external_predictions, write_report
-from cxr_transfer.core.bounds import N_BOOT, check_int
+from cxr_transfer.core.bounds import FOLDS, IMAGE_COUNT, JOBS, N_BOOT, SEED, IntBound, check_int
 from cxr_transfer.core.cache_keys import dataset_cache_id
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.outputs import check_run_name, mark_finished, mark_in_progress, new_run_dir, writable_folder
@@ -77,18 +77,11 @@ DUPLICATE_RULE_BACKBONE = "vgg16"
 """The audit's duplicate rule was calibrated on VGG16 embeddings: only those confirm a pHash match."""
 
 
-SEED_MAX = 2**32 - 1
-"""The largest seed NumPy's legacy generators (scikit-learn's random_state) accept."""
-
-
-def _check_whole(name: str, value: Any, minimum: int, maximum: int | None = None, what: str = "") -> None:
-    """TypeError unless ``value`` is a whole number; CxrError (a ValueError) naming ``name`` when it is outside
-    [minimum, maximum]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a whole number, got {value!r} instead")
-    if value < minimum or (maximum is not None and value > maximum):
-        limits = what or (f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}")
-        raise CxrError(f"{name} must be {limits}, got {value} instead")
+def _check_whole(name: str, value: Any, bound: IntBound) -> None:
+    """``core.bounds.check_int`` for a setting that may also be a NumPy integer (validate's settings take
+    those: a seed or count read from an array)."""
+    check_int(name, int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value,
+              bound)
 
 
 @dataclass(frozen=True)
@@ -121,14 +114,9 @@ class ValidateSettings:
             raise TypeError(f"alpha must be a number, got {self.alpha!r} instead")
         if not 0.0 < float(self.alpha) < 1.0:
             raise CxrError(f"alpha (the miscoverage) must be between 0 and 1, got {self.alpha} instead")
-        _check_whole("folds", self.folds, 2)
-        _check_whole("explain", self.explain, 0, what="a number of images (0: none)")
-        _check_whole("n_boot", self.n_boot, N_BOOT.minimum, what="at least 100 for a 95% interval")
-        check_int("n_boot", int(self.n_boot), N_BOOT)
-        _check_whole("seed", self.seed, 0, SEED_MAX, what="between 0 and 2**32 - 1 (the seeds NumPy accepts)")
-        _check_whole("n_jobs", self.n_jobs, -1, what="-1 (all cores) or at least 1")
-        if self.n_jobs == 0:
-            raise CxrError("n_jobs must be -1 (all cores) or at least 1, got 0 instead")
+        for name, bound in (("folds", FOLDS), ("explain", IMAGE_COUNT), ("n_boot", N_BOOT), ("seed", SEED),
+                            ("n_jobs", JOBS)):
+            _check_whole(name, getattr(self, name), bound)
 
     @property
     def subgroup_columns(self) -> list[str]:

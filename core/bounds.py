@@ -24,6 +24,7 @@ class IntBound:
     why_maximum: str = ""          # said when the maximum is exceeded
     special: int | None = None
     special_means: str = ""
+    why_minimum: str = ""          # said when the value is below the minimum
 
     def problem(self, value: int) -> str | None:
         """What is wrong with ``value`` ('must be at least 1, got 0 instead'), or None when it is in bounds."""
@@ -33,7 +34,8 @@ class IntBound:
             if self.special is not None:
                 return (f"must be {self.special} ({self.special_means}) or at least {self.minimum}, "
                         f"got {value} instead")
-            return f"must be at least {self.minimum}, got {value} instead"
+            why = f" {self.why_minimum}" if self.why_minimum else ""
+            return f"must be at least {self.minimum}{why}, got {value} instead"
         if self.maximum is not None and value > self.maximum:
             why = f" ({self.why_maximum})" if self.why_maximum else ""
             return f"must be at most {self.maximum}{why}, got {value} instead"
@@ -47,8 +49,9 @@ SEED = IntBound(0, 2**32 - 1, "the largest seed NumPy accepts")
 FOLDS = IntBound(2)
 JOBS = IntBound(1, special=-1, special_means="all cores")
 N_BOOT = IntBound(100, 100_000, "more replicates only add time: at 100000 the ends of a 95% interval vary by "
-                                 "well under 0.01 from run to run")
+                                 "well under 0.01 from run to run", why_minimum="for a 95% interval")
 """Bootstrap replicates per interval: 100 at least for a 95% percentile interval."""
+IMAGE_COUNT = IntBound(0, why_minimum="(a number of images, 0: none)")
 
 
 def check_int(name: str, value: object, bound: IntBound, none_means: str = "") -> None:
