@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
-from cxr_transfer.classify.metrics import confusion_matrix, macro_over_present, metrics_from_confusion
+from cxr_transfer.classify.metrics import class_counts, confusion_matrix, macro_over_present, metrics_from_confusion
 
 DEFAULT_N_BOOT = 1000
 """Bootstrap replicates per evaluation: the 2.5 % tail then holds 25 replicates."""
@@ -179,10 +179,9 @@ def wilson_intervals(y: np.ndarray, proba: np.ndarray, class_names: Sequence[str
     cm = confusion_matrix(y, proba.argmax(axis=1), len(class_names))
     counts = {"accuracy": (int(np.trace(cm)), int(cm.sum()))}
     for index, name in enumerate(class_names):
-        tp, positives, predicted = int(cm[index, index]), int(cm[index, :].sum()), int(cm[:, index].sum())
-        negatives = int(cm.sum()) - positives
-        counts[f"sensitivity_{name}"] = (tp, positives)
-        counts[f"specificity_{name}"] = (negatives - (predicted - tp), negatives)
+        tp, fp, fn, tn = class_counts(cm, index)
+        counts[f"sensitivity_{name}"] = (tp, tp + fn)
+        counts[f"specificity_{name}"] = (tn, tn + fp)
     out = {}
     for name, value in point.items():
         low = high = math.nan

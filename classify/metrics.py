@@ -44,6 +44,15 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes).astype(np.int64)
 
 
+def class_counts(cm: np.ndarray, index: int) -> tuple[int, int, int, int]:
+    """(tp, fp, fn, tn) of class ``index`` treated one-vs-rest in a confusion matrix (rows: true labels)."""
+    cm = np.asarray(cm, dtype=np.int64)
+    tp = int(cm[index, index])
+    fp = int(cm[:, index].sum()) - tp
+    fn = int(cm[index, :].sum()) - tp
+    return tp, fp, fn, int(cm.sum()) - tp - fp - fn
+
+
 def metrics_from_confusion(cm: np.ndarray, class_names: Sequence[str]) -> dict:
     """Paper metrics from a confusion matrix (rows = true, cols = predicted).
 
@@ -63,10 +72,7 @@ def metrics_from_confusion(cm: np.ndarray, class_names: Sequence[str]) -> dict:
     total = int(cm.sum())
     per_class: dict[str, dict] = {}
     for index, name in enumerate(class_names):
-        tp = int(cm[index, index])
-        fp = int(cm[:, index].sum()) - tp
-        fn = int(cm[index, :].sum()) - tp
-        tn = total - tp - fp - fn
+        tp, fp, fn, tn = class_counts(cm, index)
         precision = _safe_ratio(tp, tp + fp)
         recall = _safe_ratio(tp, tp + fn)
         per_class[str(name)] = {
