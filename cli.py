@@ -80,11 +80,6 @@ def bounded(bound: IntBound):
     return parse
 
 
-def int_at_least(minimum: int, maximum: int | None = None, name: str = "value"):
-    """An argparse type: an int in [minimum, maximum], with a message that says the limit."""
-    return bounded(IntBound(minimum, maximum, name))
-
-
 jobs_count = bounded(bounds.JOBS)
 """--jobs: a positive number of processes, or -1 for all cores (joblib's convention)."""
 
