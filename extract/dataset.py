@@ -205,7 +205,6 @@ class _Manifest:
     columns: list[str] = field(default_factory=list)
     group_column: str | None = None
     rows: dict[str, dict[str, str]] = field(default_factory=dict)   # manifest_key(path) -> row
-    written: dict[str, str] = field(default_factory=dict)           # manifest_key(path) -> path as written
 
     def extra(self, key: str) -> tuple[tuple[str, str], ...]:
         row = self.rows.get(key)
@@ -230,7 +229,7 @@ def _read_manifest(root: Path) -> _Manifest:
             key = manifest_key(row["path"])
             if Path(key).is_absolute():
                 key = _shown(Path(key), root)
-            found.rows[key], found.written[key] = row, row["path"]
+            found.rows[key] = row
     return found
 
 
@@ -393,7 +392,7 @@ def load_dataset(source: "str | Path | Dataset", split: str | None = None,
         samples, has_groups, manifest = _from_folders(source, skipped)
         root, columns = source, manifest.columns
         found = {s.path.relative_to(root).as_posix() for s in samples}
-        unmatched = [manifest.written[key] for key in manifest.rows if key not in found]
+        unmatched = [row["path"] for key, row in manifest.rows.items() if key not in found]   # as written
         if unmatched:
             log.warning("%s: %d row(s) match no image, first: %s", root / MANIFEST_NAME, len(unmatched), unmatched[0])
     if not has_groups:  # DICOM hook (extract/dicom.py): group = salted hash of the PatientID, never the id
