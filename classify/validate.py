@@ -60,13 +60,12 @@ from cxr_transfer.classify.conformal import (
     prediction_sets,
     set_summary,
 )
-from cxr_transfer.classify.duplicate_groups import duplicate_aware_groups
+from cxr_transfer.classify.duplicate_groups import default_hash_cache, duplicate_aware_groups
 from cxr_transfer.classify.heads import get_head, make_head, parse_head_list
 from cxr_transfer.classify.protocols import Split, check_splittable, cv_splits, resolve_groups
 from cxr_transfer.classify.results import images_fingerprint
 from cxr_transfer.classify.validate_report import verdict_lines, write_external_predictions, write_report
 from cxr_transfer.core.bounds import FOLDS, IMAGE_COUNT, JOBS, N_BOOT, SEED, IntBound, check_int
-from cxr_transfer.core.cache_keys import dataset_cache_id
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.outputs import check_run_name, mark_finished, mark_in_progress, new_run_dir, writable_folder
 from cxr_transfer.core.record import Stopwatch, run_record, write_json
@@ -162,12 +161,11 @@ def near_duplicate_pairs(train: Dataset, train_samples: list[Sample], external: 
     views, confirmed by the VGG16 cosine when embeddings are given) calls a near duplicate of a TRAIN image
     with other bytes: one row per such EXT image, its closest TRAIN image first (paths relative to each root)."""
     # layering: moves below classify in issue 23
-    from cxr_transfer.audit.duplicates import HASH_CACHE_NAME, DuplicateRule, cosine_matrix, phash_distance_matrix
+    from cxr_transfer.audit.duplicates import DuplicateRule, cosine_matrix, phash_distance_matrix
     from cxr_transfer.audit.duplicates import hash_samples as view_hashes
 
     def hashes(dataset: Dataset, samples: list[Sample]) -> list:
-        cache = Path(cache_dir) / dataset_cache_id(dataset.root) / HASH_CACHE_NAME if cache_dir else None
-        return view_hashes(samples, cache)
+        return view_hashes(samples, default_hash_cache(dataset, cache_dir) if cache_dir else None)
 
     train_hashes, ext_hashes = hashes(train, train_samples), hashes(external, ext_samples)
     rows_t = [i for i, h in enumerate(train_hashes) if not isinstance(h, str)]
@@ -620,8 +618,8 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
         if settings.merge_duplicates:
             vgg = arrays.get(DUPLICATE_RULE_BACKBONE)
             embeddings = {s.sha256: vgg[i] for i, s in enumerate(samples)} if vgg is not None else None
-            hash_cache = Path(settings.extract.cache_dir) / dataset_cache_id(full.root) / _hash_cache_name()
-            found = duplicate_aware_groups(train, groups, embeddings, hash_cache)
+            found = duplicate_aware_groups(train, groups, embeddings,
+                                           default_hash_cache(full, settings.extract.cache_dir))
             groups = clusters = found.groups
             merged = found.merged
             if merged:
@@ -767,9 +765,3 @@ def explain_section(info: dict[str, Any]) -> str:
               "per true class, over every external image:", "", "| class | border share | images |", "|---|---|---|"]
     lines += [f"| {k} | {v['mean']:.1%} | {v['n']} |" for k, v in info["border_share_by_true_class"].items()]
     return "\n".join(lines)
-
-
-def _hash_cache_name() -> str:
-    from cxr_transfer.audit.duplicates import HASH_CACHE_NAME
-
-    return HASH_CACHE_NAME
