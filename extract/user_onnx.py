@@ -404,11 +404,6 @@ def verified_wrap(config: UserOnnxConfig) -> dict:
                          config.wrapped_path)
 
 
-def wrapped_sha256(config: UserOnnxConfig) -> str:
-    """The sha256 of the wrapped file (from its sidecar, verified against the file)."""
-    return str(verified_wrap(config)["onnx_sha256"])
-
-
 def split_backbone_spec(spec: str) -> list[str]:
     """The items of a comma list of backbones, stripped, empty ones dropped.
 
