@@ -180,17 +180,24 @@ def _fixed_size(dims: list[int | None], layout: str, path: Path) -> int | None:
 def _output_rank(model, path: Path, layout: str, channels: int, size: int) -> int:
     """The rank of the first output of a model whose output has no shape information: a forward pass on a random
     batch of 2 at ``size`` px tells it (one ``CxrError`` line when the model does not run)."""
+    shape = (2, channels, size, size) if layout == "NCHW" else (2, size, size, channels)
+    result = _run_random_batch(path, model.SerializeToString(), shape, 1.0, size, model.graph.output[0].name)
+    return int(np.ndim(result))
+
+
+def _run_random_batch(path: Path, model: str | bytes, shape: tuple[int, ...], high: float, size: int,
+                      output: str | None = None) -> np.ndarray:
+    """Run ``model`` (a file name or serialized bytes) on a random batch of ``shape`` with values in [0, high):
+    its first output (or the one named ``output``); one ``CxrError`` line naming ``path`` when it does not run."""
     import onnxruntime as ort
 
-    shape = (2, channels, size, size) if layout == "NCHW" else (2, size, size, channels)
     try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        batch = np.random.default_rng(0).uniform(0, 1, size=shape).astype(np.float32)
-        result = session.run([model.graph.output[0].name], {session.get_inputs()[0].name: batch})[0]
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        batch = np.random.default_rng(0).uniform(0, high, size=shape).astype(np.float32)
+        return session.run(None if output is None else [output], {session.get_inputs()[0].name: batch})[0]
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types; the first line says why
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CxrError(f"{path}: the model does not run on a {size}x{size} input ({first})") from exc
-    return int(np.ndim(result))
 
 
 def _wrap(path: Path, spec: InputSpec, target: Path, input_size: int | None = None) -> dict[str, object]:
@@ -275,15 +282,7 @@ def _wrap(path: Path, spec: InputSpec, target: Path, input_size: int | None = No
 
 def _check_forward(path: Path, wrapped: Path, size: int) -> int:
     """Run the wrapped model on a random batch of 2; its feature dimension, or a one-line CxrError."""
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(str(wrapped), providers=["CPUExecutionProvider"])
-        batch = np.random.default_rng(0).uniform(0, 255, size=(2, size, size, 3)).astype(np.float32)
-        result = session.run(None, {session.get_inputs()[0].name: batch})[0]
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types; the first line says why
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CxrError(f"{path}: the model does not run on a {size}x{size} input ({first})") from exc
+    result = _run_random_batch(path, str(wrapped), (2, size, size, 3), 255.0, size)
     if result.ndim != 2 or result.shape[0] != 2:
         raise CxrError(f"{path}: a batch of 2 gave an output of shape {result.shape}; (2, dim) is expected")
     if not np.all(np.isfinite(result)):
