@@ -377,7 +377,11 @@ def register_user_onnx(path: str | Path, spec: InputSpec | None = None, input_si
     if path.stat().st_size == 0:
         raise CxrError(f"{path}: empty file (0 bytes), not an ONNX model")
     path = path.resolve()
-    sha = sha256_file(path)
+    return _register(path, sha256_file(path), spec, input_size, cache_dir)
+
+
+def _register(path: Path, sha: str, spec: InputSpec, input_size: int | None, cache_dir: str | Path) -> UserOnnxConfig:
+    """``register_user_onnx`` of the resolved file ``path`` whose sha256 the caller has just computed."""
     name = f"{NAME_PREFIX}{_safe_stem(path)}-{spec.tag}"
     key = model_key(name, input_size or 0, sha)
     target = Path(cache_dir) / "onnx" / f"{key}.onnx"
@@ -508,8 +512,8 @@ def backbone_for_saved(part: dict, cache_dir: str | Path = "features") -> Backbo
     if given:   # the file given with --backbone onnx:PATH (wherever it is now), with the recorded settings
         return register_user_onnx(given[0].source_path, spec, size, cache_dir)
     now = sha256_file(source) if source.is_file() else None
-    if now == sha:
-        return register_user_onnx(source, spec, size, cache_dir)
+    if now == sha:   # hashed just now: registered without hashing the file a second time
+        return _register(source.resolve(), sha, spec, size, cache_dir)
     problem = "is missing" if now is None else f"has changed since (its sha256 is now {now[:16]}...)"
     raise CxrError(f"the head was trained on the ONNX model {source}, which {problem}; pass the file with sha256 "
                    f"{sha} with --backbone onnx:PATH")
