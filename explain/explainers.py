@@ -73,15 +73,10 @@ def _head_explainer(model_path: Path, settings: ExtractSettings, method: str,
     sources = [resolve_weights(p.config, p.weights_file, p.weights_dir, p.random_weights) for p in parts]
     sizes = [p.config.input_size(p.input_size) for p in parts]
     scores = linear_scores(head) if len(parts) == 1 else None
-    if scores is not None and parts[0].config.is_user_onnx:   # auto: occlusion, through the wrapped model
+    no_cam = _why_no_exact_cam(parts[0]) if scores is not None else None
+    if no_cam:   # auto: occlusion, through the model the head's embeddings came from
         if method == "cam":
-            raise CxrError(f"{model_path}: no exact class activation map for a head on your own ONNX model (its "
-                           f"wrapped graph pools the feature map inside); use --method occlusion")
-        scores = None
-    if scores is not None and parts[0].precision == "int8":  # auto: occlusion, through the int8 model it was trained on
-        if method == "cam":
-            raise CxrError(f"{model_path}: no exact class activation map for a head trained on int8 embeddings (the "
-                           f"feature-map export is float32); use --method occlusion")
+            raise CxrError(f"{model_path}: no exact class activation map for a head {no_cam}; use --method occlusion")
         scores = None
     if method == "cam" and scores is None:
         raise CxrError(f"{model_path}: no exact class activation map for this head (it is not linear on one "
@@ -115,6 +110,16 @@ def _head_explainer(model_path: Path, settings: ExtractSettings, method: str,
     size = max(sizes)   # concatenated backbones: occlude at the largest input, stretched to each one's
     explain, details = _occlusion(predict_proba, size, settings.batch_size)
     return Explainer("occlusion", size, classes, explain, details)
+
+
+def _why_no_exact_cam(part: ExtractSettings) -> str | None:
+    """Why a linear head on one backbone still has no exact CAM (its embeddings are not the float32 pooled
+    features of the feature-map export), or None when it has one."""
+    if part.config.is_user_onnx:
+        return "on your own ONNX model (its wrapped graph pools the feature map inside)"
+    if part.precision == "int8":
+        return "trained on int8 embeddings (the feature-map export is float32)"
+    return None
 
 
 def _backbone_as_trained(part: ExtractSettings, backbone: Any) -> Any:
