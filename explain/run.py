@@ -87,14 +87,12 @@ def mean_shares(explanations: Sequence[Explanation], labels: Sequence[str] | Non
 def iter_explanations(dataset: Dataset, explainer: Explainer, settings: ExtractSettings,
                        skipped: list[tuple[str, str]]) -> Iterator[tuple[Explanation, Sample]]:
     """Explain the dataset's images batch by batch, in order; unreadable ones are added to ``skipped``, and so
-    are files whose name is not valid UTF-8, with predict's reason (``extract.pipeline.name_problems``)."""
+    are files whose name is not valid UTF-8, with predict's reason (``extract.pipeline.named_samples``)."""
     from cxr_transfer.extract.images import decoded_batches
-    from cxr_transfer.extract.pipeline import name_problems
+    from cxr_transfer.extract.pipeline import named_samples
 
-    problems = name_problems(dataset)
+    samples, problems = named_samples(dataset)
     skipped += [(printable(dataset.relative(s)), reason) for s, reason in problems]
-    unnamed = {id(s) for s, _ in problems}
-    samples = [s for s in dataset.samples if id(s) not in unnamed]
     for good, batch, bad in decoded_batches(samples, explainer.input_size, settings.batch_size,
                                             settings.decode_workers):
         skipped += [(dataset.relative(s), reason) for s, reason in bad]

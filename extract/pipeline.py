@@ -250,9 +250,10 @@ def _cache_guard(plan: _Plan, settings: ExtractSettings):
         yield locked
 
 
-def name_problems(dataset: Dataset) -> list[tuple[Sample, str]]:
-    """Samples whose path, class, split or group cannot be stored as UTF-8 text, with the reason."""
-    problems = []
+def named_samples(dataset: Dataset) -> tuple[list[Sample], list[tuple[Sample, str]]]:
+    """(the samples whose path, class, split and group can be stored as UTF-8 text, the others with the reason);
+    the others are skipped by every command that reads images."""
+    named, problems = [], []
     for sample in dataset.samples:
         fields = {"path": dataset.relative(sample), "class": sample.label, "split": sample.split,
                   "group": sample.group}
@@ -260,7 +261,9 @@ def name_problems(dataset: Dataset) -> list[tuple[Sample, str]]:
         if bad:
             reason = f"{printable(dataset.relative(sample))}: {' and '.join(bad)} not valid UTF-8 (rename it)"
             problems.append((sample, reason))
-    return problems
+        else:
+            named.append(sample)
+    return named, problems
 
 
 def extract_features(dataset: Dataset, settings: ExtractSettings, prune: bool = True) -> ExtractResult:
@@ -293,11 +296,9 @@ def load_features(dataset: Dataset, settings: ExtractSettings,
 def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: bool, prune: bool) -> ExtractResult:
     started = time.perf_counter()
     config, size, source, path = plan.config, plan.size, plan.source, plan.path
-    failures: list[tuple[Sample, str]] = name_problems(dataset)
+    samples, failures = named_samples(dataset)
     for _, reason in failures:
         log.warning("skipped %s", reason)
-    unnamed = {id(s) for s, _ in failures}
-    samples = [s for s in dataset.samples if id(s) not in unnamed]
     cache = FeatureCache(path, plan.identity)
     onnx: OnnxBackbone | None = None
 
