@@ -6,9 +6,11 @@ Three layouts are read (README, "Datasets"):
 - a CSV file with columns ``path,label[,split][,group]`` (paths relative to the CSV's folder).
 A ``manifest.csv`` beside the class or split folders (as in the paper's dataset) supplies the group column
 (``patient_id``) when present. Its paths are relative to its folder and normalised before matching (``./``,
-backslashes, repeated separators, ``a/../``); its rows that match no image are listed in
+backslashes, repeated separators, ``a/../``, and Unicode NFC on both sides, since macOS writes names in NFD);
+its rows that match no image are listed in
 ``Dataset.manifest_unmatched``. Every other column of the manifest or CSV (``source``, ``age_group``, ...) is
-kept per sample (``Sample.column``), so every command reads the same values.
+kept per sample (``Sample.column``), so every command reads the same values. Group and column values are
+stripped of surrounding spaces (``' p1 '`` is patient ``p1``, as a spreadsheet shows it).
 Rows are sorted by (split, label, path) so every run sees the same order.
 The sha256 of a file's bytes is its identity: caches, audits and predictions key on it.
 
@@ -26,6 +28,7 @@ import io
 import logging
 import os
 import posixpath
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +201,17 @@ def manifest_key(text: str) -> str:
     return posixpath.normpath(text.strip().replace("\\", "/"))
 
 
+def _match_key(relative: str) -> str:
+    """The form in which a manifest's path and an image's relative path are compared: Unicode NFC, so a name
+    written in NFD (macOS) matches the same name stored in NFC. Only for matching; files keep their own names."""
+    return unicodedata.normalize("NFC", relative)
+
+
+def _cell(row: dict[str, str], column: str | None) -> str:
+    """A CSV cell as a value: surrounding spaces dropped, '' when the column or the cell is absent."""
+    return (row.get(column) or "").strip() if column else ""
+
+
 @dataclass
 class _Manifest:
     """What manifest.csv says: its columns (but path) and, per normalised path, its row."""
@@ -208,11 +222,11 @@ class _Manifest:
 
     def extra(self, key: str) -> tuple[tuple[str, str], ...]:
         row = self.rows.get(key)
-        return () if row is None else tuple((c, row.get(c) or "") for c in self.columns)
+        return () if row is None else tuple((c, _cell(row, c)) for c in self.columns)
 
     def group(self, key: str) -> str:
         row = self.rows.get(key)
-        return (row.get(self.group_column) or "") if row is not None and self.group_column else ""
+        return _cell(row, self.group_column) if row is not None else ""
 
 
 def _read_manifest(root: Path) -> _Manifest:
@@ -229,7 +243,7 @@ def _read_manifest(root: Path) -> _Manifest:
             key = manifest_key(row["path"])
             if Path(key).is_absolute():
                 key = _shown(Path(key), root)
-            found.rows[key] = row
+            found.rows[_match_key(key)] = row
     return found
 
 
@@ -278,7 +292,7 @@ def _from_folders(root: Path, skipped: Skipped) -> tuple[list[Sample], bool, _Ma
         _not_folders(entries, root, skipped, "beside the class folders")
         for class_dir in subdirs:
             rows += [(p, class_dir.name, "") for p in _images_under(class_dir, root, skipped)]
-    keys = [path.relative_to(root).as_posix() for path, _, _ in rows]
+    keys = [_match_key(path.relative_to(root).as_posix()) for path, _, _ in rows]
     samples = [Sample(path, label, split, manifest.group(key), extra=manifest.extra(key))
                for (path, label, split), key in zip(rows, keys)]
     return samples, _has_group_values(manifest), manifest
@@ -286,7 +300,7 @@ def _from_folders(root: Path, skipped: Skipped) -> tuple[list[Sample], bool, _Ma
 
 def _has_group_values(manifest: _Manifest) -> bool:
     """The manifest has a group column with at least one value (then every image is expected to have one)."""
-    return bool(manifest.group_column) and any(row.get(manifest.group_column) for row in manifest.rows.values())
+    return bool(manifest.group_column) and any(_cell(row, manifest.group_column) for row in manifest.rows.values())
 
 
 def _from_csv(csv_path: Path) -> tuple[list[Sample], bool, list[str]]:
@@ -304,8 +318,7 @@ def _from_csv(csv_path: Path) -> tuple[list[Sample], bool, list[str]]:
         path = Path(manifest_key(row["path"]))
         samples.append(Sample(path if path.is_absolute() else base / path, row["label"],
                               (row.get("split") or "").lower(),
-                              (row.get(group_column) or "") if group_column else "",
-                              extra=tuple((c, row.get(c) or "") for c in columns)))
+                              _cell(row, group_column), extra=tuple((c, _cell(row, c)) for c in columns)))
     missing = [s.path for s in samples if not s.path.is_file()]
     if missing:
         raise CxrError(f"{csv_path}: {len(missing)} listed file(s) do not exist, first: {missing[0]}")
@@ -391,7 +404,7 @@ def load_dataset(source: "str | Path | Dataset", split: str | None = None,
     else:
         samples, has_groups, manifest = _from_folders(source, skipped)
         root, columns = source, manifest.columns
-        found = {s.path.relative_to(root).as_posix() for s in samples}
+        found = {_match_key(s.path.relative_to(root).as_posix()) for s in samples}
         unmatched = [row["path"] for key, row in manifest.rows.items() if key not in found]   # as written
         if unmatched:
             log.warning("%s: %d row(s) match no image, first: %s", root / MANIFEST_NAME, len(unmatched), unmatched[0])

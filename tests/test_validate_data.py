@@ -229,3 +229,26 @@ def test_cli_flags_overlap_excludes_it_and_names_skipped_images(tr, ext_mixed, c
     assert "## Skipped images" in report and "covid/trunc.jpg" in report and "train/normal/broken.png" in report
     predicted = (run_dir / "external_predictions.csv").read_text()
     assert "copy_a.png" not in predicted and len(predicted.strip().splitlines()) == 9
+
+
+def test_manifest_matches_nfd_paths_and_strips_spaces_around_values(tmp_path):
+    """A manifest saved on macOS writes 'Müller' in NFD; the file on disk is NFC. A patient id typed as
+    ' p7 ' is patient 'p7' (it slipped past validate's overlap check before)."""
+    import unicodedata
+
+    from cxr_transfer.extract.dataset import load_dataset
+
+    root = write_class_tree(tmp_path / "d", per_class=2)
+    original = next((root / "covid").glob("*.png"))
+    named = original.with_name(unicodedata.normalize("NFC", "Müller 환자.png"))
+    original.rename(named)
+    rows = ["path,patient_id,source"]
+    for image in sorted(root.rglob("*.png")):
+        relative = image.relative_to(root).as_posix()
+        rows.append(f"{unicodedata.normalize('NFD', relative)}, p-{image.stem} , site a ")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    dataset = load_dataset(root)
+    assert not dataset.manifest_unmatched
+    by_name = {s.path.name: s for s in dataset.samples}
+    assert by_name[named.name].group == f"p-{named.stem}"
+    assert all(s.group == f"p-{s.path.stem}" and s.column("source") == "site a" for s in dataset.samples)
