@@ -16,6 +16,7 @@ conformity_score, cv, random_state).fit_conformalize(X, y, groups=...)``, then `
 from __future__ import annotations
 
 import math
+import numbers
 from decimal import Decimal
 from typing import Any, Sequence
 
@@ -29,9 +30,13 @@ from cxr_transfer.core.errors import CxrError
 CONFORMITY_SCORE = "lac"
 
 
-def _check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
-        raise CxrError(f"alpha (the miscoverage) must be between 0 and 1, got {alpha!r} instead")
+def check_alpha(alpha: float) -> float:
+    """``alpha`` (the miscoverage) as a float: TypeError unless it is a real number (NumPy's included, a bool
+    not), CxrError (a ValueError) unless it lies strictly between 0 and 1 (nan does not)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a number, got {alpha!r} instead")
+    if not 0.0 < float(alpha) < 1.0:
+        raise CxrError(f"alpha (the miscoverage) must be between 0 and 1, got {float(alpha):g} instead")
     return float(alpha)
 
 
@@ -67,7 +72,7 @@ def _round(value: float, up: bool) -> float:
 def calibration_size_problem(n: int, alpha: float) -> str | None:
     """None when ``n`` training images can calibrate conformal sets at ``alpha``; else one sentence saying
     what is missing and the range of alpha that ``n`` images allow."""
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     if _calibrates(n, alpha):
         return None
     a = _mapie_alpha(alpha)
@@ -99,7 +104,7 @@ def fit_conformal(head: str, X: np.ndarray, y: np.ndarray, alpha: float, groups:
     """A fitted MAPIE cross-conformal classifier of ``head`` on (X, y), grouped by ``groups`` when given."""
     from mapie.classification import CrossConformalClassifier
 
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     problem = calibration_size_problem(len(y), alpha)
     if problem:   # MAPIE would fit every fold first and refuse only at prediction
         raise CxrError(problem)
@@ -152,7 +157,7 @@ class ConformalHead:
     def __init__(self, head: Any, conformal: Any, alpha: float):
         self.head = head
         self.conformal = conformal
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha(alpha)
 
     @property
     def classes_(self) -> np.ndarray:
@@ -163,7 +168,7 @@ class ConformalHead:
 
     def predict_sets(self, X: np.ndarray, alpha: float) -> np.ndarray:
         """Boolean (n, n_classes) sets; ``alpha`` must be the one the model was calibrated for."""
-        if not np.isclose(_check_alpha(alpha), self.alpha):
+        if not np.isclose(check_alpha(alpha), self.alpha):
             raise CxrError(f"this model's conformal sets are calibrated for alpha {self.alpha:g}, got {alpha:g}; "
                            f"rerun validate --save --alpha {alpha:g} for another level")
         return prediction_sets(self.conformal, X)

@@ -54,6 +54,7 @@ from cxr_transfer.classify.calibration import (
 from cxr_transfer.classify.conformal import (
     ConformalHead,
     calibration_size_problem,
+    check_alpha,
     conformal_folds,
     fit_conformal,
     nested_sets,
@@ -109,10 +110,7 @@ class ValidateSettings:
     def __post_init__(self) -> None:
         if self.calibrate is not None and self.calibrate not in CALIBRATION_METHODS:
             raise CxrError(f"--calibrate takes {' or '.join(CALIBRATION_METHODS)}, got '{self.calibrate}' instead")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):
-            raise TypeError(f"alpha must be a number, got {self.alpha!r} instead")
-        if not 0.0 < float(self.alpha) < 1.0:
-            raise CxrError(f"alpha (the miscoverage) must be between 0 and 1, got {self.alpha} instead")
+        check_alpha(self.alpha)
         for name, bound in (("folds", FOLDS), ("explain", IMAGE_COUNT), ("n_boot", N_BOOT), ("seed", SEED),
                             ("n_jobs", JOBS)):
             _check_whole(name, getattr(self, name), bound)

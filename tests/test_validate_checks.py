@@ -135,6 +135,8 @@ def test_settings_refuse_out_of_range_numbers_naming_the_parameter(data, option,
 def test_settings_accept_the_documented_edges(data):
     ValidateSettings(data=data["tr10"], external=data["ext"], n_jobs=-1, seed=2**32 - 1, folds=2, n_boot=100)
     ValidateSettings(data=data["tr10"], external=data["ext"], n_jobs=np.int64(3), seed=np.int64(0))
+    ValidateSettings(data=data["tr10"], external=data["ext"], alpha=np.float32(0.1))   # was refused as out of range
+    assert conformal.check_alpha(np.float32(0.1)) == pytest.approx(0.1)
 
 
 def test_library_validate_refuses_bad_jobs_with_a_value_error(data, no_embedding):
