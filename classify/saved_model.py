@@ -44,8 +44,12 @@ def save_head(path: str | Path, model: Any, class_names: list[str], backbones: l
         raise ValueError(f"save_head: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".joblib.tmp")
-    joblib.dump({"format": FORMAT, "description": description, "model": model}, tmp)
-    tmp.replace(path)
+    try:
+        joblib.dump({"format": FORMAT, "description": description, "model": model}, tmp)
+        tmp.replace(path)
+    except BaseException:    # a full disk, Ctrl-C: no half-written .tmp is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     write_json(path.with_suffix(".json"), {
         "format": FORMAT, "kind": "head", "joblib_sha256": sha256_file(path),
         **{k: description[k] for k in DESCRIBED if k != "kind"}, "created": now_iso(), "versions": library_versions()})
