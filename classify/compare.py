@@ -28,10 +28,10 @@ from cxr_transfer.classify.protocols import (
     paper_splits,
     resolve_groups,
 )
-from cxr_transfer.classify.results import Evaluation, images_fingerprint, save_results
+from cxr_transfer.classify.results import Evaluation, images_fingerprint, run_folder_error, save_results
 from cxr_transfer.core.bounds import COUNT, FOLDS, JOBS, SEED, check_int, names_argument
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.outputs import check_run_name, mark_finished, mark_in_progress, new_run_dir, writable_folder
+from cxr_transfer.core.outputs import check_run_name, new_run_dir, run_in_progress, writable_folder
 from cxr_transfer.core.record import run_record, write_json
 from cxr_transfer.extract.dataset import Dataset, load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings, FeatureSet, align_feature_sets, load_features
@@ -289,27 +289,29 @@ def run_compare(settings: CompareSettings) -> CompareRun:
     summary = summarize_evaluations(evaluations)
 
     run_dir = new_run_dir(settings.out_dir, run_dir_prefix(settings), settings.run_name)
-    mark_in_progress(run_dir, "compare")   # removed last: a run killed before then is seen as incomplete
-    record = run_record("compare", settings.record(), seed=settings.seed, dataset_root=str(dataset.root),
-                        dataset_fingerprint=dataset.fingerprint, dataset_skipped=dataset.skipped,
-                        evaluated_images=len(samples),
-                        evaluated_fingerprint=images_fingerprint(shas), extraction=extraction,
-                        n_splits=len(splits), seconds=round(time.perf_counter() - started, 2))
-    if settings.save:
-        record["saved_models"] = []
-        for backbone, X in arrays.items():
-            parts = [c.name for c in configs] if backbone == CONCAT_NAME else [backbone]
-            for head in heads:
-                with threadpool_limits(1):
-                    model = (make_tuned_head(head, settings.seed) if settings.tune
-                             else make_head(head, settings.seed)).fit(X, y)
-                path = save_head(run_dir / f"{backbone}-{head}.joblib", model, class_names,
-                                 [{"backbone": p, **extraction[p]} for p in parts],
-                                 {"trained_on": images_fingerprint(shas), "n_train": len(y), "head": head,
-                                  "seed": settings.seed, "tune": settings.tune, "dataset": str(dataset.root)})
-                record["saved_models"].append(str(path))
-    write_json(run_dir / "record.json", record)
-    save_results(run_dir, "compare", class_names, record, evaluations, summary)
-    write_compare_report(run_dir, class_names, evaluations, summary, record)
-    mark_finished(run_dir)
+    try:
+        with run_in_progress(run_dir, "compare"):   # a run killed before its end is seen as incomplete
+            record = run_record("compare", settings.record(), seed=settings.seed, dataset_root=str(dataset.root),
+                                dataset_fingerprint=dataset.fingerprint, dataset_skipped=dataset.skipped,
+                                evaluated_images=len(samples),
+                                evaluated_fingerprint=images_fingerprint(shas), extraction=extraction,
+                                n_splits=len(splits), seconds=round(time.perf_counter() - started, 2))
+            if settings.save:
+                record["saved_models"] = []
+                for backbone, X in arrays.items():
+                    parts = [c.name for c in configs] if backbone == CONCAT_NAME else [backbone]
+                    for head in heads:
+                        with threadpool_limits(1):
+                            model = (make_tuned_head(head, settings.seed) if settings.tune
+                                     else make_head(head, settings.seed)).fit(X, y)
+                        path = save_head(run_dir / f"{backbone}-{head}.joblib", model, class_names,
+                                         [{"backbone": p, **extraction[p]} for p in parts],
+                                         {"trained_on": images_fingerprint(shas), "n_train": len(y), "head": head,
+                                          "seed": settings.seed, "tune": settings.tune, "dataset": str(dataset.root)})
+                        record["saved_models"].append(str(path))
+            write_json(run_dir / "record.json", record)
+            save_results(run_dir, "compare", class_names, record, evaluations, summary)
+            write_compare_report(run_dir, class_names, evaluations, summary, record)
+    except OSError as exc:
+        raise run_folder_error(run_dir, exc) from None
     return CompareRun(run_dir, class_names, evaluations, summary, list(dataset.skipped))

@@ -20,6 +20,7 @@ from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_strings
 from cxr_transfer.core.outputs import incomplete_run
 from cxr_transfer.core.record import write_json
+from cxr_transfer.extract.cache import cannot_write_error
 
 RESULTS_FILE = "results.json"
 
@@ -75,3 +76,10 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     except (ValueError, TypeError, KeyError) as exc:
         raise CxrError(f"{path}: not a readable results file ({type(exc).__name__}: {exc})") from None
     return payload
+
+
+def run_folder_error(run_dir: Path, exc: OSError) -> CxrError:
+    """The one message for a run folder that could not be written (``core.outputs.run_in_progress`` has
+    removed it): a full disk under --out, or why the folder refused the write."""
+    return cannot_write_error(Path(run_dir).parent, exc, "output folder", flag="--out",
+                              kept=f"the unfinished run folder {Path(run_dir).name} is removed")

@@ -64,11 +64,11 @@ from cxr_transfer.classify.conformal import (
 from cxr_transfer.classify.duplicate_groups import default_hash_cache, duplicate_aware_groups
 from cxr_transfer.classify.heads import get_head, make_head, parse_head_list
 from cxr_transfer.classify.protocols import Split, check_splittable, cv_splits, resolve_groups
-from cxr_transfer.classify.results import images_fingerprint
+from cxr_transfer.classify.results import images_fingerprint, run_folder_error
 from cxr_transfer.classify.validate_report import verdict_lines, write_external_predictions, write_report
 from cxr_transfer.core.bounds import FOLDS, IMAGE_COUNT, JOBS, N_BOOT, SEED, IntBound, check_int
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.outputs import check_run_name, mark_finished, mark_in_progress, new_run_dir, writable_folder
+from cxr_transfer.core.outputs import check_run_name, new_run_dir, run_in_progress, writable_folder
 from cxr_transfer.core.record import Stopwatch, run_record, write_json
 from cxr_transfer.extract.dataset import Dataset, Sample, load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings, align_feature_sets, load_features
@@ -662,42 +662,48 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
     verdict = verdict_lines(models, flagged, settings)
 
     run_dir = new_run_dir(settings.out_dir, "validate", settings.run_name)
-    mark_in_progress(run_dir, "validate")   # removed last: heads of a run killed before then are refused
-    record = run_record("validate", settings.record(), seed=settings.seed, train_root=str(pool.root),
-                        train_note=", train/ split" if pool is not full else "", n_train=len(samples),
-                        train_fingerprint=images_fingerprint([s.sha256 for s in samples]),
-                        external_root=str(external.root), n_external=len(ext_samples),
-                        external_fingerprint=images_fingerprint([s.sha256 for s in ext_samples]),
-                        grouping=(f"{group_by}" + (" merged over near-duplicate clusters"
-                                                   if settings.merge_duplicates else "")) if group_by else "image",
-                        internal_clusters="patients" if clusters is not None else "images",
-                        external_clusters="patients" if ext_clusters is not None else "images",
-                        merged_groups=merged, mapie=_mapie_version(), extraction=extraction, timings=watch.timings,
-                        seconds=watch.elapsed(), external_overlap_excluded=overlap["excluded"]["n"],
-                        skipped={k: [list(x) for x in v] for k, v in skipped.items()})
-    if settings.save or settings.explain:   # explain needs the heads on disk
-        record["saved_models"] = []
-        for f in fitted:
-            path = save_head(run_dir / f"{f['backbone']}-{f['head']}.joblib", f["saved_model"], class_names,
-                             [{"backbone": f["backbone"], **extraction[f["backbone"]]}],
-                             {"trained_on": record["train_fingerprint"], "n_train": len(y), "head": f["head"],
-                              "seed": settings.seed, "dataset": str(pool.root), "conformal_alpha": settings.alpha})
-            record["saved_models"].append(str(path))
-    if settings.explain:
-        record["explain"] = explain_errors(run_dir, fitted, models, ext_samples, y_ext, class_names, settings)
-    write_json(run_dir / "record.json", record)
-    write_json(run_dir / "results.json", _json_safe({"kind": "validate", "class_names": class_names,
-                                                     "record": record, "verdict": verdict, "notes": notes,
-                                                     "warnings": warnings, "overlap": overlap,
-                                                     "flagged_subgroups": flagged, "models": models}))
-    write_external_predictions(run_dir / "external_predictions.csv", [external.relative(s) for s in ext_samples],
-                               [s.label for s in ext_samples], subgroup_values, fitted, class_names)
-    write_report(run_dir, models, verdict, notes, class_names, record, settings, warnings=warnings,
-                 overlap=overlap, skipped=skipped)
-    if settings.explain:
-        with open(run_dir / "report.md", "a", encoding="utf-8") as handle:
-            handle.write("\n" + explain_section(record["explain"]) + "\n")
-    mark_finished(run_dir)
+    try:
+        with run_in_progress(run_dir, "validate"):   # heads of a run killed before its end are refused
+            record = run_record("validate", settings.record(), seed=settings.seed, train_root=str(pool.root),
+                                train_note=", train/ split" if pool is not full else "", n_train=len(samples),
+                                train_fingerprint=images_fingerprint([s.sha256 for s in samples]),
+                                external_root=str(external.root), n_external=len(ext_samples),
+                                external_fingerprint=images_fingerprint([s.sha256 for s in ext_samples]),
+                                grouping=(f"{group_by}" + (" merged over near-duplicate clusters"
+                                                           if settings.merge_duplicates else ""))
+                                if group_by else "image",
+                                internal_clusters="patients" if clusters is not None else "images",
+                                external_clusters="patients" if ext_clusters is not None else "images",
+                                merged_groups=merged, mapie=_mapie_version(), extraction=extraction,
+                                timings=watch.timings,
+                                seconds=watch.elapsed(), external_overlap_excluded=overlap["excluded"]["n"],
+                                skipped={k: [list(x) for x in v] for k, v in skipped.items()})
+            if settings.save or settings.explain:   # explain needs the heads on disk
+                record["saved_models"] = []
+                for f in fitted:
+                    path = save_head(run_dir / f"{f['backbone']}-{f['head']}.joblib", f["saved_model"], class_names,
+                                     [{"backbone": f["backbone"], **extraction[f["backbone"]]}],
+                                     {"trained_on": record["train_fingerprint"], "n_train": len(y), "head": f["head"],
+                                      "seed": settings.seed, "dataset": str(pool.root),
+                                      "conformal_alpha": settings.alpha})
+                    record["saved_models"].append(str(path))
+            if settings.explain:
+                record["explain"] = explain_errors(run_dir, fitted, models, ext_samples, y_ext, class_names, settings)
+            write_json(run_dir / "record.json", record)
+            write_json(run_dir / "results.json", _json_safe({"kind": "validate", "class_names": class_names,
+                                                             "record": record, "verdict": verdict, "notes": notes,
+                                                             "warnings": warnings, "overlap": overlap,
+                                                             "flagged_subgroups": flagged, "models": models}))
+            write_external_predictions(run_dir / "external_predictions.csv",
+                                       [external.relative(s) for s in ext_samples],
+                                       [s.label for s in ext_samples], subgroup_values, fitted, class_names)
+            write_report(run_dir, models, verdict, notes, class_names, record, settings, warnings=warnings,
+                         overlap=overlap, skipped=skipped)
+            if settings.explain:
+                with open(run_dir / "report.md", "a", encoding="utf-8") as handle:
+                    handle.write("\n" + explain_section(record["explain"]) + "\n")
+    except OSError as exc:
+        raise run_folder_error(run_dir, exc) from None
     return ValidateRun(run_dir, class_names, models, verdict, notes, warnings, overlap, skipped)
 
 

@@ -99,24 +99,29 @@ def is_no_space(exc: BaseException) -> bool:
     return "No space left" in text or "errno = 28" in text or "Disk quota exceeded" in text
 
 
-def no_space_error(folder: Path, needed: int) -> CxrError:
-    """The one message for a full disk: the folder, the space needed and what is free."""
+def no_space_error(folder: Path, needed: int, writing: str = "the cache", kept: str = "cached rows are kept",
+                   flag: str = "--cache-dir") -> CxrError:
+    """The one message for a full disk: the folder, the space needed and what is free; ``writing`` (what was
+    written), ``kept`` (what stays) and ``flag`` (the option naming the folder) default to the feature cache."""
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         free = -1
     free_text = f", {_mb(free)} free" if free >= 0 else ""
-    return CxrError(f"no space left in {folder}: writing the cache needs about {_mb(needed)}{free_text}; "
-                    f"cached rows are kept: free some space (or use another --cache-dir) and run again")
+    return CxrError(f"no space left in {folder}: writing {writing} needs about {_mb(needed)}{free_text}; "
+                    f"{kept}: free some space (or use another {flag}) and run again")
 
 
-def cannot_write_error(folder: Path, exc: OSError, what: str = "cache folder", needed: int = 1 << 20) -> CxrError:
-    """The one message for a failed write under --cache-dir: a full disk (with the space needed), or why the
-    folder refused it."""
+def cannot_write_error(folder: Path, exc: OSError, what: str = "cache folder", needed: int = 1 << 20,
+                       flag: str = "--cache-dir", kept: str | None = None) -> CxrError:
+    """The one message for a failed write under --cache-dir (or the folder option ``flag``): a full disk (with
+    the space needed and, in ``kept``, what stays), or why the folder refused it."""
     if is_no_space(exc):
-        return no_space_error(folder, needed)
-    return CxrError(f"--cache-dir: cannot write to the {what} {folder} ({exc.strerror or exc}); "
-                    f"give a writable folder with --cache-dir")
+        if flag == "--cache-dir" and kept is None:
+            return no_space_error(folder, needed)
+        return no_space_error(folder, needed, f"the {what}", kept or "nothing was written", flag)
+    return CxrError(f"{flag}: cannot write to the {what} {folder} ({exc.strerror or exc}); "
+                    f"give a writable folder with {flag}")
 
 
 def _mb(n: int) -> str:
