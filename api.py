@@ -27,7 +27,7 @@ from cxr_transfer.core.settings import DEFAULT_CACHE_DIR, BackboneSettings
 if TYPE_CHECKING:
     from cxr_transfer.audit.run import AuditReport
     from cxr_transfer.classify.compare import CompareRun
-    from cxr_transfer.classify.validate import ValidateRun
+    from cxr_transfer.validation.run import ValidateRun
     from cxr_transfer.explain.run import ExplainResult
     from cxr_transfer.extract.export_table import ExportResult
     from cxr_transfer.extract.pipeline import FeatureSet
@@ -164,7 +164,7 @@ def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *,
                                        **options))
 
 
-def finetune(data: str | Path, backbone: str = "vgg16", *, common: BackboneSettings | None = None,
+def finetune_backbone(data: str | Path, backbone: str = "vgg16", *, common: BackboneSettings | None = None,
              **options: Any) -> Path:
     """The paper's frozen-body + dense-head Keras training; returns the run folder.
 
@@ -179,7 +179,7 @@ def finetune(data: str | Path, backbone: str = "vgg16", *, common: BackboneSetti
     return run_finetune(settings)
 
 
-def audit(data: str | Path, backbone: str = "vgg16", *, common: BackboneSettings | None = None,
+def audit_dataset(data: str | Path, backbone: str = "vgg16", *, common: BackboneSettings | None = None,
           **options: Any) -> AuditReport:
     """Duplicates, patient leakage and acquisition / pixel shortcuts of a dataset; writes audit.md."""
     from cxr_transfer.audit.run import AuditSettings, run_audit
@@ -204,7 +204,7 @@ def predict(images: str | Path, model: str | Path, *, out: str | Path | None = N
     return predict_images(images, model, ExtractSettings.from_options(common, **options), out, precision, conformal=conformal)
 
 
-def explain(images: str | Path, model: str | Path, *, out: str | Path | None = None, method: str = "auto",
+def explain_images(images: str | Path, model: str | Path, *, out: str | Path | None = None, method: str = "auto",
             pngs: bool = True, precision: str | None = None, overwrite: bool = False,
             common: BackboneSettings | None = None, **options: Any) -> ExplainResult:
     """Heatmaps of the evidence for each image's predicted class, and its share in the audit's regions.
@@ -216,10 +216,10 @@ def explain(images: str | Path, model: str | Path, *, out: str | Path | None = N
     ``precision`` other than that one is refused. ``out`` is checked before the model is loaded; a folder that
     already holds files is refused unless ``overwrite`` (which replaces an earlier explain run there).
     """
-    from cxr_transfer.explain.run import explain_images
+    from cxr_transfer.explain.run import run_explain
     from cxr_transfer.extract.pipeline import ExtractSettings
 
-    return explain_images(images, model, ExtractSettings.from_options(common, **options), out, method, pngs,
+    return run_explain(images, model, ExtractSettings.from_options(common, **options), out, method, pngs,
                           precision, overwrite)
 
 
@@ -231,7 +231,7 @@ def validate(data: str | Path, external: str | Path, backbones: str = "vgg16", h
     results, verdict). Stage keywords: those of ``ValidateSettings`` (group_by, subgroups, alpha, calibrate,
     folds, n_boot, seed, save, out_dir, ...) and ``batch_size`` for the extraction.
     """
-    from cxr_transfer.classify.validate import ValidateSettings, run_validate
+    from cxr_transfer.validation.run import ValidateSettings, run_validate
     from cxr_transfer.extract.pipeline import ExtractSettings
 
     backbones = names_argument("backbones", backbones)

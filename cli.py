@@ -223,11 +223,11 @@ def audit_pointer_line(data: Path) -> str | None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import cxr_transfer
+    from cxr_transfer import api
     from cxr_transfer.classify.report import compare_summary_text
 
     data = args.data or default_data()
-    run = cxr_transfer.compare(data, args.backbone, args.heads, common=common_settings(args),
+    run = api.compare(data, args.backbone, args.heads, common=common_settings(args),
                                batch_size=args.batch_size, protocol=args.protocol, seed=args.seed, seeds=args.seeds,
                                folds=args.folds, repeats=args.repeats, test_size=args.test_size,
                                group_by=args.group_by, concat=args.concat, tune=args.tune, save=args.save,
@@ -246,9 +246,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import cxr_transfer
+    from cxr_transfer import api
 
-    out, skipped = cxr_transfer.predict(args.images, args.model, out=args.out, precision=args.precision,
+    out, skipped = api.predict(args.images, args.model, out=args.out, precision=args.precision,
                                         conformal=args.conformal, common=common_settings(args),
                                         batch_size=args.batch_size)
     for path, reason in skipped:
@@ -258,10 +258,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    import cxr_transfer
+    from cxr_transfer import api
 
     data = args.data or default_data()
-    run_dir = cxr_transfer.finetune(data, args.backbone, common=common_settings(args), epochs=args.epochs,
+    run_dir = api.finetune_backbone(data, args.backbone, common=common_settings(args), epochs=args.epochs,
                                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, fast=args.fast,
                                     views=args.views, augment=not args.no_augment, dense_units=args.dense_units,
                                     dropout=args.dropout, test_size=args.test_size, group_by=args.group_by,
@@ -287,9 +287,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    import cxr_transfer
+    from cxr_transfer import api
 
-    report = cxr_transfer.audit(args.data or default_data(), args.backbone, common=common_settings(args),
+    report = api.audit_dataset(args.data or default_data(), args.backbone, common=common_settings(args),
                                 out_dir=args.out, runs_dir=args.runs_dir, seed=args.seed, strict=args.strict)
     for line in report.dataset.skipped_summary():
         print(line)
@@ -301,10 +301,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    import cxr_transfer
+    from cxr_transfer import api
     from cxr_transfer.explain.run import summary_lines
 
-    result = cxr_transfer.explain(args.images, args.model, out=args.out, method=args.method,
+    result = api.explain_images(args.images, args.model, out=args.out, method=args.method,
                                   precision=args.precision, overwrite=args.overwrite, common=common_settings(args),
                                   batch_size=args.batch_size)
     for path, reason in result.skipped:
@@ -316,9 +316,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    import cxr_transfer
+    from cxr_transfer import api
 
-    run = cxr_transfer.validate(args.data or default_data(), args.external, args.backbone, args.heads,
+    run = api.validate(args.data or default_data(), args.external, args.backbone, args.heads,
                                 common=common_settings(args), batch_size=args.batch_size, group_by=args.group_by,
                                 merge_duplicates=not args.no_merge_duplicates, subgroups=args.subgroups,
                                 alpha=args.alpha, calibrate=args.calibrate, folds=args.folds, n_boot=args.n_boot,
@@ -341,9 +341,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import cxr_transfer
+    from cxr_transfer import api
 
-    result = cxr_transfer.export_embeddings(args.data or default_data(), args.backbone, out=args.out,
+    result = api.export_embeddings(args.data or default_data(), args.backbone, out=args.out,
                                             format=args.format, overwrite=args.overwrite,
                                             common=common_settings(args), batch_size=args.batch_size)
     for line in result.dataset.skipped_summary():

@@ -8,7 +8,8 @@ The embeddings of three views of every image are classified with the same head a
                    edges, burnt-in markers, collimation, the image's own border.
 When the masked views are still classified well above chance, the classes differ in something outside the
 chest -- source, age, equipment, labels -- and a high accuracy on full images says little about disease.
-Views are ``extract.pipeline.ImageView`` objects: their features are cached under their own names.
+Views are ``extract.images.ImageView`` objects (the masks are defined there, shared with ``explain``):
+their features are cached under their own names.
 """
 from __future__ import annotations
 
@@ -21,41 +22,13 @@ from cxr_transfer.classify.metrics import classification_metrics, summarize
 from cxr_transfer.classify.protocols import cv_splits
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.extract.dataset import Dataset
-from cxr_transfer.extract.pipeline import (
-    ExtractSettings,
-    FeatureSet,
-    ImageView,
-    load_features,
-)
+from cxr_transfer.extract.images import BORDER_FRACTION, BORDER_ONLY, CENTER_FRACTION, NO_CENTER, ImageView
+from cxr_transfer.extract.pipeline import ExtractSettings, FeatureSet, load_features
 
-CENTER_FRACTION = 0.8
-"""Side fraction of the central box blacked out by the no-center view."""
-BORDER_FRACTION = 0.05
-"""Width of the frame the border-only view keeps, as a fraction of the side."""
 MARGIN = 0.2
 """Accuracy above chance from which a masked view counts as "still separable"."""
 
 
-def mask_center(image: np.ndarray, fraction: float = CENTER_FRACTION) -> np.ndarray:
-    """A copy of ``image`` (H x W x C) with the central box of ``fraction`` of each side set to 0."""
-    out = np.array(image, copy=True)
-    height, width = out.shape[:2]
-    dy, dx = round(height * (1 - fraction) / 2), round(width * (1 - fraction) / 2)
-    out[dy:height - dy, dx:width - dx] = 0
-    return out
-
-
-def border_only(image: np.ndarray, band: float = BORDER_FRACTION) -> np.ndarray:
-    """A copy of ``image`` with everything but an outer frame ``band`` of each side wide set to 0."""
-    out = np.array(image, copy=True)
-    height, width = out.shape[:2]
-    dy, dx = max(1, round(height * band)), max(1, round(width * band))
-    out[dy:height - dy, dx:width - dx] = 0
-    return out
-
-
-NO_CENTER = ImageView(f"nocenter{round(CENTER_FRACTION * 100)}", mask_center)
-BORDER_ONLY = ImageView(f"border{round(BORDER_FRACTION * 100):02d}", border_only)
 VIEWS: dict[str, ImageView | None] = {"full": None, "no-center": NO_CENTER, "border-only": BORDER_ONLY}
 """Report name -> view (None = the unmasked image)."""
 

@@ -17,12 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from cxr_transfer.audit.acquisition import AcquisitionResult, acquisition_shortcuts
-from cxr_transfer.audit.duplicates import (
-    HASH_CACHE_NAME,
-    DuplicateRule,
-    DuplicateScan,
-    find_duplicates,
-)
 from cxr_transfer.audit.header_shortcuts import HeaderShortcutResult, header_shortcuts
 from cxr_transfer.audit.leakage import LeakageResult, patient_leakage
 from cxr_transfer.audit.pixel_shortcuts import PixelShortcutResult, pixel_shortcuts
@@ -31,6 +25,7 @@ from cxr_transfer.core.cache_keys import dataset_cache_id
 from cxr_transfer.core.outputs import writable_folder
 from cxr_transfer.core.record import Stopwatch, run_record
 from cxr_transfer.core.settings import BackboneSettings, UsesBackboneSettings
+from cxr_transfer.extract.duplicates import DuplicateRule, DuplicateScan, find_duplicates, hash_cache_path
 from cxr_transfer.extract.dataset import Dataset, load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings, load_features
 
@@ -240,7 +235,7 @@ def run_audit(settings: AuditSettings) -> AuditReport:
     full, result = load_features(dataset, extract)
     watch.lap("embed_full")
     embeddings = {s.sha256: full.embeddings[i] for i, s in enumerate(full.samples)}
-    hash_cache = Path(settings.cache_dir) / dataset_cache_id(dataset.root) / HASH_CACHE_NAME
+    hash_cache = hash_cache_path(dataset, settings.cache_dir)
     duplicates = find_duplicates(dataset, embeddings, settings.rule, cache_path=hash_cache)
     watch.lap("duplicates")
     leakage = patient_leakage(dataset)

@@ -2,7 +2,7 @@
 
 The same X-ray is often published twice: re-saved as JPEG, downscaled, trimmed, contrast-stretched or with
 a caption ("L", "AP portable", a date) burnt in. These functions make such copies from a greyscale uint8
-image; the duplicate detector must find every one of them (tests, and ``audit.calibrate`` on real images).
+image; the duplicate detector must find every one of them (tests, and ``benchmarks/duplicate_thresholds.py`` on real images).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from sklearn.utils.parallel import Parallel, delayed  # propagates sklearn confi
 from threadpoolctl import threadpool_limits
 
 from cxr_transfer.classify.comparisons import CORRECT, INNER_SCORE, correctness_string, select_heads
-from cxr_transfer.classify.duplicate_groups import default_hash_cache
+from cxr_transfer.extract.duplicates import hash_cache_path
 from cxr_transfer.classify.heads import get_head, make_head, make_tuned_head, parse_head_list
 from cxr_transfer.classify.metrics import classification_metrics, headline, summarize, summarize_proportion
 from cxr_transfer.classify.protocols import (
@@ -274,7 +274,7 @@ def run_compare(settings: CompareSettings) -> CompareRun:
     y = np.array([index[s.label] for s in samples])
     evaluated = Dataset(dataset.root, samples, class_names, dataset.has_groups)
     groups = resolve_groups(evaluated, settings.group_by,
-                            hash_cache=default_hash_cache(dataset, settings.extract.cache_dir))
+                            hash_cache=hash_cache_path(dataset, settings.extract.cache_dir))
     splits = make_splits(settings, y, np.array([s.split for s in samples]), groups, class_names)
     shas = [s.sha256 for s in samples]
     if select_folds:

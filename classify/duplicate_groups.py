@@ -1,4 +1,4 @@
-"""Patient groups that also respect duplicates: every near-duplicate cluster the audit finds lands in one group.
+"""Patient groups that also respect duplicates: every near-duplicate cluster (``extract.duplicates``) lands in one group.
 
 Patient ids alone do not keep a radiograph out of both sides of a split when the same film is filed under
 several ids (the audit of the paper's data found one radiograph under three patient ids). ``merge_groups``
@@ -7,37 +7,24 @@ joins every group that shares a duplicate cluster into one (union-find over grou
 """
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from cxr_transfer.core.cache_keys import dataset_cache_id
 from cxr_transfer.extract.dataset import Dataset
+from cxr_transfer.extract.duplicates import find_duplicates, hash_cache_path, linked_components
 
 
 def merge_groups(groups: Sequence[str], clusters: Iterable[Sequence[int]]) -> np.ndarray:
     """Groups with every cluster's rows in one group: groups linked through a cluster get one label, the
     sorted member labels joined by '+'. Rows outside any cluster keep their label."""
-    from cxr_transfer.audit.duplicates import linked_components
-
     groups = np.asarray(groups).astype(str)
     links = [(groups[cluster[0]], groups[i]) for cluster in clusters if len(cluster) for i in cluster]
     name = {label: "+".join(members) for members in linked_components(links) if len(members) > 1
             for label in members}
     return np.array([name.get(g, g) for g in groups.tolist()], dtype=object).astype(str)
-
-
-def default_hash_cache(dataset: Dataset, cache_dir: str | Path | None = None) -> Path:
-    """``<cache dir>/<dataset cache id>/<audit hash cache name>``, the audit's own view-hash file (keyed by
-    sha256, so a stale entry is never used for another image); without a cache dir, under the system's
-    temporary folder."""
-    from cxr_transfer.audit.duplicates import HASH_CACHE_NAME
-
-    base = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "cxr-transfer"
-    return base / dataset_cache_id(dataset.root) / HASH_CACHE_NAME
 
 
 @dataclass
@@ -55,12 +42,10 @@ def duplicate_aware_groups(dataset: Dataset, groups: Sequence[str], embeddings: 
 
     embeddings: sha256 -> VGG16 embedding, to use the audit's full rule (pHash or pHash + cosine); without it
     the pHash-alone threshold decides. hash_cache: the audit's view-hash cache file, read and extended; by
-    default one under the system's temporary folder (``default_hash_cache``), since hashing 81 views of every
-    image takes seconds to minutes and grouped splits are asked for again and again.
+    default one under the system's temporary folder (``extract.duplicates.hash_cache_path``), since grouped
+    splits are asked for again and again.
     """
-    from cxr_transfer.audit.duplicates import find_duplicates
-
-    scan = find_duplicates(dataset, embeddings, cache_path=hash_cache or default_hash_cache(dataset))
+    scan = find_duplicates(dataset, embeddings, cache_path=hash_cache or hash_cache_path(dataset))
     row = {dataset.relative(s): i for i, s in enumerate(dataset.samples)}
     clusters = scan.clusters()
     merged = merge_groups(groups, [[row[name] for name in cluster if name in row] for cluster in clusters])

@@ -9,8 +9,14 @@
 class CxrError(ValueError):
     """A user-facing error: bad path, missing weights, unknown backbone, empty folder...
 
-    The CLI catches it, prints ``error: <message>`` and exits with status 2.
+    ``param`` names the library parameter at fault (``cache_dir``, ``folds``), and the message then begins with
+    that name ("folds must be at least 2, got 1 instead"), so that it reads right in a notebook. The CLI
+    prints ``error: <message>`` with the name turned into its flag (``--folds``) and exits with status 2.
     """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class WeightsNotFoundError(CxrError):

@@ -1,6 +1,6 @@
 """Where evidence lies: the audit's central box and border frame, applied to a heatmap.
 
-The regions are the ones ``audit.pixel_shortcuts`` masks (one definition, reused through its own mask
+The regions are the ones the audit's pixel-shortcut views mask (one definition: ``extract.images``' mask
 functions): ``center`` is the box that the no-center view blacks out (``CENTER_FRACTION`` of each side: the
 lung fields and heart), ``border`` the frame that the border-only view keeps (``BORDER_FRACTION`` of the side
 wide: corners, edges, burnt-in markers), and ``middle`` the ring between them. The three partition the image,
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxr_transfer.audit.pixel_shortcuts import border_only, mask_center
+from cxr_transfer.extract.images import border_only, mask_center
 
 REGIONS = ("center", "middle", "border")
 

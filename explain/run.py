@@ -1,6 +1,6 @@
 """``cxr-transfer explain``: heatmaps and border shares for a folder of images, and sheets for reports.
 
-``explain_images(images, model)`` writes, per readable image, ``<name>.png`` (the X-ray with the evidence
+``run_explain(images, model)`` writes, per readable image, ``<name>.png`` (the X-ray with the evidence
 for the predicted class over it) and one row of ``explain.csv``:
 
     path, sha256, predicted, probability, method, center_share, middle_share, border_share, png
@@ -58,7 +58,7 @@ class Explanation:
 
 @dataclass
 class ExplainResult:
-    """What ``explain_images`` wrote: the folder, the CSV, one Explanation per readable image, skipped files."""
+    """What ``run_explain`` wrote: the folder, the CSV, one Explanation per readable image, skipped files."""
 
     out_dir: Path
     csv_path: Path
@@ -191,7 +191,7 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def explain_images(images: str | Path, model: str | Path, settings: ExtractSettings | None = None,
+def run_explain(images: str | Path, model: str | Path, settings: ExtractSettings | None = None,
                    out_dir: str | Path | None = None, method: str = "auto", pngs: bool = True,
                    precision: str | None = None, overwrite: bool = False) -> ExplainResult:
     """Explain every image under a folder (or one file) with a saved head or a fine-tuned model.

@@ -95,7 +95,7 @@ def _check_replaceable_folder(out: Path) -> None:
 
 def export_metadata(features: FeatureSet, result: ExtractResult) -> dict[str, str]:
     """The facts an export records about its embeddings (strings, for Parquet's key/value metadata)."""
-    from cxr_transfer import __version__
+    from cxr_transfer.core.version import __version__
 
     attrs = features.attrs
     meta = {"backbone": result.backbone, "input_size": str(attrs.get("input_size", "")),

@@ -173,6 +173,34 @@ class ImageView:
     apply: Callable[[np.ndarray], np.ndarray]
 
 
+CENTER_FRACTION = 0.8
+"""Side fraction of the central box blacked out by the no-center view."""
+BORDER_FRACTION = 0.05
+"""Width of the frame the border-only view keeps, as a fraction of the side."""
+
+
+def mask_center(image: np.ndarray, fraction: float = CENTER_FRACTION) -> np.ndarray:
+    """A copy of ``image`` (H x W x C) with the central box of ``fraction`` of each side set to 0."""
+    out = np.array(image, copy=True)
+    height, width = out.shape[:2]
+    dy, dx = round(height * (1 - fraction) / 2), round(width * (1 - fraction) / 2)
+    out[dy:height - dy, dx:width - dx] = 0
+    return out
+
+
+def border_only(image: np.ndarray, band: float = BORDER_FRACTION) -> np.ndarray:
+    """A copy of ``image`` with everything but an outer frame ``band`` of each side wide set to 0."""
+    out = np.array(image, copy=True)
+    height, width = out.shape[:2]
+    dy, dx = max(1, round(height * band)), max(1, round(width * band))
+    out[dy:height - dy, dx:width - dx] = 0
+    return out
+
+
+NO_CENTER = ImageView(f"nocenter{round(CENTER_FRACTION * 100)}", mask_center)
+BORDER_ONLY = ImageView(f"border{round(BORDER_FRACTION * 100):02d}", border_only)
+
+
 def _decode(sample: "Sample", size: int, view: ImageView | None) -> np.ndarray | str:
     try:
         image = read_rgb(sample.path, size)

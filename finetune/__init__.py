@@ -8,11 +8,10 @@ Modules, one job each:
 - ``bank``    the fast path's cache of embeddings of augmented views, computed with the ONNX body;
 - ``export``  model.keras, model.onnx (checked against Keras) and model.json;
 - ``report``  report.md, curves.png, confusion.png, history.csv;
-- ``train``   the training loops and the library entry point ``run_finetune(FinetuneSettings)``.
+- ``loops``   the training loops: the paper's plain Keras loop and the fast path on cached view embeddings;
+- ``layers``  the Keras layer that holds the backbone's preprocessing (registered: saved models name it);
+- ``settings`` ``FinetuneSettings``; ``run_folder`` the run folder's files;
+- ``train``   the library entry point ``run_finetune(FinetuneSettings)``.
 
-The package is also the API function: ``cxr_transfer.finetune(data, backbone, ...)`` (see ``cxr_transfer.api``).
+The API function is ``cxr_transfer.finetune_backbone(data, backbone, ...)``.
 """
-from cxr_transfer.api import finetune as _finetune
-from cxr_transfer.core.callable_module import make_module_callable
-
-make_module_callable(__name__, _finetune)

@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from cxr_transfer.classify.duplicate_groups import default_hash_cache
+from cxr_transfer.extract.duplicates import hash_cache_path
 from cxr_transfer.classify.protocols import resolve_groups
 from cxr_transfer.classify.results import images_fingerprint
 from cxr_transfer.core.outputs import writable_folder
@@ -77,7 +77,7 @@ def run_finetune(settings: FinetuneSettings, callbacks: Sequence[Any] = ()) -> P
     for path, reason in skipped:
         say(settings, f"skipped {path}: {reason}")
     split = paper_split(dataset, settings.seed, settings.test_size, settings.group_by,
-                        default_hash_cache(dataset, settings.cache_dir))
+                        hash_cache_path(dataset, settings.cache_dir))
     run_dir = make_run_dir(settings, size)
     record = run_record("finetune", {**asdict(settings), "input_size": size}, seed=settings.seed,
                         backbone=config.name, model=settings.model_name,

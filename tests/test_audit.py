@@ -16,29 +16,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_transfer.audit import (
-    AuditSettings,
-    DuplicateRule,
-    audit_pointer,
-    find_duplicates,
-    latest_audit_for,
-    run_audit,
-)
+from cxr_transfer.audit import AuditSettings, audit_pointer, latest_audit_for, run_audit
 from cxr_transfer.audit.acquisition import acquisition_shortcuts
-from cxr_transfer.audit.duplicates import (
+from cxr_transfer.extract.duplicates import (
+    DuplicateRule,
+    find_duplicates,
     grey_for_hash,
     phash_distance,
     phash_distance_matrix,
     view_hashes,
 )
 from cxr_transfer.audit.leakage import patient_leakage
-from cxr_transfer.audit.pixel_shortcuts import (
-    BORDER_ONLY,
-    NO_CENTER,
-    border_only,
-    mask_center,
-    pixel_shortcuts,
-)
+from cxr_transfer.audit.pixel_shortcuts import pixel_shortcuts
+from cxr_transfer.extract.images import BORDER_ONLY, NO_CENTER, border_only, mask_center
 from cxr_transfer.audit.transforms import (
     combined,
     crop_5,
@@ -181,7 +171,7 @@ def test_find_duplicates_finds_exact_copy_and_every_edit_across_splits(tmp_path,
 
 
 def test_hash_cache_is_reused_and_clusters_join_pairs(tmp_path, monkeypatch):
-    import cxr_transfer.audit.duplicates as duplicates
+    import cxr_transfer.extract.duplicates as duplicates
 
     write_edited_dataset(tmp_path / "data")
     dataset = load_dataset(tmp_path / "data", keep_duplicates=True)   # as run_audit reads it
@@ -389,7 +379,7 @@ def test_findings_speak_of_patient_ids_only_when_there_are_ids_and_name_unrun_ch
     import numpy as np
 
     from cxr_transfer.audit.acquisition import AcquisitionResult
-    from cxr_transfer.audit.duplicates import DuplicatePair, DuplicateRule, DuplicateScan
+    from cxr_transfer.extract.duplicates import DuplicatePair, DuplicateRule, DuplicateScan
     from cxr_transfer.audit.header_shortcuts import HeaderShortcutResult
     from cxr_transfer.audit.leakage import LeakageResult
     from cxr_transfer.audit.pixel_shortcuts import PixelShortcutResult

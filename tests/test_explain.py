@@ -17,7 +17,7 @@ from cxr_transfer.core.synthetic import write_class_tree
 from cxr_transfer.explain.cam import class_activation_maps, linear_scores
 from cxr_transfer.explain.occlusion import occlusion_map, patch_starts
 from cxr_transfer.explain.regions import REGIONS, evidence_shares, region_masks
-from cxr_transfer.explain.run import explain_images, explanation_sheet, mean_shares
+from cxr_transfer.explain.run import run_explain, explanation_sheet, mean_shares
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.images import read_rgb
 from cxr_transfer.extract.pipeline import ExtractSettings
@@ -209,7 +209,7 @@ def _rows(csv_path: Path) -> list[dict[str, str]]:
 def test_explain_images_csv_matches_predict_and_shares_sum_to_one(saved_heads, data_dir, extract_settings,
                                                                   tmp_path):
     model = saved_heads / "vgg16-logreg.joblib"
-    result = explain_images(data_dir / "test", model, extract_settings, tmp_path / "out")
+    result = run_explain(data_dir / "test", model, extract_settings, tmp_path / "out")
     rows = _rows(result.csv_path)
     assert result.method == "cam" and len(rows) == 24 == len(result.explanations)
     predicted, _ = predict_images(data_dir / "test", model, extract_settings, tmp_path / "p.csv")

@@ -19,7 +19,7 @@ from cxr_transfer.classify.predict import predict_images
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.synthetic import write_class_tree
 from cxr_transfer.explain.regions import REGIONS
-from cxr_transfer.explain.run import Explanation, explain_images
+from cxr_transfer.explain.run import Explanation, run_explain
 from cxr_transfer.extract.pipeline import ExtractSettings
 
 SIZE = 32
@@ -90,7 +90,7 @@ def test_non_utf8_name_is_skipped_as_predict_does(heads, data_dir, settings, tmp
     odd = Path(os.fsdecode(os.fsencode(folder) + b"/x\xff.png"))
     shutil.copy(_pngs(data_dir)[3], odd)
     model = heads / "mobilenetv2-logreg.joblib"
-    result = explain_images(folder, model, settings, tmp_path / "out")
+    result = run_explain(folder, model, settings, tmp_path / "out")
     assert len(result.explanations) == 3
     _, predicted_skips = predict_images(folder, model, settings, tmp_path / "p.csv")
     assert len(result.skipped) == 1 and result.skipped == [(p, r) for p, r in predicted_skips]
@@ -132,12 +132,12 @@ def test_existing_explain_output_is_refused_or_replaced_whole(heads, data_dir, s
     for i, path in enumerate(sorted(second.iterdir())):
         path.rename(second / f"other{i}.png")
     out = tmp_path / "out"
-    explain_images(first, model, settings, out)
+    run_explain(first, model, settings, out)
     assert _listing(out) == ["explain.csv", "img0.png", "img1.png", "img2.png"]
     with pytest.raises(CxrError, match=r"already holds an explain run.*overwrite"):
-        explain_images(second, model, settings, out)
+        run_explain(second, model, settings, out)
     assert _listing(out) == ["explain.csv", "img0.png", "img1.png", "img2.png"]
-    explain_images(second, model, settings, out, overwrite=True)
+    run_explain(second, model, settings, out, overwrite=True)
     assert _listing(out) == ["explain.csv", "other0.png", "other1.png"]       # no stale PNG of the first run
     with open(out / "explain.csv", newline="") as handle:
         assert [row["png"] for row in csv.DictReader(handle)] == ["other0.png", "other1.png"]
@@ -146,8 +146,8 @@ def test_existing_explain_output_is_refused_or_replaced_whole(heads, data_dir, s
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me\n")
     with pytest.raises(CxrError, match=r"mine: the output folder is not empty"):
-        explain_images(second, model, settings, mine)
-    explain_images(second, model, settings, mine, overwrite=True)
+        run_explain(second, model, settings, mine)
+    run_explain(second, model, settings, mine, overwrite=True)
     assert _listing(mine) == ["explain.csv", "notes.txt", "other0.png", "other1.png"]
 
 

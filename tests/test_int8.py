@@ -99,7 +99,7 @@ def test_saved_head_keeps_its_precision_and_predict_refuses_another(data: Path, 
 
 def test_finetune_refuses_int8(data: Path, tmp_path: Path):
     with pytest.raises(CxrError, match="float32"):
-        cxr_transfer.finetune(data, "vgg16", random_weights=True, precision="int8", run_dir=tmp_path / "r",
+        cxr_transfer.finetune_backbone(data, "vgg16", random_weights=True, precision="int8", run_dir=tmp_path / "r",
                               cache_dir=tmp_path)
 
 

@@ -120,14 +120,16 @@ print(json.dumps({**light, "all_same": snapshot() == before and matplotlib.rcPar
     assert done.stdout.strip().splitlines()[-1] == '{"same": true, "heavy": [], "all_same": true}'
 
 
-def test_public_api_is_exported_and_audit_finetune_stay_callable_after_submodule_imports():
+def test_public_api_is_exported_and_no_function_shares_a_subpackage_name():
     import cxr_transfer.audit.run  # noqa: F401 - binds the subpackage to cxr_transfer.audit
     import cxr_transfer.finetune.train  # noqa: F401
 
-    for name in ("embed_folder", "embed_images", "compare", "finetune", "audit", "predict", "list_backbones",
-                 "BackboneSettings", "CxrError"):
-        assert name in cxr_transfer.__all__ and hasattr(cxr_transfer, name)
-    assert callable(cxr_transfer.audit) and callable(cxr_transfer.finetune)
+    for name in ("embed_folder", "embed_images", "compare", "finetune_backbone", "audit_dataset", "explain_images",
+                 "predict", "validate", "export_embeddings", "list_backbones", "BackboneSettings", "CxrError"):
+        assert name in cxr_transfer.__all__ and callable(getattr(cxr_transfer, name))
+    packages = {p.name for p in Path(cxr_transfer.__file__).parent.iterdir() if (p / "__init__.py").is_file()}
+    assert not packages & set(cxr_transfer.__all__)   # a function named like a package would be replaced on import
+    assert not callable(cxr_transfer.audit) and not callable(cxr_transfer.finetune)   # plain modules
     assert [c.name for c in cxr_transfer.list_backbones()][:2] == ["vgg16", "vgg19"]
     assert issubclass(CxrError, ValueError)
 

@@ -15,7 +15,7 @@ import pytest
 
 import cxr_transfer.classify.saved_model as saved_model_module
 from cxr_transfer.classify.compare import CompareSettings, run_compare
-from cxr_transfer.classify.validate import ValidateSettings, run_validate
+from cxr_transfer.validation.run import ValidateSettings, run_validate
 from cxr_transfer.core import outputs
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.synthetic import write_class_tree

@@ -14,7 +14,7 @@ import pytest
 import cxr_transfer
 from cxr_transfer.classify.predict import predict_images
 from cxr_transfer.classify.saved_model import load_head
-from cxr_transfer.classify.validate import ValidateSettings, run_validate
+from cxr_transfer.validation.run import ValidateSettings, run_validate
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.core.synthetic import write_class_tree
@@ -116,12 +116,12 @@ def test_validate_int8_head_records_precision_and_is_predicted_and_explained_at_
     # explain: the same int8 embeddings (occlusion: no exact CAM from the float32 feature-map export)
     one = sorted(ext.rglob("*.png"))[0]
     with pytest.raises(CxrError, match="trained on int8"):
-        cxr_transfer.explain(one, head, out=tmp_path / "e0", precision="float32", cache_dir=cache,
+        cxr_transfer.explain_images(one, head, out=tmp_path / "e0", precision="float32", cache_dir=cache,
                              random_weights=True, progress=False)
     with pytest.raises(CxrError, match="int8"):
-        cxr_transfer.explain(one, head, out=tmp_path / "e1", method="cam", cache_dir=cache, random_weights=True,
+        cxr_transfer.explain_images(one, head, out=tmp_path / "e1", method="cam", cache_dir=cache, random_weights=True,
                              progress=False)
-    result = cxr_transfer.explain(one, head, out=tmp_path / "e2", pngs=False, cache_dir=cache,
+    result = cxr_transfer.explain_images(one, head, out=tmp_path / "e2", pngs=False, cache_dir=cache,
                                   random_weights=True, progress=False)
     assert result.method == "occlusion"
     row = sorted(ext.rglob("*.png")).index(one)
@@ -202,7 +202,7 @@ def test_old_format_sidecar_with_too_few_class_names_is_one_line(old_head, ext, 
     with pytest.raises(CxrError, match=r"h\.json.*class_names"):
         predict_images(ext, old_head, settings(cache, input_size=None), tmp_path / "p.csv")
     with pytest.raises(CxrError, match=r"h\.json.*class_names"):
-        cxr_transfer.explain(ext, old_head, out=tmp_path / "e", cache_dir=cache, random_weights=True,
+        cxr_transfer.explain_images(ext, old_head, out=tmp_path / "e", cache_dir=cache, random_weights=True,
                              progress=False)
 
 
@@ -241,7 +241,7 @@ def test_malformed_finetune_model_json_is_one_line(text, field_name, ext, tmp_pa
     with pytest.raises(CxrError, match=rf"model\.json.*{field_name}"):
         cxr_transfer.predict(ext, run, out=tmp_path / "p.csv", random_weights=True, progress=False)
     with pytest.raises(CxrError, match=rf"model\.json.*{field_name}"):
-        cxr_transfer.explain(ext, run, out=tmp_path / "e", method="gradcam", random_weights=True, progress=False)
+        cxr_transfer.explain_images(ext, run, out=tmp_path / "e", method="gradcam", random_weights=True, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ L8

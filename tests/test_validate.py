@@ -24,7 +24,7 @@ from cxr_transfer.classify.calibration import brier_score, expected_calibration_
 from cxr_transfer.classify.conformal import fit_conformal, nested_sets, prediction_sets, set_summary
 from cxr_transfer.classify.duplicate_groups import merge_groups
 from cxr_transfer.classify.protocols import cv_splits, resolve_groups
-from cxr_transfer.classify.validate import ValidateSettings, run_validate
+from cxr_transfer.validation.run import ValidateSettings, run_validate
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.synthetic import write_class_tree
 from cxr_transfer.extract.dataset import load_dataset

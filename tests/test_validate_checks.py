@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 import cxr_transfer
-import cxr_transfer.classify.validate as validate_module
+import cxr_transfer.validation.run as validate_module
 from cxr_transfer.classify import bootstrap, conformal, metrics
 from cxr_transfer.classify.bootstrap import wilson_interval
 from cxr_transfer.classify.conformal import fit_conformal
 from cxr_transfer.classify.metrics import confusion_matrix, metrics_from_confusion
-from cxr_transfer.classify.validate import ValidateSettings, run_validate
+from cxr_transfer.validation.run import ValidateSettings, run_validate
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.synthetic import write_class_tree
 from cxr_transfer.extract.pipeline import ExtractSettings

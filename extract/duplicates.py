@@ -13,13 +13,16 @@ Two independent scores per pair of images:
   common), so it is only used to confirm a fairly close hash.
 
 ``DuplicateRule``: flagged when the pHash distance is small on its own, or moderate AND the cosine agrees.
-The thresholds come from ``python -m audit.calibrate`` (numbers in docs/audit-notes.md): every synthetic
-edit of 60 real images (``audit.transforms``) passes, pairs of different patients almost never do.
+The thresholds come from ``benchmarks/duplicate_thresholds.py`` (numbers in docs/audit-notes.md): every
+synthetic edit of 60 real images (``audit.transforms``) passes, pairs of different patients almost never do.
+Detection lives here, below classify, because grouped splits use it (``classify.duplicate_groups``) as well
+as the audit and validation.
 Cost: 81 hashes per image (~0.3 ms each) and an N x N x 81 Hamming comparison -- seconds for 500 images.
 """
 from __future__ import annotations
 
 import itertools
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from cxr_transfer.core.cache_keys import dataset_cache_id
 from cxr_transfer.extract.dataset import Dataset, Sample
 from cxr_transfer.extract.images import ImageDecodeError, read_rgb
 
@@ -132,6 +136,14 @@ def hash_files(paths: Sequence[Path], workers: int = 2) -> list[np.ndarray | str
 
 HASH_CACHE_NAME = f"audit-phash{HASH_SIZE}-views{len(TRIMS)}-decode{HASH_DECODE_SIZE}.npz"
 """File name of the view-hash cache, inside the dataset's feature-cache folder; its settings are in the name."""
+
+
+def hash_cache_path(dataset: Dataset, cache_dir: str | Path | None = None) -> Path:
+    """``<cache dir>/<dataset cache id>/<HASH_CACHE_NAME>``, the one view-hash cache of a dataset (keyed by
+    sha256, so a stale entry is never used for another image); without a cache dir, under the system's
+    temporary folder, since hashing 81 views of every image takes seconds to minutes."""
+    base = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "cxr-transfer"
+    return base / dataset_cache_id(dataset.root) / HASH_CACHE_NAME
 
 
 def hash_samples(samples: Sequence[Sample], cache_path: Path | None = None,

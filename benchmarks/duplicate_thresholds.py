@@ -1,7 +1,7 @@
 """Evidence for the near-duplicate thresholds: synthetic duplicates of real images vs different patients.
 
-    PYTHONPATH=. python -m audit.calibrate --data ../shared/data/covid19-xray \
-        --weights-dir ../shared/weights --out runs/audit-calibration
+    python benchmarks/duplicate_thresholds.py --data ../shared/data/covid19-xray \
+        --weights-dir ../shared/weights --out runs/duplicate-thresholds
 
 1. Positives: ``--per-class`` real images per class (seeded choice) are edited with every function of
    ``audit.transforms``; each (original, edited copy) pair is scored (pHash, dHash, embedding cosine).
@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cxr_transfer.audit.duplicates import (
+from cxr_transfer.extract.duplicates import (
     HASH_BITS,
     DuplicateRule,
     cosine_matrix,
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights-file", default=None)
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--cache-dir", default="features")
-    parser.add_argument("--out", default="runs/audit-calibration")
+    parser.add_argument("--out", default="runs/duplicate-thresholds")
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                       "phash": int(ph[i, j]), "cosine": float(cos[i, j])}
                      for i, j in top[order]]
     result = {
-        "record": run_record("audit.calibrate", vars(args), dataset_fingerprint=dataset.fingerprint,
+        "record": run_record("benchmarks/duplicate_thresholds.py", vars(args), dataset_fingerprint=dataset.fingerprint,
                              seconds=round(time.perf_counter() - started, 1)),
         "n_positive_pairs": len(positives), "n_negative_pairs": int(neg.sum()),
         "hash_bits": HASH_BITS,

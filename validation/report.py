@@ -1,7 +1,7 @@
 """The run folder of ``validate``: report.md (verdict first), results.csv (long format),
 external_predictions.csv, accuracy.png (internal vs external, with intervals) and reliability.png.
 
-Pure formatting of the numbers ``classify.validate`` computed; nothing here fits or scores a model.
+Pure formatting of the numbers ``validation.run`` computed; nothing here fits or scores a model.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cxr_transfer.core.tables import markdown_table
 from cxr_transfer.extract.cache import printable
 
 if TYPE_CHECKING:
-    from cxr_transfer.classify.validate import ValidateSettings
+    from cxr_transfer.validation.run import ValidateSettings
 
 
 def _ci(stat: dict[str, float] | None, digits: int = 3) -> str:

@@ -19,7 +19,7 @@ For every backbone and head:
   size internally (nested, so measured on images the calibration never saw) and externally, per class and
   per subgroup.
 
-A run folder like compare's (written by ``classify.validate_report``): report.md (verdict first),
+A run folder like compare's (written by ``validation.report``): report.md (verdict first),
 results.json, results.csv, accuracy.png, reliability.png, external_predictions.csv, record.json, and with
 ``save`` one ``<backbone>-<head>.joblib`` per model that ``predict`` loads (``--conformal ALPHA`` adds the
 prediction set).
@@ -61,16 +61,20 @@ from cxr_transfer.classify.conformal import (
     prediction_sets,
     set_summary,
 )
-from cxr_transfer.classify.duplicate_groups import default_hash_cache, duplicate_aware_groups
+from cxr_transfer.classify.duplicate_groups import duplicate_aware_groups
 from cxr_transfer.classify.heads import get_head, make_head, parse_head_list
 from cxr_transfer.classify.protocols import Split, check_splittable, cv_splits, resolve_groups
 from cxr_transfer.classify.results import images_fingerprint, run_folder_error
-from cxr_transfer.classify.validate_report import verdict_lines, write_external_predictions, write_report
+from cxr_transfer.validation.report import verdict_lines, write_external_predictions, write_report
 from cxr_transfer.core.bounds import FOLDS, IMAGE_COUNT, JOBS, N_BOOT, SEED, IntBound, check_int
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.outputs import check_run_name, new_run_dir, run_in_progress, writable_folder
 from cxr_transfer.core.record import Stopwatch, run_record, write_json
+from cxr_transfer.explain.explainers import load_explainer
+from cxr_transfer.explain.run import explanation_sheet, iter_explanations, mean_shares
 from cxr_transfer.extract.dataset import Dataset, Sample, load_dataset
+from cxr_transfer.extract.duplicates import DuplicateRule, cosine_matrix, hash_cache_path, phash_distance_matrix
+from cxr_transfer.extract.duplicates import hash_samples as view_hashes
 from cxr_transfer.extract.pipeline import ExtractSettings, align_feature_sets, load_features
 
 DUPLICATE_RULE_BACKBONE = "vgg16"
@@ -155,15 +159,13 @@ def _training_pool(dataset: Dataset) -> Dataset:
 def near_duplicate_pairs(train: Dataset, train_samples: list[Sample], external: Dataset, ext_samples: list[Sample],
                          train_embeddings: np.ndarray | None = None, ext_embeddings: np.ndarray | None = None,
                          cache_dir: Path | None = None) -> list[dict[str, Any]]:
-    """EXT images that the audit's duplicate rule (``audit.duplicates.DuplicateRule``: pHash of 81 trimmed
+    """EXT images that the audit's duplicate rule (``extract.duplicates.DuplicateRule``: pHash of 81 trimmed
     views, confirmed by the VGG16 cosine when embeddings are given) calls a near duplicate of a TRAIN image
     with other bytes: one row per such EXT image, its closest TRAIN image first (paths relative to each root)."""
     # layering: moves below classify in issue 23
-    from cxr_transfer.audit.duplicates import DuplicateRule, cosine_matrix, phash_distance_matrix
-    from cxr_transfer.audit.duplicates import hash_samples as view_hashes
 
     def hashes(dataset: Dataset, samples: list[Sample]) -> list:
-        return view_hashes(samples, default_hash_cache(dataset, cache_dir) if cache_dir else None)
+        return view_hashes(samples, hash_cache_path(dataset, cache_dir) if cache_dir else None)
 
     train_hashes, ext_hashes = hashes(train, train_samples), hashes(external, ext_samples)
     rows_t = [i for i, h in enumerate(train_hashes) if not isinstance(h, str)]
@@ -211,7 +213,7 @@ def train_overlap(train: Dataset, train_samples: list[Sample], external: Dataset
     flagged = same | {p["external"] for p in near} | {p["external"] for p in shared_images}
     excluded = [external.relative(e) for e in ext_samples if external.relative(e) in flagged]
     return {"identical": {"n": len(identical), "pairs": identical},
-            "near_duplicate": {"n": len(near), "pairs": near, "rule": "audit.duplicates.DuplicateRule"},
+            "near_duplicate": {"n": len(near), "pairs": near, "rule": "extract.duplicates.DuplicateRule"},
             "shared_patients": {"n": len(shared), "patient_ids": shared, "n_external_images": len(shared_images),
                                 "n_train_images": sum(train_patients[g] for g in shared), "images": shared_images},
             "excluded": {"n": len(excluded), "images": excluded},
@@ -617,7 +619,7 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
             vgg = arrays.get(DUPLICATE_RULE_BACKBONE)
             embeddings = {s.sha256: vgg[i] for i, s in enumerate(samples)} if vgg is not None else None
             found = duplicate_aware_groups(train, groups, embeddings,
-                                           default_hash_cache(full, settings.extract.cache_dir))
+                                           hash_cache_path(full, settings.extract.cache_dir))
             groups = clusters = found.groups
             merged = found.merged
             if merged:
@@ -718,9 +720,6 @@ def explain_errors(run_dir: Path, fitted: list[dict[str, Any]], models: list[dic
 
     The model: the linear head (exact CAM) with the best external accuracy, else the best model (occlusion).
     """
-    from cxr_transfer.explain.explainers import load_explainer
-    from cxr_transfer.explain.run import explanation_sheet, iter_explanations, mean_shares
-
     accuracy = {(m["backbone"], m["head"]): m["external"]["metrics"]["accuracy"]["value"] for m in models}
     linear = [f for f in fitted if f["head"] in LINEAR_HEADS]
     chosen = max(linear or fitted, key=lambda f: accuracy[(f["backbone"], f["head"])])
