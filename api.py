@@ -15,13 +15,13 @@ weights raise ``CxrError`` (a ``ValueError``).
 """
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from cxr_transfer.core.bounds import COUNT, check_int, names_argument
+from cxr_transfer.core.params import COUNT, check_int, names_argument
 from cxr_transfer.core.settings import DEFAULT_CACHE_DIR, BackboneSettings
 
 if TYPE_CHECKING:
@@ -35,6 +35,126 @@ if TYPE_CHECKING:
 
 def _first_backbone(name: str | None) -> dict[str, str]:
     return {"backbone": name} if name else {}
+
+
+class PredictResult(NamedTuple):
+    """What ``predict`` wrote: the CSV and the (path, reason) of every skipped file (unpacks as a pair)."""
+
+    csv_path: Path
+    skipped: list[tuple[str, str]]
+
+    def summary_lines(self) -> list[str]:
+        return ([f"skipped {path}: {reason.split(': ', 1)[-1]}" for path, reason in self.skipped]
+                + [f"predictions: {self.csv_path}"])
+
+
+@dataclass
+class ExtractRun:
+    """What ``extract`` did: one ExtractResult per backbone, and the dataset's left-out entries."""
+
+    results: list
+    skipped_summary: list[str]
+
+    def summary_lines(self) -> list[str]:
+        return self.skipped_summary + [line for result in self.results for line in result.summary_lines()]
+
+
+@dataclass
+class SideBySide:
+    """The ``report`` of run folders side by side: table rows, notes and the Markdown file written."""
+
+    rows: list[dict[str, str]]
+    notes: list[str]
+    path: Path
+
+    def summary_lines(self) -> list[str]:
+        from cxr_transfer.core.tables import text_table
+
+        return [text_table(self.rows)] + [f"note: {note}" for note in self.notes] + ["", f"report: {self.path}"]
+
+
+def settings_classes() -> dict[str, type]:
+    """The settings dataclasses behind the commands, by name: their fields' ``param`` metadata (constraint,
+    default, help) is what the command line's flags are made of (``cli.py``)."""
+    from cxr_transfer.audit.run import AuditSettings
+    from cxr_transfer.classify.compare import CompareSettings
+    from cxr_transfer.extract.engine import EngineSettings
+    from cxr_transfer.extract.pipeline import ExtractSettings
+    from cxr_transfer.finetune.settings import FinetuneSettings
+    from cxr_transfer.validation.run import ValidateSettings
+
+    return {"backbone": BackboneSettings, "extract": ExtractSettings, "engine": EngineSettings,
+            "compare": CompareSettings, "validate": ValidateSettings, "finetune": FinetuneSettings,
+            "audit": AuditSettings}
+
+
+def register_onnx_backbones(backbones: str, *, channels: int = 3, preprocess: str = "none",
+                            mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                            input_size: int | None = None, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> str:
+    """``backbones`` with every ``onnx:PATH`` wrapped, checked and registered (``extract.user_onnx``), as the
+    comma list of registered names that every other function takes."""
+    from cxr_transfer.extract.user_onnx import InputSpec, is_user_onnx, resolve_backbone_spec
+
+    if not any(is_user_onnx(item) for item in backbones.split(",")):
+        return backbones
+    return resolve_backbone_spec(backbones, InputSpec(channels, preprocess, mean, std), input_size, cache_dir)
+
+
+class BackboneTable(list):
+    """Rows of ``backbone_table`` (a list of dicts) that print as a text table."""
+
+    def summary_lines(self) -> list[str]:
+        from cxr_transfer.core.tables import text_table
+
+        return [text_table(self)]
+
+
+def backbone_table(weights_dir: str | Path | None = None, input_size: int | None = None,
+                   cache_dir: str | Path | None = DEFAULT_CACHE_DIR) -> BackboneTable:
+    """One row per backbone (input size, preprocessing, feature dim, where its weights were found), then the
+    user ONNX models wrapped in ``cache_dir``."""
+    from cxr_transfer.extract.commands import backbone_table as table
+
+    return BackboneTable(table(weights_dir, input_size, cache_dir))
+
+
+def extract(data: str | Path, backbones: str = "vgg16", *, common: BackboneSettings | None = None,
+            **options: Any) -> ExtractRun:
+    """Embeddings of a dataset by each backbone of a comma list, into the HDF5 cache (nothing else written).
+
+    Stage keywords: ``batch_size``, ``engine=EngineSettings(...)`` and the other ``ExtractSettings`` fields.
+    A backbone whose int8 model fails the fidelity gate does not stop the others: ``Int8RefusedError`` comes
+    at the end with their results.
+    """
+    from cxr_transfer.extract.commands import extract_many
+    from cxr_transfer.extract.dataset import load_dataset
+    from cxr_transfer.extract.engine import check_engine
+    from cxr_transfer.extract.pipeline import ExtractSettings
+    from cxr_transfer.extract.registry import parse_backbone_list
+
+    backbones = names_argument("backbones", backbones)
+    parse_backbone_list(backbones)
+    settings = ExtractSettings.from_options(common, **_first_backbone(backbones.split(",")[0].strip()), **options)
+    check_engine(settings.engine)   # Ray missing: say how to install it before reading any data
+    dataset = load_dataset(data)
+    return ExtractRun(extract_many(dataset, backbones, settings), dataset.skipped_summary())
+
+
+def report_runs(runs: list[str | Path], out: str | Path = Path("runs") / "side-by-side.md",
+                head: str | None = None) -> SideBySide:
+    """Fine-tuned models and heads side by side on the same test images; writes the Markdown report."""
+    from cxr_transfer.classify.side_by_side import side_by_side, write_side_by_side
+
+    rows, notes = side_by_side(runs, head=head)
+    return SideBySide(rows, notes, write_side_by_side(runs, out, head=head))
+
+
+def audit_pointer(data: str | Path) -> str | None:
+    """The audit's one-line pointer for this dataset, when an audit of it exists (compare and finetune show it)."""
+    from cxr_transfer.audit.run import audit_pointer as pointer
+    from cxr_transfer.extract.dataset import load_dataset
+
+    return pointer(load_dataset(data))
 
 
 def list_backbones() -> list[BackboneConfig]:
@@ -189,7 +309,7 @@ def audit_dataset(data: str | Path, backbone: str = "vgg16", *, common: Backbone
 
 def predict(images: str | Path, model: str | Path, *, out: str | Path | None = None, precision: str | None = None,
             conformal: float | None = None, common: BackboneSettings | None = None,
-            **options: Any) -> tuple[Path, list[tuple[str, str]]]:
+            **options: Any) -> PredictResult:
     """Class probabilities for an image file or folder from a saved head (.joblib) or a finetune run folder.
 
     Writes a CSV (path, sha256, predicted, one probability column per class) and returns it with the
@@ -201,7 +321,8 @@ def predict(images: str | Path, model: str | Path, *, out: str | Path | None = N
     from cxr_transfer.classify.predict import predict_images
     from cxr_transfer.extract.pipeline import ExtractSettings
 
-    return predict_images(images, model, ExtractSettings.from_options(common, **options), out, precision, conformal=conformal)
+    return PredictResult(*predict_images(images, model, ExtractSettings.from_options(common, **options), out,
+                                         precision, conformal=conformal))
 
 
 def explain_images(images: str | Path, model: str | Path, *, out: str | Path | None = None, method: str = "auto",

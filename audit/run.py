@@ -23,6 +23,7 @@ from cxr_transfer.audit.pixel_shortcuts import PixelShortcutResult, pixel_shortc
 from cxr_transfer.audit.report import AUDIT_JSON, write_report
 from cxr_transfer.core.cache_keys import dataset_cache_id
 from cxr_transfer.core.outputs import writable_folder
+from cxr_transfer.core.params import FOLDS, SEED, check_params, param
 from cxr_transfer.core.record import Stopwatch, run_record
 from cxr_transfer.core.settings import BackboneSettings, UsesBackboneSettings
 from cxr_transfer.extract.duplicates import DuplicateRule, DuplicateScan, find_duplicates, hash_cache_path
@@ -38,13 +39,16 @@ class AuditSettings(UsesBackboneSettings):
 
     data: str | Path
     common: BackboneSettings = field(default_factory=BackboneSettings)
-    out_dir: Path | None = None            # None -> runs/audit/<dataset cache id>/
-    runs_dir: Path = DEFAULT_RUNS_DIR      # where the default out_dir lives and pointers look
-    seed: int = 0
-    folds: int = 5
-    head: str = "logreg"
-    strict: bool = False                   # the CLI exits 1 when strict and findings exist
+    out_dir: Path | None = param(None, help="report folder (default: runs/audit/<dataset id>/)", flag="--out")
+    runs_dir: Path = param(DEFAULT_RUNS_DIR, help="where audits are kept and looked up")
+    seed: int = param(0, SEED, "folds and heads")
+    folds: int = param(5, FOLDS, "folds of the shortcut checks", cli=False)
+    head: str = param("logreg", help="the head of the shortcut checks", cli=False)
+    strict: bool = param(False, help="exit with status 1 when the audit finds anything")
     rule: DuplicateRule = field(default_factory=DuplicateRule)
+
+    def __post_init__(self) -> None:
+        check_params(self)
 
     def extract_settings(self) -> ExtractSettings:
         return ExtractSettings(common=self.common)
@@ -77,6 +81,11 @@ class AuditReport:
     def exit_code(self) -> int:
         """1 when the settings are strict and something was found, else 0."""
         return 1 if self.settings.strict and self.findings else 0
+
+    def summary_lines(self) -> list[str]:
+        """What the command line prints: skipped files, the verdict, each finding, the report's path."""
+        return (self.dataset.skipped_summary() + [self.verdict] + [f"- {finding}" for finding in self.findings]
+                + [f"report: {self.out_dir / 'audit.md'} ({self.timings['total']:.0f} s)"])
 
 
 def default_out_dir(dataset: Dataset, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path:

@@ -1,4 +1,4 @@
-"""``cli.py compare``: scikit-learn heads on cached embeddings, evaluated on identical splits.
+"""Compare (``cxr.compare``): scikit-learn heads on cached embeddings, evaluated on identical splits.
 
 For every backbone the embeddings come from the HDF5 cache (extracted first when missing). The splits are
 computed once on the evaluated images, so every backbone and head is scored on exactly the same test sets
@@ -28,8 +28,9 @@ from cxr_transfer.classify.protocols import (
     paper_splits,
     resolve_groups,
 )
+from cxr_transfer.classify.report import compare_summary_text
 from cxr_transfer.classify.results import Evaluation, images_fingerprint, run_folder_error, save_results
-from cxr_transfer.core.bounds import COUNT, FOLDS, JOBS, SEED, check_int, names_argument
+from cxr_transfer.core.params import COUNT, FOLDS, FRACTION, JOBS, SEED, Options, check_params, names_argument, param
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.outputs import check_run_name, new_run_dir, run_in_progress, writable_folder
 from cxr_transfer.core.record import run_record, write_json
@@ -52,31 +53,32 @@ class CompareSettings:
 
     data: Path
     extract: ExtractSettings = field(default_factory=ExtractSettings)
-    backbones: str = "vgg16"
-    heads: str = "all"
-    protocol: str = "paper"
-    seed: int = 0
-    seeds: int = 10              # paper protocol: splits with seeds seed .. seed+seeds-1
-    folds: int = 5
-    repeats: int = 1
-    test_size: float = 0.2
-    group_by: str | None = None  # "patient_id": no patient on both sides of a split
-    concat: bool = False         # also evaluate the concatenated embeddings of all backbones
-    tune: bool = False           # inner-CV hyper-parameter search inside each training fold
-    save: bool = False           # refit each head on all evaluated images and save it with joblib
-    head: str | None = None      # the head reports name as chosen; None: chosen per split by inner CV
-    select_folds: int = 3        # inner CV folds (inside each training part) that choose the head
-    out_dir: Path = Path("runs")
-    run_name: str | None = None
-    n_jobs: int = -1
+    backbones: str = param("vgg16", help="backbone names, comma list or 'all'", flag="--backbone")
+    heads: str = param("all", help="comma list of logreg,linsvm,rbfsvm,knn,rf,hgb,mlp or 'all'")
+    protocol: str = param("paper", Options(PROTOCOLS),
+                          "paper: seeded stratified 80/20 of train/; cv: repeated stratified k-fold of train/; "
+                          "holdout: fit on train/, evaluate on test/")
+    seed: int = param(0, SEED, "first seed of the splits and heads")
+    seeds: int = param(10, COUNT, "paper protocol: number of seeded splits (seeds seed .. seed+seeds-1)")
+    folds: int = param(5, FOLDS, "cv protocol: folds")
+    repeats: int = param(1, COUNT, "cv protocol: repeats")
+    test_size: float = param(0.2, FRACTION, "paper protocol: test share of each split")
+    group_by: str | None = param(None, help="patient_id (manifest/CSV) or dicom:PatientID (salted hash of the DICOM "
+                                            "header's id): no patient on both sides of a split")
+    concat: bool = param(False, help="also evaluate all backbones' embeddings concatenated")
+    tune: bool = param(False, help="tune each head by inner CV on the training fold only")
+    save: bool = param(False, help="refit each head on all evaluated images and save it")
+    head: str | None = param(None, help="the head the report names as chosen (default: chosen on each split by CV "
+                                        "inside its training part)")
+    select_folds: int = param(3, FOLDS, "folds of the CV inside each training part that chooses the head")
+    out_dir: Path = param(Path("runs"), help="folder for run folders", flag="--out")
+    run_name: str | None = param(None, help="run folder name (default: compare-PROTOCOL-TIMESTAMP)", flag="--name")
+    n_jobs: int = param(-1, JOBS, "parallel fits (default: all cores)", flag="--jobs")
 
     def __post_init__(self) -> None:
         self.backbones = names_argument("backbones", self.backbones)
         self.heads = names_argument("heads", self.heads)
-        check_int("seed", self.seed, SEED)
-        for name, bound in (("seeds", COUNT), ("folds", FOLDS), ("repeats", COUNT), ("select_folds", FOLDS),
-                            ("n_jobs", JOBS)):
-            check_int(name, getattr(self, name), bound)
+        check_params(self)
 
     def record(self) -> dict[str, object]:
         return {"data": str(self.data), "backbones": self.backbones, "heads": self.heads,
@@ -93,6 +95,17 @@ class CompareRun:
     evaluations: list[Evaluation]
     summary: list[dict]
     skipped: list[tuple[str, str]] = field(default_factory=list)   # dataset entries left out (path, reason)
+    settings: CompareSettings | None = None
+
+    def summary_lines(self) -> list[str]:
+        """What the command line prints: the summary table and tests, what was left out, the run folder."""
+        chosen = {"head": self.settings.head if self.settings else None,
+                  "select_folds": self.settings.select_folds if self.settings else 3}
+        lines = compare_summary_text(self.evaluations, self.summary, chosen).split("\n")
+        if self.skipped:
+            lines += ["", f"{len(self.skipped)} file(s) or folder(s) of the dataset left out:"]
+            lines += [f"  left out {path}: {reason}" for path, reason in self.skipped]
+        return lines + ["", f"run folder: {self.run_dir} (report.md, results.json, results.csv, plots, record.json)"]
 
 
 def evaluation_pool(dataset: Dataset, protocol: str) -> Dataset:
@@ -314,4 +327,4 @@ def run_compare(settings: CompareSettings) -> CompareRun:
             write_compare_report(run_dir, class_names, evaluations, summary, record)
     except OSError as exc:
         raise run_folder_error(run_dir, exc) from None
-    return CompareRun(run_dir, class_names, evaluations, summary, list(dataset.skipped))
+    return CompareRun(run_dir, class_names, evaluations, summary, list(dataset.skipped), settings)

@@ -1,4 +1,4 @@
-"""``cli.py predict``: class probabilities for new images from a saved model.
+"""Predict (``cxr.predict``): class probabilities for new images from a saved model.
 
 Two kinds of model:
 - a head saved by ``compare --save`` (``NAME.joblib`` + ``NAME.json``): embeddings are computed through the

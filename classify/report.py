@@ -254,7 +254,7 @@ def write_compare_report(run_dir: Path, class_names: list[str], evaluations: lis
 
 
 def compare_summary_text(evaluations: Sequence[Evaluation], summary: list[dict], settings: dict[str, Any]) -> str:
-    """What ``cli.py compare`` prints: the summary table with marks, the chosen heads and the paired tests."""
+    """What the compare command prints: the summary table with marks, the chosen heads and the paired tests."""
     analysis = analyse(evaluations, settings)
     return "\n".join([text_table(summary_rows(summary, analysis.marks())), ""]
                      + findings_lines(analysis, summary, markdown=False))

@@ -1,4 +1,4 @@
-"""The results schema shared by compare and finetune, so ``cli.py report`` can put runs side by side.
+"""The results schema shared by compare and finetune, so ``report_runs`` can put runs side by side.
 
 A run folder holds ``results.json``:
 

@@ -1,4 +1,4 @@
-"""``cli.py report``: fine-tuned models and scikit-learn heads side by side on the same test images.
+"""Side by side (``cxr.report_runs``): fine-tuned models and scikit-learn heads side by side on the same test images.
 
 Runs are matched by test-set fingerprint (sha256 over the test images' sha256), so a number is only put
 beside another when both models were scored on exactly the same images. Per backbone, each fine-tuned

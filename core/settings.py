@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from cxr_transfer.core.bounds import COUNT, INPUT_SIZE, MAX_INPUT_SIZE, check_int  # noqa: F401 (re-export)
+from cxr_transfer.core.params import COUNT, INPUT_SIZE, Options, check_params, param
 
 DEFAULT_CACHE_DIR = Path("features")
 PRECISIONS = ("float32", "int8")
@@ -24,27 +24,26 @@ EXPORT_FORMATS = ("parquet", "npy")   # ``export --format`` (extract/export_tabl
 class BackboneSettings:
     """Which network, which weights, what input size, where caches go, how fast, how chatty."""
 
-    backbone: str = "vgg16"                  # registry name (see ``list_backbones()``)
-    weights_file: str | Path | None = None   # an explicit weights file for this backbone
-    weights_dir: str | Path | None = None    # a folder searched for <backbone>_*.h5 / Keras' own file name
-    random_weights: bool = False             # tests only: never a fallback
-    allow_download: bool = True              # let Keras fetch ImageNet weights when nothing local is found
-    input_size: int | None = None            # square input side; None = the backbone's ImageNet size
-    cache_dir: Path = DEFAULT_CACHE_DIR      # ONNX exports, HDF5 embeddings, hash caches
-    threads: int | None = None               # onnxruntime intra-op threads; None = all cores
-    progress: bool = True                    # progress bars / per-epoch lines on stderr
-    precision: str = "float32"               # "int8": statically quantized export (extract.quantize)
-    calibration_size: int = 64               # int8: images of the dataset the quantization is calibrated on
+    backbone: str = param("vgg16", help="backbone name (see `cxr-transfer backbones`)")
+    weights_file: str | Path | None = param(None, help="weights file for the (single) backbone", flag="--weights")
+    weights_dir: str | Path | None = param(None, help="folder searched for <backbone>_*.h5; default $CXR_WEIGHTS_DIR, "
+                                                      "else ../shared/weights")
+    random_weights: bool = param(False, help="random weights (tests only, never a fallback)")
+    allow_download: bool = param(True, help="let Keras fetch ImageNet weights when nothing local is found", cli=False)
+    input_size: int | None = param(None, INPUT_SIZE, "square input side (default: the backbone's own)",
+                                   none_means="the backbone's own size")
+    cache_dir: Path = param(DEFAULT_CACHE_DIR, help="ONNX exports, HDF5 embeddings, hash caches")
+    threads: int | None = param(None, COUNT, "onnxruntime threads (default: all cores)", none_means="all cores")
+    progress: bool = param(True, help="progress bars / per-epoch lines on stderr")
+    precision: str = param("float32", Options(PRECISIONS),
+                           "float32, or int8: a statically quantized export calibrated on the dataset's own images, "
+                           "refused when its embeddings drift from float32 (predict: the model's own)")
+    calibration_size: int = param(64, COUNT, "int8: images of the dataset to calibrate on")
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, str) or not self.backbone.strip():
             raise TypeError(f"backbone must be a non-empty str, got {self.backbone!r} instead")
-        # the bounds are core.bounds', which the command line's flags use too
-        check_int("input_size", self.input_size, INPUT_SIZE, none_means="the backbone's own size")
-        check_int("threads", self.threads, COUNT, none_means="all cores")
-        check_int("calibration_size", self.calibration_size, COUNT)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r} instead")
+        check_params(self)   # the same constraints make the command line's flags (cli.py)
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 
     def with_backbone(self, name: str) -> "BackboneSettings":

@@ -67,6 +67,12 @@ class ExplainResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     details: dict = field(default_factory=dict)
 
+    def summary_lines(self) -> list[str]:
+        """What the command line prints: skipped files, the border share per predicted class, the folder."""
+        return ([f"skipped {path}: {reason.split(': ', 1)[-1]}" for path, reason in self.skipped]
+                + summary_lines(self.explanations)
+                + [f"{self.method}: {len(self.explanations)} heatmaps in {self.out_dir} ({self.csv_path.name})"])
+
 
 def mean_shares(explanations: Sequence[Explanation], labels: Sequence[str] | None = None,
                 region: str = "border") -> dict[str, tuple[float, int]]:

@@ -1,11 +1,11 @@
-"""Library functions behind ``cli.py extract`` and ``cli.py backbones`` (the CLI only parses flags)."""
+"""Extraction of several backbones in one go, and the backbone table (``api.extract``, ``api.backbone_table``)."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 from cxr_transfer.core.errors import CxrError, Int8RefusedError
-from cxr_transfer.extract.dataset import load_dataset
+from cxr_transfer.extract.dataset import Dataset, load_dataset
 from cxr_transfer.extract.engine import engine_session
 from cxr_transfer.extract.pipeline import (
     ExtractResult,
@@ -19,7 +19,7 @@ from cxr_transfer.extract.weights import resolve_weights
 log = logging.getLogger(__name__)
 
 
-def extract_many(data: str | Path, backbones: str, settings: ExtractSettings) -> list[ExtractResult]:
+def extract_many(data: str | Path | Dataset, backbones: str, settings: ExtractSettings) -> list[ExtractResult]:
     """Extract the dataset with each backbone of a comma list; a --weights file goes to the only backbone.
     The Ray engine connects once (when a backbone has work) and serves every backbone. A backbone whose int8
     model is refused by the fidelity gate does not stop the others: ``Int8RefusedError`` comes at the end,
@@ -27,7 +27,7 @@ def extract_many(data: str | Path, backbones: str, settings: ExtractSettings) ->
     configs = parse_backbone_list(backbones)
     if settings.weights_file and len(configs) > 1:
         raise CxrError("--weights FILE names one file: use it with one backbone, or use --weights-dir for several")
-    dataset = load_dataset(data)
+    dataset = data if isinstance(data, Dataset) else load_dataset(data)
     # Resolve every backbone's weights before computing anything: a missing file fails at once.
     for config in configs:
         resolve_weights(config, settings.weights_file, settings.weights_dir, settings.random_weights,

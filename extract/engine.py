@@ -16,36 +16,33 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from cxr_transfer.core.bounds import COUNT, IntBound, check_int
+from cxr_transfer.core.params import COUNT, Interval, Options, check_params, param
 from cxr_transfer.core.errors import CxrError
 
 if TYPE_CHECKING:
     from cxr_transfer.extract.dataset import Sample
 
 ENGINES = ("local", "ray")
-RETRIES = IntBound(0)
+RETRIES = Interval(0)
 
 
 @dataclass(frozen=True)
 class EngineSettings:
     """Which engine computes the missing embeddings, and (Ray) on which cluster with how many workers."""
 
-    name: str = "local"               # "local" or "ray"
-    address: str | None = None        # ray: "host:port", "auto" or "ray://host:port"; None: $RAY_ADDRESS, else
-                                      #   a new local instance on this machine
-    workers: int | None = None        # ray: actors, one onnxruntime session each; None: the cluster's CPUs
-                                      #   divided by threads_per_worker
-    threads_per_worker: int = 1       # ray: onnxruntime intra-op threads (and Ray CPUs) of each actor
-    shard_size: int = 256             # ray: images per shard (one task, one part file)
-    max_retries: int = 3              # ray: times a shard is run again after its worker process died
+    name: str = param("local", Options(ENGINES), "local: this process; ray: a Ray cluster, or a local Ray "
+                                                 "instance (docs/distributed.md)", flag="--engine")
+    address: str | None = param(None, help="ray: cluster address host:port, auto or ray://host:port (default: "
+                                           "$RAY_ADDRESS, else a new local instance)")
+    workers: int | None = param(None, COUNT, "ray: actors, each with its own onnxruntime session (default: the "
+                                             "cluster's CPUs / threads_per_worker)",
+                                none_means="the cluster's CPUs / threads_per_worker")
+    threads_per_worker: int = param(1, COUNT, "ray: onnxruntime threads (and CPUs reserved) per worker")
+    shard_size: int = param(256, COUNT, "ray: images per shard, the unit of work, retry and resume")
+    max_retries: int = param(3, RETRIES, "ray: times a shard is run again after its worker process died", cli=False)
 
     def __post_init__(self) -> None:
-        if self.name not in ENGINES:
-            raise CxrError(f"engine must be one of {', '.join(ENGINES)}, got {self.name!r} instead")
-        check_int("workers", self.workers, COUNT, none_means="the cluster's CPUs / threads_per_worker")
-        for name in ("threads_per_worker", "shard_size"):
-            check_int(name, getattr(self, name), COUNT)
-        check_int("max_retries", self.max_retries, RETRIES)
+        check_params(self)
         if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
             raise CxrError(f"address must be host:port, auto or ray://host:port, got {self.address!r} instead")
 

@@ -57,6 +57,10 @@ class ExportResult:
     extraction: ExtractResult
     dataset: Dataset
 
+    def summary_lines(self) -> list[str]:
+        """What the command line prints: skipped entries, the extraction, the file written."""
+        return (self.dataset.skipped_summary() + self.extraction.summary_lines() + [self.summary()])
+
     def summary(self) -> str:
         n = self.size_bytes
         size = f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} kB"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_transfer.core.bounds import COUNT, check_int
+from cxr_transfer.core.params import COUNT, POSITIVE, check_params, param
 from cxr_transfer.core.cache_keys import dataset_cache_id, model_key
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
@@ -73,12 +73,13 @@ class ExtractSettings(UsesBackboneSettings):
     (``common``) plus what only extraction needs."""
 
     common: BackboneSettings = field(default_factory=BackboneSettings)
-    batch_size: int = 16
-    decode_workers: int = 2
-    flush_every: int = 256
+    batch_size: int = param(16, COUNT, "images per onnxruntime batch")
+    decode_workers: int = param(2, COUNT, "threads decoding images ahead of the network", cli=False)
+    flush_every: int = param(256, COUNT, "embeddings written to the cache per part file", cli=False)
     opset: int = DEFAULT_OPSET
     view: ImageView | None = None
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT   # seconds to wait for another run writing the same cache
+    lock_timeout: float = param(DEFAULT_LOCK_TIMEOUT, POSITIVE, "seconds to wait for another run writing the "
+                                                                "same cache", cli=False)
     calibration_digest: str | None = None   # int8: use the cached model of this calibration (e.g. a saved head's)
     engine: EngineSettings = field(default_factory=EngineSettings)   # who computes the missing embeddings
 
@@ -87,8 +88,7 @@ class ExtractSettings(UsesBackboneSettings):
             raise TypeError(f"common must be a BackboneSettings, got {type(self.common).__name__} instead")
         if not isinstance(self.engine, EngineSettings):
             raise TypeError(f"engine must be an EngineSettings, got {type(self.engine).__name__} instead")
-        for name in ("batch_size", "decode_workers", "flush_every"):
-            check_int(name, getattr(self, name), COUNT)
+        check_params(self)
 
     @property
     def config(self) -> BackboneConfig:
@@ -126,6 +126,10 @@ class ExtractResult:
     @property
     def rate(self) -> float:
         return self.n_computed / self.seconds if self.seconds > 0 and self.n_computed else 0.0
+
+    def summary_lines(self) -> list[str]:
+        """The summary line and one line per skipped image."""
+        return [self.summary()] + [f"  skipped {path}: {reason.split(': ', 1)[-1]}" for path, reason in self.failures]
 
     def summary(self) -> str:
         name = f"{self.backbone} int8" if self.precision == "int8" else self.backbone

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.params import COUNT, FRACTION, POSITIVE, SEED, Interval, check_params, param
 from cxr_transfer.core.settings import BackboneSettings, UsesBackboneSettings
 from cxr_transfer.finetune.model import PAPER_DENSE_UNITS, PAPER_DROPOUT
 
@@ -17,34 +18,32 @@ class FinetuneSettings(UsesBackboneSettings):
 
     data: str | Path
     common: BackboneSettings = field(default_factory=lambda: BackboneSettings(input_size=224))
-    epochs: int = 35
-    batch_size: int = 8
-    lr: float = 1e-3
-    seed: int = 0                         # split, head initialisation, augmentation and batch order
-    fast: bool = False
-    views: int = 10                       # fast path: views per training image (1 = no augmentation)
-    augment: bool = True                  # False = no augmentation (plain; fast: as views=1)
-    dense_units: int = PAPER_DENSE_UNITS
-    dropout: float = PAPER_DROPOUT
-    test_size: float = 0.2
-    split: str | None = "train"           # the split folder the 80/20 is drawn from (None: all images)
-    group_by: str | None = None           # "patient_id"/"group": keep each patient on one side of the split
-    run_dir: str | Path | None = None     # exact folder; default: <out_dir>/finetune-<backbone>-...-<time>
-    out_dir: str | Path = DEFAULT_OUT_DIR
-    export_onnx: bool = True
+    epochs: int = param(35, COUNT, "training epochs")
+    batch_size: int = param(8, COUNT, "images per training batch")
+    lr: float = param(1e-3, POSITIVE, "Adam learning rate")
+    seed: int = param(0, SEED, "split, initialisation, augmentation and batch order")
+    fast: bool = param(False, help="train the head on a cached bank of augmented views")
+    views: int = param(10, COUNT, "fast: augmented views per training image (1: none)")
+    augment: bool = param(True, help="the paper's augmentation (False: plain loop without it)")
+    dense_units: int = param(PAPER_DENSE_UNITS, COUNT, "hidden units of the head (see finetune/model.py)")
+    dropout: float = param(PAPER_DROPOUT, Interval(0.0, 1.0, real=True, high_open=True), "dropout of the head")
+    test_size: float = param(0.2, FRACTION, "held-out share of the split")
+    split: str | None = param("train", help="the split folder the 80/20 is drawn from (None: all images)",
+                              none_means="all images", cli=False)
+    group_by: str | None = param(None, help="patient_id (or group, or dicom:PatientID): keep each patient on one "
+                                            "side of the split")
+    run_dir: str | Path | None = param(None, help="exact run folder")
+    out_dir: str | Path = param(DEFAULT_OUT_DIR, help="folder for run folders", flag="--out")
+    export_onnx: bool = param(True, help="also write model.onnx (checked against Keras)", cli=False)
+
+    def __post_init__(self) -> None:
+        check_params(self)
 
     def check(self) -> None:
-        """Raise CxrError for values that cannot work."""
-        for name in ("epochs", "batch_size", "views", "dense_units"):
-            if getattr(self, name) < 1:
-                raise CxrError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        """Raise CxrError for values that cannot work together."""
         if self.precision != "float32":
-            raise CxrError(f"finetune trains in Keras at float32; --precision {self.precision} applies to extract, "
-                           f"compare, audit and predict")
-        if not self.lr > 0:
-            raise CxrError(f"learning rate must be positive, got {self.lr}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise CxrError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise CxrError(f"finetune trains in Keras at float32; precision {self.precision} applies to extract, "
+                           f"compare, audit and predict", param="precision")
 
     @property
     def model_name(self) -> str:

@@ -6,6 +6,7 @@ A random-weight MobileNetV2 at 32 px, exported once per module, serves the tests
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 
 import cxr_transfer
 from cxr_transfer import cli
-from cxr_transfer.core import bounds
+from cxr_transfer.core import params as bounds
 from cxr_transfer.core.settings import BackboneSettings
 from cxr_transfer.core.synthetic import write_class_tree
 from cxr_transfer.extract.dataset import load_dataset
@@ -43,10 +44,11 @@ def tiny_data(tmp_path_factory) -> Path:
 def test_input_size_out_of_bounds_is_refused_by_library_and_cli_alike(size: int):
     with pytest.raises(ValueError, match=rf"input_size must be at (least 1|most 1024).*got {size} instead"):
         BackboneSettings(input_size=size)
+    input_size = cli.flag_type(bounds.INPUT_SIZE, "int")   # the --input-size flag's type
     with pytest.raises(argparse.ArgumentTypeError, match=f"got {size} instead"):
-        cli.INPUT_SIZE(str(size))
+        input_size(str(size))
     for good in (1, bounds.MAX_INPUT_SIZE):
-        assert BackboneSettings(input_size=good).input_size == cli.INPUT_SIZE(str(good)) == good
+        assert BackboneSettings(input_size=good).input_size == input_size(str(good)) == good
 
 
 @pytest.mark.parametrize("size", [0, 5000])
@@ -107,13 +109,29 @@ def _compare_settings(**options):
     return CompareSettings(data=Path("."), **options)
 
 
-def test_cli_and_library_share_one_bound_per_setting():
-    """The argparse types are made from the core bounds: same limits, same words."""
-    for flag_type, bound, bad in ((cli.INPUT_SIZE, bounds.INPUT_SIZE, 1025), (cli.POSITIVE, bounds.COUNT, 0),
-                                  (cli.SEED, bounds.SEED, -1), (cli.jobs_count, bounds.JOBS, 0)):
-        with pytest.raises(argparse.ArgumentTypeError) as refused:
-            flag_type(str(bad))
-        assert str(refused.value) == bound.problem(bad)
+def test_cli_flags_and_library_share_one_constraint_per_setting(capsys):
+    """Every flag with limits is made from its settings field (core.params): the flag and the library refuse
+    the same value with the same words, and the parser of each command really uses that flag type."""
+    import dataclasses
+
+    checked = 0
+    for cls in cxr_transfer.api.settings_classes().values():
+        for field in dataclasses.fields(cls):
+            info = bounds.param_info(field)
+            constraint = info and info["constraint"]
+            if not isinstance(constraint, bounds.Interval) or constraint.low is None:
+                continue
+            bad = constraint.low - (0.5 if constraint.real else 1) if constraint.special is None else -5
+            with pytest.raises(argparse.ArgumentTypeError) as refused:
+                cli.flag_type(constraint, "int")(str(bad))
+            assert str(refused.value) == constraint.problem(bad)
+            with pytest.raises(ValueError, match=f"^{field.name} {re.escape(constraint.problem(bad))}"):
+                bounds.check_value(field.name, bad, constraint)
+            checked += 1
+    assert checked >= 20
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["compare", "--folds", "1"])
+    assert f"--folds: {bounds.FOLDS.problem(1)}" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_calibration_size_below_one(run_cli, class_tree: Path):

@@ -1,4 +1,4 @@
-"""``cli.py validate``: can a head trained on TRAIN be trusted on someone else's X-rays?
+"""External validation (``cxr.validate``): can a head trained on TRAIN be trusted on someone else's X-rays?
 
 For every backbone and head:
 - **internal**: out-of-fold probabilities of a patient-grouped k-fold cross-validation of TRAIN (the
@@ -27,7 +27,6 @@ prediction set).
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -66,7 +65,7 @@ from cxr_transfer.classify.heads import get_head, make_head, parse_head_list
 from cxr_transfer.classify.protocols import Split, check_splittable, cv_splits, resolve_groups
 from cxr_transfer.classify.results import images_fingerprint, run_folder_error
 from cxr_transfer.validation.report import verdict_lines, write_external_predictions, write_report
-from cxr_transfer.core.bounds import FOLDS, IMAGE_COUNT, JOBS, N_BOOT, SEED, IntBound, check_int
+from cxr_transfer.core.params import FOLDS, FRACTION, IMAGE_COUNT, JOBS, N_BOOT, SEED, Options, check_params, param
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.outputs import check_run_name, new_run_dir, run_in_progress, writable_folder
 from cxr_transfer.core.record import Stopwatch, run_record, write_json
@@ -81,13 +80,6 @@ DUPLICATE_RULE_BACKBONE = "vgg16"
 """The audit's duplicate rule was calibrated on VGG16 embeddings: only those confirm a pHash match."""
 
 
-def _check_whole(name: str, value: Any, bound: IntBound) -> None:
-    """``core.bounds.check_int`` for a setting that may also be a NumPy integer (validate's settings take
-    those: a seed or count read from an array)."""
-    check_int(name, int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value,
-              bound)
-
-
 @dataclass(frozen=True)
 class ValidateSettings:
     """What validate fits, on what, and how it measures (see the module docstring)."""
@@ -95,29 +87,28 @@ class ValidateSettings:
     data: Path
     external: Path
     extract: ExtractSettings = field(default_factory=ExtractSettings)
-    backbones: str = "vgg16"
-    heads: str = "logreg"
-    group_by: str | None = None        # None: patient_id when TRAIN has patient ids, else single images
-    merge_duplicates: bool = True      # keep each near-duplicate cluster of TRAIN in one group
-    subgroups: str = ""                # comma list of EXT manifest columns
-    alpha: float = 0.1                 # conformal miscoverage
-    calibrate: str | None = None       # "sigmoid" | "isotonic"
-    folds: int = 5
-    n_boot: int = DEFAULT_N_BOOT
-    seed: int = 0
-    save: bool = False
-    explain: int = 0                   # heatmaps of the N most confident external errors (0: none)
-    out_dir: Path = Path("runs")
-    run_name: str | None = None
-    n_jobs: int = -1
+    backbones: str = param("vgg16", help="backbone names, comma list or 'all'", flag="--backbone")
+    heads: str = param("logreg", help="comma list of logreg,linsvm,rbfsvm,knn,rf,hgb,mlp or 'all'")
+    group_by: str | None = param(None, help="patient_id (default when TRAIN has patient ids): folds and bootstrap "
+                                            "by patient")
+    merge_duplicates: bool = param(True, help="join patients that share a near-duplicate radiograph into one group")
+    subgroups: str = param("", help="comma list of EXT manifest columns, e.g. source,age_group,view")
+    alpha: float = param(0.1, FRACTION, "conformal miscoverage (sets cover 1 - alpha)")
+    calibrate: str | None = param(None, Options(CALIBRATION_METHODS), "also recalibrate each head on grouped folds "
+                                  "of TRAIN and report before / after", none_means="no recalibration")
+    folds: int = param(5, FOLDS, "patient-grouped folds of TRAIN")
+    n_boot: int = param(DEFAULT_N_BOOT, N_BOOT, "bootstrap replicates per interval")
+    seed: int = param(0, SEED, "folds, bootstrap and heads")
+    save: bool = param(False, help="save each head with its conformal calibration (for predict --conformal)")
+    explain: int = param(0, IMAGE_COUNT, "heatmaps of the N most confident external errors and the border share "
+                                         "per class (saves the heads, which explain reads)")
+    out_dir: Path = param(Path("runs"), help="folder for run folders", flag="--out")
+    run_name: str | None = param(None, help="run folder name (default: validate-TIMESTAMP-XXXXXX)", flag="--name")
+    n_jobs: int = param(-1, JOBS, "parallel fits (default: all cores)", flag="--jobs")
 
     def __post_init__(self) -> None:
-        if self.calibrate is not None and self.calibrate not in CALIBRATION_METHODS:
-            raise CxrError(f"--calibrate takes {' or '.join(CALIBRATION_METHODS)}, got '{self.calibrate}' instead")
         check_alpha(self.alpha)
-        for name, bound in (("folds", FOLDS), ("explain", IMAGE_COUNT), ("n_boot", N_BOOT), ("seed", SEED),
-                            ("n_jobs", JOBS)):
-            _check_whole(name, getattr(self, name), bound)
+        check_params(self)
 
     @property
     def subgroup_columns(self) -> list[str]:
@@ -143,6 +134,16 @@ class ValidateRun:
     warnings: list[str] = field(default_factory=list)     # for the summary, loud: TRAIN/EXT overlap
     overlap: dict[str, Any] = field(default_factory=dict)  # results.json "overlap" (``train_overlap``)
     skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # "TRAIN"/"EXT": (path, reason)
+
+    def summary_lines(self) -> list[str]:
+        """What the command line prints: warnings, the verdict, notes, what was skipped, the run folder."""
+        lines = [f"warning: {w}" for w in self.warnings] + list(self.verdict) + [f"note: {n}" for n in self.notes]
+        for where, entries in self.skipped.items():
+            if entries:
+                lines.append(f"{where}: {len(entries)} file(s) skipped or left out:")
+                lines += [f"  skipped {path}: {reason}" for path, reason in entries]
+        return lines + ["", f"run folder: {self.run_dir} (report.md, results.json, results.csv, accuracy.png, "
+                            f"reliability.png)"]
 
 
 # ---------------------------------------------------------------------------------------------- data
