@@ -11,7 +11,9 @@ Every function takes the shared backbone settings either as keywords (``weights`
 ``weights_dir``, ``random_weights``, ``input_size``, ``cache_dir``, ``threads``, ``progress``) or as one
 ``common=BackboneSettings(...)``; the remaining keywords are the stage's own settings (see ``CompareSettings``,
 ``FinetuneSettings``, ``AuditSettings``). Unknown keywords raise ``TypeError``; problems with the data or the
-weights raise ``CxrError`` (a ``ValueError``).
+weights raise ``CxrError`` (a ``ValueError``). A backbone may be your own ONNX model: ``"onnx:PATH"`` (registered
+here with 3 channels and no preprocessing) or the name ``register_onnx_backbone(path, spec)`` returned, in this
+process or, with the same ``cache_dir``, an earlier one (``register_user_models``).
 """
 from __future__ import annotations
 
