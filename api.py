@@ -11,11 +11,13 @@ Every function takes the shared backbone settings either as keywords (``weights`
 ``weights_dir``, ``random_weights``, ``input_size``, ``cache_dir``, ``threads``, ``progress``) or as one
 ``common=BackboneSettings(...)``; the remaining keywords are the stage's own settings (see ``CompareSettings``,
 ``FinetuneSettings``, ``AuditSettings``). Unknown keywords raise ``TypeError``; problems with the data or the
-weights raise ``CxrError`` (a ``ValueError``).
+weights raise ``CxrError`` (a ``ValueError``). A backbone may be your own ONNX model: ``"onnx:PATH"`` (registered
+here with 3 channels and no preprocessing) or the name ``register_onnx_backbone(path, spec)`` returned, in this
+process or, with the same ``cache_dir``, an earlier one (``register_user_models``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
     from cxr_transfer.extract.export_table import ExportResult
     from cxr_transfer.extract.pipeline import FeatureSet
     from cxr_transfer.extract.registry import BackboneConfig
+    from cxr_transfer.extract.user_onnx import InputSpec
+
 
 def _first_backbone(name: str | None) -> dict[str, str]:
     return {"backbone": name} if name else {}
@@ -91,13 +95,14 @@ def settings_classes() -> dict[str, type]:
 def register_onnx_backbones(backbones: str, *, channels: int = 3, preprocess: str = "none",
                             mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                             input_size: int | None = None, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> str:
-    """``backbones`` with every ``onnx:PATH`` wrapped, checked and registered (``extract.user_onnx``), as the
-    comma list of registered names that every other function takes."""
-    from cxr_transfer.extract.user_onnx import InputSpec, is_user_onnx, resolve_backbone_spec
+    """The command line's registration: every ``onnx:PATH`` of ``backbones`` wrapped with these input settings
+    (``register_user_models``); a list without one is returned as it is."""
+    from cxr_transfer.extract.registry import is_user_onnx, split_backbone_spec
+    from cxr_transfer.extract.user_onnx import InputSpec
 
-    if not any(is_user_onnx(item) for item in backbones.split(",")):
+    if not any(is_user_onnx(item) for item in split_backbone_spec(backbones)):
         return backbones
-    return resolve_backbone_spec(backbones, InputSpec(channels, preprocess, mean, std), input_size, cache_dir)
+    return register_user_models(backbones, InputSpec(channels, preprocess, mean, std), input_size, cache_dir)
 
 
 class BackboneTable(list):
@@ -157,6 +162,41 @@ def audit_pointer(data: str | Path) -> str | None:
     return pointer(load_dataset(data))
 
 
+def register_user_models(backbones: str, spec: InputSpec | None = None, input_size: int | None = None,
+                         cache_dir: str | Path = DEFAULT_CACHE_DIR) -> str:
+    """``backbones`` (a name or comma list) with its user ONNX models registered in this process.
+
+    ``onnx:PATH`` becomes the name of the model registered from PATH: the one this process registered, or with
+    ``spec`` given (or none registered) ``register_onnx_backbone(PATH, spec or InputSpec(), input_size,
+    cache_dir)``. A user model's name this process has not registered is registered from ``cache_dir``'s
+    persisted registrations (``register_cached_onnx_backbone``). Other names are kept as they are.
+    """
+    from cxr_transfer.extract.registry import (USER_ONNX_NAME_PREFIX, USER_ONNX_PREFIX, get_backbone, is_user_onnx,
+                                               registered_backbones, split_backbone_spec)
+    from cxr_transfer.extract.user_onnx import InputSpec, register_cached_onnx_backbone, register_onnx_backbone
+
+    names = []
+    for item in split_backbone_spec(backbones):
+        if is_user_onnx(item):
+            path = Path(item[len(USER_ONNX_PREFIX):]).expanduser().resolve()
+            known = [c.name for c in registered_backbones().values() if c.is_user_onnx and c.source_path == path]
+            item = get_backbone(item).name if spec is None and known else \
+                register_onnx_backbone(path, spec or InputSpec(), input_size, cache_dir)
+        elif item.startswith(USER_ONNX_NAME_PREFIX) and item not in registered_backbones():
+            item = register_cached_onnx_backbone(item, cache_dir)
+        names.append(item)
+    return ",".join(names)
+
+
+def _with_user_models(common: BackboneSettings, backbones: str | None = None) -> tuple[BackboneSettings, str]:
+    """(``common`` with the first of ``backbones`` as its backbone, ``backbones`` with their user ONNX models
+    registered with its input size and cache, by ``register_user_models``); ``backbones`` defaults to
+    ``common.backbone``."""
+    names = register_user_models(common.backbone if backbones is None else backbones, None, common.input_size,
+                                 common.cache_dir)
+    return replace(common, backbone=names.split(",")[0]), names
+
+
 def list_backbones() -> list[BackboneConfig]:
     """The registry of the paper's nine backbones (input size, preprocessing, feature dimension, weight file)."""
     from cxr_transfer.extract.registry import BACKBONES
@@ -184,10 +224,11 @@ def embed_folder(data: str | Path, backbone: str = "vgg16", *, weights: str | Pa
     common = BackboneSettings(backbone=backbone, weights_file=weights, weights_dir=weights_dir,
                               random_weights=random_weights, input_size=input_size, cache_dir=Path(cache_dir),
                               threads=threads, progress=progress)   # arguments first (types, bounds), data second
-    get_backbone(backbone)
     engine_settings = EngineSettings(name=engine, address=address, workers=workers,
                                      threads_per_worker=threads_per_worker, shard_size=shard_size)
     check_engine(engine_settings)
+    common, _ = _with_user_models(common)
+    get_backbone(common.backbone)
     features, _ = load_features(load_dataset(data), ExtractSettings(common=common, batch_size=batch_size,
                                                                     engine=engine_settings))
     return features
@@ -218,9 +259,9 @@ def embed_images(images: np.ndarray, backbone: str = "vgg16", *, weights: str | 
         raise ValueError(f"images must have shape (N, H, W, 3) or (N, H, W), got {images.shape} instead")
     check_int("batch_size", batch_size, COUNT)
     # the shared settings check backbone, input_size (1..MAX_INPUT_SIZE) and threads before any export
-    common = BackboneSettings(backbone=backbone, weights_file=weights, weights_dir=weights_dir,
-                              random_weights=random_weights, input_size=input_size, cache_dir=Path(cache_dir),
-                              threads=threads)
+    common, _ = _with_user_models(BackboneSettings(backbone=backbone, weights_file=weights, weights_dir=weights_dir,
+                                                   random_weights=random_weights, input_size=input_size,
+                                                   cache_dir=Path(cache_dir), threads=threads))
     config = get_backbone(common.backbone)
     size = config.input_size(common.input_size)
     source = resolve_weights(config, weights, weights_dir, random_weights)
@@ -251,11 +292,12 @@ def export_embeddings(data: str | Path, backbone: str = "vgg16", *, out: str | P
 
     if not isinstance(backbone, str) or not backbone.strip():
         raise TypeError(f"backbone must be a non-empty str, got {backbone!r} instead")
-    if len(parse_backbone_list(backbone)) != 1:   # arguments first, data second
+    settings = ExtractSettings.from_options(common, **_first_backbone(backbone.strip()), **options)
+    registered, names = _with_user_models(settings.common)
+    if len(parse_backbone_list(names)) != 1:
         raise CxrError(f"--backbone: an export holds one backbone, got {backbone!r} instead; "
                        f"export each backbone to its own --out")
-    settings = ExtractSettings.from_options(common, **_first_backbone(backbone.strip()), **options)
-    return export_table(data, out, settings, format, overwrite)
+    return export_table(data, out, replace(settings, common=registered), format, overwrite)
 
 
 def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *,
@@ -272,14 +314,15 @@ def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *,
 
     backbones = names_argument("backbones", backbones)   # arguments first, data second
     heads = names_argument("heads", heads)
-    parse_backbone_list(backbones)
-    first = backbones.split(",")[0].strip()
     extract_keywords = {f.name for f in fields(ExtractSettings)} | {f.name for f in fields(BackboneSettings)}
     extract_options = {k: options.pop(k) for k in list(options) if k in extract_keywords | {"weights"}}
-    extract_settings = ExtractSettings.from_options(common, **_first_backbone(first), **extract_options)
+    extract_settings = ExtractSettings.from_options(common, **extract_options)
     unknown = sorted(set(options) - {f.name for f in fields(CompareSettings)} - {"data", "extract"})
     if unknown:
         raise TypeError(f"unknown setting(s) {', '.join(unknown)} for compare")
+    registered, backbones = _with_user_models(extract_settings.common, backbones)
+    parse_backbone_list(backbones)
+    extract_settings = replace(extract_settings, common=registered)
     return run_compare(CompareSettings(data=Path(data), extract=extract_settings, backbones=backbones, heads=heads,
                                        **options))
 
@@ -296,7 +339,7 @@ def finetune_backbone(data: str | Path, backbone: str = "vgg16", *, common: Back
     if common is None:
         options = {"input_size": 224, **options}   # the paper's size for all nine
     settings = FinetuneSettings.from_options(common, data=data, **_first_backbone(backbone), **options)
-    return run_finetune(settings)
+    return run_finetune(replace(settings, common=_with_user_models(settings.common)[0]))
 
 
 def audit_dataset(data: str | Path, backbone: str = "vgg16", *, common: BackboneSettings | None = None,
@@ -304,7 +347,8 @@ def audit_dataset(data: str | Path, backbone: str = "vgg16", *, common: Backbone
     """Duplicates, patient leakage and acquisition / pixel shortcuts of a dataset; writes audit.md."""
     from cxr_transfer.audit.run import AuditSettings, run_audit
 
-    return run_audit(AuditSettings.from_options(common, data=data, **_first_backbone(backbone), **options))
+    settings = AuditSettings.from_options(common, data=data, **_first_backbone(backbone), **options)
+    return run_audit(replace(settings, common=_with_user_models(settings.common)[0]))
 
 
 def predict(images: str | Path, model: str | Path, *, out: str | Path | None = None, precision: str | None = None,
@@ -357,12 +401,13 @@ def validate(data: str | Path, external: str | Path, backbones: str = "vgg16", h
 
     backbones = names_argument("backbones", backbones)
     heads = names_argument("heads", heads)
-    first = backbones.split(",")[0].strip()
     extract_keywords = {f.name for f in fields(ExtractSettings)} | {f.name for f in fields(BackboneSettings)}
     extract_options = {k: options.pop(k) for k in list(options) if k in extract_keywords | {"weights"}}
-    extract_settings = ExtractSettings.from_options(common, **_first_backbone(first), **extract_options)
+    extract_settings = ExtractSettings.from_options(common, **extract_options)
     unknown = sorted(set(options) - {f.name for f in fields(ValidateSettings)} - {"data", "external", "extract"})
     if unknown:
         raise TypeError(f"unknown setting(s) {', '.join(unknown)} for validate")
+    registered, backbones = _with_user_models(extract_settings.common, backbones)
+    extract_settings = replace(extract_settings, common=registered)
     return run_validate(ValidateSettings(data=Path(data), external=Path(external), extract=extract_settings,
                                          backbones=backbones, heads=heads, **options))

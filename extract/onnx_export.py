@@ -234,10 +234,8 @@ def get_onnx_backbone(config: BackboneConfig, input_size: int, source: WeightsSo
                       opset: int = DEFAULT_OPSET, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> OnnxBackbone:
     """The cached ONNX file for these weights and size, verified by its sha256; exported and checked first
     if it is missing or damaged."""
-    if config.is_user_onnx:  # a user's own ONNX model, wrapped and validated at registration
-        from cxr_transfer.extract.user_onnx import user_onnx_backbone
-
-        return user_onnx_backbone(config, input_size)
+    if config.is_user_onnx:  # a user's own ONNX model, wrapped and validated at registration (user_onnx.py)
+        return config.onnx_backbone(input_size)
     target = onnx_cache_path(Path(cache_dir), config, input_size, source.sha256, opset)
     sidecar = target.with_suffix(".json")
     try:

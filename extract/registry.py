@@ -4,10 +4,15 @@ Like timm's pretrained configs: each entry names the Keras application factory, 
 its ``preprocess_input`` module (the mode is recorded), its pooled feature dimension, the file names a
 weights directory is searched for, and the smallest input the architecture accepts. Adding a backbone is
 one keyword ``BackboneConfig(...)`` entry in ``BACKBONES``.
+
+Other backbones (a user's own ONNX model, ``extract/user_onnx.py``) join an in-memory registry only through
+``register_backbone``, like timm's ``register_model``; ``get_backbone`` is a lookup with no side effects.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.settings import INT8_CALIBRATION_BATCH
@@ -108,30 +113,91 @@ BACKBONES: dict[str, BackboneConfig] = {c.name: c for c in (
 PAPER_BACKBONES: tuple[str, ...] = tuple(BACKBONES)
 
 
+USER_ONNX_PREFIX = "onnx:"      # ``onnx:PATH``: a user's own ONNX model file (``extract/user_onnx.py``)
+USER_ONNX_NAME_PREFIX = "onnx-"  # the names user ONNX models are registered under
+
+_REGISTERED: dict[str, BackboneConfig] = {}   # this process's backbones beyond BACKBONES; only register_backbone adds
+
+
+def register_backbone(config: BackboneConfig) -> str:
+    """Add ``config`` to this process's registry under ``config.name`` (replacing one of that name) and return
+    the name. Used by ``user_onnx.register_onnx_backbone``; the built-in names cannot be replaced."""
+    if config.name in BACKBONES:
+        raise CxrError(f"backbone {config.name} is a built-in backbone; register under another name",
+                       param="backbone")
+    _REGISTERED[config.name] = config
+    return config.name
+
+
+def registered_backbones() -> MappingProxyType[str, BackboneConfig]:
+    """The backbones registered in this process (``register_backbone``), by name; a read-only view."""
+    return MappingProxyType(_REGISTERED)
+
+
+def is_user_onnx(spec: str) -> bool:
+    """True for ``onnx:PATH`` backbone specs."""
+    return spec.strip().lower().startswith(USER_ONNX_PREFIX)
+
+
 def get_backbone(name: str) -> BackboneConfig:
-    """The config of a backbone by (case-insensitive) name; unknown names list the valid ones.
+    """The config of a backbone: a built-in one by (case-insensitive) name, or one registered in this process
+    (``register_backbone``) by its name; ``onnx:PATH`` is the one user ONNX model registered from that file.
 
-    ``onnx:PATH`` registers a user's ONNX model with default input settings (``extract/user_onnx.py``;
-    the CLI registers it with its --channels/--preprocess flags first); its registered name finds it again.
+    A lookup only: nothing is exported, run or written. A user ONNX model not registered yet is a ``CxrError``
+    saying how to register it; other unknown names list the valid ones.
     """
-    from cxr_transfer.extract import user_onnx
+    text = name.strip()
+    if text in _REGISTERED:
+        return _REGISTERED[text]
+    key = text.lower().replace("-", "").replace("_", "")
+    if key in BACKBONES:
+        return BACKBONES[key]
+    if is_user_onnx(text):
+        path = Path(text[len(USER_ONNX_PREFIX):]).expanduser().resolve()
+        found = [c for c in _REGISTERED.values() if c.is_user_onnx and c.source_path == path]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise CxrError(f"backbone {text} names {len(found)} registered models "
+                           f"({', '.join(c.name for c in found)}); give the name of the one you mean", param="backbone")
+        raise CxrError(f"backbone {text} is not registered in this process; register the file with "
+                       f"register_onnx_backbone(path, spec, cache_dir=...) and use the name it returns",
+                       param="backbone")
+    if text.startswith(USER_ONNX_NAME_PREFIX):
+        raise CxrError(f"backbone {text} is a user ONNX model not registered in this process; register it with "
+                       f"register_onnx_backbone(path, spec, cache_dir=...), or with register_cached_onnx_backbone("
+                       f"name, cache_dir) when an earlier run registered it with that cache_dir", param="backbone")
+    raise CxrError(f"unknown backbone '{name}'; choose from: {', '.join(BACKBONES)}, or onnx:PATH for your own "
+                   f"ONNX model")
 
-    if user_onnx.is_user_onnx(name):
-        return user_onnx.register_user_onnx(name.strip()[len(user_onnx.PREFIX):])
-    if user_onnx.registered(name.strip()):
-        return user_onnx.registered(name.strip())
-    key = name.strip().lower().replace("-", "").replace("_", "")
-    if key not in BACKBONES:
-        raise CxrError(f"unknown backbone '{name}'; choose from: {', '.join(BACKBONES)}, or onnx:PATH for your own "
-                       f"ONNX model")
-    return BACKBONES[key]
+
+def split_backbone_spec(spec: str) -> list[str]:
+    """The items of a comma list of backbones, stripped, empty ones dropped.
+
+    A comma may be part of an ``onnx:`` path: an ``onnx:`` item takes the following comma-separated pieces too
+    as long as that makes the longest path that names an existing file (``onnx:a,b.onnx,vgg16`` is the file
+    ``a,b.onnx`` then vgg16 when ``a,b.onnx`` exists); when no such file exists the item ends at the next comma.
+    """
+    pieces = spec.split(",")
+    items, i = [], 0
+    while i < len(pieces):
+        end = i + 1
+        if is_user_onnx(pieces[i]):
+            for j in range(len(pieces), i + 1, -1):
+                joined = ",".join(pieces[i:j]).strip()
+                if Path(joined[len(USER_ONNX_PREFIX):]).expanduser().is_file():
+                    end = j
+                    break
+        item = ",".join(pieces[i:end]).strip()
+        if item:
+            items.append(item)
+        i = end
+    return items
 
 
 def parse_backbone_list(spec: str) -> list[BackboneConfig]:
     """'vgg16,xception' or 'all' -> configs, in the order given, without repeats (commas in an ``onnx:`` path:
-    ``user_onnx.split_backbone_spec``)."""
-    from cxr_transfer.extract.user_onnx import split_backbone_spec
-
+    ``split_backbone_spec``)."""
     names = list(BACKBONES) if spec.strip().lower() == "all" else split_backbone_spec(spec)
     if not names:
         raise CxrError("no backbone given (e.g. --backbone vgg16 or --backbone vgg16,xception)")

@@ -1,4 +1,4 @@
-"""Your own ONNX image model as a backbone: ``--backbone onnx:PATH``.
+"""Your own ONNX image model as a backbone: ``register_onnx_backbone(path, spec)``, ``--backbone onnx:PATH``.
 
 Any ONNX model with one rank-4 image input (NCHW or NHWC, 1 or 3 channels) whose output is a feature map
 (globally average-pooled here) or a vector. The file is wrapped once into a graph that takes what every
@@ -12,16 +12,18 @@ so the runner, caches, compare, audit and predict use it unchanged. Preprocessin
 the ImageNet mean/std), none (raw [0, 255]); or ``--mean/--std`` in the [0, 1] scale (torchvision's
 Normalize). With one channel, per-channel constants are averaged.
 
-At load the model is validated: one image input of rank 4 with a channel axis of the size given, its size
-(a fixed input size must equal ``--input-size``), an output of rank 2 or 4, and a finite forward pass on a
-random batch; each failure is one ``CxrError`` line (an output without shape information gets its rank from
-that forward pass; of several outputs the first is used, with a warning). The wrapped file is cached in
-``<cache>/onnx/`` by the model file's sha256 and the preprocessing, like the built-in exports; a sidecar JSON
-records both and the wrap's sha256, checked on every use (``onnx_export.verified_cache``): a damaged wrap is
-wrapped again from the model file. A saved head records the file and settings (``saved_record``) so that
-another process registers it again (``backbone_for_saved``).
-Registered models are named ``onnx-<file stem>-<channels>ch-<preprocessing>`` (file-name safe) for the rest of
-the process; ``backbones`` lists those whose wrapped file is in the cache.
+Registration (``register_onnx_backbone``, explicit, like timm's ``register_model``) validates the model: one
+image input of rank 4 with a channel axis of the size given, its size (a fixed input size must equal
+``--input-size``), an output of rank 2 or 4, and a finite forward pass on a random batch; each failure is one
+``CxrError`` line (an output without shape information gets its rank from that forward pass; of several outputs
+the first is used, with a warning). The wrapped file is cached in ``<cache>/onnx/`` by the model file's sha256
+and the preprocessing, like the built-in exports; a sidecar JSON records both and the wrap's sha256, checked on
+every use (``onnx_export.verified_cache``): a damaged wrap is wrapped again from the model file. The model joins
+this process's registry (``registry.register_backbone``) as ``onnx-<file stem>-<channels>ch-<preprocessing>``
+(file-name safe), the name ``get_backbone`` finds it by. The sidecar is the persisted registration: a later
+process registers the name again with ``register_cached_onnx_backbone``; ``backbones`` lists them. A saved head
+records the file and settings (``saved_record``) so that another process registers it again
+(``backbone_for_saved``).
 """
 from __future__ import annotations
 
@@ -39,12 +41,21 @@ from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
 from cxr_transfer.core.record import now_iso, write_json
-from cxr_transfer.extract.registry import BackboneConfig
+from cxr_transfer.core.settings import DEFAULT_CACHE_DIR
+from cxr_transfer.extract.onnx_export import OnnxBackbone, verified_cache
+from cxr_transfer.extract.registry import (
+    USER_ONNX_NAME_PREFIX,
+    USER_ONNX_PREFIX,
+    BackboneConfig,
+    get_backbone,
+    is_user_onnx,
+    register_backbone,
+    registered_backbones,
+    split_backbone_spec,
+)
 
 log = logging.getLogger(__name__)
 
-PREFIX = "onnx:"
-NAME_PREFIX = "onnx-"
 PREPROCESS_MODES = ("caffe", "tf", "torch", "none")
 DEFAULT_SIZE = 224
 MIN_OPSET = 7
@@ -58,8 +69,6 @@ _MODES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "torch": (tuple(255 * m for m in (0.485, 0.456, 0.406)), tuple(255 * s for s in (0.229, 0.224, 0.225))),
     "none": ((0.0,) * 3, (1.0,) * 3),
 }
-
-_REGISTERED: dict[str, "UserOnnxConfig"] = {}
 
 
 @dataclass(frozen=True)
@@ -140,15 +149,12 @@ class UserOnnxConfig(BackboneConfig):
                            f"--input-size {override} instead")
         return self.fixed_size or override or self.default_input_size
 
-
-def is_user_onnx(spec: str) -> bool:
-    """True for ``onnx:PATH`` backbone specs."""
-    return spec.strip().lower().startswith(PREFIX)
-
-
-def registered(name: str) -> UserOnnxConfig | None:
-    """The config registered under ``name`` in this process, if any."""
-    return _REGISTERED.get(name)
+    def onnx_backbone(self, input_size: int | None) -> OnnxBackbone:
+        """The wrapped file as an ``OnnxBackbone`` (what the runner and caches use for the built-in exports),
+        after checking it against its sha256 (``verified_wrap``); ``onnx_export.get_onnx_backbone`` calls this."""
+        info = verified_wrap(self)   # checked on every use, like the built-in exports
+        return OnnxBackbone(self, self.input_size(input_size), self.wrapped_path, str(info["onnx_sha256"]),
+                            self.source_sha256, int(info["opset"]), 0.0)
 
 
 def _dims(value_info) -> list[int | None]:
@@ -308,8 +314,6 @@ def _wrapped_info(path: Path, sha: str, name: str, spec: InputSpec, input_size: 
                   target: Path) -> dict:
     """The sidecar of the cached wrap at ``target``, verified against its sha256 (``onnx_export.verified_cache``);
     wrapped again from ``path`` first, with a warning, when it is missing, damaged or its sidecar unreadable."""
-    from cxr_transfer.extract.onnx_export import verified_cache
-
     sidecar = target.with_suffix(".json")
     checks = dict(check_fields=_check_sidecar_fields, what="cached wrapped ONNX model",
                   redo=f"wrapping it again from {path}")
@@ -363,41 +367,49 @@ def _wrap_and_record(path: Path, sha: str, name: str, spec: InputSpec, input_siz
     return info
 
 
-def register_user_onnx(path: str | Path, spec: InputSpec | None = None, input_size: int | None = None,
-                       cache_dir: str | Path = "features") -> UserOnnxConfig:
-    """Validate ``path`` (module docstring), wrap and cache it, and register it for this process.
+def register_onnx_backbone(path: str | Path, spec: InputSpec, input_size: int | None = None,
+                           cache_dir: str | Path = DEFAULT_CACHE_DIR) -> str:
+    """Validate the ONNX model ``path`` (module docstring), wrap it once into ``cache_dir/onnx/`` and register it
+    in this process; returns the name ``get_backbone`` and the rest of the library know it by.
 
-    Returns the config; its ``name`` is what the rest of the library (get_backbone, caches) uses. A cached wrap is
-    used only when its sha256 matches its sidecar's; otherwise it is wrapped again from ``path``.
+    The wrap's sidecar is the persisted registration: a later process registers the name again with
+    ``register_cached_onnx_backbone``. A cached wrap is used only when its sha256 matches its sidecar's;
+    otherwise it is wrapped again from ``path``.
     """
-    spec = spec or InputSpec()
+    if not isinstance(spec, InputSpec):
+        raise TypeError(f"spec must be an InputSpec, got {type(spec).__name__} instead")
     path = Path(path).expanduser()
     if not path.is_file():
         raise CxrError(f"{path}: no such ONNX file")
     if path.stat().st_size == 0:
         raise CxrError(f"{path}: empty file (0 bytes), not an ONNX model")
     path = path.resolve()
-    return _register(path, sha256_file(path), spec, input_size, cache_dir)
+    return _register(path, sha256_file(path), spec, input_size, cache_dir).name
 
 
 def _register(path: Path, sha: str, spec: InputSpec, input_size: int | None, cache_dir: str | Path) -> UserOnnxConfig:
-    """``register_user_onnx`` of the resolved file ``path`` whose sha256 the caller has just computed."""
-    name = f"{NAME_PREFIX}{_safe_stem(path)}-{spec.tag}"
-    key = model_key(name, input_size or 0, sha)
-    target = Path(cache_dir) / "onnx" / f"{key}.onnx"
+    """``register_onnx_backbone`` of the resolved file ``path`` whose sha256 the caller has just computed."""
+    name = f"{USER_ONNX_NAME_PREFIX}{_safe_stem(path)}-{spec.tag}"
+    target = Path(cache_dir) / "onnx" / f"{model_key(name, input_size or 0, sha)}.onnx"
     info = _wrapped_info(path, sha, name, spec, input_size, target)
     if info.get("ignored_outputs"):
         log.warning("%s has %d outputs; using the first, %r, as the embedding (ignored: %s)", path,
                     1 + len(info["ignored_outputs"]), info.get("output"),
                     ", ".join(repr(o) for o in info["ignored_outputs"]))
-    fixed = info["fixed_size"]
-    config = UserOnnxConfig(name=name, keras_factory="", keras_module="", preprocessing=spec.tag,
-                            default_input_size=int(info["default_input_size"]), feature_dim=int(info["feature_dim"]),
-                            min_input_size=int(fixed or 1), keras_weights_file="", source_path=path,
-                            source_sha256=sha, wrapped_path=target, spec=spec, fixed_size=fixed,
-                            requested_size=input_size)
-    _REGISTERED[name] = config
+    config = _config(name, info, path, sha, spec, input_size, target)
+    register_backbone(config)
     return config
+
+
+def _config(name: str, info: dict, path: Path, sha: str, spec: InputSpec, input_size: int | None,
+            target: Path) -> UserOnnxConfig:
+    """The registry entry ``name`` of the wrap ``target`` whose sidecar is ``info``."""
+    fixed = info["fixed_size"]
+    return UserOnnxConfig(name=name, keras_factory="", keras_module="", preprocessing=spec.tag,
+                          default_input_size=int(info["default_input_size"]), feature_dim=int(info["feature_dim"]),
+                          min_input_size=int(fixed or 1), keras_weights_file="", source_path=path,
+                          source_sha256=sha, wrapped_path=target, spec=spec,
+                          fixed_size=None if fixed is None else int(fixed), requested_size=input_size)
 
 
 def verified_wrap(config: UserOnnxConfig) -> dict:
@@ -407,70 +419,74 @@ def verified_wrap(config: UserOnnxConfig) -> dict:
                          config.wrapped_path)
 
 
-def split_backbone_spec(spec: str) -> list[str]:
-    """The items of a comma list of backbones, stripped, empty ones dropped.
-
-    A comma may be part of an ``onnx:`` path: an ``onnx:`` item takes the following comma-separated pieces too
-    as long as that makes the longest path that names an existing file (``onnx:a,b.onnx,vgg16`` is the file
-    ``a,b.onnx`` then vgg16 when ``a,b.onnx`` exists); when no such file exists the item ends at the next comma.
-    """
-    pieces = spec.split(",")
-    items, i = [], 0
-    while i < len(pieces):
-        end = i + 1
-        if is_user_onnx(pieces[i]):
-            for j in range(len(pieces), i + 1, -1):
-                joined = ",".join(pieces[i:j]).strip()
-                if Path(joined[len(PREFIX):]).expanduser().is_file():
-                    end = j
-                    break
-        item = ",".join(pieces[i:end]).strip()
-        if item:
-            items.append(item)
-        i = end
-    return items
-
-
-def resolve_backbone_spec(spec: str, input_spec: InputSpec | None = None, input_size: int | None = None,
-                          cache_dir: str | Path = "features") -> str:
-    """A comma list of backbones with every ``onnx:PATH`` registered and replaced by its registered name.
-
-    Commas inside a path are kept as ``split_backbone_spec`` says."""
-    names = []
-    for item in split_backbone_spec(spec):
-        names.append(register_user_onnx(item[len(PREFIX):], input_spec, input_size, cache_dir).name
-                     if is_user_onnx(item) else item)
-    return ",".join(names)
-
-
-def cached_user_models(cache_dir: str | Path) -> list[dict]:
-    """Sidecars of the user ONNX models wrapped in ``cache_dir`` (for ``backbones``)."""
+def _registrations(cache_dir: str | Path) -> list[tuple[Path, dict]]:
+    """(wrapped file, sidecar) of every user ONNX model registered with ``cache_dir``: the sidecars in its onnx/
+    folder (unreadable ones are left out; registering the file again rewrites them)."""
     folder = Path(cache_dir) / "onnx"
     found = []
-    for sidecar in sorted(folder.glob(f"{NAME_PREFIX}*.json")) if folder.is_dir() else []:
+    for sidecar in sorted(folder.glob(f"{USER_ONNX_NAME_PREFIX}*.json")) if folder.is_dir() else []:
         try:
             info = json.loads(sidecar.read_text())
         except (OSError, ValueError):
             continue
         if isinstance(info, dict) and info.get("kind") == "user-onnx":
-            found.append(info)
+            found.append((sidecar.with_suffix(".onnx"), info))
     return found
 
 
-def user_onnx_backbone(config: UserOnnxConfig, input_size: int):
-    """The wrapped file as an ``OnnxBackbone`` (what the runner and caches use for the built-in exports)."""
-    from cxr_transfer.extract.onnx_export import OnnxBackbone
+def cached_user_models(cache_dir: str | Path) -> list[dict]:
+    """Sidecars of the user ONNX models wrapped in ``cache_dir`` (for ``backbones``)."""
+    return [info for _, info in _registrations(cache_dir)]
 
-    info = verified_wrap(config)   # checked on every use, like the built-in exports
-    return OnnxBackbone(config, config.input_size(input_size), config.wrapped_path, str(info["onnx_sha256"]),
-                        config.source_sha256, int(info["opset"]), 0.0)
+
+def register_cached_onnx_backbone(name: str, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> str:
+    """Register in this process the user ONNX model that an earlier one registered as ``name`` with ``cache_dir``
+    (``register_onnx_backbone``: its wrap's sidecar in ``cache_dir/onnx/`` is the registration); returns ``name``.
+
+    Reads only: the model file must still have the sha256 it was registered with, and the wrap is checked when
+    used. One ``CxrError`` line when no such registration is found, or when several are (the same name for
+    another file or input size): then register the one meant with ``register_onnx_backbone``.
+    """
+    found = [(target, info) for target, info in _registrations(cache_dir) if info.get("name") == name]
+    hashes: dict[str, str | None] = {}
+    current = []
+    for target, info in found:
+        source = str(info.get("source", ""))
+        if source not in hashes:
+            hashes[source] = sha256_file(source) if source and Path(source).is_file() else None
+        if hashes[source] is not None and hashes[source] == info.get("source_sha256"):
+            current.append((target, info))
+    again = "register the file with register_onnx_backbone(path, spec, input_size, cache_dir)"
+    if not current:
+        if found:
+            raise CxrError(f"backbone {name} was registered from {found[0][1].get('source')}, which is missing or has "
+                           f"changed since; {again}", param="backbone")
+        raise CxrError(f"backbone {name} is not registered in {Path(cache_dir) / 'onnx'}; {again}", param="backbone")
+    if len(current) > 1:
+        which = "; ".join(f"{i['source']} at input size {i.get('input_size')}" for _, i in current)
+        raise CxrError(f"backbone {name} names {len(current)} registrations in {Path(cache_dir) / 'onnx'} ({which}); "
+                       f"{again} for the one you mean", param="backbone")
+    target, info = current[0]
+    try:
+        spec = InputSpec(int(info["channels"]), str(info["preprocess"]), _floats(info["mean"]), _floats(info["std"]))
+        size = None if info["input_size"] is None else int(info["input_size"])
+        config = _config(name, info, Path(str(info["source"])), str(info["source_sha256"]), spec, size, target)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CxrError(f"backbone {name}: its registration {target.with_suffix('.json')} is malformed "
+                       f"({type(exc).__name__}: {exc}); {again}", param="backbone") from None
+    return register_backbone(config)
+
+
+def _floats(values: list | None) -> tuple[float, ...] | None:
+    """A recorded mean or std (a list of numbers, or None) as InputSpec takes it."""
+    return None if values is None else tuple(float(v) for v in values)
 
 
 def saved_record(name: str) -> dict | None:
     """For a saved head: how to register the user ONNX model ``name`` again in another process (its source file,
     that file's sha256, and the wrap settings); None when ``name`` is not a user model registered here."""
-    config = registered(name)
-    if config is None:
+    config = registered_backbones().get(name)
+    if not isinstance(config, UserOnnxConfig):
         return None
     spec = config.spec
     return {"source": str(config.source_path), "source_sha256": config.source_sha256, "channels": spec.channels,
@@ -478,29 +494,26 @@ def saved_record(name: str) -> dict | None:
             "std": list(spec.std) if spec.std is not None else None, "input_size": config.requested_size}
 
 
-def backbone_for_saved(part: dict, cache_dir: str | Path = "features") -> BackboneConfig:
+def backbone_for_saved(part: dict, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> BackboneConfig:
     """The backbone one part of a saved head names (``part["backbone"]``).
 
-    A user ONNX model not registered in this process is registered again from the head's record
-    (``saved_record``): from the file registered here with the same sha256 (``--backbone onnx:PATH``), else from
-    the recorded path when that file still has the recorded sha256; otherwise one ``CxrError`` line names the file
-    and sha256 needed and the flag that supplies it.
+    A user ONNX model is registered (``register_onnx_backbone``) from the head's record (``saved_record``) unless
+    this process registered it with the same file and settings: from a file registered here with the recorded
+    sha256 (``--backbone onnx:PATH``), else from the recorded path when that file still has the recorded sha256;
+    otherwise one ``CxrError`` line names the file and sha256 needed and the flag that supplies it.
     """
-    from cxr_transfer.extract.registry import get_backbone
-
     name = str(part["backbone"]).strip()
-    if registered(name) is not None or not name.startswith(NAME_PREFIX):
-        return get_backbone(name)
     record = part.get("user_onnx")
+    if not name.startswith(USER_ONNX_NAME_PREFIX) or (record is None and name in registered_backbones()):
+        return get_backbone(name)
     sha = str(part.get("weights_sha256", ""))
     if not isinstance(record, dict):
         raise CxrError(f"{name} is a user ONNX model and the head's description does not say which file (saved "
                        f"before cxr-transfer recorded it): pass the file with sha256 {sha} with --backbone "
                        f"onnx:PATH and the --channels/--preprocess/--mean/--std/--input-size it was trained with")
     try:
-        spec = InputSpec(int(record["channels"]), str(record["preprocess"]),
-                         tuple(map(float, record["mean"])) if record["mean"] is not None else None,
-                         tuple(map(float, record["std"])) if record["std"] is not None else None)
+        spec = InputSpec(int(record["channels"]), str(record["preprocess"]), _floats(record["mean"]),
+                         _floats(record["std"]))
         size = record["input_size"]
         size = None if size is None else int(size)
         source = Path(str(record["source"]))
@@ -508,9 +521,12 @@ def backbone_for_saved(part: dict, cache_dir: str | Path = "features") -> Backbo
     except (KeyError, TypeError, ValueError) as exc:
         raise CxrError(f"the head's record of the user ONNX model {name} is malformed ({type(exc).__name__}: "
                        f"{exc}); save the head again") from None
-    given = [c for c in _REGISTERED.values() if c.source_sha256 == sha]
-    if given:   # the file given with --backbone onnx:PATH (wherever it is now), with the recorded settings
-        return register_user_onnx(given[0].source_path, spec, size, cache_dir)
+    users = [c for c in registered_backbones().values() if isinstance(c, UserOnnxConfig) and c.source_sha256 == sha]
+    same = [c for c in users if c.name == name and c.spec == spec and c.requested_size == size]
+    if same:
+        return same[0]
+    if users:   # the file given with --backbone onnx:PATH (wherever it is now), with the recorded settings
+        return get_backbone(register_onnx_backbone(users[0].source_path, spec, size, cache_dir))
     now = sha256_file(source) if source.is_file() else None
     if now == sha:   # hashed just now: registered without hashing the file a second time
         return _register(source.resolve(), sha, spec, size, cache_dir)

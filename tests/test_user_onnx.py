@@ -19,7 +19,7 @@ from cxr_transfer.extract.onnx_export import get_onnx_backbone
 from cxr_transfer.extract.pipeline import ExtractSettings, load_features
 from cxr_transfer.extract.registry import get_backbone
 from cxr_transfer.extract.runner import OnnxEmbedder
-from cxr_transfer.extract.user_onnx import InputSpec, register_user_onnx, user_onnx_backbone
+from cxr_transfer.extract.user_onnx import InputSpec, register_onnx_backbone
 from cxr_transfer.extract.weights import resolve_weights
 
 TINY = dict(random_weights=True, input_size=32, batch_size=8, progress=False)
@@ -49,7 +49,7 @@ def test_foreign_export_embeds_like_the_builtin_backbone(class_tree: Path, cache
     dataset = load_dataset(class_tree)
     builtin, _ = load_features(dataset, ExtractSettings.from_options(backbone="mobilenetv2", cache_dir=cache_dir,
                                                                        **TINY))
-    config = register_user_onnx(foreign, InputSpec(3, "none"), None, cache_dir)
+    config = get_backbone(register_onnx_backbone(foreign, InputSpec(3, "none"), None, cache_dir))
     assert config.fixed_size == 32 and config.feature_dim == 1280 and config.name.startswith("onnx-my_cxr_model")
     assert get_backbone(config.name) is config
     user, result = load_features(dataset, ExtractSettings.from_options(backbone=config.name, cache_dir=cache_dir,
@@ -77,10 +77,10 @@ def test_nchw_grey_feature_map_model_is_normalised_and_pooled(tmp_path: Path):
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", 2, "h", "w"])],
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
     path = _save(graph, tmp_path / "grey.onnx")
-    config = register_user_onnx(path, InputSpec(1, "tf"), 16, tmp_path / "cache")
+    config = get_backbone(register_onnx_backbone(path, InputSpec(1, "tf"), 16, tmp_path / "cache"))
     assert config.fixed_size is None and config.input_size(None) == 16 and config.feature_dim == 2
     pixels = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
-    got = OnnxEmbedder(user_onnx_backbone(config, 16)).embed(pixels)
+    got = OnnxEmbedder(config.onnx_backbone(16)).embed(pixels)
     grey = pixels.mean(axis=3) / 127.5 - 1                       # mean of R, G, B, then tf's [-1, 1]
     expected = np.stack([2 * grey.mean(axis=(1, 2)) + 0.5, -grey.mean(axis=(1, 2)) + 1.0], axis=1)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

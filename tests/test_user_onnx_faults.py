@@ -18,9 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
-from cxr_transfer.extract.registry import parse_backbone_list
+from cxr_transfer.extract.registry import get_backbone, parse_backbone_list
 from cxr_transfer.extract.runner import OnnxEmbedder
-from cxr_transfer.extract.user_onnx import InputSpec, register_user_onnx, resolve_backbone_spec, user_onnx_backbone
+from cxr_transfer.api import register_user_models
+from cxr_transfer.extract.user_onnx import InputSpec, register_onnx_backbone
 
 WEIGHT = np.array([0.3125, -0.75, 1.5, 2.25, -1.25, 0.5, 0.0625, 1.0, -0.5, 0.25, 0.125, -2.0],
                   np.float32).reshape(4, 3, 1, 1)
@@ -61,14 +62,15 @@ def _expected(pixels: np.ndarray) -> np.ndarray:
 
 
 def test_flipped_weight_in_cached_wrap_is_detected_and_rewrapped(tmp_path: Path, caplog):
-    config = register_user_onnx(tiny_model(tmp_path / "m.onnx"), InputSpec(3, "none"), 16, tmp_path / "cache")
+    config = get_backbone(register_onnx_backbone(tiny_model(tmp_path / "m.onnx"), InputSpec(3, "none"), 16,
+                                                 tmp_path / "cache"))
     recorded = sha256_file(config.wrapped_path)
     data = bytearray(config.wrapped_path.read_bytes())
     at = data.index(MARKER)
     data[at + 3] ^= 0x80                                   # the sign bit of one weight
     config.wrapped_path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
-        got = OnnxEmbedder(user_onnx_backbone(config, 16)).embed(PIXELS)
+        got = OnnxEmbedder(config.onnx_backbone(16)).embed(PIXELS)
     np.testing.assert_allclose(got, _expected(PIXELS), rtol=1e-5, atol=1e-4)
     assert sha256_file(config.wrapped_path) == recorded
     assert any("wrapping it again" in r.getMessage() for r in caplog.records), caplog.text
@@ -93,11 +95,11 @@ def test_unreadable_cached_wrap_is_rewrapped_by_the_cli(tmp_path: Path, class_tr
 @pytest.mark.parametrize("text", ["{not json", json.dumps({"kind": "user-onnx"}), "[1, 2]"])
 def test_garbage_sidecar_of_wrapped_model_is_rewrapped(tmp_path: Path, caplog, text: str):
     model = tiny_model(tmp_path / "m.onnx")
-    first = register_user_onnx(model, InputSpec(3, "none"), 16, tmp_path / "cache")
+    first = get_backbone(register_onnx_backbone(model, InputSpec(3, "none"), 16, tmp_path / "cache"))
     sidecar = first.wrapped_path.with_suffix(".json")
     sidecar.write_text(text)
     with caplog.at_level(logging.WARNING):
-        config = register_user_onnx(model, InputSpec(3, "none"), 16, tmp_path / "cache")
+        config = get_backbone(register_onnx_backbone(model, InputSpec(3, "none"), 16, tmp_path / "cache"))
     assert config.feature_dim == 4 and json.loads(sidecar.read_text())["feature_dim"] == 4
     assert any("wrapping it again" in r.getMessage() for r in caplog.records), caplog.text
 
@@ -109,33 +111,33 @@ def test_empty_file_says_empty(tmp_path: Path):
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")
     with pytest.raises(CxrError, match="empty file"):
-        register_user_onnx(empty, InputSpec(3, "none"), 16, tmp_path / "cache")
+        register_onnx_backbone(empty, InputSpec(3, "none"), 16, tmp_path / "cache")
 
 
 @pytest.mark.parametrize("flatten", [False, True])
 def test_output_without_shape_gets_its_rank_from_a_forward_pass(tmp_path: Path, flatten: bool):
     model = tiny_model(tmp_path / "m.onnx", output_shape=None, flatten=flatten)
-    config = register_user_onnx(model, InputSpec(3, "none"), 16, tmp_path / "cache")
+    config = get_backbone(register_onnx_backbone(model, InputSpec(3, "none"), 16, tmp_path / "cache"))
     assert config.feature_dim == 4
-    np.testing.assert_allclose(OnnxEmbedder(user_onnx_backbone(config, 16)).embed(PIXELS), _expected(PIXELS),
+    np.testing.assert_allclose(OnnxEmbedder(config.onnx_backbone(16)).embed(PIXELS), _expected(PIXELS),
                                rtol=1e-5, atol=1e-4)
 
 
 def test_comma_in_path(tmp_path: Path):
     model = tiny_model(tmp_path / "a,b" / "my,model.onnx")
-    name = resolve_backbone_spec(f"onnx:{model}", InputSpec(3, "none"), 16, tmp_path / "cache")
+    name = register_user_models(f"onnx:{model}", InputSpec(3, "none"), 16, tmp_path / "cache")
     assert name.startswith("onnx-my_model-")
-    assert resolve_backbone_spec(f"vgg16,onnx:{model},mobilenetv2", InputSpec(3, "none"), 16,
-                                 tmp_path / "cache") == f"vgg16,{name},mobilenetv2"
+    assert register_user_models(f"vgg16,onnx:{model},mobilenetv2", InputSpec(3, "none"), 16,
+                                tmp_path / "cache") == f"vgg16,{name},mobilenetv2"
     assert [c.name for c in parse_backbone_list(f"onnx:{model},vgg16")] == [name, "vgg16"]
     with pytest.raises(CxrError, match="no such ONNX file"):
-        resolve_backbone_spec(f"onnx:{tmp_path / 'a'},vgg16", InputSpec(3, "none"), 16, tmp_path / "cache")
+        register_user_models(f"onnx:{tmp_path / 'a'},vgg16", InputSpec(3, "none"), 16, tmp_path / "cache")
 
 
 def test_several_outputs_use_the_first_with_a_warning(tmp_path: Path, caplog):
     model = tiny_model(tmp_path / "two.onnx", extra_output=True)
     with caplog.at_level(logging.WARNING):
-        config = register_user_onnx(model, InputSpec(3, "none"), 16, tmp_path / "cache")
+        config = get_backbone(register_onnx_backbone(model, InputSpec(3, "none"), 16, tmp_path / "cache"))
     assert config.feature_dim == 4
     warned = [r.getMessage() for r in caplog.records if "outputs" in r.getMessage()]
     assert warned and "'features'" in warned[0] and "'relu_map'" in warned[0], caplog.text
