@@ -45,13 +45,10 @@ from cxr_transfer.core.settings import DEFAULT_CACHE_DIR
 from cxr_transfer.extract.onnx_export import OnnxBackbone, verified_cache
 from cxr_transfer.extract.registry import (
     USER_ONNX_NAME_PREFIX,
-    USER_ONNX_PREFIX,
     BackboneConfig,
     get_backbone,
-    is_user_onnx,
     register_backbone,
     registered_backbones,
-    split_backbone_spec,
 )
 
 log = logging.getLogger(__name__)
