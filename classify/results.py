@@ -18,9 +18,9 @@ from typing import Any, Iterable, Sequence
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_strings
+from cxr_transfer.core.io import cannot_write_error
 from cxr_transfer.core.outputs import incomplete_run
 from cxr_transfer.core.record import write_json
-from cxr_transfer.extract.cache import cannot_write_error
 
 RESULTS_FILE = "results.json"
 

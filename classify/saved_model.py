@@ -22,6 +22,7 @@ import joblib
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_bytes, sha256_file
+from cxr_transfer.core.io import atomic_path
 from cxr_transfer.core.outputs import incomplete_run
 from cxr_transfer.core.record import library_versions, now_iso, write_json
 
@@ -43,13 +44,8 @@ def save_head(path: str | Path, model: Any, class_names: list[str], backbones: l
     if problem:
         raise ValueError(f"save_head: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".joblib.tmp")
-    try:
+    with atomic_path(path) as tmp:
         joblib.dump({"format": FORMAT, "description": description, "model": model}, tmp)
-        tmp.replace(path)
-    except BaseException:    # a full disk, Ctrl-C: no half-written .tmp is left behind
-        tmp.unlink(missing_ok=True)
-        raise
     write_json(path.with_suffix(".json"), {
         "format": FORMAT, "kind": "head", "joblib_sha256": sha256_file(path),
         **{k: description[k] for k in DESCRIBED if k != "kind"}, "created": now_iso(), "versions": library_versions()})

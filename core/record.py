@@ -10,6 +10,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from cxr_transfer.core.io import atomic_path
+
 _PACKAGES = ("numpy", "scikit-learn", "onnxruntime", "tf2onnx", "tensorflow-cpu", "tensorflow", "keras",
              "h5py", "opencv-python-headless", "pillow", "joblib")
 
@@ -67,14 +69,9 @@ def run_record(command: str, settings: dict[str, Any], **extra: Any) -> dict[str
 
 
 def write_json(path: str | Path, payload: Any) -> Path:
-    """Write JSON atomically (temp file then rename) so an interrupted run never leaves half a file."""
+    """Write JSON atomically (``core.io.atomic_path``) so an interrupted run never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, default=str, sort_keys=False) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except BaseException:    # a full disk, Ctrl-C: no half-written .tmp is left behind
-        tmp.unlink(missing_ok=True)
-        raise
     return path

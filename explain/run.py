@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.io import printable
 from cxr_transfer.explain.explainers import Explainer, load_explainer
 from cxr_transfer.explain.regions import REGIONS, evidence_shares
-from cxr_transfer.extract.cache import printable
 from cxr_transfer.extract.dataset import Dataset, Sample, hash_samples
 from cxr_transfer.extract.pipeline import ExtractSettings
 

@@ -16,9 +16,9 @@ bytes fail the read; on open every column must have N rows and every embedding m
 fails any of this is moved aside (``.damaged-<time>``) and rebuilt.
 
 Crash safety: while a run computes, every flushed block of embeddings is written to its own ``.npz`` part
-file next to the cache (``write_part``: atomic rename; the Ray engine's workers write one part per shard).
-The HDF5 file itself is only ever replaced whole, by a new file written beside it and renamed over it. A
-``kill -9`` at any moment therefore leaves the old cache intact plus the finished parts, and the next run
+file next to the cache (``write_part``: ``core.io.atomic_write``; the Ray engine's workers write one part per
+shard). The HDF5 file itself is only ever replaced whole, by a new file written beside it and renamed over it.
+A ``kill -9`` at any moment therefore leaves the old cache intact plus the finished parts, and the next run
 opens both and computes only what is missing; the half-written ``.tmp`` files such a kill leaves are removed
 when the cache is opened. Callers hold the cache's lock (``core.locking.file_lock``) while a ``FeatureCache``
 is open for writing: one writer per file.
@@ -30,7 +30,6 @@ old cache and the finished parts stay.
 """
 from __future__ import annotations
 
-import errno
 import io
 import json
 import logging
@@ -45,6 +44,7 @@ import h5py
 import numpy as np
 
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.io import atomic_write, is_no_space, no_space_error, remove_leftovers
 from cxr_transfer.core.record import now_iso
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,6 @@ _STR = h5py.string_dtype(encoding="utf-8")
 _COPY_ROWS = 512
 _CHECK_ROWS = 4096
 _SPACE_SLACK = 64 << 10
-_NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 @dataclass(frozen=True)
@@ -71,61 +70,6 @@ class CacheRow:
 
 class CacheDamagedError(ValueError):
     """A cache file whose shapes, checksums or values are wrong."""
-
-
-def utf8_problem(text: str) -> str | None:
-    """None when ``text`` is valid Unicode that UTF-8 can store; else a printable form of it.
-
-    File names that are not UTF-8 reach Python as surrogate escapes (``bad\\udcff.jpg``); they cannot be
-    stored as UTF-8 text, so extraction skips such files before any work, naming them with ``\\xff`` escapes.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return printable(text)
-    return None
-
-
-def printable(text: str) -> str:
-    """``text`` as valid UTF-8 text: undecodable bytes of a file name shown as ``\\xNN``."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def is_no_space(exc: BaseException) -> bool:
-    """True for 'no space left on device' / 'quota exceeded', however the library reported it."""
-    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
-        return True
-    text = str(exc)
-    return "No space left" in text or "errno = 28" in text or "Disk quota exceeded" in text
-
-
-def no_space_error(folder: Path, needed: int, writing: str = "the cache", kept: str = "cached rows are kept",
-                   flag: str = "--cache-dir") -> CxrError:
-    """The one message for a full disk: the folder, the space needed and what is free; ``writing`` (what was
-    written), ``kept`` (what stays) and ``flag`` (the option naming the folder) default to the feature cache."""
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = -1
-    free_text = f", {_mb(free)} free" if free >= 0 else ""
-    return CxrError(f"no space left in {folder}: writing {writing} needs about {_mb(needed)}{free_text}; "
-                    f"{kept}: free some space (or use another {flag}) and run again")
-
-
-def cannot_write_error(folder: Path, exc: OSError, what: str = "cache folder", needed: int = 1 << 20,
-                       flag: str = "--cache-dir", kept: str | None = None) -> CxrError:
-    """The one message for a failed write under --cache-dir (or the folder option ``flag``): a full disk (with
-    the space needed and, in ``kept``, what stays), or why the folder refused it."""
-    if is_no_space(exc):
-        if flag == "--cache-dir" and kept is None:
-            return no_space_error(folder, needed)
-        return no_space_error(folder, needed, f"the {what}", kept or "nothing was written", flag)
-    return CxrError(f"{flag}: cannot write to the {what} {folder} ({exc.strerror or exc}); "
-                    f"give a writable folder with {flag}")
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MB"
 
 
 def _text(dataset: h5py.Dataset) -> np.ndarray:
@@ -172,17 +116,12 @@ def write_part(parts_dir: Path, name: str, shas: list[str], embeddings: np.ndarr
                          f"for {len(shas)} rows instead")
     if not (name.startswith("part-") and name.endswith(".npz")):
         raise ValueError(f"part files are named part-*.npz, got {name!r} instead")
-    tmp = parts_dir / f"{name[:-4]}-{os.getpid()}-{time.time_ns()}.npz.tmp"
+    final = parts_dir / name
     try:
         parts_dir.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as handle:
+        with atomic_write(final) as handle:
             np.savez(handle, sha256=np.array(shas, dtype="S64"), embeddings=embeddings)
-            handle.flush()
-            os.fsync(handle.fileno())
-        final = parts_dir / name
-        os.replace(tmp, final)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if is_no_space(exc):
             raise no_space_error(parts_dir, embeddings.nbytes + 64 * len(shas) + _SPACE_SLACK) from None
         raise
@@ -205,16 +144,13 @@ class FeatureCache:
     # ----------------------------------------------------------------- reading what is there
     def _clean_leftovers(self) -> None:
         """Remove what a killed writer leaves: half-written files and empty part folders (we hold the lock)."""
-        leftovers = [self.path.with_name(self.path.name + ".tmp")]
-        if self.parts_dir.is_dir():
-            leftovers += list(self.parts_dir.glob("part-*.npz.tmp"))
-        for leftover in leftovers:
-            if leftover.exists():
-                try:
-                    leftover.unlink()
-                    log.info("removed %s left by an interrupted run", leftover.name)
-                except OSError as exc:      # read-only cache: nothing to tidy, nothing to write either
-                    log.debug("could not remove %s (%s)", leftover, exc)
+        remove_leftovers(self.path)
+        for leftover in self.parts_dir.glob("*.npz.tmp") if self.parts_dir.is_dir() else []:
+            try:                            # a part's temporary file (atomic_write), whatever part it was
+                leftover.unlink()
+                log.info("removed %s left by an interrupted run", leftover.name)
+            except OSError as exc:          # read-only cache: nothing to tidy, nothing to write either
+                log.debug("could not remove %s (%s)", leftover, exc)
         self._remove_empty_parts_dir()
 
     def _remove_empty_parts_dir(self) -> None:
@@ -329,16 +265,11 @@ class FeatureCache:
         needed = image.nbytes + _SPACE_SLACK
         if shutil.disk_usage(folder).free < needed:
             raise no_space_error(folder, needed)
-        tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            with open(tmp, "wb") as handle:
+            with atomic_write(self.path) as handle:
                 handle.writelines(image[start:start + (1 << 24)] for start in range(0, image.nbytes, 1 << 24))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            if isinstance(exc, OSError) and is_no_space(exc):
+        except OSError as exc:
+            if is_no_space(exc):
                 raise no_space_error(folder, needed) from None
             raise
         finally:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file, sha256_strings
-from cxr_transfer.extract.cache import printable, utf8_problem
+from cxr_transfer.core.io import printable, utf8_problem
 from cxr_transfer.extract.dicom import fill_dicom_groups
 from cxr_transfer.extract.images import IMAGE_SUFFIXES, is_image_file
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.io import atomic_write
 
 if TYPE_CHECKING:
     from cxr_transfer.extract.dataset import Sample
@@ -405,11 +406,9 @@ def _salt() -> bytes:
     path = base / "dicom-salt"
     if not path.is_file():
         base.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"dicom-salt.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
+        with atomic_write(path, "w") as handle:
+            os.chmod(handle.name, 0o600)    # before the secret is in it
             handle.write(secrets.token_hex(32))
-        os.replace(tmp, path)
     return path.read_text().strip().encode("utf-8")
 
 

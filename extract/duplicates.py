@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from cxr_transfer.core.cache_keys import dataset_cache_id
+from cxr_transfer.core.io import atomic_write
 from cxr_transfer.extract.dataset import Dataset, Sample
 from cxr_transfer.extract.images import ImageDecodeError, read_rgb
 
@@ -164,9 +165,8 @@ def hash_samples(samples: Sequence[Sample], cache_path: Path | None = None,
         cached.update(new)
         cache_path = Path(cache_path)
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + ".tmp.npz")
-        np.savez(tmp, sha256=np.array(list(cached)), hashes=np.stack(list(cached.values())))
-        tmp.replace(cache_path)
+        with atomic_write(cache_path) as handle:
+            np.savez(handle, sha256=np.array(list(cached)), hashes=np.stack(list(cached.values())))
     return results
 
 

@@ -13,18 +13,17 @@ bit. Two layouts (README, "Export"):
   sha256,path,label,split,group; UTF-8 without byte-order mark; row i describes embedding i) and
   ``metadata.json`` (the same keys as the Parquet metadata).
 
-Writes are atomic: the file (or folder) is written beside ``out`` under a hidden temporary name, synced, and
-renamed onto ``out``; an interrupted or failed export leaves no partial output. An existing ``out`` is
-refused unless ``overwrite``; even then an npy folder is replaced only when it holds nothing but an earlier
-export's three files (never a folder of other files). Destination problems (a missing parent folder, an
-unwritable one, ``out`` of the wrong kind) are refused before any embedding is computed.
+Writes are atomic (``core.io.atomic_path``): the file (or folder) is written beside ``out`` under a hidden
+temporary name, synced, and renamed onto ``out``; an interrupted or failed export leaves no partial output.
+An existing ``out`` is refused unless ``overwrite``; even then an npy folder is replaced only when it holds
+nothing but an earlier export's three files (never a folder of other files). Destination problems (a missing
+parent folder, an unwritable one, ``out`` of the wrong kind) are refused before any embedding is computed.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
-import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -33,9 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.io import atomic_path, is_no_space
 from cxr_transfer.core.outputs import writable_folder
 from cxr_transfer.core.settings import EXPORT_FORMATS
-from cxr_transfer.extract.cache import TEXT_COLUMNS, is_no_space
+from cxr_transfer.extract.cache import TEXT_COLUMNS
 from cxr_transfer.extract.dataset import Dataset, load_dataset
 from cxr_transfer.extract.pipeline import ExtractResult, ExtractSettings, FeatureSet, load_features
 
@@ -148,18 +148,14 @@ def write_parquet(out: Path, embeddings: np.ndarray, columns: dict[str, list[str
     arrays = [pa.array(columns[name], type=pa.string()) for name in ROW_COLUMNS] + [vectors]
     names = [*ROW_COLUMNS, EMBEDDING_COLUMN]
     table = pa.Table.from_arrays(arrays, names=names).replace_schema_metadata(metadata)
-    tmp = _temporary(out, is_folder=False)
     try:
-        # Plain (not dictionary) encoding for the floats: the dictionary of 425 VGG16 embeddings made the file
-        # 1.23 MB instead of 0.83 MB. Snappy, Parquet's most widely read compression, for the rest.
-        pq.write_table(table, str(tmp), use_dictionary=list(ROW_COLUMNS), compression="snappy")
-        _fsync(tmp)
-        _publish(tmp, out, overwrite)
-    except BaseException as exc:   # any failure, Ctrl-C included: leave no temporary behind
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise _write_error(exc, out, embeddings.nbytes) from None
-        raise
+        with atomic_path(out) as tmp:
+            # Plain (not dictionary) encoding for the floats: the dictionary of 425 VGG16 embeddings made the file
+            # 1.23 MB instead of 0.83 MB. Snappy, Parquet's most widely read compression, for the rest.
+            pq.write_table(table, str(tmp), use_dictionary=list(ROW_COLUMNS), compression="snappy")
+            _make_room(out, overwrite, folder=False)
+    except OSError as exc:
+        raise _write_error(exc, out, embeddings.nbytes) from None
     return out.stat().st_size
 
 
@@ -167,66 +163,43 @@ def write_npy(out: Path, embeddings: np.ndarray, columns: dict[str, list[str]], 
               overwrite: bool = False) -> int:
     """Write embeddings.npy, rows.csv and metadata.json into the folder ``out`` (atomically); returns bytes."""
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    tmp = _temporary(out, is_folder=True)
+    old = None
     try:
-        np.save(tmp / "embeddings.npy", embeddings, allow_pickle=False)
-        with open(tmp / "rows.csv", "w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(ROW_COLUMNS)
-            writer.writerows(zip(*(columns[name] for name in ROW_COLUMNS)))
-        layout = {"embeddings.npy": f"float32 ({embeddings.shape[0]}, {embeddings.shape[1]}), C order",
-                  "rows.csv": f"{','.join(ROW_COLUMNS)}; UTF-8; row i describes embedding i"}
-        (tmp / "metadata.json").write_text(json.dumps({**metadata, "layout": layout}, indent=2, ensure_ascii=False)
-                                           + "\n", encoding="utf-8")
-        for name in NPY_FILES:
-            _fsync(tmp / name)
-        _publish(tmp, out, overwrite)
-    except BaseException as exc:   # any failure, Ctrl-C included: leave no temporary behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            np.save(tmp / "embeddings.npy", embeddings, allow_pickle=False)
+            with open(tmp / "rows.csv", "w", encoding="utf-8", newline="") as handle:
+                writer = csv.writer(handle, lineterminator="\n")
+                writer.writerow(ROW_COLUMNS)
+                writer.writerows(zip(*(columns[name] for name in ROW_COLUMNS)))
+            layout = {"embeddings.npy": f"float32 ({embeddings.shape[0]}, {embeddings.shape[1]}), C order",
+                      "rows.csv": f"{','.join(ROW_COLUMNS)}; UTF-8; row i describes embedding i"}
+            (tmp / "metadata.json").write_text(json.dumps({**metadata, "layout": layout}, indent=2,
+                                                          ensure_ascii=False) + "\n", encoding="utf-8")
+            old = _make_room(out, overwrite, folder=True)
+    except BaseException as exc:   # any failure, Ctrl-C included: the earlier export goes back in place
+        if old is not None and not out.exists():
+            os.replace(old, out)
         if isinstance(exc, OSError):
             raise _write_error(exc, out, embeddings.nbytes) from None
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return sum((out / name).stat().st_size for name in NPY_FILES)
 
 
-def _temporary(out: Path, is_folder: bool) -> Path:
-    """A fresh hidden name beside ``out`` (same file system, so the final rename is atomic); a folder is
-    created, a file is left for the writer to create (both then get the user's usual permissions)."""
-    for _ in range(100):
-        tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
-        if tmp.exists():
-            continue
-        if is_folder:
-            try:
-                tmp.mkdir()
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise _write_error(exc, out, 0) from None
-        return tmp
-    raise CxrError(f"--out: no free temporary name beside {out}; remove the .{out.name}.*.tmp leftovers")
-
-
-def _fsync(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` onto ``out``. A folder that exists is first renamed aside, then removed."""
-    if (out.exists() or out.is_symlink()) and not overwrite:   # appeared while the embeddings were computed
+def _make_room(out: Path, overwrite: bool, folder: bool) -> Path | None:
+    """Just before the finished export is renamed onto ``out``: refuse an ``out`` that appeared while the
+    embeddings were computed (unless ``overwrite``); move an earlier npy folder aside (a folder is renamed only
+    onto an empty one) and return where it went, for removal once the new folder is in place."""
+    if (out.exists() or out.is_symlink()) and not overwrite:
         raise CxrError(f"--out: {out} already exists; give a new name, or --overwrite to replace it")
-    if not tmp.is_dir() or not out.is_dir():
-        os.replace(tmp, out)
-        return
+    if not folder or not out.is_dir():
+        return None
     _check_replaceable_folder(out)
     old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-    os.replace(out, old)          # a folder is renamed onto an empty one
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    return old
 
 
 def _write_error(exc: OSError, out: Path, needed: int) -> CxrError:

@@ -31,6 +31,7 @@ from cxr_transfer.core.cache_keys import model_key
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.fresh_process import call_in_fresh_process
 from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.core.io import atomic_path, is_no_space, no_space_error, remove_leftovers
 from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
 from cxr_transfer.core.record import library_versions, now_iso, write_json
 from cxr_transfer.extract.registry import BackboneConfig
@@ -158,15 +159,13 @@ def export_checked(model_fn, input_size: int, target: Path, check_batch: np.ndar
 
     spec = (tf.TensorSpec((None, input_size, input_size, 3), tf.float32, name=INPUT_NAME),)
     function = tf.function(model_fn, input_signature=spec)
-    tmp = target.with_name(target.name + ".tmp")
-    _convert(function, spec, opset, tmp)
-    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    exported = session.run(None, {session.get_inputs()[0].name: np.asarray(check_batch, np.float32)})[0]
-    error = error_fn(reference, exported) if len(check_batch) else 0.0
-    if not np.isfinite(error) or error > max_error:
-        tmp.unlink(missing_ok=True)
-        raise CxrError(f"ONNX export of {what} differs from Keras: error {error:.2e} > {max_error:.0e}")
-    tmp.replace(target)
+    with atomic_path(target) as tmp:
+        _convert(function, spec, opset, tmp)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        exported = session.run(None, {session.get_inputs()[0].name: np.asarray(check_batch, np.float32)})[0]
+        error = error_fn(reference, exported) if len(check_batch) else 0.0
+        if not np.isfinite(error) or error > max_error:
+            raise CxrError(f"ONNX export of {what} differs from Keras: error {error:.2e} > {max_error:.0e}")
     return error
 
 
@@ -241,16 +240,14 @@ def get_onnx_backbone(config: BackboneConfig, input_size: int, source: WeightsSo
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(target, lock_timeout):
-            target.with_name(target.name + ".tmp").unlink(missing_ok=True)      # left by a killed export
+            remove_leftovers(target)                 # left by a killed export
+            remove_leftovers(sidecar)
             info = _verified(target, sidecar)
             if info is not None:
                 return OnnxBackbone(config, input_size, target, info["onnx_sha256"], source.sha256, opset,
                                     float(info["max_relative_error"]), info.get("export_peak_rss_mb"))
             return _export_and_record(config, input_size, source, target, sidecar, opset)
     except OSError as exc:
-        from cxr_transfer.extract.cache import is_no_space, no_space_error
-
-        target.with_name(target.name + ".tmp").unlink(missing_ok=True)
         if is_no_space(exc):
             raise no_space_error(target.parent, 4 * config.feature_dim * 1024 + (1 << 20)) from None
         if isinstance(exc, (PermissionError, FileExistsError, NotADirectoryError)) or exc.errno == errno.EROFS:

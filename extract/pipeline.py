@@ -27,6 +27,7 @@ from cxr_transfer.core.params import COUNT, POSITIVE, check_params, param
 from cxr_transfer.core.cache_keys import dataset_cache_id, model_key
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
+from cxr_transfer.core.io import cannot_write_error, printable, utf8_problem
 from cxr_transfer.core.record import library_versions
 from cxr_transfer.core.settings import (
     DEFAULT_CACHE_DIR,
@@ -36,11 +37,8 @@ from cxr_transfer.core.settings import (
 from cxr_transfer.extract.cache import (
     CacheRow,
     FeatureCache,
-    cannot_write_error,
-    printable,
     read_cache,
     read_cache_attrs,
-    utf8_problem,
 )
 from cxr_transfer.extract.dataset import Dataset, Sample
 from cxr_transfer.extract.engine import Computed, EngineSettings, check_engine

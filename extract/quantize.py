@@ -23,7 +23,6 @@ sha256, opset, "int8", calibration-set hash) and its sha256 is checked against i
 from __future__ import annotations
 
 import contextlib
-import glob
 import io
 import json
 import logging
@@ -39,6 +38,7 @@ import numpy as np
 from cxr_transfer.core.cache_keys import model_key
 from cxr_transfer.core.errors import CxrError, Int8RefusedError
 from cxr_transfer.core.hashing import sha256_file, sha256_strings
+from cxr_transfer.core.io import atomic_path, cannot_write_error, no_space_error, remove_leftovers
 from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
 from cxr_transfer.core.record import library_versions, now_iso, write_json
 from cxr_transfer.core.settings import (
@@ -46,7 +46,6 @@ from cxr_transfer.core.settings import (
     PRECISIONS,  # noqa: F401 (one source of truth, re-exported)
 )
 from cxr_transfer.extract.bias_correction import MIN_SLOPE, correct_biases
-from cxr_transfer.extract.cache import cannot_write_error, no_space_error
 from cxr_transfer.extract.dataset import Sample
 from cxr_transfer.extract.images import ImageDecodeError, read_rgb
 from cxr_transfer.extract.onnx_export import OnnxBackbone
@@ -253,52 +252,43 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
     if calibration is None:
         raise CxrError(f"the int8 model {path.name} (calibration {digest[:12]}) is not in {path.parent}; "
                        f"extract the dataset it was calibrated on with --precision int8 into this --cache-dir first")
-    tmp = path.with_name(path.name + ".tmp")
     # quantization writes a prepared float32 copy and its shape-inferred twin (in a work folder beside the model),
     # then the int8 model (about a quarter of the float32 size)
     needed = 2 * backbone.path.stat().st_size + backbone.path.stat().st_size // 4
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(path, lock_timeout):
-            for stale in path.parent.glob(glob.escape(tmp.name) + "*"):   # .tmp and work folder of a killed run
-                if stale.is_dir():
-                    shutil.rmtree(stale)
-                else:
-                    stale.unlink()
-            path.with_suffix(".json.tmp").unlink(missing_ok=True)          # and its half-written sidecar
+            remove_leftovers(path)                       # the model and work folder of a killed run
+            remove_leftovers(path.with_suffix(".json"))  # and its half-written sidecar
             found = _cached(path, backbone)                  # quantized by another run while this one waited
             if found is not None:
                 return found
             if shutil.disk_usage(path.parent).free < needed:  # onnx's shape inference truncates its file on a
                 raise no_space_error(path.parent, needed)     # full disk instead of failing: check first
-            try:
-                return _quantize_gated(backbone, calibration, path, tmp, threads)
-            except BaseException:   # refused, a full disk, Ctrl-C: no half-written model is left (this run holds
-                tmp.unlink(missing_ok=True)           # the lock, so the file is its own; a failed sidecar takes
-                raise                                 # its model with it, _quantize_gated)
+            return _quantize_gated(backbone, calibration, path, threads)
     except OSError as exc:   # a full disk or an unwritable folder
         raise cannot_write_error(path.parent, exc, "ONNX folder", needed) from None
 
 
-def _quantize_gated(backbone: OnnxBackbone, calibration: CalibrationSet, path: Path, tmp: Path,
+def _quantize_gated(backbone: OnnxBackbone, calibration: CalibrationSet, path: Path,
                     threads: int | None) -> OnnxBackbone:
-    """Quantize into ``tmp``, gate it against float32 on the held-back images, then install it at ``path``
-    (the caller removes ``tmp`` when this raises)."""
+    """Quantize into a temporary file, gate it against float32 on the held-back images, then install it at
+    ``path`` with its sidecar. Refused, a full disk, Ctrl-C: no model is left (the caller holds the lock)."""
     started = time.perf_counter()
     size = backbone.input_size
     calib_images = _decode(calibration.calibration, size)
     held_images = _decode(calibration.held_back, size)
     config = backbone.config
-    done = _quantize(backbone.path, calib_images, tmp, config.int8_calibration, config.int8_float_convs,
-                     config.int8_bias_correction, threads)
-    cosines = cosine_rows(_embed(backbone.path, held_images, threads), _embed(tmp, held_images, threads))
-    fidelity = {"min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()),
-                "n_held_back": int(len(cosines)), "threshold": FIDELITY_MIN_COSINE}
-    if not np.all(np.isfinite(cosines)) or cosines.min() < FIDELITY_MIN_COSINE:
-        raise Int8RefusedError(f"int8 {backbone.config.name} refused: its embeddings of {len(cosines)} held-back "
-                               f"images have a min cosine of {cosines.min():.4f} to float32, below "
-                               f"{FIDELITY_MIN_COSINE}; use --precision float32")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        done = _quantize(backbone.path, calib_images, tmp, config.int8_calibration, config.int8_float_convs,
+                         config.int8_bias_correction, threads)
+        cosines = cosine_rows(_embed(backbone.path, held_images, threads), _embed(tmp, held_images, threads))
+        fidelity = {"min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()),
+                    "n_held_back": int(len(cosines)), "threshold": FIDELITY_MIN_COSINE}
+        if not np.all(np.isfinite(cosines)) or cosines.min() < FIDELITY_MIN_COSINE:
+            raise Int8RefusedError(f"int8 {backbone.config.name} refused: its embeddings of {len(cosines)} "
+                                   f"held-back images have a min cosine of {cosines.min():.4f} to float32, below "
+                                   f"{FIDELITY_MIN_COSINE}; use --precision float32")
     try:
         _write_sidecar(path, backbone, calibration, done, fidelity, len(calib_images), started)
     except BaseException:        # a full disk or Ctrl-C: no model without its sidecar (this run holds the lock)

@@ -39,6 +39,7 @@ import numpy as np
 from cxr_transfer.core.cache_keys import model_key
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
+from cxr_transfer.core.io import atomic_path, remove_leftovers
 from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
 from cxr_transfer.core.record import now_iso, write_json
 from cxr_transfer.core.settings import DEFAULT_CACHE_DIR
@@ -277,10 +278,9 @@ def _wrap(path: Path, spec: InputSpec, target: Path, input_size: int | None = No
                                                         ["batch", size_dim, size_dim, 3]))
     del graph.output[:]
     graph.output.extend([helper.make_tensor_value_info(_WRAPPED_OUTPUT, TensorProto.FLOAT, ["batch", "dim"])])
-    tmp = target.with_name(target.name + ".tmp")
-    onnx.save(model, str(tmp))
+    onnx.save(model, str(target))
     return {"layout": layout, "fixed_size": fixed, "input_shape": dims, "output_shape": out_dims,
-            "output_rank": rank, "output": outputs[0], "ignored_outputs": outputs[1:], "opset": opset, "tmp": tmp}
+            "output_rank": rank, "output": outputs[0], "ignored_outputs": outputs[1:], "opset": opset}
 
 
 def _check_forward(path: Path, wrapped: Path, size: int) -> int:
@@ -323,10 +323,10 @@ def _wrapped_info(path: Path, sha: str, name: str, spec: InputSpec, input_size: 
             info = verified_cache(target, sidecar, **checks)   # another process may have wrapped it meanwhile
             if info is not None:
                 return info
-            target.with_name(target.name + ".tmp").unlink(missing_ok=True)      # left by a killed run
+            remove_leftovers(target)                         # left by a killed run
+            remove_leftovers(sidecar)
             return _wrap_and_record(path, sha, name, spec, input_size, target)
     except OSError as exc:
-        target.with_name(target.name + ".tmp").unlink(missing_ok=True)
         raise CxrError(f"--cache-dir: cannot write the wrapped ONNX model to {target.parent} "
                        f"({exc.strerror or exc}); give a writable folder with --cache-dir") from None
 
@@ -338,19 +338,13 @@ def _wrap_and_record(path: Path, sha: str, name: str, spec: InputSpec, input_siz
     if now != sha:
         raise CxrError(f"{path}: changed since it was registered (sha256 {now[:16]}..., was {sha[:16]}...); "
                        f"run again to use the new file")
-    facts = _wrap(path, spec, target, input_size)
-    tmp = facts.pop("tmp")
-    fixed = facts["fixed_size"]
-    if fixed is not None and input_size is not None and input_size != fixed:
-        tmp.unlink(missing_ok=True)
-        raise CxrError(f"{path}: the model's input is {fixed}x{fixed}; got --input-size {input_size} instead")
-    check_size = fixed or input_size or DEFAULT_SIZE
-    try:
+    with atomic_path(target) as tmp:
+        facts = _wrap(path, spec, tmp, input_size)
+        fixed = facts["fixed_size"]
+        if fixed is not None and input_size is not None and input_size != fixed:
+            raise CxrError(f"{path}: the model's input is {fixed}x{fixed}; got --input-size {input_size} instead")
+        check_size = fixed or input_size or DEFAULT_SIZE
         dim = _check_forward(path, tmp, check_size)
-    except CxrError:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(target)
     info = {"kind": "user-onnx", "name": name, "source": str(path), "source_sha256": sha,
             "input": spec.describe(), "channels": spec.channels, "preprocess": spec.preprocess,
             "mean": spec.mean, "std": spec.std, "input_size": input_size, **facts,

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cxr_transfer.core.cache_keys import model_key
+from cxr_transfer.core.io import atomic_write
 from cxr_transfer.extract.onnx_export import OnnxBackbone
 from cxr_transfer.extract.runner import OnnxEmbedder
 from cxr_transfer.finetune.augment import AugmentParams, augment_image, view_rng
@@ -60,10 +61,9 @@ def _load(path: Path, views: int, dim: int) -> dict[str, np.ndarray]:
 
 def _save(path: Path, bank: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
     shas = sorted(bank)
-    np.savez(tmp, sha256=np.array(shas), features=np.stack([bank[s] for s in shas]))
-    tmp.replace(path)
+    with atomic_write(path) as handle:
+        np.savez(handle, sha256=np.array(shas), features=np.stack([bank[s] for s in shas]))
 
 
 def view_image(image: np.ndarray, sha256: str, view: int, params: AugmentParams) -> np.ndarray:

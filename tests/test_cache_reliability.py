@@ -284,7 +284,7 @@ def test_lock_is_exclusive_between_threads_and_reusable(tmp_path: Path):
 
 
 def test_disk_full_keeps_the_old_cache_and_the_rerun_completes(tmp_path: Path, warm: Path, monkeypatch):
-    from cxr_transfer.extract import cache as cache_module
+    from cxr_transfer.core import io as io_module
 
     root = write_class_tree(tmp_path / "d", per_class=2)
     cache = fresh_cache(tmp_path, warm)
@@ -297,10 +297,10 @@ def test_disk_full_keeps_the_old_cache_and_the_rerun_completes(tmp_path: Path, w
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
         return open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(cache_module, "open", full, raising=False)
+    monkeypatch.setattr(io_module, "open", full, raising=False)
     with pytest.raises(CxrError, match=rf"no space left in {path.parent}: writing the cache needs about [\d.]+ MB"):
         extract_features(load_dataset(root), settings(cache))
-    assert stored(path) == before and not path.with_name(path.name + ".tmp").exists()
+    assert stored(path) == before and not list(cache.rglob("*.tmp"))
     assert len(list(path.with_name(path.name + ".parts").glob("part-*.npz"))) == 1    # the new row is kept
     monkeypatch.undo()
     again = extract_features(load_dataset(root), settings(cache))
@@ -387,11 +387,13 @@ def test_leftovers_of_killed_runs_are_removed(tmp_path: Path, warm: Path):
     path = extract_features(load_dataset(root), settings(cache)).cache_path
     parts = path.with_name(path.name + ".parts")
     parts.mkdir()
-    (parts / "part-123-0.npz.tmp").write_bytes(b"half a part")
+    (parts / "part-123-0.npz.tmp").write_bytes(b"half a part")                  # names of older versions
     path.with_name(path.name + ".tmp").write_bytes(b"half an h5")
+    (parts / ".part-124-0.0123abcd.npz.tmp").write_bytes(b"half a part")         # core.io.atomic_write's names
+    path.with_name(f".{path.stem}.89abcdef.h5.tmp").write_bytes(b"half an h5")
     result = extract_features(load_dataset(root), settings(cache))
     assert result.n_computed == 0
-    assert not parts.exists() and not path.with_name(path.name + ".tmp").exists()
+    assert not parts.exists() and not list(cache.rglob("*.tmp"))
     parts.mkdir()                                            # an empty parts folder alone
     extract_features(load_dataset(root), settings(cache))
     assert not parts.exists()

@@ -141,7 +141,7 @@ def test_a_folder_of_exports_reads_as_one_dataset(exported, data: Path, cache: P
 
     shutil.copy(exported.path, tmp_path / "a.parquet")
     cxr_transfer.export_embeddings(data, "mobilenetv2", out=tmp_path / "b.parquet", cache_dir=cache, **TINY)
-    (tmp_path / ".c.parquet.0123abcd.tmp").write_bytes(b"PAR1 half written")
+    (tmp_path / ".c.0123abcd.parquet.tmp").write_bytes(b"PAR1 half written")
     table = ds.dataset(tmp_path, format="parquet").to_table()
     assert table.num_rows == 26 and table.schema.field("embedding").type.list_size == exported.dim
     assert table.column("path").to_pylist() == 2 * cached(exported)[1]["path"].tolist()

@@ -232,7 +232,7 @@ def test_quantization_holds_the_model_lock_and_a_waiter_uses_the_model(data: Pat
     real, seen = quantize._quantize, []
 
     def quantize_and_probe_the_lock(float_path, calibration, out, *args):
-        model = out.with_name(out.name.removesuffix(".tmp"))
+        model = out.with_name(out.name[1:].split(".")[0] + ".onnx")    # .<stem>.<8 hex>.onnx.tmp (core.io)
         with pytest.raises(CxrError, match="is being written by pid"), file_lock(model, timeout=0):
             pass
         seen.append(model)
@@ -279,6 +279,9 @@ def test_a_killed_quantization_leaves_nothing_the_next_run_keeps(data: Path, cac
     (work / "prepared.onnx").write_bytes(b"x" * 1000)
     model.with_name(model.name + ".tmp").write_bytes(b"half")
     model.with_suffix(".json.tmp").write_bytes(b"")                 # killed while writing the sidecar
+    model.with_name(f".{model.stem}.0123abcd.onnx.tmp").write_bytes(b"half")    # the same, named by core.io
+    model.with_name(f".{model.stem}.0123abcd.onnx.tmp.k1ll3d").mkdir()
+    model.with_name(f".{model.stem}.89abcdef.json.tmp").write_bytes(b"")
     with monkeypatch.context() as refusing:
         refusing.setattr(quantize, "FIDELITY_MIN_COSINE", 1.000001)
         with pytest.raises(CxrError, match="refused"):

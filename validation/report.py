@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 from cxr_transfer.classify.bootstrap import SMALL_SAMPLE
 from cxr_transfer.classify.calibration import BINNING_WORDS, plot_reliability
 from cxr_transfer.classify.conformal import format_set
+from cxr_transfer.core.io import printable
 from cxr_transfer.core.plotting import subplots
 from cxr_transfer.core.tables import markdown_table
-from cxr_transfer.extract.cache import printable
 
 if TYPE_CHECKING:
     from cxr_transfer.validation.run import ValidateSettings
