@@ -22,6 +22,7 @@ from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.core.outputs import writable_file
 from cxr_transfer.extract.dataset import Dataset, Sample, hash_samples, images_in_folder
 from cxr_transfer.extract.pipeline import ExtractSettings, load_features
+from cxr_transfer.extract.runtime import open_session
 from cxr_transfer.extract.user_onnx import backbone_for_saved
 from cxr_transfer.extract.weights import resolve_weights
 
@@ -78,8 +79,6 @@ def finetuned_model_json(model_path: str | Path) -> Path | None:
 
 
 def _finetuned_probabilities(info_path: Path, dataset: Dataset, settings: ExtractSettings):
-    import onnxruntime as ort
-
     from cxr_transfer.extract.pipeline import decoded_batches
 
     info = read_finetune_info(info_path)
@@ -89,7 +88,7 @@ def _finetuned_probabilities(info_path: Path, dataset: Dataset, settings: Extrac
     onnx_path = info_path.parent / info["onnx_file"]
     if not onnx_path.is_file() or sha256_file(onnx_path) != info["onnx_sha256"]:
         raise CxrError(f"{onnx_path}: missing or changed since it was saved (sha256 differs from {info_path.name})")
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = open_session(onnx_path, settings.threads)
     readable, blocks, skipped = [], [], []
     for good, batch, bad in decoded_batches(dataset.samples, int(info["input_size"]), settings.batch_size,
                                             settings.decode_workers):

@@ -23,6 +23,7 @@ import numpy as np
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.extract.pipeline import ExtractSettings
+from cxr_transfer.extract.runtime import open_session
 
 METHODS = ("auto", "cam", "occlusion", "gradcam")
 
@@ -98,7 +99,7 @@ def _head_explainer(model_path: Path, settings: ExtractSettings, method: str,
         return Explainer("cam", sizes[0], classes, explain,
                          {"score": scores.kind, "layer": exported.layer, "onnx": str(exported.path)})
     from cxr_transfer.extract.onnx_export import get_onnx_backbone
-    from cxr_transfer.extract.runner import OnnxEmbedder
+    from cxr_transfer.extract.runtime import OnnxEmbedder
 
     embedders = [OnnxEmbedder(_backbone_as_trained(p, get_onnx_backbone(p.config, size, source, p.cache_dir,
                                                                           p.opset)), p.threads)
@@ -143,13 +144,11 @@ def _finetuned_explainer(info_path: Path, settings: ExtractSettings, method: str
         raise CxrError(f"{info_path}: the exact CAM is for linear saved heads; a fine-tuned model takes gradcam "
                        f"or occlusion")
     if method == "occlusion":
-        import onnxruntime as ort
-
         onnx_path = info_path.parent / str(info.get("onnx_file") or "")
         if not info.get("onnx_file") or not onnx_path.is_file() or sha256_file(onnx_path) != info["onnx_sha256"]:
             raise CxrError(f"{onnx_path}: missing or changed since it was saved (sha256 differs from "
                            f"{info_path.name})")
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        session = open_session(onnx_path, settings.threads)
         name = session.get_inputs()[0].name
 
         def predict_proba(images: np.ndarray) -> np.ndarray:

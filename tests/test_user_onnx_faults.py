@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.extract.registry import parse_backbone_list
-from cxr_transfer.extract.runner import OnnxEmbedder
+from cxr_transfer.extract.runtime import OnnxEmbedder
 from cxr_transfer.extract.user_onnx import InputSpec, register_user_onnx, resolve_backbone_spec, user_onnx_backbone
 
 WEIGHT = np.array([0.3125, -0.75, 1.5, 2.25, -1.25, 0.5, 0.0625, 1.0, -0.5, 0.25, 0.125, -2.0],
