@@ -15,6 +15,7 @@ import pytest
 
 from cxr_transfer.classify.predict import predict_images
 from cxr_transfer.classify.saved_model import finetune_description_digest, save_head
+from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.core.synthetic import write_class_tree
 from cxr_transfer.explain.explainers import load_explainer
@@ -116,7 +117,7 @@ def finetuned_run(tmp_path) -> Path:
     onnx_path = _write_tiny_model(run / "model.onnx")
     info = {"kind": "finetune", "model": "finetune", "backbone": "mobilenetv2", "input_size": SIZE,
             "class_names": CLASSES, "weights_sha256": "random:seed0", "onnx_file": "model.onnx",
-            "onnx_sha256": sha256_file(onnx_path)}
+            "onnx_sha256": sha256_file(onnx_path), "keras_file": "model.keras", "keras_sha256": "0" * 64}
     info["description_sha256"] = finetune_description_digest(info)
     (run / "model.json").write_text(json.dumps(info))
     return run
@@ -156,3 +157,35 @@ def test_predict_and_explain_of_a_saved_head_use_the_threads_setting(sessions, s
     explainer = load_explainer(head, ExtractSettings.from_options(threads=2, random_weights=True, progress=False,
                                                                   cache_dir=cache), method="occlusion")
     assert sessions.threads == [3, 2] and explainer.method == "occlusion"
+
+
+# --- the one loader of saved models -------------------------------------------------------------
+
+
+def test_load_saved_model_takes_a_run_folder_its_files_or_a_head(finetuned_run, saved_knn_head):
+    from cxr_transfer.classify.saved_model import SavedFinetuned, SavedHead, load_saved_model
+
+    for given in (finetuned_run, finetuned_run / "model.json", finetuned_run / "model.onnx", str(finetuned_run)):
+        saved = load_saved_model(given)
+        assert isinstance(saved, SavedFinetuned) and saved.info_path == finetuned_run / "model.json"
+        assert saved.input_size == SIZE and saved.class_names == CLASSES
+    proba = saved.onnx_probabilities(1)(np.zeros((2, SIZE, SIZE, 3), np.uint8))
+    np.testing.assert_allclose(proba, 1 / 3, rtol=1e-6)
+    head = load_saved_model(saved_knn_head[0])
+    assert isinstance(head, SavedHead) and head.info["class_names"] == CLASSES and hasattr(head.model, "predict")
+    with pytest.raises(TypeError, match="got int instead"):
+        load_saved_model(3)
+
+
+def test_predict_and_explain_refuse_a_changed_or_missing_model_file_alike(finetuned_run, tmp_path):
+    images = write_class_tree(tmp_path / "images", per_class=1, size=SIZE)
+    settings = ExtractSettings.from_options(progress=False, cache_dir=tmp_path / "cache")
+    onnx_path = finetuned_run / "model.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")
+    changed = r"model\.onnx: missing or changed since it was saved \(sha256 differs from model\.json\)"
+    with pytest.raises(CxrError, match=changed):
+        predict_images(images, finetuned_run, settings, tmp_path / "p.csv")
+    with pytest.raises(CxrError, match=changed):
+        load_explainer(finetuned_run, settings, method="occlusion")
+    with pytest.raises(CxrError, match=r"model\.keras: missing or changed"):   # recorded, never written here
+        load_explainer(finetuned_run, settings, method="gradcam")
