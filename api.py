@@ -246,7 +246,7 @@ def embed_images(images: np.ndarray, backbone: str = "vgg16", *, weights: str | 
     from cxr_transfer.extract.images import resize_square
     from cxr_transfer.extract.onnx_export import get_onnx_backbone
     from cxr_transfer.extract.registry import get_backbone
-    from cxr_transfer.extract.runner import OnnxEmbedder
+    from cxr_transfer.extract.runtime import OnnxEmbedder
     from cxr_transfer.extract.weights import resolve_weights
 
     if not isinstance(images, np.ndarray):

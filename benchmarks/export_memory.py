@@ -40,7 +40,7 @@ def one(name: str, size_spec: str, images: int, repeats: int) -> dict:
 
     from cxr_transfer.extract.onnx_export import get_onnx_backbone
     from cxr_transfer.extract.registry import get_backbone
-    from cxr_transfer.extract.runner import OnnxEmbedder
+    from cxr_transfer.extract.runtime import OnnxEmbedder
     from cxr_transfer.extract.weights import resolve_weights
 
     config = get_backbone(name)

@@ -38,7 +38,7 @@ from cxr_transfer.extract.images import read_rgb
 from cxr_transfer.extract.onnx_export import get_onnx_backbone, keras_preprocess_input
 from cxr_transfer.extract.pipeline import ExtractSettings, cache_file, extract_features
 from cxr_transfer.extract.registry import get_backbone
-from cxr_transfer.extract.runner import OnnxEmbedder, default_threads
+from cxr_transfer.extract.runtime import OnnxEmbedder, default_threads
 from cxr_transfer.extract.weights import build_keras_backbone, resolve_weights
 
 

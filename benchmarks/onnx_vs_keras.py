@@ -20,7 +20,7 @@ import numpy as np
 
 from cxr_transfer.extract.onnx_export import get_onnx_backbone, keras_preprocess_input
 from cxr_transfer.extract.registry import get_backbone
-from cxr_transfer.extract.runner import OnnxEmbedder
+from cxr_transfer.extract.runtime import OnnxEmbedder
 from cxr_transfer.extract.weights import build_keras_backbone, resolve_weights
 
 

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_transfer.classify.saved_model import FINETUNE_JSON, load_head, read_finetune_info, refuse_incomplete_run
+from cxr_transfer.classify.saved_model import SavedFinetuned, finetuned_model_json, load_saved_model
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.core.outputs import writable_file
 from cxr_transfer.extract.dataset import Dataset, Sample, hash_samples, images_in_folder
 from cxr_transfer.extract.pipeline import ExtractSettings, load_features
@@ -63,43 +62,21 @@ def check_input_size(asked: int | None, trained: int) -> None:
                        f"features (leave --input-size out: the model's own is used, or give {trained})")
 
 
-def finetuned_model_json(model_path: str | Path) -> Path | None:
-    """model.json of a fine-tuned model given as its run folder, model.json or model.onnx; else None."""
-    path = Path(model_path)
-    if path.suffix == ".keras":
-        raise CxrError(f"{model_path}: a Keras model file is not loaded directly; give its finetune run folder "
-                       f"({path.parent}) or its model.onnx")
-    candidate = path / FINETUNE_JSON if path.is_dir() else path.with_name(FINETUNE_JSON)
-    if path.is_dir() or path.suffix == ".onnx" or path.name == FINETUNE_JSON:
-        if not candidate.is_file():
-            raise CxrError(f"{model_path}: no {FINETUNE_JSON} found (give a finetune run folder or a .joblib head)")
-        return candidate
-    return None
+def _finetuned_probabilities(saved: SavedFinetuned, dataset: Dataset, settings: ExtractSettings):
+    from cxr_transfer.extract.images import decoded_batches
 
-
-def _finetuned_probabilities(info_path: Path, dataset: Dataset, settings: ExtractSettings):
-    import onnxruntime as ort
-
-    from cxr_transfer.extract.pipeline import decoded_batches
-
-    info = read_finetune_info(info_path)
-    if not info.get("onnx_file"):
-        raise CxrError(f"{info_path}: not a fine-tuned model with an ONNX export")
-    check_input_size(settings.input_size, info["input_size"])
-    onnx_path = info_path.parent / info["onnx_file"]
-    if not onnx_path.is_file() or sha256_file(onnx_path) != info["onnx_sha256"]:
-        raise CxrError(f"{onnx_path}: missing or changed since it was saved (sha256 differs from {info_path.name})")
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    check_input_size(settings.input_size, saved.input_size)
+    proba = saved.onnx_probabilities(settings.threads)
     readable, blocks, skipped = [], [], []
-    for good, batch, bad in decoded_batches(dataset.samples, int(info["input_size"]), settings.batch_size,
+    for good, batch, bad in decoded_batches(dataset.samples, saved.input_size, settings.batch_size,
                                             settings.decode_workers):
         skipped += [(dataset.relative(s), reason) for s, reason in bad]
         if good:
             readable += good
-            blocks.append(session.run(None, {session.get_inputs()[0].name: batch.astype(np.float32)})[0])
+            blocks.append(proba(batch))
     if not readable:
         raise CxrError(f"{dataset.root}: none of the {len(dataset)} images could be read")
-    return readable, np.vstack(blocks), list(info["class_names"]), skipped
+    return readable, np.vstack(blocks), saved.class_names, skipped
 
 
 def predict_images(images: str | Path, model_path: str | Path, settings: ExtractSettings,
@@ -108,18 +85,17 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
                    conformal: float | None = None) -> tuple[Path, list[tuple[str, str]]]:
     """Write a CSV (path, sha256, predicted, one probability column per class, and with ``conformal=ALPHA``
     the prediction set); return it and skipped files."""
-    finetuned = finetuned_model_json(model_path)
-    if finetuned is not None and conformal is not None:
+    if conformal is not None and finetuned_model_json(model_path) is not None:
         raise CxrError(f"{model_path}: --conformal needs a head saved by validate --save, not a fine-tuned model")
     if out_csv is not None:
         out_csv = writable_file(out_csv, "--out")   # before any computing
-    if finetuned is not None:
+    saved = load_saved_model(model_path)
+    if isinstance(saved, SavedFinetuned):
         dataset = unlabeled_dataset(images, [])
-        readable, proba, classes, skipped = _finetuned_probabilities(finetuned, dataset, settings)
-        default_out = finetuned.parent / "predictions.csv"
+        readable, proba, classes, skipped = _finetuned_probabilities(saved, dataset, settings)
+        default_out = saved.info_path.parent / "predictions.csv"
         return _write_predictions(Path(out_csv or default_out), dataset, readable, proba, classes), skipped
-    refuse_incomplete_run(model_path)
-    model, info = load_head(model_path)   # its sidecar's fields checked against the hashed file first
+    model, info = saved.model, saved.info
     parts = [check_weights(part, settings, precision) for part in info["backbones"]]
     dataset = unlabeled_dataset(images, info["class_names"])
     blocks, skipped, readable = [], [], None

@@ -11,20 +11,28 @@ size, precision, int8 calibration digest, weights and ONNX sha256) is also store
 Heads of the old format ``cxr-transfer/head/1`` (the model pickled alone) still load: for them only the joblib
 hash and the fields' own shape are checked. ``refuse_incomplete_run`` refuses a head in a run folder that still
 holds the run's in-progress marker (``core.outputs``: the run was killed while saving).
+
+A fine-tuned model is the run folder of ``finetune`` (``MODEL_JSON`` beside model.keras and model.onnx, each
+file's sha256 recorded in it). ``load_saved_model`` takes either kind of model and returns a ``SavedHead`` or a
+``SavedFinetuned``: predict and explain load models only through it.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import joblib
+import numpy as np
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_bytes, sha256_file
 from cxr_transfer.core.io import atomic_path
 from cxr_transfer.core.outputs import incomplete_run
 from cxr_transfer.core.record import library_versions, now_iso, write_json
+from cxr_transfer.extract.runtime import open_session
 
 FORMAT = "cxr-transfer/head/2"
 OLD_FORMAT = "cxr-transfer/head/1"   # up to 40c227d: the model pickled alone, only its sha256 in the JSON
@@ -187,7 +195,88 @@ def load_head(path: str | Path) -> tuple[Any, dict[str, Any]]:
     return model, info
 
 
-FINETUNE_JSON = "model.json"
+MODEL_JSON = "model.json"
+"""The description of a fine-tuned model in its run folder (written by ``finetune.export``)."""
+
+
+@dataclass(frozen=True)
+class SavedHead:
+    """A head saved by ``compare --save`` / ``validate --save``, loaded by ``load_head`` (checked)."""
+
+    path: Path
+    model: Any                 # the fitted pipeline
+    info: dict[str, Any]       # its sidecar
+
+
+@dataclass(frozen=True)
+class SavedFinetuned:
+    """A fine-tuned model: its ``MODEL_JSON`` (checked by ``read_finetune_info``); the model files are checked
+    against their recorded sha256 when used (``checked_file``)."""
+
+    info_path: Path
+    info: dict[str, Any]
+
+    @property
+    def input_size(self) -> int:
+        return int(self.info["input_size"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info["class_names"])
+
+    def checked_file(self, kind: str) -> Path:
+        """The run folder's ``kind`` file ("onnx" or "keras"), after checking it is byte for byte the one saved."""
+        if kind not in ("onnx", "keras"):
+            raise ValueError(f"kind must be 'onnx' or 'keras', got {kind!r} instead")
+        name = self.info.get(f"{kind}_file")
+        if not name:
+            what = "an ONNX export" if kind == "onnx" else "a Keras model file"
+            raise CxrError(f"{self.info_path}: not a fine-tuned model with {what}")
+        path = self.info_path.parent / name
+        if not path.is_file() or sha256_file(path) != self.info[f"{kind}_sha256"]:
+            raise CxrError(f"{path}: missing or changed since it was saved (sha256 differs from "
+                           f"{self.info_path.name})")
+        return path
+
+    def onnx_probabilities(self, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+        """``proba(pixels)``: the model.onnx (checked) in one onnxruntime session with ``threads`` intra-op
+        threads; RGB pixels (N, input_size, input_size, 3) in [0, 255] -> float32 (N, classes)."""
+        session = open_session(self.checked_file("onnx"), threads)
+        name = session.get_inputs()[0].name
+
+        def proba(pixels: np.ndarray) -> np.ndarray:
+            return session.run(None, {name: np.asarray(pixels, np.float32)})[0]
+
+        return proba
+
+
+def finetuned_model_json(model_path: str | Path) -> Path | None:
+    """``MODEL_JSON`` of a fine-tuned model given as its run folder, model.json or model.onnx; None for anything
+    else (a saved head); CxrError when the fine-tuned model's description is not there."""
+    path = Path(model_path)
+    if path.suffix == ".keras":
+        raise CxrError(f"{model_path}: a Keras model file is not loaded directly; give its finetune run folder "
+                       f"({path.parent}) or its model.onnx")
+    candidate = path / MODEL_JSON if path.is_dir() else path.with_name(MODEL_JSON)
+    if path.is_dir() or path.suffix == ".onnx" or path.name == MODEL_JSON:
+        if not candidate.is_file():
+            raise CxrError(f"{model_path}: no {MODEL_JSON} found (give a finetune run folder or a .joblib head)")
+        return candidate
+    return None
+
+
+def load_saved_model(path: str | Path) -> SavedHead | SavedFinetuned:
+    """A saved head (``NAME.joblib``: refused in a run that did not finish, then ``load_head``) or a fine-tuned
+    model (its run folder, model.json or model.onnx: ``read_finetune_info``); CxrError naming the file when
+    it is refused."""
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or Path, got {type(path).__name__} instead")
+    info_path = finetuned_model_json(path)
+    if info_path is not None:
+        return SavedFinetuned(info_path, read_finetune_info(info_path))
+    refuse_incomplete_run(path)
+    model, info = load_head(path)   # its sidecar's fields checked against the hashed file first
+    return SavedHead(Path(path), model, info)
 
 
 def read_finetune_info(path: str | Path) -> dict[str, Any]:

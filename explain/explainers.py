@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from cxr_transfer.classify.saved_model import SavedFinetuned, SavedHead, load_saved_model
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.extract.pipeline import ExtractSettings
 
 METHODS = ("auto", "cam", "occlusion", "gradcam")
@@ -60,14 +60,13 @@ def _occlusion(predict_proba: Callable[[np.ndarray], np.ndarray], size: int, bat
     return explain, {"patch_px": patch, "stride_px": stride}
 
 
-def _head_explainer(model_path: Path, settings: ExtractSettings, method: str,
+def _head_explainer(saved: SavedHead, settings: ExtractSettings, method: str,
                     precision: str | None = None) -> Explainer:
     from cxr_transfer.classify.predict import check_weights
-    from cxr_transfer.classify.saved_model import load_head
     from cxr_transfer.explain.cam import class_activation_maps, linear_scores, unwrap
     from cxr_transfer.extract.weights import resolve_weights
 
-    head, info = load_head(model_path)   # its sidecar's fields checked against the hashed file first
+    model_path, head, info = saved.path, saved.model, saved.info
     parts = [check_weights(part, settings, precision) for part in info["backbones"]]
     classes = [info["class_names"][int(c)] for c in unwrap(head).classes_]
     sources = [resolve_weights(p.config, p.weights_file, p.weights_dir, p.random_weights) for p in parts]
@@ -98,7 +97,7 @@ def _head_explainer(model_path: Path, settings: ExtractSettings, method: str,
         return Explainer("cam", sizes[0], classes, explain,
                          {"score": scores.kind, "layer": exported.layer, "onnx": str(exported.path)})
     from cxr_transfer.extract.onnx_export import get_onnx_backbone
-    from cxr_transfer.extract.runner import OnnxEmbedder
+    from cxr_transfer.extract.runtime import OnnxEmbedder
 
     embedders = [OnnxEmbedder(_backbone_as_trained(p, get_onnx_backbone(p.config, size, source, p.cache_dir,
                                                                           p.opset)), p.threads)
@@ -132,39 +131,26 @@ def _backbone_as_trained(part: ExtractSettings, backbone: Any) -> Any:
                              lock_timeout=part.lock_timeout)
 
 
-def _finetuned_explainer(info_path: Path, settings: ExtractSettings, method: str) -> Explainer:
+def _finetuned_explainer(saved: SavedFinetuned, settings: ExtractSettings, method: str) -> Explainer:
     from cxr_transfer.classify.predict import check_input_size
-    from cxr_transfer.classify.saved_model import read_finetune_info
 
-    info = read_finetune_info(info_path)
-    check_input_size(settings.input_size, info["input_size"])
-    size, classes = int(info["input_size"]), list(info["class_names"])
+    check_input_size(settings.input_size, saved.input_size)
+    size, classes = saved.input_size, saved.class_names
     if method == "cam":
-        raise CxrError(f"{info_path}: the exact CAM is for linear saved heads; a fine-tuned model takes gradcam "
-                       f"or occlusion")
+        raise CxrError(f"{saved.info_path}: the exact CAM is for linear saved heads; a fine-tuned model takes "
+                       f"gradcam or occlusion")
     if method == "occlusion":
-        import onnxruntime as ort
-
-        onnx_path = info_path.parent / str(info.get("onnx_file") or "")
-        if not info.get("onnx_file") or not onnx_path.is_file() or sha256_file(onnx_path) != info["onnx_sha256"]:
-            raise CxrError(f"{onnx_path}: missing or changed since it was saved (sha256 differs from "
-                           f"{info_path.name})")
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
+        proba = saved.onnx_probabilities(settings.threads)
 
         def predict_proba(images: np.ndarray) -> np.ndarray:
-            return session.run(None, {name: np.asarray(images, np.float32)})[0].astype(np.float64)
+            return proba(images).astype(np.float64)
 
         explain, details = _occlusion(predict_proba, size, settings.batch_size)
         return Explainer("occlusion", size, classes, explain, details)
     from cxr_transfer.explain.gradcam import GradCam
     from cxr_transfer.finetune.model import load_finetuned
 
-    keras_path = info_path.parent / info["keras_file"]
-    if not keras_path.is_file() or sha256_file(keras_path) != info["keras_sha256"]:
-        raise CxrError(f"{keras_path}: missing or changed since it was saved (sha256 differs from "
-                       f"{info_path.name})")
-    gradcam = GradCam(load_finetuned(str(keras_path)))
+    gradcam = GradCam(load_finetuned(str(saved.checked_file("keras"))))
     return Explainer("gradcam", size, classes, gradcam.maps, {"layer": gradcam.layer})
 
 
@@ -174,11 +160,9 @@ def load_explainer(model_path: str | Path, settings: ExtractSettings, method: st
 
     A head is run at the precision it was trained on (an int8 head through its int8 model, by occlusion);
     ``precision`` other than that one is refused, as in predict."""
-    from cxr_transfer.classify.predict import finetuned_model_json
-
     if method not in METHODS:
         raise CxrError(f"unknown explanation method '{method}'; choose from: {', '.join(METHODS)}")
-    finetuned = finetuned_model_json(model_path)
-    if finetuned is not None:
-        return _finetuned_explainer(finetuned, settings, method)
-    return _head_explainer(Path(model_path), settings, method, precision)
+    saved = load_saved_model(model_path)
+    if isinstance(saved, SavedFinetuned):
+        return _finetuned_explainer(saved, settings, method)
+    return _head_explainer(saved, settings, method, precision)

@@ -33,6 +33,7 @@ from cxr_transfer.extract.onnx_export import (
     relative_error,
 )
 from cxr_transfer.extract.registry import BackboneConfig
+from cxr_transfer.extract.runtime import open_session
 from cxr_transfer.extract.weights import WeightsSource, build_keras_backbone
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,7 @@ def _export_here(config: BackboneConfig, input_size: int, source: WeightsSource,
 
 
 def _run(path: Path, batch: np.ndarray) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = open_session(path)
     return session.run(None, {session.get_inputs()[0].name: np.asarray(batch, np.float32)})
 
 
@@ -138,15 +137,8 @@ class FeatureMapRunner:
     """An onnxruntime session of a two-output export: ``run(images)`` -> (feature maps, embeddings)."""
 
     def __init__(self, backbone: FeatureMapBackbone, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        from cxr_transfer.extract.runner import default_threads
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or default_threads()
-        options.inter_op_num_threads = 1
         self.backbone = backbone
-        self.session = ort.InferenceSession(str(backbone.path), options, providers=["CPUExecutionProvider"])
+        self.session = open_session(backbone.path, threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -149,7 +149,7 @@ def _png_name(relative: str, used: set[str]) -> str:
 
 def default_out_dir(model: str | Path) -> Path:
     """Beside a saved head (``NAME-explain/``) or inside a fine-tuned run folder (``explain/``)."""
-    from cxr_transfer.classify.predict import finetuned_model_json
+    from cxr_transfer.classify.saved_model import finetuned_model_json
 
     finetuned = finetuned_model_json(model)
     if finetuned is not None:
@@ -208,8 +208,8 @@ def run_explain(images: str | Path, model: str | Path, settings: ExtractSettings
     other than the one the head was trained on is refused. The output folder is checked before the model is
     loaded (``prepare_out_dir``: a folder holding files is refused unless ``overwrite``).
     """
-    from cxr_transfer.classify.predict import finetuned_model_json, unlabeled_dataset
-    from cxr_transfer.classify.saved_model import read_head_info, refuse_incomplete_run
+    from cxr_transfer.classify.predict import unlabeled_dataset
+    from cxr_transfer.classify.saved_model import finetuned_model_json, read_head_info, refuse_incomplete_run
     from cxr_transfer.explain.overlay import write_overlay
     from cxr_transfer.extract.images import read_rgb
 

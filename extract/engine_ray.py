@@ -104,7 +104,7 @@ def check_local_fit(settings: EngineSettings) -> None:
     in one line, before Ray starts (a cluster's CPUs are checked once connected, ``_pool_size``)."""
     import ray
 
-    from cxr_transfer.extract.runner import default_threads
+    from cxr_transfer.extract.runtime import default_threads
 
     if _address(settings) != "local" or ray.is_initialized():   # connected already: _pool_size checks
         return
@@ -161,7 +161,7 @@ def _connect(settings: EngineSettings, workers: int | None) -> str:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     options: dict[str, object] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address == "local":
-        from cxr_transfer.extract.runner import default_threads
+        from cxr_transfer.extract.runtime import default_threads
 
         check_local_fit(settings)
         options.update(num_cpus=default_threads(), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
@@ -290,7 +290,7 @@ class EmbedShard:
 
     def _session(self):
         if self._embedder is None:
-            from cxr_transfer.extract.runner import OnnxEmbedder
+            from cxr_transfer.extract.runtime import OnnxEmbedder
 
             path, node = self.backbone.path, socket.gethostname()
             if not path.is_file():

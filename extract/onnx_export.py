@@ -35,6 +35,7 @@ from cxr_transfer.core.io import atomic_path, is_no_space, no_space_error, remov
 from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
 from cxr_transfer.core.record import library_versions, now_iso, write_json
 from cxr_transfer.extract.registry import BackboneConfig
+from cxr_transfer.extract.runtime import open_session
 from cxr_transfer.extract.weights import WeightsSource, build_keras_backbone
 
 log = logging.getLogger(__name__)
@@ -154,14 +155,13 @@ def export_checked(model_fn, input_size: int, target: Path, check_batch: np.ndar
     ``max_error`` the file is refused. Written beside ``target`` first, renamed on success. Used for the
     headless backbones here and for whole fine-tuned models (finetune/export.py).
     """
-    import onnxruntime as ort
     import tensorflow as tf
 
     spec = (tf.TensorSpec((None, input_size, input_size, 3), tf.float32, name=INPUT_NAME),)
     function = tf.function(model_fn, input_signature=spec)
     with atomic_path(target) as tmp:
         _convert(function, spec, opset, tmp)
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        session = open_session(tmp)
         exported = session.run(None, {session.get_inputs()[0].name: np.asarray(check_batch, np.float32)})[0]
         error = error_fn(reference, exported) if len(check_batch) else 0.0
         if not np.isfinite(error) or error > max_error:

@@ -56,7 +56,7 @@ from cxr_transfer.extract.quantize import (
     precision_key,
 )
 from cxr_transfer.extract.registry import BackboneConfig, get_backbone
-from cxr_transfer.extract.runner import OnnxEmbedder
+from cxr_transfer.extract.runtime import OnnxEmbedder
 from cxr_transfer.extract.weights import WeightsSource, resolve_weights
 
 log = logging.getLogger(__name__)

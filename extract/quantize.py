@@ -49,6 +49,7 @@ from cxr_transfer.extract.bias_correction import MIN_SLOPE, correct_biases
 from cxr_transfer.extract.dataset import Sample
 from cxr_transfer.extract.images import ImageDecodeError, read_rgb
 from cxr_transfer.extract.onnx_export import OnnxBackbone
+from cxr_transfer.extract.runtime import open_session
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +115,8 @@ def _decode(samples: Sequence[Sample], size: int) -> np.ndarray:
     return np.stack(images).astype(np.float32)
 
 
-def _session(model: Path | bytes, threads: int | None):
-    import onnxruntime as ort
-
-    from cxr_transfer.extract.runner import session_options
-
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
-
-
 def _embed(path: Path, images: np.ndarray, threads: int | None) -> np.ndarray:
-    session = _session(path, threads)
+    session = open_session(path, threads)
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: images[i:i + 8]})[0] for i in range(0, len(images), 8)])
 
@@ -207,7 +199,7 @@ def _quantize(float_path: Path, calibration: np.ndarray, out: Path, method: str 
         if bias_correction:
             quantized = onnx.load(str(out))
             corrected = correct_biases(quantized, onnx.load(str(prepared)), calibration,
-                                       lambda model: _session(model, threads))
+                                       lambda model: open_session(model, threads))
             if not corrected:
                 log.warning("int8 bias correction is configured but found no convolution to correct in %s "
                             "(its convolutions need unique node names)", float_path.name)

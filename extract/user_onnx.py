@@ -51,6 +51,7 @@ from cxr_transfer.extract.registry import (
     register_backbone,
     registered_backbones,
 )
+from cxr_transfer.extract.runtime import open_session
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +194,8 @@ def _run_random_batch(path: Path, model: str | bytes, shape: tuple[int, ...], hi
                       output: str | None = None) -> np.ndarray:
     """Run ``model`` (a file name or serialized bytes) on a random batch of ``shape`` with values in [0, high):
     its first output (or the one named ``output``); one ``CxrError`` line naming ``path`` when it does not run."""
-    import onnxruntime as ort
-
     try:
-        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        session = open_session(model)
         batch = np.random.default_rng(0).uniform(0, high, size=shape).astype(np.float32)
         return session.run(None if output is None else [output], {session.get_inputs()[0].name: batch})[0]
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types; the first line says why

@@ -21,7 +21,7 @@ import numpy as np
 from cxr_transfer.core.cache_keys import model_key
 from cxr_transfer.core.io import atomic_write
 from cxr_transfer.extract.onnx_export import OnnxBackbone
-from cxr_transfer.extract.runner import OnnxEmbedder
+from cxr_transfer.extract.runtime import OnnxEmbedder
 from cxr_transfer.finetune.augment import AugmentParams, augment_image, view_rng
 
 log = logging.getLogger(__name__)

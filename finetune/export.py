@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cxr_transfer.classify.saved_model import finetune_description_digest
+from cxr_transfer.classify.saved_model import MODEL_JSON, finetune_description_digest
 from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.core.record import library_versions, now_iso, write_json
 from cxr_transfer.extract.onnx_export import DEFAULT_OPSET, export_checked
@@ -20,7 +20,6 @@ from cxr_transfer.extract.weights import WeightsSource
 
 MODEL_KERAS = "model.keras"
 MODEL_ONNX = "model.onnx"
-MODEL_JSON = "model.json"
 MAX_PROBABILITY_ERROR = 1e-4
 
 

@@ -207,16 +207,16 @@ def test_damaged_onnx_export_is_verified_and_exported_again(tmp_path: Path, warm
 
 
 def test_non_finite_embeddings_are_never_cached(tmp_path: Path, warm: Path, monkeypatch):
-    from cxr_transfer.extract import runner
+    from cxr_transfer.extract import runtime
 
-    real = runner.OnnxEmbedder.embed
+    real = runtime.OnnxEmbedder.embed
 
     def some_nan(self, images):
         out = real(self, images)
         out[0, 3] = np.nan
         return out
 
-    monkeypatch.setattr(runner.OnnxEmbedder, "embed", some_nan)
+    monkeypatch.setattr(runtime.OnnxEmbedder, "embed", some_nan)
     root = write_class_tree(tmp_path / "d", per_class=2)
     result = extract_features(load_dataset(root), settings(fresh_cache(tmp_path, warm), batch_size=4))
     assert result.n_computed == 4 and len(result.failures) == 2            # 6 images, 2 batches

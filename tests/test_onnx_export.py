@@ -20,7 +20,7 @@ from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.images import read_rgb
 from cxr_transfer.extract.onnx_export import get_onnx_backbone, keras_preprocess_input
 from cxr_transfer.extract.registry import BACKBONES, get_backbone
-from cxr_transfer.extract.runner import OnnxEmbedder
+from cxr_transfer.extract.runtime import OnnxEmbedder
 from cxr_transfer.extract.weights import build_keras_backbone, resolve_weights
 
 
@@ -115,7 +115,7 @@ def test_onnx_equals_keras_predict_on_decoded_images(class_tree: Path, tmp_path:
 
 def test_a_session_that_does_not_spin_gives_the_same_embeddings(class_tree: Path, tmp_path: Path):
     """Extraction runs onnxruntime with spinning off (decode threads share the cores): same numbers."""
-    from cxr_transfer.extract.runner import session_options
+    from cxr_transfer.extract.runtime import session_options
 
     assert session_options(1, spin=False).get_session_config_entry("session.intra_op.allow_spinning") == "0"
     config = get_backbone("vgg16")

@@ -250,7 +250,7 @@ def test_malformed_finetune_model_json_is_one_line(text, field_name, ext, tmp_pa
 def test_model_keras_is_pointed_to_the_run_folder(ext, tmp_path):
     run = fake_finetune_run(tmp_path / "ft1", json.dumps(FINETUNE_JSON))
     (run / "model.keras").write_bytes(b"zip")
-    for call in (cxr_transfer.predict, cxr_transfer.explain):
+    for call in (cxr_transfer.predict, cxr_transfer.explain_images):
         with pytest.raises(CxrError, match=r"model\.keras.*(run folder|model\.onnx)"):
             call(ext, run / "model.keras", out=tmp_path / "o", random_weights=True, progress=False)
 

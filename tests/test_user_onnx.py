@@ -18,7 +18,7 @@ from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.onnx_export import get_onnx_backbone
 from cxr_transfer.extract.pipeline import ExtractSettings, load_features
 from cxr_transfer.extract.registry import get_backbone
-from cxr_transfer.extract.runner import OnnxEmbedder
+from cxr_transfer.extract.runtime import OnnxEmbedder
 from cxr_transfer.extract.user_onnx import InputSpec, register_onnx_backbone
 from cxr_transfer.extract.weights import resolve_weights
 

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.extract.registry import get_backbone, parse_backbone_list
-from cxr_transfer.extract.runner import OnnxEmbedder
+from cxr_transfer.extract.runtime import OnnxEmbedder
 from cxr_transfer.api import register_user_models
 from cxr_transfer.extract.user_onnx import InputSpec, register_onnx_backbone
 

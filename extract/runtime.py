@@ -1,11 +1,15 @@
-"""Run an exported backbone with onnxruntime on batches of RGB uint8 images."""
+"""onnxruntime in one place: ``open_session`` is the only way the library opens a model (one set of session
+options), and ``OnnxEmbedder`` runs an exported backbone on batches of RGB uint8 images."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cxr_transfer.extract.onnx_export import OnnxBackbone
+if TYPE_CHECKING:
+    from cxr_transfer.extract.onnx_export import OnnxBackbone
 
 
 def default_threads() -> int:
@@ -20,7 +24,7 @@ def session_options(threads: int | None = None, spin: bool = True):
     cores with the network (extraction), a spinning thread takes CPU the decoders need (docs/benchmarks.md,
     "End to end").
     """
-    import onnxruntime as ort
+    import onnxruntime as ort   # deferred: onnxruntime stays out of `import cxr_transfer`
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
@@ -31,6 +35,17 @@ def session_options(threads: int | None = None, spin: bool = True):
     return options
 
 
+def open_session(model: str | Path | bytes, threads: int | None = None, spin: bool = True) -> Any:
+    """An onnxruntime CPU session of ``model`` (a file, or a serialized model's bytes) with ``session_options``:
+    ``threads`` intra-op threads (None: all cores), ``spin=False`` where other threads share the cores."""
+    import onnxruntime as ort   # deferred: onnxruntime stays out of `import cxr_transfer`
+
+    if not isinstance(model, (str, Path, bytes)):
+        raise TypeError(f"model must be a path or a serialized model's bytes, got {type(model).__name__} instead")
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, session_options(threads, spin), providers=["CPUExecutionProvider"])
+
+
 class OnnxEmbedder:
     """An onnxruntime session for one backbone: ``embed(images)`` -> float32 (N, feature_dim).
 
@@ -38,11 +53,8 @@ class OnnxEmbedder:
     """
 
     def __init__(self, backbone: OnnxBackbone, threads: int | None = None, spin: bool = True) -> None:
-        import onnxruntime as ort
-
         self.backbone = backbone
-        self.session = ort.InferenceSession(str(backbone.path), session_options(threads, spin),
-                                            providers=["CPUExecutionProvider"])
+        self.session = open_session(backbone.path, threads, spin)
         self.input_name = self.session.get_inputs()[0].name
 
     @property
