@@ -145,12 +145,13 @@ def test_library_validate_refuses_bad_jobs_with_a_value_error(data, no_embedding
                               n_jobs=0)
 
 
-@pytest.mark.parametrize("flag, value, word", [("--jobs", "0", "n_jobs"), ("--jobs", "-5", "n_jobs"),
-                                               ("--seed", "-1", "seed")])
+@pytest.mark.parametrize("flag, value, word", [("--jobs", "0", "--jobs: must be -1 (all cores) or at least 1"),
+                                               ("--jobs", "-5", "--jobs: must be -1 (all cores) or at least 1"),
+                                               ("--seed", "-1", "--seed: must be at least 0")])
 def test_cli_bad_numbers_are_one_error_line(data, tmp_path, run_cli, flag, value, word):
     done = run_cli("validate", "--data", data["tr10"], "--external", data["ext"], "--backbone", "mobilenetv2",
                    "--random-weights", "--input-size", "32", "--cache-dir", tmp_path / "c", flag, value)
-    assert done.returncode == 2 and word in done.error_line()
+    assert done.returncode == 2 and word in done.error_line()   # the flag, not the library's parameter name
 
 
 # ------------------------------------------------------------------------- L1: the run folder first
