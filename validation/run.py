@@ -19,10 +19,11 @@ For every backbone and head:
   size internally (nested, so measured on images the calibration never saw) and externally, per class and
   per subgroup.
 
-A run folder like compare's (written by ``validation.report``): report.md (verdict first),
-results.json, results.csv, accuracy.png, reliability.png, external_predictions.csv, record.json, and with
-``save`` one ``<backbone>-<head>.joblib`` per model that ``predict`` loads (``--conformal ALPHA`` adds the
-prediction set).
+``evaluate_validate(settings)`` computes all of this in memory (a ``ValidateResult``; only the embedding and
+hash caches are written); ``write_validate_run(result, out_dir)`` writes a run folder like compare's (formatted
+by ``validation.report``): report.md (verdict first), results.json, results.csv, accuracy.png, reliability.png,
+external_predictions.csv, record.json, and with ``save`` one ``<backbone>-<head>.joblib`` per model that
+``predict`` loads (``--conformal ALPHA`` adds the prediction set).
 """
 from __future__ import annotations
 
