@@ -4,7 +4,8 @@
     cxr.list_backbones()                                   # the paper's nine
     features = cxr.embed_folder("data/", "vgg16")          # cached ONNX embeddings of a folder
     vectors = cxr.embed_images(uint8_images, "vgg16")      # embeddings of arrays, no files
-    run = cxr.compare("data/", "vgg16,xception", heads="all", protocol="paper")
+    result = cxr.compare("data/", "vgg16,xception", heads="all", protocol="paper")   # in memory
+    cxr.compare("data/", "vgg16", heads="logreg", save=True, out_dir="runs")         # + run folder, heads
     run_dir = cxr.finetune_backbone("data/", "vgg16", epochs=35)
     report = cxr.audit_dataset("data/")
     csv_path, skipped = cxr.predict("new_images/", "runs/RUN/vgg16-logreg.joblib")

@@ -3,14 +3,17 @@
     import cxr_transfer as cxr
     features = cxr.embed_folder("../shared/data/covid19-xray", "vgg16", weights_dir="../shared/weights")
     features.embeddings.shape          # (425, 512), rows aligned with features.samples
-    run = cxr.compare("../shared/data/covid19-xray", "vgg16", heads="logreg,rbfsvm", weights_dir="../shared/weights")
+    result = cxr.compare("../shared/data/covid19-xray", "vgg16", heads="logreg,rbfsvm", weights_dir="../shared/weights")
+    result.summary_lines()             # what the CLI prints; in memory, no run folder is written
     check = cxr.validate("../shared/data/covid19-xray", "../shared/data/external-dev", "vgg16", heads="logreg",
-                         subgroups="source,age_group", weights_dir="../shared/weights")
+                         subgroups="source,age_group", weights_dir="../shared/weights", out_dir="runs")
+    check.run_dir                      # runs/validate-<time>-<random>: report.md, results.json, ...
 
 Every function takes the shared backbone settings either as keywords (``weights``/``weights_file``,
 ``weights_dir``, ``random_weights``, ``input_size``, ``cache_dir``, ``threads``, ``progress``) or as one
 ``common=BackboneSettings(...)``; the remaining keywords are the stage's own settings (see ``CompareSettings``,
-``FinetuneSettings``, ``AuditSettings``). Unknown keywords raise ``TypeError``; problems with the data or the
+``FinetuneSettings``, ``AuditSettings``). ``compare`` and ``validate`` return their result in memory and write
+a run folder only when given ``out_dir``. Unknown keywords raise ``TypeError``; problems with the data or the
 weights raise ``CxrError`` (a ``ValueError``). A backbone may be your own ONNX model: ``"onnx:PATH"`` (registered
 here with 3 channels and no preprocessing) or the name ``register_onnx_backbone(path, spec)`` returned, in this
 process or, with the same ``cache_dir``, an earlier one (``register_user_models``).
@@ -28,8 +31,8 @@ from cxr_transfer.core.settings import DEFAULT_CACHE_DIR, BackboneSettings
 
 if TYPE_CHECKING:
     from cxr_transfer.audit.run import AuditReport
-    from cxr_transfer.classify.compare import CompareRun
-    from cxr_transfer.validation.run import ValidateRun
+    from cxr_transfer.classify.compare import CompareResult
+    from cxr_transfer.validation.run import ValidateResult
     from cxr_transfer.explain.run import ExplainResult
     from cxr_transfer.extract.export_table import ExportResult
     from cxr_transfer.extract.pipeline import FeatureSet
@@ -197,6 +200,17 @@ def _with_user_models(common: BackboneSettings, backbones: str | None = None) ->
     return replace(common, backbone=names.split(",")[0]), names
 
 
+def _needs_out_dir(out_dir: str | Path | None, asked: dict[str, bool]) -> None:
+    """CxrError when settings that write into a run folder (``asked``: setting -> given) come without
+    ``out_dir``."""
+    given = [name for name, on in asked.items() if on]
+    if out_dir is None and given:
+        from cxr_transfer.core.errors import CxrError
+
+        raise CxrError(f"out_dir is needed for {' and '.join(given)}: they write into a run folder; give out_dir "
+                       f"(e.g. out_dir='runs'), or leave them out to get the result in memory only", param="out_dir")
+
+
 def list_backbones() -> list[BackboneConfig]:
     """The registry of the paper's nine backbones (input size, preprocessing, feature dimension, weight file)."""
     from cxr_transfer.extract.registry import BACKBONES
@@ -300,15 +314,19 @@ def export_embeddings(data: str | Path, backbone: str = "vgg16", *, out: str | P
     return export_table(data, out, replace(settings, common=registered), format, overwrite)
 
 
-def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *,
-            common: BackboneSettings | None = None, **options: Any) -> CompareRun:
+def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *, out_dir: str | Path | None = None,
+            run_name: str | None = None, common: BackboneSettings | None = None, **options: Any) -> CompareResult:
     """Score scikit-learn heads on cached embeddings under one protocol (``protocol='paper'|'cv'|'holdout'``).
 
-    Returns the ``CompareRun`` (run folder, every evaluation, the summary table). Stage keywords: those of
-    ``CompareSettings`` (protocol, seed, seeds, folds, repeats, group_by, tune, save, out_dir, ...) and
-    ``batch_size`` for the extraction.
+    Returns the ``CompareResult`` (every evaluation, the summary table, the run record; ``summary_lines()``
+    is what the CLI prints). Nothing is written but the embedding cache unless ``out_dir`` is given: then the
+    run folder (report.md, results.json, results.csv, plots, record.json) is written under it, named
+    ``run_name`` or ``compare-<protocol>-<time>-<random>``, and ``result.run_dir`` is set; ``out_dir`` and
+    ``run_name`` are checked before any computing. ``save=True`` (one ``.joblib`` per head) needs ``out_dir``.
+    Stage keywords: those of ``CompareSettings`` (protocol, seed, seeds, folds, repeats, group_by, tune, save,
+    head, ...) and ``batch_size`` for the extraction.
     """
-    from cxr_transfer.classify.compare import CompareSettings, run_compare
+    from cxr_transfer.classify.compare import CompareSettings, evaluate_compare, run_compare
     from cxr_transfer.extract.pipeline import ExtractSettings
     from cxr_transfer.extract.registry import parse_backbone_list
 
@@ -323,8 +341,10 @@ def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *,
     registered, backbones = _with_user_models(extract_settings.common, backbones)
     parse_backbone_list(backbones)
     extract_settings = replace(extract_settings, common=registered)
-    return run_compare(CompareSettings(data=Path(data), extract=extract_settings, backbones=backbones, heads=heads,
-                                       **options))
+    settings = CompareSettings(data=Path(data), extract=extract_settings, backbones=backbones, heads=heads,
+                               **options)
+    _needs_out_dir(out_dir, {"save=True": settings.save, f"run_name={run_name!r}": run_name is not None})
+    return evaluate_compare(settings) if out_dir is None else run_compare(settings, out_dir, run_name)
 
 
 def finetune_backbone(data: str | Path, backbone: str = "vgg16", *, common: BackboneSettings | None = None,
@@ -389,14 +409,21 @@ def explain_images(images: str | Path, model: str | Path, *, out: str | Path | N
 
 
 def validate(data: str | Path, external: str | Path, backbones: str = "vgg16", heads: str = "logreg", *,
-             common: BackboneSettings | None = None, **options: Any) -> ValidateRun:
+             out_dir: str | Path | None = None, run_name: str | None = None,
+             common: BackboneSettings | None = None, **options: Any) -> ValidateResult:
     """Internal (patient-grouped out-of-fold) vs external accuracy, subgroups, calibration and conformal sets.
 
-    Fits each head on TRAIN only; EXT is only predicted. Returns the ``ValidateRun`` (run folder, per-model
-    results, verdict). Stage keywords: those of ``ValidateSettings`` (group_by, subgroups, alpha, calibrate,
-    folds, n_boot, seed, save, out_dir, ...) and ``batch_size`` for the extraction.
+    Fits each head on TRAIN only; EXT is only predicted. Returns the ``ValidateResult`` (per-model results,
+    verdict, notes, warnings, the run record; ``summary_lines()`` is what the CLI prints). Nothing is written
+    but the embedding and hash caches unless ``out_dir`` is given: then the run folder (report.md,
+    results.json, results.csv, accuracy.png, reliability.png, external_predictions.csv, record.json) is
+    written under it, named ``run_name`` or ``validate-<time>-<random>``, and ``result.run_dir`` is set;
+    ``out_dir`` and ``run_name`` are checked before any computing. ``save=True`` (one ``.joblib`` per model)
+    and ``explain=N`` (heatmaps of the N most confident external errors) need ``out_dir``. Stage keywords:
+    those of ``ValidateSettings`` (group_by, subgroups, alpha, calibrate, folds, n_boot, seed, save, explain,
+    ...) and ``batch_size`` for the extraction.
     """
-    from cxr_transfer.validation.run import ValidateSettings, run_validate
+    from cxr_transfer.validation.run import ValidateSettings, evaluate_validate, run_validate
     from cxr_transfer.extract.pipeline import ExtractSettings
 
     backbones = names_argument("backbones", backbones)
@@ -409,5 +436,8 @@ def validate(data: str | Path, external: str | Path, backbones: str = "vgg16", h
         raise TypeError(f"unknown setting(s) {', '.join(unknown)} for validate")
     registered, backbones = _with_user_models(extract_settings.common, backbones)
     extract_settings = replace(extract_settings, common=registered)
-    return run_validate(ValidateSettings(data=Path(data), external=Path(external), extract=extract_settings,
-                                         backbones=backbones, heads=heads, **options))
+    settings = ValidateSettings(data=Path(data), external=Path(external), extract=extract_settings,
+                                backbones=backbones, heads=heads, **options)
+    _needs_out_dir(out_dir, {"save=True": settings.save, f"explain={settings.explain}": bool(settings.explain),
+                             f"run_name={run_name!r}": run_name is not None})
+    return evaluate_validate(settings) if out_dir is None else run_validate(settings, out_dir, run_name)

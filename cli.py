@@ -164,6 +164,9 @@ def add_command_flags(p: argparse.ArgumentParser, name: str) -> None:
     if name == "explain":
         p.add_argument("--method", choices=("auto", "cam", "occlusion", "gradcam"), default="auto",
                        help="auto: exact CAM for linear heads, occlusion for other heads, Grad-CAM for fine-tuned")
+    if name in ("compare", "validate"):
+        p.add_argument("--out", dest="out_dir", type=Path, default=Path("runs"), help="folder for run folders")
+        p.add_argument("--name", dest="run_name", default=None, help="run folder name (default: KIND-TIMESTAMP-...)")
     if name == "validate":
         p.add_argument("--external", type=Path, required=True,
                        help="external dataset folder or CSV (never trained or tuned on); its manifest's extra "
@@ -208,8 +211,8 @@ def api_arguments(name: str, args: argparse.Namespace) -> tuple[list[Any], dict[
     if name == "report":
         return [args.runs], {"out": args.out, "head": args.head}
     positionals = [args.images, args.model] if name in ("predict", "explain") else [args.data or shared_default("data")]
-    keywords: dict[str, Any] = {key: values[key] for key in ("out", "conformal", "method", "overwrite", "external",
-                                                             "format") if key in values}
+    keywords: dict[str, Any] = {key: values[key] for key in ("out", "out_dir", "run_name", "conformal", "method",
+                                                             "overwrite", "external", "format") if key in values}
     if command.stage == "engine":
         keywords["engine"] = engine_settings(args)
     elif command.stage:

@@ -2,20 +2,19 @@
 
     python benchmarks/compare_speed.py [--data ../shared/data/covid19-xray] [--backbones vgg16,xception]
 
-Extracts first if the cache is cold (not timed), then times run_compare end to end (loading the cache,
-splitting, fitting, scoring, writing the run folder) and prints the total and the summed fit time per head.
+Extracts first if the cache is cold (not timed), then times evaluate_compare end to end (loading the cache,
+splitting, fitting, scoring; no run folder is written) and prints the total and the summed fit time per head.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-from cxr_transfer.classify.compare import CompareSettings, run_compare
+from cxr_transfer.classify.compare import CompareSettings, evaluate_compare
 from cxr_transfer.core.settings import BackboneSettings
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings, extract_features
@@ -33,12 +32,11 @@ def main() -> None:
     dataset = load_dataset(args.data)
     for name in args.backbones.split(","):
         extract_features(dataset, replace(extract, backbone=name))
-    with tempfile.TemporaryDirectory() as out:
-        settings = CompareSettings(data=args.data, extract=extract, backbones=args.backbones, heads="all",
-                                   protocol="cv", folds=5, repeats=1, out_dir=Path(out))
-        start = time.perf_counter()
-        run = run_compare(settings)
-        wall = time.perf_counter() - start
+    settings = CompareSettings(data=args.data, extract=extract, backbones=args.backbones, heads="all",
+                               protocol="cv", folds=5, repeats=1)
+    start = time.perf_counter()
+    run = evaluate_compare(settings)
+    wall = time.perf_counter() - start
     per_head: dict[str, float] = {}
     for e in run.evaluations:
         per_head[e.model] = per_head.get(e.model, 0.0) + e.fit_seconds + e.predict_seconds

@@ -3,6 +3,10 @@
 For every backbone the embeddings come from the HDF5 cache (extracted first when missing). The splits are
 computed once on the evaluated images, so every backbone and head is scored on exactly the same test sets
 with the same metrics (``classify.metrics``). Fits run in parallel processes, one BLAS thread each.
+
+Computing and writing are separate: ``evaluate_compare(settings)`` returns a ``CompareResult`` in memory (only
+the embedding cache is written), ``write_compare_run(result, out_dir)`` writes its run folder, and
+``run_compare(settings, out_dir)`` does both, checking the folder before any computing.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -28,8 +33,9 @@ from cxr_transfer.classify.protocols import (
     paper_splits,
     resolve_groups,
 )
-from cxr_transfer.classify.report import compare_summary_text
+from cxr_transfer.classify.report import compare_summary_text, write_compare_report
 from cxr_transfer.classify.results import Evaluation, images_fingerprint, run_folder_error, save_results
+from cxr_transfer.classify.saved_model import save_head
 from cxr_transfer.core.params import COUNT, FOLDS, FRACTION, JOBS, SEED, Options, check_params, names_argument, param
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.outputs import check_run_name, new_run_dir, run_in_progress, writable_folder
@@ -71,8 +77,6 @@ class CompareSettings:
     head: str | None = param(None, help="the head the report names as chosen (default: chosen on each split by CV "
                                         "inside its training part)")
     select_folds: int = param(3, FOLDS, "folds of the CV inside each training part that chooses the head")
-    out_dir: Path = param(Path("runs"), help="folder for run folders", flag="--out")
-    run_name: str | None = param(None, help="run folder name (default: compare-PROTOCOL-TIMESTAMP)", flag="--name")
     n_jobs: int = param(-1, JOBS, "parallel fits (default: all cores)", flag="--jobs")
 
     def __post_init__(self) -> None:
@@ -89,23 +93,37 @@ class CompareSettings:
 
 
 @dataclass
-class CompareRun:
-    run_dir: Path
+class FittedHead:
+    """A head refitted on every evaluated image (``save``), written as ``<backbone>-<head>.joblib``."""
+
+    backbone: str                # a backbone name, or CONCAT_NAME
+    head: str
+    model: Any
+
+
+@dataclass
+class CompareResult:
+    """A finished comparison, in memory: what ``write_compare_run`` writes and ``summary_lines`` prints."""
+
+    settings: CompareSettings
     class_names: list[str]
     evaluations: list[Evaluation]
     summary: list[dict]
+    record: dict[str, Any]                                          # record.json (without saved_models)
     skipped: list[tuple[str, str]] = field(default_factory=list)   # dataset entries left out (path, reason)
-    settings: CompareSettings | None = None
+    heads: list[FittedHead] = field(default_factory=list)          # settings.save: the heads to save
+    run_dir: Path | None = None                                     # set once the run folder is written
 
     def summary_lines(self) -> list[str]:
-        """What the command line prints: the summary table and tests, what was left out, the run folder."""
-        chosen = {"head": self.settings.head if self.settings else None,
-                  "select_folds": self.settings.select_folds if self.settings else 3}
-        lines = compare_summary_text(self.evaluations, self.summary, chosen).split("\n")
+        """What the compare command prints: the summary table with marks, the chosen heads and the paired tests,
+        the dataset entries left out and, once written, the run folder."""
+        lines = compare_summary_text(self.evaluations, self.summary, self.settings.record()).split("\n")
         if self.skipped:
             lines += ["", f"{len(self.skipped)} file(s) or folder(s) of the dataset left out:"]
             lines += [f"  left out {path}: {reason}" for path, reason in self.skipped]
-        return lines + ["", f"run folder: {self.run_dir} (report.md, results.json, results.csv, plots, record.json)"]
+        if self.run_dir is not None:
+            lines += ["", f"run folder: {self.run_dir} (report.md, results.json, results.csv, plots, record.json)"]
+        return lines
 
 
 def evaluation_pool(dataset: Dataset, protocol: str) -> Dataset:
@@ -243,11 +261,10 @@ def run_dir_prefix(settings: CompareSettings, prefix: str = "compare") -> str:
     return f"{prefix}-{settings.protocol}{'-grouped' if settings.group_by else ''}"
 
 
-def run_compare(settings: CompareSettings) -> CompareRun:
-    """Extract (when needed), split, fit every head on every backbone, score, and write the run folder."""
-    from cxr_transfer.classify.report import write_compare_report
-    from cxr_transfer.classify.saved_model import save_head
-
+def evaluate_compare(settings: CompareSettings) -> CompareResult:
+    """Extract (when needed), split, fit every head on every backbone and score it, in memory: nothing but the
+    embedding cache is written (``write_compare_run`` writes the run folder). With ``settings.save`` each head
+    is also refitted on every evaluated image and kept in ``result.heads``."""
     started = time.perf_counter()
     configs = parse_backbone_list(settings.backbones)
     heads = parse_head_list(settings.heads)
@@ -257,9 +274,6 @@ def run_compare(settings: CompareSettings) -> CompareRun:
         raise CxrError(f"--select-folds must be at least 2 to choose a head by inner CV; got "
                        f"{settings.select_folds} instead")
     select_folds = settings.select_folds if settings.head is None and len(heads) > 1 else 0
-    writable_folder(settings.out_dir, "--out")   # fail before any computing, not after it
-    if settings.run_name:
-        check_run_name(settings.out_dir, settings.run_name)
     dataset = load_dataset(settings.data)
     pool = evaluation_pool(dataset, settings.protocol)
     resolve_groups(pool, settings.group_by, merge_duplicates=False)  # fail before extracting when grouping cannot work
@@ -301,30 +315,55 @@ def run_compare(settings: CompareSettings) -> CompareRun:
     evaluations = list(evaluations) + select_heads(evaluations)
     summary = summarize_evaluations(evaluations)
 
-    run_dir = new_run_dir(settings.out_dir, run_dir_prefix(settings), settings.run_name)
+    record = run_record("compare", settings.record(), seed=settings.seed, dataset_root=str(dataset.root),
+                        dataset_fingerprint=dataset.fingerprint, dataset_skipped=dataset.skipped,
+                        evaluated_images=len(samples), evaluated_fingerprint=images_fingerprint(shas),
+                        extraction=extraction, n_splits=len(splits),
+                        seconds=round(time.perf_counter() - started, 2))
+    fitted = []
+    if settings.save:
+        for backbone, X in arrays.items():
+            for head in heads:
+                with threadpool_limits(1):
+                    model = (make_tuned_head(head, settings.seed) if settings.tune
+                             else make_head(head, settings.seed)).fit(X, y)
+                fitted.append(FittedHead(backbone, head, model))
+    return CompareResult(settings, class_names, evaluations, summary, record, list(dataset.skipped), fitted)
+
+
+def write_compare_run(result: CompareResult, out_dir: str | Path, run_name: str | None = None) -> Path:
+    """Write the run folder of a comparison under ``out_dir`` (named ``run_name``, else
+    ``compare-<protocol>-<time>-<random>``): report.md, results.json, results.csv, comparisons.json, plots,
+    record.json and, with ``save``, one ``<backbone>-<head>.joblib`` per head. Sets ``result.run_dir``."""
+    settings, record = result.settings, dict(result.record)
+    run_dir = new_run_dir(out_dir, run_dir_prefix(settings), run_name)
     try:
         with run_in_progress(run_dir, "compare"):   # a run killed before its end is seen as incomplete
-            record = run_record("compare", settings.record(), seed=settings.seed, dataset_root=str(dataset.root),
-                                dataset_fingerprint=dataset.fingerprint, dataset_skipped=dataset.skipped,
-                                evaluated_images=len(samples),
-                                evaluated_fingerprint=images_fingerprint(shas), extraction=extraction,
-                                n_splits=len(splits), seconds=round(time.perf_counter() - started, 2))
             if settings.save:
                 record["saved_models"] = []
-                for backbone, X in arrays.items():
-                    parts = [c.name for c in configs] if backbone == CONCAT_NAME else [backbone]
-                    for head in heads:
-                        with threadpool_limits(1):
-                            model = (make_tuned_head(head, settings.seed) if settings.tune
-                                     else make_head(head, settings.seed)).fit(X, y)
-                        path = save_head(run_dir / f"{backbone}-{head}.joblib", model, class_names,
-                                         [{"backbone": p, **extraction[p]} for p in parts],
-                                         {"trained_on": images_fingerprint(shas), "n_train": len(y), "head": head,
-                                          "seed": settings.seed, "tune": settings.tune, "dataset": str(dataset.root)})
-                        record["saved_models"].append(str(path))
+                for fitted in result.heads:
+                    parts = list(record["extraction"]) if fitted.backbone == CONCAT_NAME else [fitted.backbone]
+                    path = save_head(run_dir / f"{fitted.backbone}-{fitted.head}.joblib", fitted.model,
+                                     result.class_names, [{"backbone": p, **record["extraction"][p]} for p in parts],
+                                     {"trained_on": record["evaluated_fingerprint"],
+                                      "n_train": record["evaluated_images"], "head": fitted.head,
+                                      "seed": settings.seed, "tune": settings.tune, "dataset": record["dataset_root"]})
+                    record["saved_models"].append(str(path))
             write_json(run_dir / "record.json", record)
-            save_results(run_dir, "compare", class_names, record, evaluations, summary)
-            write_compare_report(run_dir, class_names, evaluations, summary, record)
+            save_results(run_dir, "compare", result.class_names, record, result.evaluations, result.summary)
+            write_compare_report(run_dir, result.class_names, result.evaluations, result.summary, record)
     except OSError as exc:
         raise run_folder_error(run_dir, exc) from None
-    return CompareRun(run_dir, class_names, evaluations, summary, list(dataset.skipped), settings)
+    result.run_dir = run_dir
+    return run_dir
+
+
+def run_compare(settings: CompareSettings, out_dir: str | Path, run_name: str | None = None) -> CompareResult:
+    """``evaluate_compare`` then ``write_compare_run``; ``out_dir`` and ``run_name`` are checked first, so a
+    folder that cannot be written fails before any computing, not after it."""
+    writable_folder(out_dir, "--out")
+    if run_name:
+        check_run_name(out_dir, run_name)
+    result = evaluate_compare(settings)
+    write_compare_run(result, out_dir, run_name)
+    return result

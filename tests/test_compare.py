@@ -34,14 +34,14 @@ def extract_settings(tmp_path_factory) -> ExtractSettings:
                            cache_dir=tmp_path_factory.mktemp("features"))
 
 
-def settings(dataset_dir: Path, extract_settings: ExtractSettings, tmp_path: Path, **kw) -> CompareSettings:
+def settings(dataset_dir: Path, extract_settings: ExtractSettings, **kw) -> CompareSettings:
     base = dict(data=dataset_dir, extract=extract_settings, backbones="mobilenetv2", heads="logreg,knn",
-                seeds=3, out_dir=tmp_path, n_jobs=1)
+                seeds=3, n_jobs=1)
     return CompareSettings(**{**base, **kw})
 
 
 def test_paper_protocol_writes_a_complete_run_folder(dataset_dir, extract_settings, tmp_path):
-    run = run_compare(settings(dataset_dir, extract_settings, tmp_path, run_name="a"))
+    run = run_compare(settings(dataset_dir, extract_settings), tmp_path, "a")
     assert len(run.evaluations) == 3 * 2 + 3   # 2 heads and the head chosen by inner CV, on 3 splits
     assert all(e.n_test == 6 and e.n_train == 24 for e in run.evaluations)   # 20% of the 30 train/ images
     assert {e.extra["chosen"] for e in run.evaluations if e.model == "selected"} <= {"logreg", "knn"}
@@ -55,20 +55,20 @@ def test_paper_protocol_writes_a_complete_run_folder(dataset_dir, extract_settin
     assert "| mobilenetv2 | logreg |" in report
     assert "CV inside its training part, never by its test images" in report
     assert "corrected resampled t (n=3)" in report and (run.run_dir / "comparisons.json").is_file()
-    again = run_compare(settings(dataset_dir, extract_settings, tmp_path, run_name="b"))
+    again = run_compare(settings(dataset_dir, extract_settings), tmp_path, "b")
     first = [(e.test_fingerprint, e.metrics["accuracy"]) for e in run.evaluations]
     assert first == [(e.test_fingerprint, e.metrics["accuracy"]) for e in again.evaluations]
     assert load_results(run.run_dir)["evaluations"][0].backbone == "mobilenetv2"
 
 
 def test_cv_grouped_and_holdout(dataset_dir, extract_settings, tmp_path):
-    cv = run_compare(settings(dataset_dir, extract_settings, tmp_path, protocol="cv", folds=3, repeats=2,
-                              heads="logreg"))
+    cv = run_compare(settings(dataset_dir, extract_settings, protocol="cv", folds=3, repeats=2,
+                              heads="logreg"), tmp_path)
     assert len(cv.evaluations) == 6 and sum(e.n_test for e in cv.evaluations) == 2 * 30
-    grouped = run_compare(settings(dataset_dir, extract_settings, tmp_path, protocol="cv", folds=3,
-                                   heads="logreg", group_by="patient_id"))
+    grouped = run_compare(settings(dataset_dir, extract_settings, protocol="cv", folds=3,
+                                   heads="logreg", group_by="patient_id"), tmp_path)
     assert len(grouped.evaluations) == 3
-    holdout = run_compare(settings(dataset_dir, extract_settings, tmp_path, protocol="holdout", heads="knn"))
+    holdout = run_compare(settings(dataset_dir, extract_settings, protocol="holdout", heads="knn"), tmp_path)
     assert [(e.n_train, e.n_test) for e in holdout.evaluations] == [(30, 30)]
 
 
@@ -86,11 +86,11 @@ def test_bad_requests_fail_with_one_line(dataset_dir, extract_settings, tmp_path
     elif kind == "oneclass":
         data = write_class_tree(tmp_path / "one", classes=("covid",), per_class=6)
     with pytest.raises(CxrError, match=message):
-        run_compare(settings(data, extract_settings, tmp_path, **{**kw, "data": data}))
+        run_compare(settings(data, extract_settings, **{**kw, "data": data}), tmp_path)
 
 
 def test_save_then_predict_and_refusals(dataset_dir, extract_settings, tmp_path):
-    run = run_compare(settings(dataset_dir, extract_settings, tmp_path, heads="logreg", save=True, seeds=1))
+    run = run_compare(settings(dataset_dir, extract_settings, heads="logreg", save=True, seeds=1), tmp_path)
     model = run.run_dir / "mobilenetv2-logreg.joblib"
     out, skipped = predict_images(dataset_dir / "test", model, extract_settings, tmp_path / "p.csv")
     rows = list(csv.DictReader(open(out)))
@@ -129,8 +129,8 @@ def test_grouped_holdout_drops_test_patients_seen_in_training(tmp_path, extract_
         lines = [l if not l.startswith(path.relative_to(root).as_posix()) else
                  f"{path.relative_to(root).as_posix()},train-{path.parent.name}" for l in lines]
     (root / "manifest.csv").write_text("\n".join(lines) + "\n")
-    run = run_compare(settings(root, extract_settings, tmp_path, protocol="holdout", heads="knn",
-                               group_by="patient_id"))
+    run = run_compare(settings(root, extract_settings, protocol="holdout", heads="knn",
+                               group_by="patient_id"), tmp_path)
     assert [(e.n_train, e.n_test) for e in run.evaluations] == [(12, 9)]
 
 

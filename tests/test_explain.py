@@ -48,8 +48,8 @@ def extract_settings(cache_dir) -> ExtractSettings:
 @pytest.fixture(scope="module")
 def saved_heads(data_dir, extract_settings, tmp_path_factory) -> Path:
     run = run_compare(CompareSettings(data=data_dir, extract=extract_settings, backbones="vgg16",
-                                      heads="logreg,linsvm,knn", protocol="holdout", save=True,
-                                      out_dir=tmp_path_factory.mktemp("runs"), run_name="r", n_jobs=1))
+                                      heads="logreg,linsvm,knn", protocol="holdout", save=True, n_jobs=1),
+                      tmp_path_factory.mktemp("runs"), "r")
     return run.run_dir
 
 

@@ -40,8 +40,8 @@ def settings(tmp_path_factory) -> ExtractSettings:
 @pytest.fixture(scope="module")
 def heads(data_dir, settings, tmp_path_factory) -> Path:
     run = run_compare(CompareSettings(data=data_dir, extract=settings, backbones="mobilenetv2", heads="logreg,knn",
-                                      protocol="holdout", save=True, out_dir=tmp_path_factory.mktemp("runs"),
-                                      run_name="r", n_jobs=1))
+                                      protocol="holdout", save=True, n_jobs=1),
+                      tmp_path_factory.mktemp("runs"), "r")
     return run.run_dir
 
 

@@ -35,14 +35,14 @@ def extract(tmp_path_factory) -> ExtractSettings:
                                         cache_dir=tmp_path_factory.mktemp("features"))
 
 
-def _validate(data, extract, out: Path, **options) -> ValidateSettings:
+def _validate(data, extract, **options) -> ValidateSettings:
     return ValidateSettings(data=data["tr"], external=data["ext"], extract=extract, backbones="mobilenetv2",
-                            heads="logreg", n_boot=100, folds=2, n_jobs=1, out_dir=out, run_name="f1", **options)
+                            heads="logreg", n_boot=100, folds=2, n_jobs=1, **options)
 
 
-def _compare(data, extract, out: Path, **options) -> CompareSettings:
+def _compare(data, extract, **options) -> CompareSettings:
     return CompareSettings(data=data["tr"], extract=extract, backbones="mobilenetv2", heads="logreg", seeds=2,
-                           out_dir=out, n_jobs=1, run_name="f1", **options)
+                           n_jobs=1, **options)
 
 
 def _full_disk_in_joblib_dump(monkeypatch):
@@ -79,11 +79,11 @@ def test_full_out_disk_is_one_error_leaves_nothing_and_frees_the_name(data, extr
     fault(monkeypatch)
     with pytest.raises(CxrError, match=rf"^no space left in {out}: .*free some space \(or use another --out\)"
                        ) as caught:
-        run(make(data, extract, out, save=True))
+        run(make(data, extract, save=True), out, "f1")
     assert "\n" not in str(caught.value)
     assert not [name for name in _left(out) if name.endswith(".tmp") or outputs.IN_PROGRESS_MARKER in name]
     monkeypatch.undo()
-    done = run(make(data, extract, out, save=True))        # the same --name is free again
+    done = run(make(data, extract, save=True), out, "f1")   # the same --name is free again
     assert (done.run_dir / "record.json").is_file() and not (done.run_dir / outputs.IN_PROGRESS_MARKER).exists()
 
 
@@ -95,7 +95,7 @@ def test_interrupted_run_name_is_reused_and_said_once(data, extract, tmp_path, c
                                                               "started": "2026-12-04T00:00:00+00:00"}))
     (old / "results.json").write_text("{}")
     (old / "stale-head.joblib").write_bytes(b"x")
-    run = run_validate(_validate(data, extract, out))
+    run = run_validate(_validate(data, extract), out, "f1")
     assert run.run_dir == old and not (old / "stale-head.joblib").exists()
     assert json.loads((old / "results.json").read_text())["kind"] == "validate"
     said = [r.getMessage() for r in caplog.records if "interrupted run" in r.getMessage()]

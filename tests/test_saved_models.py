@@ -64,7 +64,7 @@ def validate_int8_run(data: Path, ext: Path, cache: Path, base: Path) -> Path:
     run = run_validate(ValidateSettings(data=data, external=ext, extract=settings(cache, precision="int8",
                                                                                  calibration_size=8),
                                         backbones="mobilenetv2", heads="logreg", folds=3, n_boot=100, save=True,
-                                        out_dir=base / "runs", run_name="val8", n_jobs=1))
+                                        n_jobs=1), base / "runs", "val8")
     return run.run_dir
 
 
@@ -281,9 +281,9 @@ def test_report_on_a_validate_run_says_what_it_is(validate_int8_run, run_cli, tm
 
 def test_a_compare_run_interrupted_while_saving_is_marked_incomplete(data, cache, tmp_path, monkeypatch,
                                                                      run_cli):
-    from cxr_transfer.classify import saved_model
+    from cxr_transfer.classify import compare as compare_module
 
-    real, calls = saved_model.save_head, []
+    real, calls = compare_module.save_head, []
 
     def save_then_interrupt(*args, **kwargs):
         calls.append(1)
@@ -291,7 +291,7 @@ def test_a_compare_run_interrupted_while_saving_is_marked_incomplete(data, cache
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(saved_model, "save_head", save_then_interrupt)
+    monkeypatch.setattr(compare_module, "save_head", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         cxr_transfer.compare(data, "mobilenetv2", heads="logreg,knn", protocol="holdout", save=True,
                              out_dir=tmp_path, run_name="killed", cache_dir=cache, random_weights=True,

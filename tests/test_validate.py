@@ -24,7 +24,7 @@ from cxr_transfer.classify.calibration import brier_score, expected_calibration_
 from cxr_transfer.classify.conformal import fit_conformal, nested_sets, prediction_sets, set_summary
 from cxr_transfer.classify.duplicate_groups import merge_groups
 from cxr_transfer.classify.protocols import cv_splits, resolve_groups
-from cxr_transfer.validation.run import ValidateSettings, run_validate
+from cxr_transfer.validation.run import ValidateSettings, evaluate_validate, run_validate
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.synthetic import write_class_tree
 from cxr_transfer.extract.dataset import load_dataset
@@ -223,21 +223,21 @@ def test_run_validate_writes_everything_and_handles_tiny_and_missing_subgroups(p
                                            progress=False, cache_dir=cache_dir)
     run = run_validate(ValidateSettings(data=train, external=ext, extract=extract, backbones="mobilenetv2",
                                         heads="logreg", subgroups="source,age_group", folds=3, n_boot=200,
-                                        calibrate="isotonic", out_dir=tmp_path, run_name="r", n_jobs=1))
+                                        calibrate="isotonic", n_jobs=1), tmp_path, "r")
     assert {p.name for p in run.run_dir.iterdir()} >= {"report.md", "results.json", "results.csv", "accuracy.png",
                                                        "reliability.png", "record.json", "external_predictions.csv"}
     (model,) = run.models
-    assert model["internal"]["n"] == 36 and model["external"]["n"] == 15      # train/ split only; all of EXT
+    assert model.internal["n"] == 36 and model.external["n"] == 15      # train/ split only; all of EXT
     for where in ("internal", "external"):
-        for s in model[where]["metrics"].values():
+        for s in getattr(model, where)["metrics"].values():
             assert math.isnan(s["ci_low"]) or 0.0 <= s["ci_low"] <= s["value"] <= s["ci_high"] <= 1.0
-    rows = {(r["value"], r["class"]): r for r in model["subgroups"]["source"]}
+    rows = {(r["value"], r["class"]): r for r in model.subgroups["source"]}
     solo = rows[("solo", "all")]
     assert solo["n"] == 1 and 0.0 <= solo["ci_low"] < solo["ci_high"] <= 1.0    # Wilson, not degenerate
     assert sum(rows[(v, "all")]["n"] for v in ("a", "b", "solo")) == 15
-    assert "age_group" not in model["subgroups"]
+    assert "age_group" not in model.subgroups
     assert any("no column 'age_group'" in note for note in run.notes)
-    assert {"internal", "external", "method"} <= set(model["calibrated"])
+    assert {"internal", "external", "method"} <= set(model.calibrated)
     report = (run.run_dir / "report.md").read_text()
     assert report.index("## Verdict") < report.index("## Internal vs external") < report.index("## Calibration")
     assert "no column 'age_group'" in report and "by source" in report
@@ -277,12 +277,12 @@ def test_validate_refusals(pair, cache_dir, tmp_path):
     extract = ExtractSettings.from_options(backbone="mobilenetv2", random_weights=True, input_size=32,
                                            progress=False, cache_dir=cache_dir)
     with pytest.raises(CxrError, match="no such file or folder"):
-        run_validate(ValidateSettings(data=train, external=tmp_path / "nowhere", extract=extract))
+        evaluate_validate(ValidateSettings(data=train, external=tmp_path / "nowhere", extract=extract))
     with pytest.raises(CxrError, match="--calibrate takes"):
         ValidateSettings(data=train, external=ext, calibrate="platt")
     other = write_class_tree(tmp_path / "other", classes=("covid", "tuberculosis"), per_class=2)
     with pytest.raises(CxrError, match="tuberculosis are not among TRAIN's classes"):
-        run_validate(ValidateSettings(data=train, external=other, extract=extract))
+        evaluate_validate(ValidateSettings(data=train, external=other, extract=extract))
 
 
 def test_validate_explain_draws_the_most_confident_errors(pair, cache_dir, tmp_path):
@@ -290,11 +290,11 @@ def test_validate_explain_draws_the_most_confident_errors(pair, cache_dir, tmp_p
     extract = ExtractSettings.from_options(backbone="mobilenetv2", random_weights=True, input_size=32,
                                            progress=False, cache_dir=cache_dir)
     run = run_validate(ValidateSettings(data=train, external=ext, extract=extract, backbones="mobilenetv2",
-                                        heads="knn,logreg", folds=3, n_boot=100, explain=2, out_dir=tmp_path,
-                                        run_name="x", n_jobs=1))
+                                        heads="knn,logreg", folds=3, n_boot=100, explain=2, n_jobs=1),
+                       tmp_path, "x")
     info = json.loads((run.run_dir / "record.json").read_text())["explain"]
     assert info["model"] == "mobilenetv2+logreg" and info["method"] == "cam"     # the linear head: exact CAM
-    errors = [r for r in run.models if r["head"] == "logreg"][0]["external"]["metrics"]["accuracy"]["value"]
+    errors = [r for r in run.models if r.head == "logreg"][0].external["metrics"]["accuracy"]["value"]
     assert info["n_errors"] == round((1 - errors) * 15) and len(info["shown"]) == min(2, info["n_errors"])
     probabilities = [r["probability"] for r in info["shown"]]
     assert probabilities == sorted(probabilities, reverse=True)

@@ -68,9 +68,8 @@ def no_embedding(monkeypatch):
     monkeypatch.setattr(validate_module, "load_features", refuse)
 
 
-def _settings(data, extract, tmp_path, train="tr10", external="ext", **options) -> ValidateSettings:
-    options = {"backbones": "mobilenetv2", "heads": "logreg", "n_boot": 100, "n_jobs": 1, "out_dir": tmp_path,
-               **options}
+def _settings(data, extract, train="tr10", external="ext", **options) -> ValidateSettings:
+    options = {"backbones": "mobilenetv2", "heads": "logreg", "n_boot": 100, "n_jobs": 1, **options}
     return ValidateSettings(data=data[train], external=data[external], extract=extract, **options)
 
 
@@ -81,25 +80,25 @@ def test_too_small_alpha_is_refused_before_embedding_with_the_smallest_allowed(d
                                                                                no_embedding):
     # 30 images, 5 folds: each outer training part holds 24 images, and MAPIE needs 1/alpha <= 24
     with pytest.raises(CxrError, match=r"alpha=0\.04 .*24 .*smallest alpha .* is 0\.0417"):
-        run_validate(_settings(data, extract, tmp_path, alpha=0.04, folds=5))
+        run_validate(_settings(data, extract, alpha=0.04, folds=5), tmp_path)
     with pytest.raises(CxrError, match=r"largest alpha .* is 0\.958"):
-        run_validate(_settings(data, extract, tmp_path, alpha=0.999, folds=5))
+        run_validate(_settings(data, extract, alpha=0.999, folds=5), tmp_path)
     # the default alpha with 2 folds of 18 images: 9 images per training part, 1/0.1 = 10
     small = write_class_tree(tmp_path / "tr6", per_class=6)
     with pytest.raises(CxrError, match=r"alpha=0\.1 .*9 images"):
-        run_validate(ValidateSettings(data=small, external=data["ext"], extract=extract, folds=2, out_dir=tmp_path))
+        run_validate(ValidateSettings(data=small, external=data["ext"], extract=extract, folds=2), tmp_path)
 
 
 def test_inner_folds_too_many_for_a_class_are_refused_before_embedding(data, extract, tmp_path, no_embedding):
     # 4 images per class and 4 folds: the outer split works, but each training part has 3 covid images for
     # the 4 nested (conformal / calibration) folds. 2 folds is the largest that works (3 leaves 2 per class).
     with pytest.raises(CxrError, match=r"class 'covid' .*3 images .*largest folds .* is 2"):
-        run_validate(_settings(data, extract, tmp_path, train="tr4", folds=4, alpha=0.4))
+        run_validate(_settings(data, extract, train="tr4", folds=4, alpha=0.4), tmp_path)
 
 
 def test_folds_message_names_the_class_not_its_index(data, extract, tmp_path, no_embedding):
     with pytest.raises(CxrError, match=r"class 'covid' has 10 images") as caught:
-        run_validate(_settings(data, extract, tmp_path, folds=50))
+        run_validate(_settings(data, extract, folds=50), tmp_path)
     assert "'0'" not in str(caught.value)
 
 
@@ -161,17 +160,17 @@ def test_out_and_name_are_checked_before_any_computing(data, extract, tmp_path, 
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     with pytest.raises(CxrError, match="existing file"):
-        run_validate(_settings(data, extract, a_file))
+        run_validate(_settings(data, extract), a_file)
     finished = tmp_path / "runs" / "done"
     finished.mkdir(parents=True)
     (finished / "results.json").write_text("{}")
     with pytest.raises(CxrError, match="already holds a finished run"):
-        run_validate(_settings(data, extract, tmp_path / "runs", run_name="done"))
+        run_validate(_settings(data, extract), tmp_path / "runs", "done")
     locked = tmp_path / "locked"
     locked.mkdir()
     with read_only(locked):
         with pytest.raises(CxrError, match="not writable"):
-            run_validate(_settings(data, extract, locked))
+            run_validate(_settings(data, extract), locked)
 
 
 def test_cli_out_a_file_is_refused_at_once(data, tmp_path, run_cli):
@@ -212,26 +211,26 @@ def test_small_sets_get_wilson_intervals_and_a_mover_gap():
 
 
 def test_one_image_external_set_gets_a_wilson_interval_not_a_zero_width_one(data, extract, tmp_path):
-    run = run_validate(_settings(data, extract, tmp_path, external="ext1", folds=3, run_name="one"))
+    run = run_validate(_settings(data, extract, external="ext1", folds=3), tmp_path, "one")
     (model,) = run.models
-    accuracy = model["external"]["metrics"]["accuracy"]
-    assert model["external"]["interval"] == "wilson" and model["internal"]["interval"] == "bootstrap"
+    accuracy = model.external["metrics"]["accuracy"]
+    assert model.external["interval"] == "wilson" and model.internal["interval"] == "bootstrap"
     assert accuracy["ci_high"] - accuracy["ci_low"] > 0.5                    # Wilson of 1 image: ~0.79 wide
-    gap = model["gap"]["accuracy"]
+    gap = model.gap["accuracy"]
     assert gap["ci_low"] < 0 < gap["ci_high"] or gap["ci_high"] - gap["ci_low"] > 0.5
     report = (run.run_dir / "report.md").read_text()
     assert "Wilson" in report and f"fewer than {bootstrap.SMALL_SAMPLE}" in report
 
 
 def test_one_class_external_set_has_macro_f1_over_its_class_and_no_macro_gap(data, extract, tmp_path):
-    run = run_validate(_settings(data, extract, tmp_path, external="ext_cov", folds=3, run_name="cov"))
+    run = run_validate(_settings(data, extract, external="ext_cov", folds=3), tmp_path, "cov")
     (model,) = run.models
-    external = model["external"]["metrics"]
+    external = model.external["metrics"]
     sensitivity = external["sensitivity_covid"]["value"]
     f1 = 2 * sensitivity / (1 + sensitivity) if sensitivity else 0.0       # precision is 1: only covid images
     assert external["macro_f1"]["value"] == pytest.approx(f1)
     for metric in ("macro_f1", "auc_macro"):
-        gap = model["gap"][metric]
+        gap = model.gap[metric]
         assert math.isnan(gap["ci_low"]) and math.isnan(gap["ci_high"])     # never "significant"
     assert any("lacks class" in note for note in run.notes)
 
@@ -242,8 +241,8 @@ def test_one_class_external_set_has_macro_f1_over_its_class_and_no_macro_gap(dat
 def test_validate_with_non_utf8_byte_copies_writes_a_utf8_report_and_keeps_the_readable_copy(data, extract,
                                                                                             tmp_path):
     run = run_validate(ValidateSettings(data=data["tr_copy"], external=data["ext_copy"], extract=extract,
-                                        backbones="mobilenetv2", heads="logreg", n_boot=100, n_jobs=1,
-                                        out_dir=tmp_path, run_name="copies"))
+                                        backbones="mobilenetv2", heads="logreg", n_boot=100, n_jobs=1),
+                       tmp_path, "copies")
     report = (run.run_dir / "report.md").read_bytes().decode("utf-8")   # valid UTF-8
     assert "covid/x\\xff.png" in report and "covid/a\\xff.png" in report
     results = json.loads((run.run_dir / "results.json").read_text(encoding="utf-8"))
@@ -266,11 +265,11 @@ def test_knn_on_folds_smaller_than_its_neighbours_is_refused_before_embedding(da
     # 12 images, 2 outer folds: 6 per training part, split again in 2 for the conformal sets: 3 per fit < 5
     with pytest.raises(CxrError, match=r"knn .*5 neighbours.* 3 images"):
         run_validate(ValidateSettings(data=data["tr4"], external=data["ext"], extract=extract, backbones="mobilenetv2",
-                                      heads="knn", folds=2, alpha=0.2, n_boot=100, n_jobs=1, out_dir=tmp_path))
+                                      heads="knn", folds=2, alpha=0.2, n_boot=100, n_jobs=1), tmp_path)
     # other heads still run on the same data (the check is knn's own)
     with pytest.raises(AssertionError, match="embedded"):
         run_validate(ValidateSettings(data=data["tr4"], external=data["ext"], extract=extract, backbones="mobilenetv2",
-                                      heads="logreg", folds=2, alpha=0.2, n_boot=100, n_jobs=1, out_dir=tmp_path))
+                                      heads="logreg", folds=2, alpha=0.2, n_boot=100, n_jobs=1), tmp_path)
 
 
 def test_cli_knn_on_small_folds_is_one_error_line(data, tmp_path, run_cli):
@@ -285,8 +284,8 @@ def test_cli_knn_on_small_folds_is_one_error_line(data, tmp_path, run_cli):
 def test_knn_runs_when_every_fit_has_enough_images(data, extract, tmp_path):
     run = run_validate(ValidateSettings(data=data["tr10"], external=data["ext"], extract=extract,
                                         backbones="mobilenetv2", heads="knn", folds=2, alpha=0.2, n_boot=100,
-                                        n_jobs=1, out_dir=tmp_path))
-    assert run.models[0]["head"] == "knn"
+                                        n_jobs=1), tmp_path)
+    assert run.models[0].head == "knn"
 
 
 # ------------------------------------------------------------------------- N2: --n-boot bounded

@@ -64,11 +64,11 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("features")
 
 
-def _settings(train: Path, external: Path, cache_dir: Path, out: Path, **options) -> ValidateSettings:
+def _settings(train: Path, external: Path, cache_dir: Path, **options) -> ValidateSettings:
     extract = ExtractSettings.from_options(backbone="mobilenetv2", random_weights=True, input_size=32,
                                            progress=False, cache_dir=cache_dir)
     return ValidateSettings(data=train, external=external, extract=extract, backbones="mobilenetv2",
-                            heads="logreg", folds=3, n_boot=100, out_dir=out, n_jobs=1, **options)
+                            heads="logreg", folds=3, n_boot=100, n_jobs=1, **options)
 
 
 CLI_COMMON = ["--backbone", "mobilenetv2", "--random-weights", "--input-size", "32", "--no-progress", "--heads",
@@ -100,16 +100,15 @@ def test_loader_keeps_columns_of_a_csv_outside_its_folder(ext_bom, base):
 
 def test_validate_subgroups_of_a_bom_manifest_and_of_a_csv_outside_its_folder(tr, ext_bom, base, cache_dir,
                                                                               tmp_path):
-    run = run_validate(_settings(tr, ext_bom, cache_dir, tmp_path, subgroups="source", run_name="bom"))
+    run = run_validate(_settings(tr, ext_bom, cache_dir, subgroups="source"), tmp_path, "bom")
     (model,) = run.models
-    assert {r["value"] for r in model["subgroups"]["source"]} == {"s-0", "s-1"}
-    assert sum(r["n"] for r in model["subgroups"]["source"] if r["class"] == "all") == 9
+    assert {r["value"] for r in model.subgroups["source"]} == {"s-0", "s-1"}
+    assert sum(r["n"] for r in model.subgroups["source"] if r["class"] == "all") == 9
     if not (base / "ext_csv" / "list.csv").is_file():
         test_loader_keeps_columns_of_a_csv_outside_its_folder(ext_bom, base)
-    run = run_validate(_settings(tr, base / "ext_csv" / "list.csv", cache_dir, tmp_path, subgroups="source",
-                                 run_name="csv"))
+    run = run_validate(_settings(tr, base / "ext_csv" / "list.csv", cache_dir, subgroups="source"), tmp_path, "csv")
     (model,) = run.models
-    assert {r["value"] for r in model["subgroups"]["source"]} == {"csv-0", "csv-1", "csv-2"}
+    assert {r["value"] for r in model.subgroups["source"]} == {"csv-0", "csv-1", "csv-2"}
     predictions = (run.run_dir / "external_predictions.csv").read_text()
     assert "(missing)" not in predictions and "csv-2" in predictions
 
@@ -148,7 +147,7 @@ def test_validate_with_dot_path_manifests_groups_train_and_ext_by_patient(tr, ba
     ext_dot = _ext_tree(base / "ext_dot")
     _manifest(ext_dot, "path,label,source,patient_id",
               lambda rel: f".\\{rel.replace('/', chr(92))},{rel.split('/')[0]},s,e-{rel[-7:-4]}")
-    run = run_validate(_settings(tr_dot, ext_dot, cache_dir, tmp_path, run_name="dot"))
+    run = run_validate(_settings(tr_dot, ext_dot, cache_dir), tmp_path, "dot")
     record = json.loads((run.run_dir / "record.json").read_text())
     assert record["grouping"].startswith("patient_id")
     assert record["external_clusters"] == "patients"

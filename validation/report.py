@@ -18,7 +18,7 @@ from cxr_transfer.core.plotting import subplots
 from cxr_transfer.core.tables import markdown_table
 
 if TYPE_CHECKING:
-    from cxr_transfer.validation.run import ValidateSettings
+    from cxr_transfer.validation.run import FittedModel, ModelResult, ValidateSettings
 
 
 def _ci(stat: dict[str, float] | None, digits: int = 3) -> str:
@@ -37,32 +37,28 @@ def _signed_ci(stat: dict[str, float]) -> str:
     return f"{stat['value']:+.3f} [{stat['ci_low']:+.3f}, {stat['ci_high']:+.3f}]"
 
 
-def _interval_words(models: list[dict[str, Any]], where: str, units: str, n_boot: int) -> str:
+def _interval_words(models: list[ModelResult], where: str, units: str, n_boot: int) -> str:
     """Which interval rule (``classify.bootstrap.evaluation_intervals``) an evaluation got, in words."""
-    first = models[0][where]
+    first = getattr(models[0], where)
     if first.get("interval", "bootstrap") == "bootstrap":
         return f"{where}: 95% percentile bootstrap, {n_boot} replicates resampling {units}"
     return (f"{where}: Wilson 95% on its images for accuracy, sensitivity and specificity, none for macro F1 and "
             f"AUC ({first['units']} {units}, fewer than {SMALL_SAMPLE}: a bootstrap of so few is near-degenerate)")
 
 
-def _name(m: dict[str, Any]) -> str:
-    return f"{m['backbone']} + {m['head']}"
-
-
-def verdict_lines(models: list[dict[str, Any]], flagged: list[dict[str, Any]],
+def verdict_lines(models: list[ModelResult], flagged: list[dict[str, Any]],
                   settings: ValidateSettings) -> list[str]:
     """The verdict: best external model and its gap, models that lose accuracy, flagged subgroups with their
     size, conformal coverage and calibration ranges."""
     lines = []
-    best = max(models, key=lambda m: m["external"]["metrics"]["accuracy"]["value"])
-    acc = lambda m, where: m[where]["metrics"]["accuracy"]  # noqa: E731
-    lines.append(f"Best external accuracy: {_name(best)}, {_ci(acc(best, 'external'))} on "
-                 f"{best['external']['n']} external images vs {_ci(acc(best, 'internal'))} internally "
-                 f"(gap {_signed_ci(best['gap']['accuracy'])}).")
-    dropped = [m for m in models if m["gap"]["accuracy"]["ci_high"] < 0]
+    best = max(models, key=lambda m: m.external["metrics"]["accuracy"]["value"])
+    acc = lambda m, where: getattr(m, where)["metrics"]["accuracy"]  # noqa: E731
+    lines.append(f"Best external accuracy: {best.name}, {_ci(acc(best, 'external'))} on "
+                 f"{best.external['n']} external images vs {_ci(acc(best, 'internal'))} internally "
+                 f"(gap {_signed_ci(best.gap['accuracy'])}).")
+    dropped = [m for m in models if m.gap["accuracy"]["ci_high"] < 0]
     lines.append(f"{len(dropped)} of {len(models)} models lose accuracy outside their interval on the external "
-                 f"data" + (f": {', '.join(_name(m) for m in dropped)}." if dropped else "."))
+                 f"data" + (f": {', '.join(m.name for m in dropped)}." if dropped else "."))
     by_group: dict[tuple, list[dict]] = {}
     for row in flagged:
         by_group.setdefault((row["column"], row["value"], row["class"], row["n"]), []).append(row)
@@ -79,36 +75,36 @@ def verdict_lines(models: list[dict[str, Any]], flagged: list[dict[str, Any]],
     else:
         lines.append("No subgroup's accuracy interval lies wholly below the internal accuracy.")
     target = 1 - settings.alpha
-    cov = [(m["conformal"]["internal"]["coverage"], m["conformal"]["external"]["coverage"]) for m in models]
+    cov = [(m.conformal["internal"]["coverage"], m.conformal["external"]["coverage"]) for m in models]
     lines.append(f"Conformal sets (alpha {settings.alpha:g}, target coverage {target:.2f}): internal coverage "
                  f"{min(c[0] for c in cov):.3f}-{max(c[0] for c in cov):.3f}, external "
                  f"{min(c[1] for c in cov):.3f}-{max(c[1] for c in cov):.3f} across models.")
-    ece = [(m["internal"]["calibration"]["ece"], m["external"]["calibration"]["ece"]) for m in models]
+    ece = [(m.internal["calibration"]["ece"], m.external["calibration"]["ece"]) for m in models]
     lines.append(f"Calibration: ECE internal {min(e[0] for e in ece):.3f}-{max(e[0] for e in ece):.3f}, external "
                  f"{min(e[1] for e in ece):.3f}-{max(e[1] for e in ece):.3f} across models.")
     return lines
 
 
-def _metric_table(m: dict[str, Any], class_names: list[str]) -> str:
+def _metric_table(m: ModelResult, class_names: list[str]) -> str:
     labels = {"accuracy": "accuracy", "macro_f1": "macro F1", "auc_macro": "AUC (macro, one-vs-rest)"}
     for name in class_names:
         labels.update({f"sensitivity_{name}": f"sensitivity {name}", f"specificity_{name}": f"specificity {name}",
                        f"auc_{name}": f"AUC {name}"})
-    rows = [{"metric": label, f"internal (n={m['internal']['n']})": _ci(m["internal"]["metrics"][key]),
-             f"external (n={m['external']['n']})": _ci(m["external"]["metrics"][key]),
-             "gap (external - internal)": _signed_ci(m["gap"][key])} for key, label in labels.items()]
+    rows = [{"metric": label, f"internal (n={m.internal['n']})": _ci(m.internal["metrics"][key]),
+             f"external (n={m.external['n']})": _ci(m.external["metrics"][key]),
+             "gap (external - internal)": _signed_ci(m.gap[key])} for key, label in labels.items()]
     return markdown_table(rows)
 
 
-def _calibration_table(models: list[dict[str, Any]]) -> str:
+def _calibration_table(models: list[ModelResult]) -> str:
     rows = []
     for m in models:
-        row = {"model": _name(m), "ECE internal": f"{m['internal']['calibration']['ece']:.3f}",
-               "ECE external": f"{m['external']['calibration']['ece']:.3f}",
-               "Brier internal": f"{m['internal']['calibration']['brier']:.3f}",
-               "Brier external": f"{m['external']['calibration']['brier']:.3f}"}
-        if "calibrated" in m:
-            c = m["calibrated"]
+        row = {"model": m.name, "ECE internal": f"{m.internal['calibration']['ece']:.3f}",
+               "ECE external": f"{m.external['calibration']['ece']:.3f}",
+               "Brier internal": f"{m.internal['calibration']['brier']:.3f}",
+               "Brier external": f"{m.external['calibration']['brier']:.3f}"}
+        if m.calibrated is not None:
+            c = m.calibrated
             row.update({f"ECE int. {c['method']}": f"{c['internal']['ece']:.3f}",
                         f"ECE ext. {c['method']}": f"{c['external']['ece']:.3f}",
                         f"Brier int. {c['method']}": f"{c['internal']['brier']:.3f}",
@@ -119,12 +115,12 @@ def _calibration_table(models: list[dict[str, Any]]) -> str:
     return markdown_table(rows)
 
 
-def _conformal_table(models: list[dict[str, Any]], class_names: list[str]) -> str:
+def _conformal_table(models: list[ModelResult], class_names: list[str]) -> str:
     rows = []
     for m in models:
         for where in ("internal", "external"):
-            s = m["conformal"][where]
-            row = {"model": _name(m), "data": where, "n": s["n"],
+            s = m.conformal[where]
+            row = {"model": m.name, "data": where, "n": s["n"],
                    "coverage [Wilson 95%]": f"{s['coverage']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]",
                    "mean set size": f"{s['mean_size']:.2f}", "empty sets": f"{s['empty']:.1%}"}
             for name in class_names:
@@ -148,15 +144,15 @@ def _subgroup_table(rows: list[dict[str, Any]], class_names: list[str], internal
     return markdown_table(out)
 
 
-def plot_accuracy_dots(path: Path, models: list[dict[str, Any]]) -> Path:
+def plot_accuracy_dots(path: Path, models: list[ModelResult]) -> Path:
     """Internal vs external accuracy of every model, dots with their 95% bootstrap intervals."""
     fig, ax = subplots(figsize=(6.5, 0.45 * len(models) + 1.4))
     for row, m in enumerate(models):
         for offset, where, color in ((-0.12, "internal", "tab:blue"), (0.12, "external", "tab:red")):
-            s = m[where]["metrics"]["accuracy"]
+            s = getattr(m, where)["metrics"]["accuracy"]
             ax.errorbar(s["value"], row + offset, xerr=[[s["value"] - s["ci_low"]], [s["ci_high"] - s["value"]]],
                         fmt="o", color=color, capsize=3, markersize=4, label=where if row == 0 else None)
-    ax.set_yticks(range(len(models)), [_name(m) for m in models], fontsize=8)
+    ax.set_yticks(range(len(models)), [m.name for m in models], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("accuracy (95% patient-bootstrap interval)")
     ax.grid(axis="x", alpha=0.3)
@@ -166,56 +162,56 @@ def plot_accuracy_dots(path: Path, models: list[dict[str, Any]]) -> Path:
     return Path(path)
 
 
-def _write_results_csv(path: Path, models: list[dict[str, Any]]) -> None:
+def _write_results_csv(path: Path, models: list[ModelResult]) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["backbone", "head", "evaluation", "subgroup", "class", "metric", "value", "ci_low",
                          "ci_high", "n"])
         for m in models:
             for where in ("internal", "external", "gap"):
-                metrics = m["gap"] if where == "gap" else m[where]["metrics"]
-                n = "" if where == "gap" else m[where]["n"]
+                metrics = m.gap if where == "gap" else getattr(m, where)["metrics"]
+                n = "" if where == "gap" else getattr(m, where)["n"]
                 for metric, s in metrics.items():
-                    writer.writerow([m["backbone"], m["head"], where, "", "", metric, s["value"], s["ci_low"],
+                    writer.writerow([m.backbone, m.head, where, "", "", metric, s["value"], s["ci_low"],
                                      s["ci_high"], n])
             for where in ("internal", "external"):
-                cal = m[where]["calibration"]
-                writer.writerow([m["backbone"], m["head"], where, "", "", "ece", cal["ece"], "", "", m[where]["n"]])
-                writer.writerow([m["backbone"], m["head"], where, "", "", "brier", cal["brier"], "", "",
-                                 m[where]["n"]])
-                if "calibrated" in m:
-                    c = m["calibrated"]
+                cal = getattr(m, where)["calibration"]
+                writer.writerow([m.backbone, m.head, where, "", "", "ece", cal["ece"], "", "", getattr(m, where)["n"]])
+                writer.writerow([m.backbone, m.head, where, "", "", "brier", cal["brier"], "", "",
+                                 getattr(m, where)["n"]])
+                if m.calibrated is not None:
+                    c = m.calibrated
                     for key in ("ece", "brier"):
-                        writer.writerow([m["backbone"], m["head"], f"{where}-{c['method']}", "", "", key,
-                                         c[where][key], "", "", m[where]["n"]])
-                s = m["conformal"][where]
-                writer.writerow([m["backbone"], m["head"], where, "", "", "conformal_coverage", s["coverage"],
+                        writer.writerow([m.backbone, m.head, f"{where}-{c['method']}", "", "", key,
+                                         c[where][key], "", "", getattr(m, where)["n"]])
+                s = m.conformal[where]
+                writer.writerow([m.backbone, m.head, where, "", "", "conformal_coverage", s["coverage"],
                                  s["ci_low"], s["ci_high"], s["n"]])
-                writer.writerow([m["backbone"], m["head"], where, "", "", "conformal_set_size", s["mean_size"], "",
+                writer.writerow([m.backbone, m.head, where, "", "", "conformal_set_size", s["mean_size"], "",
                                  "", s["n"]])
-            for column, rows in m["subgroups"].items():
+            for column, rows in m.subgroups.items():
                 for r in rows:
-                    writer.writerow([m["backbone"], m["head"], "external", f"{column}={r['value']}", r["class"],
+                    writer.writerow([m.backbone, m.head, "external", f"{column}={r['value']}", r["class"],
                                      "accuracy", r["accuracy"], r["ci_low"], r["ci_high"], r["n"]])
 
 
 def write_external_predictions(path: Path, names: list[str], labels: list[str], subgroup_values: dict[str, list[str]],
-                               fitted: list[dict[str, Any]], class_names: list[str]) -> Path:
+                               fitted: list[FittedModel], class_names: list[str]) -> Path:
     """One row per external image: its label and subgroups, then per model the predicted class, its
     probability and the conformal set (classes joined by '|')."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         header = ["path", "label", *subgroup_values]
         for f in fitted:
-            stem = f"{f['backbone']}-{f['head']}"
+            stem = f.name
             header += [f"{stem}:predicted", f"{stem}:probability", f"{stem}:set"]
         writer.writerow(header)
         for i, (name, label) in enumerate(zip(names, labels)):
             row = [name, label, *(values[i] for values in subgroup_values.values())]
             for f in fitted:
-                proba = f["external_proba"][i]
+                proba = f.external_proba[i]
                 row += [class_names[int(proba.argmax())], f"{proba.max():.4f}",
-                        format_set(f["external_sets"][i], class_names)]
+                        format_set(f.external_sets[i], class_names)]
             writer.writerow(row)
     return path
 
@@ -266,7 +262,7 @@ def _excluded_words(overlap: dict[str, Any] | None) -> str:
     return f" evaluated, {overlap['excluded']['n']} more left out: see 'Overlap with TRAIN'"
 
 
-def write_report(run_dir: Path, models: list[dict[str, Any]], verdict: list[str], notes: list[str],
+def write_report(run_dir: Path, models: list[ModelResult], verdict: list[str], notes: list[str],
                  class_names: list[str], record: dict[str, Any], settings: ValidateSettings,
                  warnings: list[str] | None = None, overlap: dict[str, Any] | None = None,
                  skipped: dict[str, list[tuple[str, str]]] | None = None) -> Path:
@@ -275,12 +271,12 @@ def write_report(run_dir: Path, models: list[dict[str, Any]], verdict: list[str]
     plot_accuracy_dots(run_dir / "accuracy.png", models)
     panels = {}
     for m in models:
-        curves = {"internal": m["internal"]["calibration"]["bins"], "external": m["external"]["calibration"]["bins"]}
-        if "calibrated" in m:
-            c = m["calibrated"]
+        curves = {"internal": m.internal["calibration"]["bins"], "external": m.external["calibration"]["bins"]}
+        if m.calibrated is not None:
+            c = m.calibrated
             curves[f"internal, {c['method']}"] = c["internal"]["bins"]
             curves[f"external, {c['method']}"] = c["external"]["bins"]
-        panels[_name(m)] = curves
+        panels[m.name] = curves
     plot_reliability(run_dir / "reliability.png", panels)
     grouping = record["grouping"]
     lines = [f"# cxr-transfer validate: {Path(settings.data).name} -> {Path(settings.external).name}", "",
@@ -304,19 +300,19 @@ def write_report(run_dir: Path, models: list[dict[str, Any]], verdict: list[str]
     lines += [""] + (overlap_section(overlap) if overlap and overlap["excluded"]["n"] else [])
     lines += ["![internal vs external accuracy](accuracy.png)", "", "## Internal vs external", ""]
     for m in models:
-        lines += [f"### {_name(m)}", "", _metric_table(m, class_names), ""]
+        lines += [f"### {m.name}", "", _metric_table(m, class_names), ""]
     lines += ["## Calibration", "", _calibration_table(models), "", "![reliability diagrams](reliability.png)", "",
               f"## Conformal prediction sets (alpha {settings.alpha:g}, target coverage {1 - settings.alpha:.2f})",
               "", "LAC sets can be empty: no class is plausible enough at this alpha (an empty set never covers).", "",
               _conformal_table(models, class_names), ""]
-    if any(m["subgroups"] for m in models):
+    if any(m.subgroups for m in models):
         lines += ["## Subgroups of the external data", "",
                   "Rows marked **below**: the accuracy interval lies wholly below the model's internal accuracy. "
                   "Sensitivity columns: value (images of that class).", ""]
         for m in models:
-            internal = m["internal"]["metrics"]["accuracy"]["value"]
-            for column, rows in m["subgroups"].items():
-                lines += [f"### {_name(m)}: by {column} (internal accuracy {internal:.3f})", "",
+            internal = m.internal["metrics"]["accuracy"]["value"]
+            for column, rows in m.subgroups.items():
+                lines += [f"### {m.name}: by {column} (internal accuracy {internal:.3f})", "",
                           _subgroup_table(rows, class_names, internal), ""]
     if skipped and any(skipped.values()):
         lines += skipped_section(skipped)

@@ -19,10 +19,11 @@ For every backbone and head:
   size internally (nested, so measured on images the calibration never saw) and externally, per class and
   per subgroup.
 
-A run folder like compare's (written by ``validation.report``): report.md (verdict first),
-results.json, results.csv, accuracy.png, reliability.png, external_predictions.csv, record.json, and with
-``save`` one ``<backbone>-<head>.joblib`` per model that ``predict`` loads (``--conformal ALPHA`` adds the
-prediction set).
+``evaluate_validate(settings)`` computes all of this in memory (a ``ValidateResult``; only the embedding and
+hash caches are written); ``write_validate_run(result, out_dir)`` writes a run folder like compare's (formatted
+by ``validation.report``): report.md (verdict first), results.json, results.csv, accuracy.png, reliability.png,
+external_predictions.csv, record.json, and with ``save`` one ``<backbone>-<head>.joblib`` per model that
+``predict`` loads (``--conformal ALPHA`` adds the prediction set).
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ from cxr_transfer.classify.duplicate_groups import duplicate_aware_groups
 from cxr_transfer.classify.heads import get_head, make_head, parse_head_list
 from cxr_transfer.classify.protocols import Split, check_splittable, cv_splits, resolve_groups
 from cxr_transfer.classify.results import images_fingerprint, run_folder_error
+from cxr_transfer.classify.saved_model import save_head
 from cxr_transfer.validation.report import verdict_lines, write_external_predictions, write_report
 from cxr_transfer.core.params import FOLDS, FRACTION, IMAGE_COUNT, JOBS, N_BOOT, SEED, Options, check_params, param
 from cxr_transfer.core.errors import CxrError
@@ -102,8 +104,6 @@ class ValidateSettings:
     save: bool = param(False, help="save each head with its conformal calibration (for predict --conformal)")
     explain: int = param(0, IMAGE_COUNT, "heatmaps of the N most confident external errors and the border share "
                                          "per class (saves the heads, which explain reads)")
-    out_dir: Path = param(Path("runs"), help="folder for run folders", flag="--out")
-    run_name: str | None = param(None, help="run folder name (default: validate-TIMESTAMP-XXXXXX)", flag="--name")
     n_jobs: int = param(-1, JOBS, "parallel fits (default: all cores)", flag="--jobs")
 
     def __post_init__(self) -> None:
@@ -123,27 +123,38 @@ class ValidateSettings:
 
 
 @dataclass
-class ValidateRun:
-    """A finished validation: its folder, the per-model results and the verdict lines."""
+class ValidateResult:
+    """A finished validation, in memory: what ``write_validate_run`` writes and ``summary_lines`` prints."""
 
-    run_dir: Path
+    settings: ValidateSettings
     class_names: list[str]
-    models: list[dict[str, Any]]
+    models: list[ModelResult]
     verdict: list[str]
     notes: list[str]
+    record: dict[str, Any]                                 # record.json (without saved_models and explain)
+    fitted: list[FittedModel]                              # predictions (and, for save / explain, the heads)
+    external_images: list[Sample]                          # the EXT images evaluated (overlap left out)
+    external_names: list[str]                              # ... their paths relative to EXT's root
+    subgroup_values: dict[str, list[str]]                  # EXT column -> value of each evaluated image
+    flagged: list[dict[str, Any]] = field(default_factory=list)   # subgroups below the internal accuracy
     warnings: list[str] = field(default_factory=list)     # for the summary, loud: TRAIN/EXT overlap
     overlap: dict[str, Any] = field(default_factory=dict)  # results.json "overlap" (``train_overlap``)
     skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # "TRAIN"/"EXT": (path, reason)
+    run_dir: Path | None = None                            # set once the run folder is written
 
     def summary_lines(self) -> list[str]:
-        """What the command line prints: warnings, the verdict, notes, what was skipped, the run folder."""
-        lines = [f"warning: {w}" for w in self.warnings] + list(self.verdict) + [f"note: {n}" for n in self.notes]
+        """What the validate command prints: warnings, verdict, notes, skipped files and, once written, the run
+        folder."""
+        lines = [f"warning: {warning}" for warning in self.warnings] + list(self.verdict)
+        lines += [f"note: {note}" for note in self.notes]
         for where, entries in self.skipped.items():
             if entries:
                 lines.append(f"{where}: {len(entries)} file(s) skipped or left out:")
                 lines += [f"  skipped {path}: {reason}" for path, reason in entries]
-        return lines + ["", f"run folder: {self.run_dir} (report.md, results.json, results.csv, accuracy.png, "
-                            f"reliability.png)"]
+        if self.run_dir is not None:
+            lines += ["", f"run folder: {self.run_dir} (report.md, results.json, results.csv, accuracy.png, "
+                          f"reliability.png)"]
+        return lines
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -262,57 +273,93 @@ def _skipped(dataset: Dataset, failures: list[tuple[str, str]]) -> list[tuple[st
 # ---------------------------------------------------------------------------------------------- fitting
 
 
+@dataclass
+class FitPart:
+    """What one worker task of ``_fit_part`` returns: an outer fold's predictions of its test rows of TRAIN
+    (``part`` = k), or the final fit's predictions of EXT (``part`` = None)."""
+
+    backbone: str
+    head: str
+    part: int | None
+    proba: np.ndarray                     # class probabilities of the predicted images
+    sets: np.ndarray                      # their conformal sets (n, n_classes) bool
+    calibrated: np.ndarray | None = None  # probabilities after recalibration (``calibrate``)
+    rows: np.ndarray | None = None        # outer fold: the TRAIN rows predicted
+    model: ConformalHead | None = None    # final fit, kept when it will be saved (``save``, ``explain``)
+    seconds: float = 0.0
+
+
+@dataclass
+class FittedModel:
+    """One (backbone, head) of validate: out-of-fold predictions of TRAIN, predictions of EXT and, when it will
+    be saved, the head fitted on all of TRAIN with its conformal calibration."""
+
+    backbone: str
+    head: str
+    internal_proba: np.ndarray
+    internal_sets: np.ndarray
+    external_proba: np.ndarray | None = None
+    external_sets: np.ndarray | None = None
+    internal_calibrated: np.ndarray | None = None
+    external_calibrated: np.ndarray | None = None
+    model: ConformalHead | None = None
+    seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """``<backbone>-<head>``: the stem of its saved head and of its external_predictions.csv columns."""
+        return f"{self.backbone}-{self.head}"
+
+
 def _fit_part(backbone: str, head: str, part: int | None, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None,
-              outer: list[Split], X_ext: np.ndarray, settings: ValidateSettings, n_classes: int) -> dict[str, Any]:
+              outer: list[Split], X_ext: np.ndarray, settings: ValidateSettings, n_classes: int) -> FitPart:
     """One task of a worker process: ``part`` = k fits on outer fold k's training side and predicts its test
     side (head, recalibrated head, nested conformal sets); ``part`` = None fits on all of TRAIN and predicts
     EXT. Small tasks keep both cores busy when the heads' costs differ tenfold."""
     started = time.perf_counter()
     seed, folds, method = settings.seed, settings.folds, settings.calibrate
-    out: dict[str, Any] = {"backbone": backbone, "head": head, "part": part}
+    calibrated = model = None
     with threadpool_limits(1):
-        if part is not None:
+        if part is not None:   # the order of the fits is the original one (each is seeded on its own)
             split = outer[part]
             train, test = split.train_idx, split.test_idx
-            out["rows"] = test
-            out["internal_proba"] = make_head(head, seed).fit(X[train], y[train]).predict_proba(X[test])
+            proba = make_head(head, seed).fit(X[train], y[train]).predict_proba(X[test])
             if method:
                 inner = _inner_splits(y[train], groups[train] if groups is not None else None, folds, seed)
-                model = calibrated_head(head, method, inner, seed).fit(X[train], y[train])
-                out["internal_calibrated"] = model.predict_proba(X[test])
-            sets = nested_sets(head, X, y, n_classes, settings.alpha, [split], groups, folds, seed)
-            out["internal_sets"] = sets[test]
+                calibrated = calibrated_head(head, method, inner, seed).fit(X[train], y[train]).predict_proba(X[test])
+            sets = nested_sets(head, X, y, n_classes, settings.alpha, [split], groups, folds, seed)[test]
         else:
+            test = None
             final = make_head(head, seed).fit(X, y)
-            out["external_proba"] = final.predict_proba(X_ext)
+            proba = final.predict_proba(X_ext)
             if method:
-                model = calibrated_head(head, method, _inner_splits(y, groups, folds, seed), seed).fit(X, y)
-                out["external_calibrated"] = model.predict_proba(X_ext)
+                calibrated = calibrated_head(head, method, _inner_splits(y, groups, folds, seed), seed).fit(
+                    X, y).predict_proba(X_ext)
             conformal = fit_conformal(head, X, y, settings.alpha, groups, folds, seed)
-            out["external_sets"] = prediction_sets(conformal, X_ext)
+            sets = prediction_sets(conformal, X_ext)
             if settings.save or settings.explain:
-                out["saved_model"] = ConformalHead(final, conformal, settings.alpha)
-    out["seconds"] = time.perf_counter() - started
-    return out
+                model = ConformalHead(final, conformal, settings.alpha)
+    return FitPart(backbone, head, part, proba, sets, calibrated, test, model, time.perf_counter() - started)
 
 
-def _assemble(parts: list[dict[str, Any]], n_images: int, n_classes: int) -> list[dict[str, Any]]:
+def _assemble(parts: list[FitPart], n_images: int, n_classes: int) -> list[FittedModel]:
     """Per (backbone, head): the out-of-fold arrays put together from the fold tasks, the final task's
-    external predictions, and the summed seconds of its tasks."""
-    models: dict[tuple[str, str], dict[str, Any]] = {}
+    external predictions and model, and the summed seconds of its tasks."""
+    models: dict[tuple[str, str], FittedModel] = {}
     for part in parts:
-        model = models.setdefault((part["backbone"], part["head"]), {
-            "backbone": part["backbone"], "head": part["head"], "seconds": 0.0,
-            "internal_proba": np.zeros((n_images, n_classes)), "internal_sets": np.zeros((n_images, n_classes), bool)})
-        model["seconds"] += part["seconds"]
-        if part["part"] is None:
-            model.update({k: v for k, v in part.items() if k.startswith(("external", "saved"))})
+        model = models.setdefault((part.backbone, part.head), FittedModel(
+            part.backbone, part.head, np.zeros((n_images, n_classes)), np.zeros((n_images, n_classes), bool)))
+        model.seconds += part.seconds
+        if part.part is None:
+            model.external_proba, model.external_sets = part.proba, part.sets
+            model.external_calibrated, model.model = part.calibrated, part.model
             continue
-        rows = part["rows"]
-        model["internal_proba"][rows] = part["internal_proba"]
-        model["internal_sets"][rows] = part["internal_sets"]
-        if "internal_calibrated" in part:
-            model.setdefault("internal_calibrated", np.zeros((n_images, n_classes)))[rows] = part["internal_calibrated"]
+        model.internal_proba[part.rows] = part.proba
+        model.internal_sets[part.rows] = part.sets
+        if part.calibrated is not None:
+            if model.internal_calibrated is None:
+                model.internal_calibrated = np.zeros((n_images, n_classes))
+            model.internal_calibrated[part.rows] = part.calibrated
     return list(models.values())
 
 
@@ -442,49 +489,72 @@ def _subgroup_rows(y_ext: np.ndarray, proba: np.ndarray, sets: np.ndarray, value
     return rows
 
 
+@dataclass
+class ModelResult:
+    """The scores of one fitted model; ``as_dict()`` is its entry in results.json's "models"."""
+
+    backbone: str
+    head: str
+    seconds: float
+    internal: dict[str, Any]                  # n, metrics with intervals, their interval rule, calibration
+    external: dict[str, Any]                  # the same on EXT
+    gap: dict[str, dict[str, float]]          # external - internal, per metric, with its interval
+    conformal: dict[str, Any]                 # alpha, and coverage / set size internally and externally
+    subgroups: dict[str, list[dict[str, Any]]]   # EXT column -> one row per value (and per value and class)
+    calibrated: dict[str, Any] | None = None  # ``calibrate``: ECE, Brier and accuracy after recalibration
+
+    @property
+    def name(self) -> str:
+        return f"{self.backbone} + {self.head}"
+
+    def as_dict(self) -> dict[str, Any]:
+        found = {"backbone": self.backbone, "head": self.head, "seconds": self.seconds, "internal": self.internal,
+                 "external": self.external, "gap": self.gap}
+        if self.calibrated is not None:
+            found["calibrated"] = self.calibrated
+        return {**found, "conformal": self.conformal, "subgroups": self.subgroups}
+
+
 MACRO_METRICS = ("macro_f1", "auc_macro")
 """Averages over classes: over the classes present in a set, so an EXT lacking a class gets no gap for them."""
 
 
-def _score(fitted: dict[str, Any], y: np.ndarray, clusters: np.ndarray | None, y_ext: np.ndarray,
+def _score(fitted: FittedModel, y: np.ndarray, clusters: np.ndarray | None, y_ext: np.ndarray,
            ext_clusters: np.ndarray | None, subgroup_values: dict[str, list[str]], class_names: list[str],
-           settings: ValidateSettings) -> dict[str, Any]:
+           settings: ValidateSettings) -> ModelResult:
     """Metrics with intervals, calibration, conformal coverage and subgroups for one fitted model."""
     n_boot, seed = settings.n_boot, settings.seed
-    internal, reps_int = evaluation_intervals(y, fitted["internal_proba"], class_names, clusters, n_boot, seed)
-    external, reps_ext = evaluation_intervals(y_ext, fitted["external_proba"], class_names, ext_clusters, n_boot,
+    internal, reps_int = evaluation_intervals(y, fitted.internal_proba, class_names, clusters, n_boot, seed)
+    external, reps_ext = evaluation_intervals(y_ext, fitted.external_proba, class_names, ext_clusters, n_boot,
                                               seed + 1)
     gap = evaluation_gap(internal, reps_int, external, reps_ext)
     if set(np.unique(y_ext)) != set(range(len(class_names))):
         # EXT's macro values cover only its own classes: not comparable with TRAIN's, so no gap for them
         for name in MACRO_METRICS:
             gap[name] = {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan}
-    result: dict[str, Any] = {
-        "backbone": fitted["backbone"], "head": fitted["head"], "seconds": round(fitted["seconds"], 2),
-        "internal": {"n": len(y), **internal, "calibration": calibration_summary(y, fitted["internal_proba"])},
-        "external": {"n": len(y_ext), **external,
-                     "calibration": calibration_summary(y_ext, fitted["external_proba"])},
-        "gap": gap,
-    }
-    if "internal_calibrated" in fitted:
-        result["calibrated"] = {
+    calibrated = None
+    if fitted.internal_calibrated is not None:
+        calibrated = {
             "method": settings.calibrate,
-            "internal": calibration_summary(y, fitted["internal_calibrated"]),
-            "external": calibration_summary(y_ext, fitted["external_calibrated"]),
-            "internal_accuracy": float((fitted["internal_calibrated"].argmax(1) == y).mean()),
-            "external_accuracy": float((fitted["external_calibrated"].argmax(1) == y_ext).mean())}
+            "internal": calibration_summary(y, fitted.internal_calibrated),
+            "external": calibration_summary(y_ext, fitted.external_calibrated),
+            "internal_accuracy": float((fitted.internal_calibrated.argmax(1) == y).mean()),
+            "external_accuracy": float((fitted.external_calibrated.argmax(1) == y_ext).mean())}
     conformal = {"alpha": settings.alpha}
-    for where, sets, labels in (("internal", fitted["internal_sets"], y), ("external", fitted["external_sets"], y_ext)):
+    for where, sets, labels in (("internal", fitted.internal_sets, y), ("external", fitted.external_sets, y_ext)):
         conformal[where] = set_summary(sets, labels)
         conformal[where]["per_class"] = {name: set_summary(sets[labels == k], labels[labels == k])
                                          for k, name in enumerate(class_names)}
         covered = conformal[where]["covered"]
         conformal[where]["ci_low"], conformal[where]["ci_high"] = wilson_interval(covered, len(labels))
-    result["conformal"] = conformal
-    result["subgroups"] = {column: _subgroup_rows(y_ext, fitted["external_proba"], fitted["external_sets"], values,
-                                                  column, class_names)
-                           for column, values in subgroup_values.items()}
-    return result
+    subgroups = {column: _subgroup_rows(y_ext, fitted.external_proba, fitted.external_sets, values, column,
+                                        class_names)
+                 for column, values in subgroup_values.items()}
+    return ModelResult(
+        fitted.backbone, fitted.head, round(fitted.seconds, 2),
+        {"n": len(y), **internal, "calibration": calibration_summary(y, fitted.internal_proba)},
+        {"n": len(y_ext), **external, "calibration": calibration_summary(y_ext, fitted.external_proba)},
+        gap, conformal, subgroups, calibrated)
 
 
 def _interval_notes(y: np.ndarray, clusters: np.ndarray | None, y_ext: np.ndarray, ext_clusters: np.ndarray | None,
@@ -506,15 +576,15 @@ def _interval_notes(y: np.ndarray, clusters: np.ndarray | None, y_ext: np.ndarra
     return notes
 
 
-def _flags(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _flags(models: list[ModelResult]) -> list[dict[str, Any]]:
     """Subgroup rows whose accuracy interval lies wholly below the model's internal accuracy."""
     flagged = []
     for m in models:
-        internal = m["internal"]["metrics"]["accuracy"]["value"]
-        for column, rows in m["subgroups"].items():
+        internal = m.internal["metrics"]["accuracy"]["value"]
+        for column, rows in m.subgroups.items():
             for row in rows:
                 if row["ci_high"] < internal:
-                    flagged.append({"model": f"{m['backbone']}+{m['head']}", "internal_accuracy": internal, **row})
+                    flagged.append({"model": f"{m.backbone}+{m.head}", "internal_accuracy": internal, **row})
     return flagged
 
 
@@ -541,17 +611,15 @@ def _mapie_version() -> str:
         return "?"
 
 
-def run_validate(settings: ValidateSettings) -> ValidateRun:
-    """Fit, evaluate internally and externally, and write the run folder (module docstring)."""
-    from cxr_transfer.classify.saved_model import save_head
+def evaluate_validate(settings: ValidateSettings) -> ValidateResult:
+    """Fit, evaluate internally and externally (module docstring), in memory: nothing but the embedding and
+    hash caches is written (``write_validate_run`` writes the run folder). With ``save`` or ``explain`` the
+    heads fitted on all of TRAIN are kept in ``result.fitted``."""
     from cxr_transfer.extract.registry import parse_backbone_list
 
     watch = Stopwatch()
     configs = parse_backbone_list(settings.backbones)
     heads = parse_head_list(settings.heads)
-    writable_folder(settings.out_dir, "--out")   # fail before any computing, not after it (as compare)
-    if settings.run_name:
-        check_run_name(settings.out_dir, settings.run_name)
     notes: list[str] = []
     full = load_dataset(settings.data)
     pool = _training_pool(full)
@@ -657,92 +725,115 @@ def run_validate(settings: ValidateSettings) -> ValidateRun:
     fitted = _assemble(parts, len(y), len(class_names))
     watch.lap("fit")
     models = Parallel(n_jobs=settings.n_jobs)(
-        delayed(_score)({k: v for k, v in f.items() if k != "saved_model"}, y, clusters, y_ext, ext_clusters,
-                        subgroup_values, class_names, settings)
+        delayed(_score)(replace(f, model=None), y, clusters, y_ext, ext_clusters, subgroup_values, class_names,
+                        settings)
         for f in fitted)
     watch.lap("bootstrap_and_scores")
     flagged = _flags(models)
     verdict = verdict_lines(models, flagged, settings)
+    record = run_record("validate", settings.record(), seed=settings.seed, train_root=str(pool.root),
+                        train_note=", train/ split" if pool is not full else "", n_train=len(samples),
+                        train_fingerprint=images_fingerprint([s.sha256 for s in samples]),
+                        external_root=str(external.root), n_external=len(ext_samples),
+                        external_fingerprint=images_fingerprint([s.sha256 for s in ext_samples]),
+                        grouping=(f"{group_by}" + (" merged over near-duplicate clusters"
+                                                   if settings.merge_duplicates else "")) if group_by else "image",
+                        internal_clusters="patients" if clusters is not None else "images",
+                        external_clusters="patients" if ext_clusters is not None else "images",
+                        merged_groups=merged, mapie=_mapie_version(), extraction=extraction, timings=watch.timings,
+                        seconds=watch.elapsed(), external_overlap_excluded=overlap["excluded"]["n"],
+                        skipped={k: [list(x) for x in v] for k, v in skipped.items()})
+    return ValidateResult(settings, class_names, models, verdict, notes, record, fitted, ext_samples,
+                          [external.relative(s) for s in ext_samples], subgroup_values, flagged, warnings, overlap,
+                          skipped)
 
-    run_dir = new_run_dir(settings.out_dir, "validate", settings.run_name)
+
+def write_validate_run(result: ValidateResult, out_dir: str | Path, run_name: str | None = None) -> Path:
+    """Write the run folder of a validation under ``out_dir`` (named ``run_name``, else
+    ``validate-<time>-<random>``): report.md, results.json, results.csv, accuracy.png, reliability.png,
+    external_predictions.csv, record.json; with ``save`` (or ``explain``, which reads them) one
+    ``<backbone>-<head>.joblib`` per model, and with ``explain`` the heatmaps of the external errors. Sets
+    ``result.run_dir``."""
+    settings, class_names, record = result.settings, result.class_names, dict(result.record)
+    run_dir = new_run_dir(out_dir, "validate", run_name)
     try:
         with run_in_progress(run_dir, "validate"):   # heads of a run killed before its end are refused
-            record = run_record("validate", settings.record(), seed=settings.seed, train_root=str(pool.root),
-                                train_note=", train/ split" if pool is not full else "", n_train=len(samples),
-                                train_fingerprint=images_fingerprint([s.sha256 for s in samples]),
-                                external_root=str(external.root), n_external=len(ext_samples),
-                                external_fingerprint=images_fingerprint([s.sha256 for s in ext_samples]),
-                                grouping=(f"{group_by}" + (" merged over near-duplicate clusters"
-                                                           if settings.merge_duplicates else ""))
-                                if group_by else "image",
-                                internal_clusters="patients" if clusters is not None else "images",
-                                external_clusters="patients" if ext_clusters is not None else "images",
-                                merged_groups=merged, mapie=_mapie_version(), extraction=extraction,
-                                timings=watch.timings,
-                                seconds=watch.elapsed(), external_overlap_excluded=overlap["excluded"]["n"],
-                                skipped={k: [list(x) for x in v] for k, v in skipped.items()})
             if settings.save or settings.explain:   # explain needs the heads on disk
                 record["saved_models"] = []
-                for f in fitted:
-                    path = save_head(run_dir / f"{f['backbone']}-{f['head']}.joblib", f["saved_model"], class_names,
-                                     [{"backbone": f["backbone"], **extraction[f["backbone"]]}],
-                                     {"trained_on": record["train_fingerprint"], "n_train": len(y), "head": f["head"],
-                                      "seed": settings.seed, "dataset": str(pool.root),
+                for f in result.fitted:
+                    path = save_head(run_dir / f"{f.name}.joblib", f.model, class_names,
+                                     [{"backbone": f.backbone, **record["extraction"][f.backbone]}],
+                                     {"trained_on": record["train_fingerprint"], "n_train": record["n_train"],
+                                      "head": f.head, "seed": settings.seed, "dataset": record["train_root"],
                                       "conformal_alpha": settings.alpha})
                     record["saved_models"].append(str(path))
             if settings.explain:
-                record["explain"] = explain_errors(run_dir, fitted, models, ext_samples, y_ext, class_names, settings)
+                record["explain"] = explain_errors(run_dir, result)
             write_json(run_dir / "record.json", record)
-            write_json(run_dir / "results.json", _json_safe({"kind": "validate", "class_names": class_names,
-                                                             "record": record, "verdict": verdict, "notes": notes,
-                                                             "warnings": warnings, "overlap": overlap,
-                                                             "flagged_subgroups": flagged, "models": models}))
-            write_external_predictions(run_dir / "external_predictions.csv",
-                                       [external.relative(s) for s in ext_samples],
-                                       [s.label for s in ext_samples], subgroup_values, fitted, class_names)
-            write_report(run_dir, models, verdict, notes, class_names, record, settings, warnings=warnings,
-                         overlap=overlap, skipped=skipped)
+            write_json(run_dir / "results.json", _json_safe({
+                "kind": "validate", "class_names": class_names, "record": record, "verdict": result.verdict,
+                "notes": result.notes, "warnings": result.warnings, "overlap": result.overlap,
+                "flagged_subgroups": result.flagged, "models": [m.as_dict() for m in result.models]}))
+            write_external_predictions(run_dir / "external_predictions.csv", result.external_names,
+                                       [s.label for s in result.external_images], result.subgroup_values,
+                                       result.fitted, class_names)
+            write_report(run_dir, result.models, result.verdict, result.notes, class_names, record, settings,
+                         warnings=result.warnings, overlap=result.overlap, skipped=result.skipped)
             if settings.explain:
                 with open(run_dir / "report.md", "a", encoding="utf-8") as handle:
                     handle.write("\n" + explain_section(record["explain"]) + "\n")
     except OSError as exc:
         raise run_folder_error(run_dir, exc) from None
-    return ValidateRun(run_dir, class_names, models, verdict, notes, warnings, overlap, skipped)
+    result.run_dir = run_dir
+    return run_dir
+
+
+def run_validate(settings: ValidateSettings, out_dir: str | Path, run_name: str | None = None) -> ValidateResult:
+    """``evaluate_validate`` then ``write_validate_run``; ``out_dir`` and ``run_name`` are checked first, so a
+    folder that cannot be written fails before any computing, not after it."""
+    writable_folder(out_dir, "--out")
+    if run_name:
+        check_run_name(out_dir, run_name)
+    result = evaluate_validate(settings)
+    write_validate_run(result, out_dir, run_name)
+    return result
 
 
 LINEAR_HEADS = ("logreg", "linsvm")
 """Heads whose heatmaps are exact class activation maps (cheap); others need occlusion (64 passes per image)."""
 
 
-def explain_errors(run_dir: Path, fitted: list[dict[str, Any]], models: list[dict[str, Any]], ext_samples: list,
-                   y_ext: np.ndarray, class_names: list[str], settings: ValidateSettings) -> dict[str, Any]:
+def explain_errors(run_dir: Path, result: ValidateResult) -> dict[str, Any]:
     """``--explain N``: a sheet of the N most confident external errors of one model, with heatmaps, and the
-    mean share of positive evidence in the border region per true class over every external image.
+    mean share of positive evidence in the border region per true class over every external image. Reads the
+    heads saved in ``run_dir``.
 
     The model: the linear head (exact CAM) with the best external accuracy, else the best model (occlusion).
     """
-    accuracy = {(m["backbone"], m["head"]): m["external"]["metrics"]["accuracy"]["value"] for m in models}
-    linear = [f for f in fitted if f["head"] in LINEAR_HEADS]
-    chosen = max(linear or fitted, key=lambda f: accuracy[(f["backbone"], f["head"])])
-    name = f"{chosen['backbone']}+{chosen['head']}"
-    model_path = run_dir / f"{chosen['backbone']}-{chosen['head']}.joblib"
-    extract = settings.extract.with_backbone(chosen["backbone"])
-    proba = chosen["external_proba"]
+    settings, class_names, ext_samples = result.settings, result.class_names, result.external_images
+    y_ext = np.array([class_names.index(s.label) for s in ext_samples])
+    accuracy = {(m.backbone, m.head): m.external["metrics"]["accuracy"]["value"] for m in result.models}
+    linear = [f for f in result.fitted if f.head in LINEAR_HEADS]
+    chosen = max(linear or result.fitted, key=lambda f: accuracy[(f.backbone, f.head)])
+    name = f"{chosen.backbone}+{chosen.head}"
+    model_path = run_dir / f"{chosen.name}.joblib"
+    extract = settings.extract.with_backbone(chosen.backbone)
+    proba = chosen.external_proba
     predicted = proba.argmax(axis=1)
     errors = [i for i in np.argsort(-proba.max(axis=1), kind="stable") if predicted[i] != y_ext[i]]
     shown = errors[:settings.explain]
-    result: dict[str, Any] = {"model": name, "why": "linear head with the best external accuracy (exact CAM)"
-                              if linear else "best external accuracy (no linear head: occlusion)",
-                              "n_errors": len(errors), "shown": []}
+    found: dict[str, Any] = {"model": name, "why": "linear head with the best external accuracy (exact CAM)"
+                             if linear else "best external accuracy (no linear head: occlusion)",
+                             "n_errors": len(errors), "shown": []}
     if shown:
         sheet, explained = explanation_sheet(
             [ext_samples[i].path for i in shown], model_path, run_dir / "explain-errors.png",
             captions=[f"true {class_names[y_ext[i]]}: {Path(ext_samples[i].path).name[:28]}" for i in shown],
             settings=extract)
-        result["sheet"] = sheet.name
-        result["shown"] = [{"path": str(ext_samples[i].path), "true": class_names[y_ext[i]],
-                            "predicted": e.predicted, "probability": round(e.probability, 4),
-                            "border_share": e.shares["border"]} for i, e in zip(shown, explained)]
+        found["sheet"] = sheet.name
+        found["shown"] = [{"path": str(ext_samples[i].path), "true": class_names[y_ext[i]],
+                           "predicted": e.predicted, "probability": round(e.probability, 4),
+                           "border_share": e.shares["border"]} for i, e in zip(shown, explained)]
     explainer = load_explainer(model_path, extract, "auto")
     external = Dataset(Path(os.path.commonpath([str(Path(s.path).parent) for s in ext_samples])),
                        list(ext_samples), list(class_names))
@@ -750,9 +841,9 @@ def explain_errors(run_dir: Path, fitted: list[dict[str, Any]], models: list[dic
     pairs = list(iter_explanations(external, explainer, extract, skipped))
     truth = {s.sha256: class_names[y] for s, y in zip(ext_samples, y_ext)}
     shares = mean_shares([e for e, _ in pairs], [truth[s.sha256] for _, s in pairs])
-    result["method"] = explainer.method
-    result["border_share_by_true_class"] = {k: {"mean": v[0], "n": v[1]} for k, v in shares.items()}
-    return result
+    found["method"] = explainer.method
+    found["border_share_by_true_class"] = {k: {"mean": v[0], "n": v[1]} for k, v in shares.items()}
+    return found
 
 
 def explain_section(info: dict[str, Any]) -> str:
