@@ -87,12 +87,13 @@ def settings_classes() -> dict[str, type]:
     from cxr_transfer.classify.compare import CompareSettings
     from cxr_transfer.extract.engine import EngineSettings
     from cxr_transfer.extract.pipeline import ExtractSettings
+    from cxr_transfer.extract.user_onnx import InputSpec
     from cxr_transfer.finetune.settings import FinetuneSettings
     from cxr_transfer.validation.run import ValidateSettings
 
     return {"backbone": BackboneSettings, "extract": ExtractSettings, "engine": EngineSettings,
-            "compare": CompareSettings, "validate": ValidateSettings, "finetune": FinetuneSettings,
-            "audit": AuditSettings}
+            "onnx": InputSpec, "compare": CompareSettings, "validate": ValidateSettings,
+            "finetune": FinetuneSettings, "audit": AuditSettings}
 
 
 def register_onnx_backbones(backbones: str, *, channels: int = 3, preprocess: str = "none",
@@ -309,8 +310,8 @@ def export_embeddings(data: str | Path, backbone: str = "vgg16", *, out: str | P
     settings = ExtractSettings.from_options(common, **_first_backbone(backbone.strip()), **options)
     registered, names = _with_user_models(settings.common)
     if len(parse_backbone_list(names)) != 1:
-        raise CxrError(f"--backbone: an export holds one backbone, got {backbone!r} instead; "
-                       f"export each backbone to its own --out")
+        raise CxrError(f"`backbone`: an export holds one backbone, got {backbone!r} instead; "
+                       f"export each backbone to its own `out`")
     return export_table(data, out, replace(settings, common=registered), format, overwrite)
 
 

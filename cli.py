@@ -1,27 +1,26 @@
 #!/usr/bin/env python
 """cxr-transfer command line: a command table, flags made from the settings' field metadata, one runner.
 
-Every command (``COMMANDS``: backbones, extract, compare, predict, finetune, report, audit, explain, validate,
-export) calls one function of ``cxr_transfer.api`` and prints its result's ``summary_lines()``. A library error
-that names a parameter (``CxrError.param``) is printed with that parameter's flag. ``python -m cxr_transfer``
-is the same.
+Every command (``COMMANDS``) calls one function of ``cxr_transfer.api`` and prints its result's
+``summary_lines()``; a library error that names a parameter is printed with that parameter's flag.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 from cxr_transfer import api
 from cxr_transfer.core.errors import CxrError, Int8RefusedError
-from cxr_transfer.core.params import INPUT_SIZE, Interval, Options, param_info
+from cxr_transfer.core.params import Interval, Options, param_info
 
-DATA_ENV = "CXR_DATA"
-WEIGHTS_ENV = "CXR_WEIGHTS_DIR"
+DATA_ENV, WEIGHTS_ENV = "CXR_DATA", "CXR_WEIGHTS_DIR"
 SHARED_DATASET = Path("shared") / "data" / "covid19-xray"
 SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample"   # package data, installed with the code
 
@@ -56,6 +55,10 @@ def flag_type(constraint: Interval | Options | None, annotation: str):
                 raise argparse.ArgumentTypeError(str(exc)) from None
         parse.__name__ = "number" if constraint.real else "int"
         return parse
+    if isinstance(constraint, Options) and isinstance(constraint.values[0], int):
+        return int
+    if annotation.startswith("tuple"):
+        return _floats
     return Path if "Path" in annotation and "str" not in annotation.split("|")[0] else str
 
 
@@ -75,40 +78,34 @@ def add_settings_flags(group, cls: type, skip: tuple[str, ...] = (), defaults: d
         names = [flag_name(field)] + ([aliases[field.name]] if field.name in (aliases or {}) else [])
         if field.type in ("bool", bool):   # a flag that turns it on, or --no-NAME when it is on by default
             group.add_argument(*(["--no-" + names[0][2:]] if default else names), dest=field.name,
-                               action="store_false" if default else "store_true", help=info["help"])
+                               action="store_false" if default else "store_true",
+                               help=("turn off: " if default else "") + info["help"])
             continue
         constraint = info["constraint"]
         choices = constraint.values if isinstance(constraint, Options) else None
         shown = f" (default {default})" if default not in (None, "", dataclasses.MISSING) else ""
         group.add_argument(*names, dest=field.name, default=default, choices=choices, help=info["help"] + shown,
-                           type=flag_type(constraint, str(field.type)), metavar=names[0][2:].upper().replace("-", "_"))
+                           type=flag_type(constraint, str(field.type)),
+                           metavar=None if choices else names[0][2:].upper().replace("-", "_"))
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a comma list of numbers, e.g. 0.5 or 0.485,0.456,0.406; got '{text}'")
+def _floats(text: str) -> tuple[float, ...]:   # --mean / --std: a comma list of numbers (argparse says if not)
+    return tuple(float(v) for v in text.split(",") if v.strip())
 
 
 def add_common_flags(parser: argparse.ArgumentParser, classes: dict[str, type], command: Command) -> None:
-    """--data, the model flags (BackboneSettings), the runtime flags and the user ONNX model's flags."""
+    """--data, the model flags (BackboneSettings), the runtime flags and your own ONNX model's input flags (predict
+    and explain: to find a moved ONNX file, and to refuse a size or precision the model was not trained at)."""
     if command.data:
-        parser.add_argument("--data", type=Path, default=None,
-                            help="dataset folder (<class>/ or <split>/<class>/) or CSV; default: $CXR_DATA, else "
-                                 "../shared/data/covid19-xray, else the bundled sample")
-    model = parser.add_argument_group("model and runtime")
+        parser.add_argument("--data", type=Path, help="dataset folder (<class>/ or <split>/<class>/) or CSV; default: "
+                                                      "$CXR_DATA, else ../shared/data/covid19-xray, else the sample")
     skip = ("allow_download",) + (("backbone",) if command.stage in ("compare", "validate") else ())
+    model = parser.add_argument_group("model and runtime")
     add_settings_flags(model, classes["backbone"], skip=skip, aliases={"backbone": "--backbones"},
                        defaults={"precision": None, "input_size": command.input_size})
     if command.batch_size:
         add_settings_flags(model, classes["extract"], defaults={"batch_size": command.batch_size})
-    onnx = parser.add_argument_group("your own ONNX model (--backbone onnx:PATH)")
-    onnx.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image channels the model takes")
-    onnx.add_argument("--preprocess", choices=("caffe", "tf", "torch", "none"), default="none",
-                      help="pixel normalisation (Keras preprocess_input modes; none: raw 0-255)")
-    onnx.add_argument("--mean", type=_floats, default=None, help="per-channel mean in [0, 1] (with --std)")
-    onnx.add_argument("--std", type=_floats, default=None, help="per-channel std in [0, 1] (with --mean)")
+    add_settings_flags(parser.add_argument_group("your own ONNX model (--backbone onnx:PATH)"), classes["onnx"])
 
 
 class Command(NamedTuple):
@@ -143,17 +140,17 @@ COMMANDS: dict[str, Command] = {
                         stage="validate", skip=("external",)),
     "export": Command("export_embeddings", "cached embeddings as Parquet or .npy, readable by pandas, Spark and Ray"),
 }
-MODEL_HELP = "a .joblib head written by compare --save or validate --save, or a finetune run folder"
-OUT_DEFAULTS = {"report": Path("runs") / "side-by-side.md"}
 
 
 def add_command_flags(p: argparse.ArgumentParser, name: str) -> None:
     """The few flags that are not settings fields: positionals, --model, --out of predict/explain/export."""
     if name in ("predict", "explain"):
         p.add_argument("images", type=Path, help="an image file or a folder of images")
-        p.add_argument("--model", type=Path, required=True, help=MODEL_HELP)
+        p.add_argument("--model", type=Path, required=True, help="a .joblib head saved by compare or validate (--save), "
+                                                                 "or a finetune run folder")
     if name in ("predict", "explain", "export", "report"):
-        p.add_argument("--out", type=Path, required=name == "export", default=OUT_DEFAULTS.get(name),
+        p.add_argument("--out", type=Path, required=name == "export",
+                       default=Path("runs") / "side-by-side.md" if name == "report" else None,
                        help="where to write (default: beside the model)" if name != "export" else "file or folder")
     if name in ("explain", "export"):
         p.add_argument("--overwrite", action="store_true", help="replace an earlier run's output in --out")
@@ -177,10 +174,9 @@ def add_command_flags(p: argparse.ArgumentParser, name: str) -> None:
     if name == "report":
         p.add_argument("runs", nargs="+", type=Path, help="finetune and compare run folders")
         p.add_argument("--head", default=None, help="the head beside the fine-tuned models (default: the chosen one)")
-    if name == "backbones":
-        p.add_argument("--weights-dir", default=None, help="default $CXR_WEIGHTS_DIR, else ../shared/weights")
-        p.add_argument("--input-size", type=flag_type(INPUT_SIZE, "int"), default=None)
-        p.add_argument("--cache-dir", type=Path, default=Path("features"), help="also list user ONNX models there")
+    if name == "backbones":   # where weights are found, at which size, and the user ONNX models of a cache
+        add_settings_flags(p, api.BackboneSettings, skip=tuple(f.name for f in dataclasses.fields(api.BackboneSettings)
+                                                               if f.name not in ("weights_dir", "input_size", "cache_dir")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,13 +216,11 @@ def api_arguments(name: str, args: argparse.Namespace) -> tuple[list[Any], dict[
         keywords.update({f.name: values[f.name] for f in fields if f.name in values and f.name not in STAGE_SKIP})
     if command.batch_size:
         keywords["batch_size"] = args.batch_size
-    backbones = values.get("backbones") or args.backbone
-    backbones = api.register_onnx_backbones(backbones, channels=args.channels, preprocess=args.preprocess,
-                                            mean=args.mean, std=args.std, input_size=args.input_size,
-                                            cache_dir=args.cache_dir)
-    keywords["backbones" if "backbones" in values or name == "extract" else "backbone"] = backbones
-    if name in ("predict", "explain"):
-        keywords.pop("backbone")
+    backbones = api.register_onnx_backbones(values.get("backbones") or args.backbone, **{
+        k: values[k] for k in ("channels", "preprocess", "mean", "std", "input_size", "cache_dir")})
+    if command.data:   # predict and explain: the model's own backbone and precision, checked against these
+        keywords["backbones" if "backbones" in values or name == "extract" else "backbone"] = backbones
+    else:
         keywords["precision"] = args.precision
     shared = {f.name: values[f.name] for f in dataclasses.fields(api.BackboneSettings) if f.name in values}
     keywords["common"] = api.BackboneSettings(**{**shared, "backbone": backbones.split(",")[0].strip() or "vgg16",
@@ -252,27 +246,31 @@ def run(name: str, args: argparse.Namespace) -> int:
     try:
         result = getattr(api, command.function)(*positionals, **keywords)
     except Int8RefusedError as exc:   # the other backbones ran: report them, then the refusal (exit 2)
-        for result in exc.results:
-            print("\n".join(result.summary_lines()))
+        print("\n".join(line for result in exc.results for line in result.summary_lines()))
         raise
     if hasattr(result, "summary_lines"):
         print("\n".join(result.summary_lines()))
     else:   # finetune: its run folder
         print(f"run folder: {result} (report.md, results.json, curves.png, confusion.png, model.keras, model.onnx)")
-    pointer = api.audit_pointer(positionals[0]) if command.pointer else None
-    if pointer:
+    if command.pointer and (pointer := api.audit_pointer(positionals[0])):
         print(pointer)
     return getattr(result, "exit_code", 0)
 
 
+FLAGS = {"out_dir": "--out", "run_name": "--name", "weights": "--weights", "n_jobs": "--jobs"}
+
+
 def error_line(exc: CxrError) -> str:
-    """The message with a parameter's name turned into its flag (``folds`` -> ``--folds``, ``n_jobs`` -> ``--jobs``)."""
+    """The message with parameter names as flags: the leading ``param`` (``folds must ...`` -> ``--folds must ...``)
+    and every parameter of an API function or settings field in backticks (`` `run_name` `` -> ``--name``)."""
+    functions = [getattr(api, c.function) for c in COMMANDS.values()] + [api.register_onnx_backbones]
+    flags = {p: "--" + p.replace("_", "-") for f in functions for p in inspect.signature(f).parameters} | FLAGS
+    flags |= {f.name: flag_name(f) for cls in api.settings_classes().values() for f in dataclasses.fields(cls)
+              if param_info(f)}
     text, parameter = str(exc), getattr(exc, "param", None)
     if parameter and text.startswith(parameter):
-        flags = {f.name: flag_name(f) for cls in api.settings_classes().values() for f in dataclasses.fields(cls)
-                 if param_info(f)}
         text = flags.get(parameter, "--" + parameter.replace("_", "-")) + text[len(parameter):]
-    return f"error: {text}"
+    return "error: " + re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flags.get(m[1], m[0]), text)
 
 
 def main(argv: list[str] | None = None) -> int:

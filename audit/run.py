@@ -236,7 +236,7 @@ def _payload(dataset: Dataset, settings: AuditSettings, dup: DuplicateScan, leak
 def run_audit(settings: AuditSettings) -> AuditReport:
     """Run every check on ``settings.data`` and write the report folder (module docstring)."""
     watch = Stopwatch()
-    out_dir = writable_folder(settings.out_dir, "--out") if settings.out_dir else None
+    out_dir = writable_folder(settings.out_dir, "`out`") if settings.out_dir else None
     dataset = load_dataset(settings.data, keep_duplicates=True)   # the audit reports repeated images
     out_dir = out_dir or writable_folder(default_out_dir(dataset, settings.runs_dir), "audit")
     watch.lap("read_dataset")

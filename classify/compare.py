@@ -251,7 +251,7 @@ def _check_selectable(y: np.ndarray, splits: list[Split], folds: int, class_name
             check_splittable(y[split.train_idx], folds, class_names)
         except CxrError as exc:
             raise CxrError(f"choosing a head by {folds}-fold CV inside each training part: {exc}; "
-                           f"name the head with --head or use fewer --select-folds") from None
+                           f"name the head with `head` or use fewer `select_folds`") from None
 
 
 
@@ -269,9 +269,9 @@ def evaluate_compare(settings: CompareSettings) -> CompareResult:
     configs = parse_backbone_list(settings.backbones)
     heads = parse_head_list(settings.heads)
     if settings.head is not None and get_head(settings.head).name not in heads:
-        raise CxrError(f"--head {settings.head} is not among the compared heads ({', '.join(heads)})")
+        raise CxrError(f"`head` {settings.head} is not among the compared heads ({', '.join(heads)})")
     if settings.head is None and len(heads) > 1 and settings.select_folds < 2:
-        raise CxrError(f"--select-folds must be at least 2 to choose a head by inner CV; got "
+        raise CxrError(f"`select_folds` must be at least 2 to choose a head by inner CV; got "
                        f"{settings.select_folds} instead")
     select_folds = settings.select_folds if settings.head is None and len(heads) > 1 else 0
     dataset = load_dataset(settings.data)
@@ -361,7 +361,7 @@ def write_compare_run(result: CompareResult, out_dir: str | Path, run_name: str 
 def run_compare(settings: CompareSettings, out_dir: str | Path, run_name: str | None = None) -> CompareResult:
     """``evaluate_compare`` then ``write_compare_run``; ``out_dir`` and ``run_name`` are checked first, so a
     folder that cannot be written fails before any computing, not after it."""
-    writable_folder(out_dir, "--out")
+    writable_folder(out_dir, "`out`")
     if run_name:
         check_run_name(out_dir, run_name)
     result = evaluate_compare(settings)

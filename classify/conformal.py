@@ -170,7 +170,7 @@ class ConformalHead:
         """Boolean (n, n_classes) sets; ``alpha`` must be the one the model was calibrated for."""
         if not np.isclose(check_alpha(alpha), self.alpha):
             raise CxrError(f"this model's conformal sets are calibrated for alpha {self.alpha:g}, got {alpha:g}; "
-                           f"rerun validate --save --alpha {alpha:g} for another level")
+                           f"rerun validate with `save` and `alpha` {alpha:g} for another level")
         return prediction_sets(self.conformal, X)
 
 
@@ -178,5 +178,5 @@ def conformal_sets_for(model: Any, X: np.ndarray, alpha: float, model_path: Any)
     """``predict --conformal``: the sets of a loaded model, or CxrError when it carries no calibration."""
     if not isinstance(model, ConformalHead):
         raise CxrError(f"{model_path}: this head carries no conformal calibration; save one with "
-                       f"`validate --save --alpha {alpha:g}` (calibrated on its training images only)")
+                       f"validate with `save` and `alpha` {alpha:g} (calibrated on its training images only)")
     return model.predict_sets(X, alpha)

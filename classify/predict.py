@@ -43,11 +43,11 @@ def check_weights(part: dict, settings: ExtractSettings, precision: str | None =
     if source.sha256 != part["weights_sha256"]:
         raise CxrError(f"the model's {config.name} features came from weights with sha256 "
                        f"{part['weights_sha256'][:16]}..., but the weights found here ({source.describe()}) have "
-                       f"{source.sha256[:16]}...; pass the same weights with --weights or --weights-dir")
+                       f"{source.sha256[:16]}...; pass the same weights with `weights` or `weights_dir`")
     trained = part.get("precision", "float32")
     if precision is not None and precision != trained:
-        raise CxrError(f"the model was trained on {trained} {config.name} embeddings; --precision {precision} "
-                       f"would give it other features (leave --precision out, or use {trained})")
+        raise CxrError(f"the model was trained on {trained} {config.name} embeddings; `precision` {precision} "
+                       f"would give it other features (leave `precision` out, or use {trained})")
     check_input_size(settings.input_size, int(part["input_size"]))
     common = replace(settings.common, backbone=config.name, input_size=int(part["input_size"]),
                      weights_file=weights_file, precision=trained)
@@ -59,7 +59,7 @@ def check_input_size(asked: int | None, trained: int) -> None:
     model's own is used)."""
     if asked is not None and int(asked) != trained:
         raise CxrError(f"the model was trained at input_size {trained}; input_size {asked} would give it other "
-                       f"features (leave --input-size out: the model's own is used, or give {trained})")
+                       f"features (leave `input_size` out: the model's own is used, or give {trained})")
 
 
 def _finetuned_probabilities(saved: SavedFinetuned, dataset: Dataset, settings: ExtractSettings):
@@ -86,9 +86,9 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
     """Write a CSV (path, sha256, predicted, one probability column per class, and with ``conformal=ALPHA``
     the prediction set); return it and skipped files."""
     if conformal is not None and finetuned_model_json(model_path) is not None:
-        raise CxrError(f"{model_path}: --conformal needs a head saved by validate --save, not a fine-tuned model")
+        raise CxrError(f"{model_path}: `conformal` needs a head saved by validate `save`, not a fine-tuned model")
     if out_csv is not None:
-        out_csv = writable_file(out_csv, "--out")   # before any computing
+        out_csv = writable_file(out_csv, "`out`")   # before any computing
     saved = load_saved_model(model_path)
     if isinstance(saved, SavedFinetuned):
         dataset = unlabeled_dataset(images, [])

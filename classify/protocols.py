@@ -204,7 +204,7 @@ def resolve_groups(dataset: Dataset, group_by: str | None, merge_duplicates: boo
     if not group_by:
         return None
     if group_by not in GROUP_COLUMNS + (DICOM_GROUP_BY,):
-        raise CxrError(f"--group-by takes one of: {', '.join(GROUP_COLUMNS + (DICOM_GROUP_BY,))}; got '{group_by}'")
+        raise CxrError(f"`group_by` takes one of: {', '.join(GROUP_COLUMNS + (DICOM_GROUP_BY,))}; got '{group_by}'")
     if not dataset.has_groups:
         raise CxrError(f"{dataset.root}: no '{group_by}' column (add a manifest.csv with path,patient_id "
                        f"beside the class folders, or a group column to the dataset CSV)")
@@ -219,7 +219,7 @@ def resolve_groups(dataset: Dataset, group_by: str | None, merge_duplicates: boo
                        f"by it")
     if group_by == DICOM_GROUP_BY and not all(g.startswith(DICOM_GROUP_PREFIX) for g in dataset.groups):
         raise CxrError(f"{dataset.root}: the groups come from a manifest or CSV, not from DICOM headers; "
-                       f"use --group-by patient_id")
+                       f"use `group_by` patient_id")
     if merge_duplicates:
         from cxr_transfer.classify.duplicate_groups import duplicate_aware_groups
 

@@ -81,5 +81,5 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
 def run_folder_error(run_dir: Path, exc: OSError) -> CxrError:
     """The one message for a run folder that could not be written (``core.outputs.run_in_progress`` has
     removed it): a full disk under --out, or why the folder refused the write."""
-    return cannot_write_error(Path(run_dir).parent, exc, "output folder", flag="--out",
+    return cannot_write_error(Path(run_dir).parent, exc, "output folder", flag="`out_dir`",
                               kept=f"the unfinished run folder {Path(run_dir).name} is removed")

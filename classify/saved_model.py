@@ -85,7 +85,7 @@ def read_head_info(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CxrError(f"{path}: no such model file")
     if not sidecar.is_file():
-        raise CxrError(f"{path}: no {sidecar.name} beside it; only heads saved by cxr-transfer (compare --save) "
+        raise CxrError(f"{path}: no {sidecar.name} beside it; only heads saved by cxr-transfer (compare `save`) "
                        f"are loaded, since loading a joblib file runs code")
     try:
         info = json.loads(sidecar.read_text(encoding="utf-8"))
@@ -96,7 +96,7 @@ def read_head_info(path: str | Path) -> dict[str, Any]:
         raise CxrError(f"{sidecar}: not a cxr-transfer head description (format {found!r})")
     problem = _sidecar_problem(info, info["format"])
     if problem:
-        raise CxrError(f"{sidecar}: malformed head description: {problem}; save the head again with compare --save")
+        raise CxrError(f"{sidecar}: malformed head description: {problem}; save the head again with compare `save`")
     return info
 
 

@@ -140,7 +140,7 @@ def is_no_space(exc: BaseException) -> bool:
 
 
 def no_space_error(folder: Path, needed: int, writing: str = "the cache", kept: str = "cached rows are kept",
-                   flag: str = "--cache-dir") -> CxrError:
+                   flag: str = "`cache_dir`") -> CxrError:
     """The one message for a full disk: the folder, the space needed and what is free; ``writing`` (what was
     written), ``kept`` (what stays) and ``flag`` (the option naming the folder) default to the feature cache."""
     try:
@@ -153,11 +153,11 @@ def no_space_error(folder: Path, needed: int, writing: str = "the cache", kept: 
 
 
 def cannot_write_error(folder: Path, exc: OSError, what: str = "cache folder", needed: int = 1 << 20,
-                       flag: str = "--cache-dir", kept: str | None = None) -> CxrError:
+                       flag: str = "`cache_dir`", kept: str | None = None) -> CxrError:
     """The one message for a failed write under --cache-dir (or the folder option ``flag``): a full disk (with
     the space needed and, in ``kept``, what stays), or why the folder refused it."""
     if is_no_space(exc):
-        if flag == "--cache-dir" and kept is None:
+        if flag == "`cache_dir`" and kept is None:
             return no_space_error(folder, needed)
         return no_space_error(folder, needed, f"the {what}", kept or "nothing was written", flag)
     return CxrError(f"{flag}: cannot write to the {what} {folder} ({exc.strerror or exc}); "

@@ -81,13 +81,13 @@ def check_run_name(out_dir: str | Path, name: str) -> Path:
     _check_name(name)
     path = Path(out_dir).expanduser() / name
     if path.exists() and not path.is_dir():
-        raise CxrError(f"{path}: exists and is a file; give another --name")
+        raise CxrError(f"{path}: exists and is a file; give another `run_name`")
     if path.is_dir() and (path / IN_PROGRESS_MARKER).is_file():
         _empty_interrupted_run(path)
     if path.is_dir() and any(path.iterdir()):
         finished = [m for m in FINISHED_MARKERS if (path / m).is_file()]
         held = f"a finished run ({finished[0]})" if finished else "files of another run"
-        raise CxrError(f"{path} already holds {held}; give another --name or remove the folder")
+        raise CxrError(f"{path} already holds {held}; give another `run_name` or remove the folder")
     return path
 
 
@@ -110,10 +110,10 @@ def _empty_interrupted_run(path: Path) -> None:
             pid = ""
         holder = f"pid {pid}" if pid.isdigit() else "another process"
         raise CxrError(f"{path}: a run is still writing this folder ({holder}); wait for it to finish or give "
-                       f"another --name") from None
+                       f"another `run_name`") from None
     except OSError as exc:
         raise CxrError(f"{path}: cannot remove the files of the interrupted run there ({_reason(exc)}); "
-                       f"remove the folder or give another --name") from None
+                       f"remove the folder or give another `run_name`") from None
     log.warning("%s: removed the files of an interrupted run (its %s was still there); the name is used again",
                 path, IN_PROGRESS_MARKER)
 

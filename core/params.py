@@ -100,23 +100,25 @@ class Interval:
 
 @dataclass(frozen=True)
 class Options:
-    """One of a fixed set of strings; a near miss is named ('did you mean ...')."""
+    """One of a fixed set of strings (or whole numbers); a near miss is named ('did you mean ...')."""
 
-    values: tuple[str, ...]
+    values: tuple[str, ...] | tuple[int, ...]
 
     def accepts_type(self, value: object) -> bool:
-        return isinstance(value, str)
+        if isinstance(self.values[0], str):
+            return isinstance(value, str)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
-    def problem(self, value: str) -> str | None:
+    def problem(self, value: str | int) -> str | None:
         if value in self.values:
             return None
-        close = difflib.get_close_matches(str(value), self.values, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"must be one of {', '.join(self.values)}, got {value!r} instead{hint}"
+        close = difflib.get_close_matches(str(value), [str(v) for v in self.values], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close and isinstance(value, str) else ""
+        return f"must be one of {', '.join(map(str, self.values))}, got {value!r} instead{hint}"
 
     @property
     def kind(self) -> str:
-        return "a str"
+        return "a str" if isinstance(self.values[0], str) else "an int"
 
 
 Constraint = Interval | Options

@@ -75,11 +75,11 @@ def _head_explainer(saved: SavedHead, settings: ExtractSettings, method: str,
     no_cam = _why_no_exact_cam(parts[0]) if scores is not None else None
     if no_cam:   # auto: occlusion, through the model the head's embeddings came from
         if method == "cam":
-            raise CxrError(f"{model_path}: no exact class activation map for a head {no_cam}; use --method occlusion")
+            raise CxrError(f"{model_path}: no exact class activation map for a head {no_cam}; use `method` occlusion")
         scores = None
     if method == "cam" and scores is None:
         raise CxrError(f"{model_path}: no exact class activation map for this head (it is not linear on one "
-                       f"backbone's pooled features); use --method occlusion")
+                       f"backbone's pooled features); use `method` occlusion")
     if method == "gradcam":
         raise CxrError(f"{model_path}: Grad-CAM is for fine-tuned models; a saved head takes cam or occlusion")
     if method in ("auto", "cam") and scores is not None:

@@ -189,9 +189,9 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
         if earlier:
             raise CxrError(f"{out}: the output folder already holds an explain run ({CSV_NAME} and "
                            f"{len(earlier) - 1} PNGs); give another output folder, or overwrite=True "
-                           f"(--overwrite) to replace that run")
+                           f"(`overwrite`) to replace that run")
         raise CxrError(f"{out}: the output folder is not empty ({len(entries)} entries, no {CSV_NAME}); give an "
-                       f"empty or new folder, or overwrite=True (--overwrite) to write beside them")
+                       f"empty or new folder, or overwrite=True (`overwrite`) to write beside them")
     for path in earlier:
         path.unlink(missing_ok=True)
     return out

@@ -171,7 +171,7 @@ class FeatureCache:
                     value = value.item() if hasattr(value, "item") else value
                     if str(value) != str(expected):
                         raise CxrError(f"{self.path} holds features with {key}={value}, not {expected}: "
-                                       f"refusing to mix them; delete the file or use another --cache-dir")
+                                       f"refusing to mix them; delete the file or use another `cache_dir`")
                 check_file(handle)
                 shas = _shas(handle["sha256"])
         except CxrError:

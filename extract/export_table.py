@@ -71,18 +71,18 @@ class ExportResult:
 def check_destination(out: str | Path, format: str, overwrite: bool = False) -> Path:
     """``out`` as a Path once it is a place this export may write; CxrError (one line) otherwise."""
     if format not in EXPORT_FORMATS:
-        raise CxrError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r} instead")
+        raise CxrError(f"`format` must be one of {', '.join(EXPORT_FORMATS)}, got {format!r} instead")
     out = Path(out).expanduser()
     parent = out.parent
     if not parent.is_dir():
         what = "is a file, not a folder" if parent.exists() else "does not exist"
-        raise CxrError(f"--out: the folder {parent} {what}; create it first or give another --out")
-    writable_folder(parent, "--out")
+        raise CxrError(f"`out`: the folder {parent} {what}; create it first or give another `out`")
+    writable_folder(parent, "`out`")
     if out.exists() or out.is_symlink():
         if not overwrite:
-            raise CxrError(f"--out: {out} already exists; give a new name, or --overwrite to replace it")
+            raise CxrError(f"`out`: {out} already exists; give a new name, or `overwrite` to replace it")
         if format == "parquet" and out.is_dir():
-            raise CxrError(f"--out: {out} is a folder; a Parquet export is one file, give a file name")
+            raise CxrError(f"`out`: {out} is a folder; a Parquet export is one file, give a file name")
         if format == "npy":
             _check_replaceable_folder(out)
     return out
@@ -90,11 +90,11 @@ def check_destination(out: str | Path, format: str, overwrite: bool = False) -> 
 
 def _check_replaceable_folder(out: Path) -> None:
     if not out.is_dir() or out.is_symlink():
-        raise CxrError(f"--out: {out} is not a folder; an npy export is a folder, give a folder name")
+        raise CxrError(f"`out`: {out} is not a folder; an npy export is a folder, give a folder name")
     others = sorted(p.name for p in out.iterdir() if p.name not in NPY_FILES)
     if others:
-        raise CxrError(f"--out: {out} holds files other than an npy export's ({', '.join(others[:3])}"
-                       f"{' ...' if len(others) > 3 else ''}); refusing to replace it, give another --out")
+        raise CxrError(f"`out`: {out} holds files other than an npy export's ({', '.join(others[:3])}"
+                       f"{' ...' if len(others) > 3 else ''}); refusing to replace it, give another `out`")
 
 
 def export_metadata(features: FeatureSet, result: ExtractResult) -> dict[str, str]:
@@ -193,7 +193,7 @@ def _make_room(out: Path, overwrite: bool, folder: bool) -> Path | None:
     embeddings were computed (unless ``overwrite``); move an earlier npy folder aside (a folder is renamed only
     onto an empty one) and return where it went, for removal once the new folder is in place."""
     if (out.exists() or out.is_symlink()) and not overwrite:
-        raise CxrError(f"--out: {out} already exists; give a new name, or --overwrite to replace it")
+        raise CxrError(f"`out`: {out} already exists; give a new name, or `overwrite` to replace it")
     if not folder or not out.is_dir():
         return None
     _check_replaceable_folder(out)
@@ -215,5 +215,5 @@ def _write_error(exc: OSError, out: Path, needed: int) -> CxrError:
     if is_no_space(exc) or 0 <= free < needed:
         free_text = f", {free / 2**20:.1f} MB free" if free >= 0 else ""
         return CxrError(f"no space left in {out.parent}: the export needs about {needed / 2**20:.1f} MB"
-                        f"{free_text}; nothing was written: free some space or give another --out")
-    return CxrError(f"--out: cannot write {out} ({exc.strerror or exc}); give a writable place with --out")
+                        f"{free_text}; nothing was written: free some space or give another `out`")
+    return CxrError(f"`out`: cannot write {out} ({exc.strerror or exc}); give a writable place with `out`")

@@ -251,8 +251,8 @@ def get_onnx_backbone(config: BackboneConfig, input_size: int, source: WeightsSo
         if is_no_space(exc):
             raise no_space_error(target.parent, 4 * config.feature_dim * 1024 + (1 << 20)) from None
         if isinstance(exc, (PermissionError, FileExistsError, NotADirectoryError)) or exc.errno == errno.EROFS:
-            raise CxrError(f"--cache-dir: cannot write the ONNX export to {target.parent} "
-                           f"({exc.strerror or exc}); give a writable folder with --cache-dir") from None
+            raise CxrError(f"`cache_dir`: cannot write the ONNX export to {target.parent} "
+                           f"({exc.strerror or exc}); give a writable folder with `cache_dir`") from None
         raise
 
 

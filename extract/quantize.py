@@ -86,7 +86,7 @@ def choose_calibration(samples: Sequence[Sample], size: int) -> CalibrationSet:
     The first ``min(16, max(2, n // 4))`` are held back for the fidelity check, the next ``size`` calibrate.
     """
     if size < 1:
-        raise CxrError(f"--calibration-size must be at least 1, got {size}")
+        raise CxrError(f"`calibration_size` must be at least 1, got {size}")
     unique = {s.sha256: s for s in samples}
     pool = [s for s in unique.values() if s.split == "train"] or list(unique.values())
     pool.sort(key=lambda s: s.sha256)
@@ -243,7 +243,7 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
         return found
     if calibration is None:
         raise CxrError(f"the int8 model {path.name} (calibration {digest[:12]}) is not in {path.parent}; "
-                       f"extract the dataset it was calibrated on with --precision int8 into this --cache-dir first")
+                       f"extract the dataset it was calibrated on with `precision` int8 into this `cache_dir` first")
     # quantization writes a prepared float32 copy and its shape-inferred twin (in a work folder beside the model),
     # then the int8 model (about a quarter of the float32 size)
     needed = 2 * backbone.path.stat().st_size + backbone.path.stat().st_size // 4
@@ -280,7 +280,7 @@ def _quantize_gated(backbone: OnnxBackbone, calibration: CalibrationSet, path: P
         if not np.all(np.isfinite(cosines)) or cosines.min() < FIDELITY_MIN_COSINE:
             raise Int8RefusedError(f"int8 {backbone.config.name} refused: its embeddings of {len(cosines)} "
                                    f"held-back images have a min cosine of {cosines.min():.4f} to float32, below "
-                                   f"{FIDELITY_MIN_COSINE}; use --precision float32")
+                                   f"{FIDELITY_MIN_COSINE}; use `precision` float32")
     try:
         _write_sidecar(path, backbone, calibration, done, fidelity, len(calib_images), started)
     except BaseException:        # a full disk or Ctrl-C: no model without its sidecar (this run holds the lock)

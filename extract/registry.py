@@ -200,7 +200,7 @@ def parse_backbone_list(spec: str) -> list[BackboneConfig]:
     ``split_backbone_spec``)."""
     names = list(BACKBONES) if spec.strip().lower() == "all" else split_backbone_spec(spec)
     if not names:
-        raise CxrError("no backbone given (e.g. --backbone vgg16 or --backbone vgg16,xception)")
+        raise CxrError("no backbone given (e.g. `backbone` vgg16 or `backbone` vgg16,xception)")
     configs = []
     for name in names:
         config = get_backbone(name)

@@ -41,6 +41,7 @@ from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
 from cxr_transfer.core.io import atomic_path, remove_leftovers
 from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
+from cxr_transfer.core.params import Options, check_params, param
 from cxr_transfer.core.record import now_iso, write_json
 from cxr_transfer.core.settings import DEFAULT_CACHE_DIR
 from cxr_transfer.extract.onnx_export import OnnxBackbone, verified_cache
@@ -74,23 +75,22 @@ _MODES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 class InputSpec:
     """How pixels are fed to the model: channels, preprocessing mode, or explicit mean/std ([0, 1] scale)."""
 
-    channels: int = 3
-    preprocess: str = "none"
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
+    channels: int = param(3, Options((1, 3)), "image channels the model takes")
+    preprocess: str = param("none", Options(PREPROCESS_MODES),
+                            "pixel normalisation (Keras preprocess_input modes; none: raw 0-255)")
+    mean: tuple[float, ...] | None = param(None, help="per-channel mean in [0, 1] (with std)")
+    std: tuple[float, ...] | None = param(None, help="per-channel std in [0, 1] (with mean)")
 
     def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
-            raise CxrError(f"--channels takes 1 or 3; got {self.channels} instead")
-        if self.preprocess not in PREPROCESS_MODES:
-            raise CxrError(f"--preprocess takes one of {', '.join(PREPROCESS_MODES)}; got '{self.preprocess}' instead")
+        check_params(self)
         if (self.mean is None) != (self.std is None):
-            raise CxrError("give --mean and --std together")
+            raise CxrError("give `mean` and `std` together")
         for name, values in (("mean", self.mean), ("std", self.std)):
             if values is not None and len(values) not in (1, self.channels):
-                raise CxrError(f"--{name} takes 1 or {self.channels} values (one per channel); got {len(values)}")
+                raise CxrError(f"{name} takes 1 or {self.channels} values (one per channel); got {len(values)}",
+                               param=name)
         if self.std is not None and any(v <= 0 for v in self.std):
-            raise CxrError(f"--std values must be > 0; got {','.join(map(str, self.std))}")
+            raise CxrError(f"`std` values must be > 0; got {','.join(map(str, self.std))}")
 
     @property
     def tag(self) -> str:
@@ -145,7 +145,7 @@ class UserOnnxConfig(BackboneConfig):
     def input_size(self, override: int | None = None) -> int:
         if self.fixed_size is not None and override is not None and override != self.fixed_size:
             raise CxrError(f"{self.source_path}: the model's input is {self.fixed_size}x{self.fixed_size}; got "
-                           f"--input-size {override} instead")
+                           f"`input_size` {override} instead")
         return self.fixed_size or override or self.default_input_size
 
     def onnx_backbone(self, input_size: int | None) -> OnnxBackbone:
@@ -170,7 +170,7 @@ def _layout(dims: list[int | None], channels: int, path: Path) -> str:
         return "NHWC"
     if dims[1] is None and dims[3] is None:
         return "NCHW"
-    raise CxrError(f"{path}: the model's input shape {dims} has no channel axis of size {channels} (--channels)")
+    raise CxrError(f"{path}: the model's input shape {dims} has no channel axis of size {channels} (`channels`)")
 
 
 def _fixed_size(dims: list[int | None], layout: str, path: Path) -> int | None:
@@ -326,8 +326,8 @@ def _wrapped_info(path: Path, sha: str, name: str, spec: InputSpec, input_size: 
             remove_leftovers(sidecar)
             return _wrap_and_record(path, sha, name, spec, input_size, target)
     except OSError as exc:
-        raise CxrError(f"--cache-dir: cannot write the wrapped ONNX model to {target.parent} "
-                       f"({exc.strerror or exc}); give a writable folder with --cache-dir") from None
+        raise CxrError(f"`cache_dir`: cannot write the wrapped ONNX model to {target.parent} "
+                       f"({exc.strerror or exc}); give a writable folder with `cache_dir`") from None
 
 
 def _wrap_and_record(path: Path, sha: str, name: str, spec: InputSpec, input_size: int | None,
@@ -341,7 +341,7 @@ def _wrap_and_record(path: Path, sha: str, name: str, spec: InputSpec, input_siz
         facts = _wrap(path, spec, tmp, input_size)
         fixed = facts["fixed_size"]
         if fixed is not None and input_size is not None and input_size != fixed:
-            raise CxrError(f"{path}: the model's input is {fixed}x{fixed}; got --input-size {input_size} instead")
+            raise CxrError(f"{path}: the model's input is {fixed}x{fixed}; got `input_size` {input_size} instead")
         check_size = fixed or input_size or DEFAULT_SIZE
         dim = _check_forward(path, tmp, check_size)
     info = {"kind": "user-onnx", "name": name, "source": str(path), "source_sha256": sha,
@@ -499,8 +499,8 @@ def backbone_for_saved(part: dict, cache_dir: str | Path = DEFAULT_CACHE_DIR) ->
     sha = str(part.get("weights_sha256", ""))
     if not isinstance(record, dict):
         raise CxrError(f"{name} is a user ONNX model and the head's description does not say which file (saved "
-                       f"before cxr-transfer recorded it): pass the file with sha256 {sha} with --backbone "
-                       f"onnx:PATH and the --channels/--preprocess/--mean/--std/--input-size it was trained with")
+                       f"before cxr-transfer recorded it): pass the file with sha256 {sha} with `backbone` "
+                       f"onnx:PATH and the `channels`/`preprocess`/`mean`/`std`/`input_size` it was trained with")
     try:
         spec = InputSpec(int(record["channels"]), str(record["preprocess"]), _floats(record["mean"]),
                          _floats(record["std"]))
@@ -522,4 +522,4 @@ def backbone_for_saved(part: dict, cache_dir: str | Path = DEFAULT_CACHE_DIR) ->
         return _register(source.resolve(), sha, spec, size, cache_dir)
     problem = "is missing" if now is None else f"has changed since (its sha256 is now {now[:16]}...)"
     raise CxrError(f"the head was trained on the ONNX model {source}, which {problem}; pass the file with sha256 "
-                   f"{sha} with --backbone onnx:PATH")
+                   f"{sha} with `backbone` onnx:PATH")

@@ -58,10 +58,10 @@ def _candidates(config: BackboneConfig, directory: Path) -> list[Path]:
 
 
 def _missing_message(config: BackboneConfig, weights_dir: Path | None) -> str:
-    where = f"{weights_dir}" if weights_dir else f"a folder you pass as --weights-dir (or ${WEIGHTS_DIR_ENV})"
+    where = f"{weights_dir}" if weights_dir else f"a folder you pass as `weights_dir` (or ${WEIGHTS_DIR_ENV})"
     return (f"no weights for {config.name} and they cannot be downloaded here: put the headless Keras weights file "
             f"{config.name}_imagenet_notop.weights.h5 (or Keras' {config.keras_weights_file}) in {where}, "
-            f"or pass --weights FILE, or place Keras' file in {keras_cache_dir()}")
+            f"or pass `weights` FILE, or place Keras' file in {keras_cache_dir()}")
 
 
 def _download_imagenet(config: BackboneConfig, weights_dir: Path | None) -> Path:

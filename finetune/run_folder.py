@@ -48,8 +48,8 @@ def make_run_dir(settings: FinetuneSettings, size: int) -> Path:
         except (ValueError, AttributeError):
             finished = True   # an unreadable status is no proof the run there can be overwritten
         if finished:
-            raise CxrError(f"{run_dir} already holds a finished run; give another --run-dir")
-    writable_folder(run_dir, "--run-dir")
+            raise CxrError(f"{run_dir} already holds a finished run; give another `run_dir`")
+    writable_folder(run_dir, "`run_dir`")
     return run_dir
 
 

@@ -202,7 +202,7 @@ def test_refusals_are_one_line_before_any_computing(exported, data: Path, tmp_pa
 def test_unwritable_destination_is_refused(exported, data: Path, cache: Path, tmp_path: Path, read_only):
     locked = tmp_path / "locked"
     locked.mkdir()
-    with read_only(locked), pytest.raises(CxrError, match=r"locked: the --out folder is not writable \("):
+    with read_only(locked), pytest.raises(CxrError, match=r"locked: the `out` folder is not writable \("):
         cxr_transfer.export_embeddings(data, "mobilenetv2", out=locked / "e.parquet", cache_dir=cache, **TINY)
 
 

@@ -74,7 +74,7 @@ def test_a_changed_int8_file_is_quantized_again(data: Path, tmp_path: Path):
 
 def test_fidelity_gate_refuses_with_one_line(data: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setattr(quantize, "FIDELITY_MIN_COSINE", 1.000001)
-    with pytest.raises(CxrError, match=r"int8 vgg16 refused: .* min cosine of .* use --precision float32"):
+    with pytest.raises(CxrError, match=r"int8 vgg16 refused: .* min cosine of .* use `precision` float32"):
         extract_features(load_dataset(data), settings(tmp_path, precision="int8", calibration_size=8))
     assert not list(tmp_path.glob("onnx/*int8*"))          # neither the model nor its .tmp
 
@@ -191,7 +191,7 @@ def test_a_refused_backbone_does_not_stop_the_others(data: Path, cache: Path, mo
     def refuse_vgg19(backbone, *args, **kwargs):
         if backbone.config.name == "vgg19":
             raise Int8RefusedError("int8 vgg19 refused: its embeddings of 6 held-back images have a min cosine of "
-                                   "0.5000 to float32, below 0.99; use --precision float32")
+                                   "0.5000 to float32, below 0.99; use `precision` float32")
         return real(backbone, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "get_int8_backbone", refuse_vgg19)

@@ -77,7 +77,7 @@ def test_full_out_disk_is_one_error_leaves_nothing_and_frees_the_name(data, extr
     out = tmp_path / "runs"
     make, run = (_validate, run_validate) if command == "validate" else (_compare, run_compare)
     fault(monkeypatch)
-    with pytest.raises(CxrError, match=rf"^no space left in {out}: .*free some space \(or use another --out\)"
+    with pytest.raises(CxrError, match=rf"^no space left in {out}: .*free some space \(or use another `out_dir`\)"
                        ) as caught:
         run(make(data, extract, save=True), out, "f1")
     assert "\n" not in str(caught.value)
@@ -140,5 +140,5 @@ def test_finished_run_is_still_refused(tmp_path):
     done = tmp_path / "runs" / "done"
     done.mkdir(parents=True)
     (done / "results.json").write_text("{}")
-    with pytest.raises(CxrError, match=r"already holds a finished run \(results\.json\); give another --name"):
+    with pytest.raises(CxrError, match=r"already holds a finished run \(results\.json\); give another `run_name`"):
         outputs.check_run_name(tmp_path / "runs", "done")

@@ -90,9 +90,9 @@ def test_mean_std_and_caffe_inputs():
     assert InputSpec(3, mean=(0.5,), std=(0.25,)).constants()[1].tolist() == [127.5] * 3
     matrix, mean, _ = InputSpec(3, "caffe").constants()
     assert matrix[0, 2] == 1 and mean[0] == pytest.approx(103.939)   # R goes to the third (BGR) channel
-    with pytest.raises(CxrError, match="--mean and --std together"):
+    with pytest.raises(CxrError, match="`mean` and `std` together"):
         InputSpec(3, mean=(0.5,))
-    with pytest.raises(CxrError, match="--channels takes 1 or 3"):
+    with pytest.raises(CxrError, match="channels must be one of 1, 3"):
         InputSpec(2)
 
 

@@ -278,7 +278,7 @@ def test_validate_refusals(pair, cache_dir, tmp_path):
                                            progress=False, cache_dir=cache_dir)
     with pytest.raises(CxrError, match="no such file or folder"):
         evaluate_validate(ValidateSettings(data=train, external=tmp_path / "nowhere", extract=extract))
-    with pytest.raises(CxrError, match="--calibrate takes"):
+    with pytest.raises(CxrError, match="calibrate must be one of sigmoid, isotonic"):
         ValidateSettings(data=train, external=ext, calibrate="platt")
     other = write_class_tree(tmp_path / "other", classes=("covid", "tuberculosis"), per_class=2)
     with pytest.raises(CxrError, match="tuberculosis are not among TRAIN's classes"):

@@ -791,7 +791,7 @@ def write_validate_run(result: ValidateResult, out_dir: str | Path, run_name: st
 def run_validate(settings: ValidateSettings, out_dir: str | Path, run_name: str | None = None) -> ValidateResult:
     """``evaluate_validate`` then ``write_validate_run``; ``out_dir`` and ``run_name`` are checked first, so a
     folder that cannot be written fails before any computing, not after it."""
-    writable_folder(out_dir, "--out")
+    writable_folder(out_dir, "`out`")
     if run_name:
         check_run_name(out_dir, run_name)
     result = evaluate_validate(settings)
