@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cxr_transfer.core.errors import CxrError, Int8RefusedError
 from cxr_transfer.extract.dataset import Dataset, load_dataset
-from cxr_transfer.extract.engine import engine_session
+from cxr_transfer.extract.engine_ray import engine_session
 from cxr_transfer.extract.pipeline import (
     ExtractResult,
     ExtractSettings,

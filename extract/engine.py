@@ -11,18 +11,19 @@ so both engines write the same rows and embeddings (docs/distributed.md).
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cxr_transfer.core.params import COUNT, Interval, Options, check_params, param
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.extract.runtime import default_threads
 
 if TYPE_CHECKING:
     from cxr_transfer.extract.dataset import Sample
 
 ENGINES = ("local", "ray")
+RAY_INSTALL = 'pip install "cxr-transfer[distributed]"'
 RETRIES = Interval(0)
 
 
@@ -50,6 +51,11 @@ class EngineSettings:
     def is_ray(self) -> bool:
         return self.name == "ray"
 
+    @property
+    def ray_address(self) -> str:
+        """address, else $RAY_ADDRESS, else "local": a new instance (never a cluster found by chance)."""
+        return self.address or os.environ.get("RAY_ADDRESS") or "local"
+
     def record(self) -> dict[str, object]:
         """JSON-ready form for run records and cache attributes."""
         if not self.is_ray:
@@ -75,21 +81,30 @@ def check_engine(settings: EngineSettings) -> None:
     """Fail at once, before any export or computing, when the engine cannot run here (Ray not installed, more
     workers than a local instance has cores)."""
     if settings.is_ray:
-        from cxr_transfer.extract.engine_ray import check_local_fit, require_ray
-
         require_ray()
         check_local_fit(settings)
 
 
-@contextlib.contextmanager
-def engine_session(settings: EngineSettings) -> Iterator[None]:
-    """Share one Ray connection (or local instance) between the extractions run inside this block, e.g. the
-    backbones of one ``extract`` command; nothing for the local engine. Ray starts only when a shard runs."""
-    check_engine(settings)
-    if not settings.is_ray:
-        yield
-        return
-    from cxr_transfer.extract.engine_ray import ray_session
+def require_ray() -> None:
+    """Raise the one-line CxrError that says how to install Ray when it is missing."""
+    try:
+        import ray   # deferred: Ray is an optional extra, imported only for the Ray engine
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise CxrError(f"--engine ray needs Ray, which is not installed: {RAY_INSTALL}") from None
 
-    with ray_session():
-        yield
+
+def check_local_fit(settings: EngineSettings) -> None:
+    """A local instance (no address) gets this machine's cores: more workers x threads than that is refused
+    in one line, before Ray starts (a cluster's CPUs are checked once connected, ``engine_ray._pool_size``)."""
+    import ray   # deferred: Ray is an optional extra, imported only for the Ray engine
+
+    if settings.ray_address != "local" or ray.is_initialized():   # connected already: _pool_size checks
+        return
+    cores, threads = default_threads(), settings.threads_per_worker
+    need = (settings.workers or 1) * threads
+    if need > cores:
+        asked = f"--workers {settings.workers} x " if settings.workers else ""
+        raise CxrError(f"{asked}--threads-per-worker {threads} needs {need} CPUs, but this machine has {cores} "
+                       f"for a local Ray instance; give fewer workers or threads, or --address a Ray cluster "
+                       f"(docs/distributed.md)")

@@ -21,7 +21,7 @@ Faults:
 - Ctrl-C: the dataset's execution stops, a Ray instance this process started is shut down (a cluster ends the
   actors of a driver that disconnects), finished shards stay.
 
-Ray is imported only here, and only when this engine runs. ``$CXR_RAY_TEST_FAULT`` is a test hook (see
+Ray is imported only here and by ``engine.check_engine``, and only when this engine runs. ``$CXR_RAY_TEST_FAULT`` is a test hook (see
 ``_test_fault``).
 """
 from __future__ import annotations
@@ -44,7 +44,8 @@ from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file, sha256_strings
 from cxr_transfer.extract.cache import write_part
 from cxr_transfer.extract.dataset import Sample
-from cxr_transfer.extract.engine import Computed, EngineSettings
+from cxr_transfer.extract.engine import Computed, EngineSettings, check_engine, check_local_fit, require_ray
+from cxr_transfer.extract.runtime import OnnxEmbedder, default_threads, embed_batches
 
 if TYPE_CHECKING:
     from cxr_transfer.extract.cache import FeatureCache
@@ -54,22 +55,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RAY_INSTALL = 'pip install "cxr-transfer[distributed]"'
 LOCAL_OBJECT_STORE_BYTES = 256 << 20
 """Object store of a local instance: only file names and small summaries travel through it."""
 FAULT_ENV = "CXR_RAY_TEST_FAULT"
 CONNECT_TIMEOUT_S = 10.0
 """Seconds to wait for a host:port address to accept a connection before Ray is asked to connect."""
 BACKEND_LOG_ENV = "RAY_BACKEND_LOG_LEVEL"
-
-
-def require_ray() -> None:
-    """Raise the one-line CxrError that says how to install Ray when it is missing."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise CxrError(f"--engine ray needs Ray, which is not installed: {RAY_INSTALL}") from None
 
 
 # ---------------------------------------------------------------------------------------------- connection
@@ -94,27 +85,16 @@ def ray_session() -> Iterator[None]:
             ray.shutdown()
 
 
-def _address(settings: EngineSettings) -> str:
-    """--address, else $RAY_ADDRESS, else "local": a new instance (never a cluster found by chance)."""
-    return settings.address or os.environ.get("RAY_ADDRESS") or "local"
-
-
-def check_local_fit(settings: EngineSettings) -> None:
-    """A local instance (no address) gets this machine's cores: more workers x threads than that is refused
-    in one line, before Ray starts (a cluster's CPUs are checked once connected, ``_pool_size``)."""
-    import ray
-
-    from cxr_transfer.extract.runtime import default_threads
-
-    if _address(settings) != "local" or ray.is_initialized():   # connected already: _pool_size checks
+@contextlib.contextmanager
+def engine_session(settings: EngineSettings) -> Iterator[None]:
+    """Share one Ray connection (or local instance) between the extractions run inside this block, e.g. the
+    backbones of one ``extract`` command; nothing for the local engine. Ray starts only when a shard runs."""
+    check_engine(settings)
+    if not settings.is_ray:
+        yield
         return
-    cores, threads = default_threads(), settings.threads_per_worker
-    need = (settings.workers or 1) * threads
-    if need > cores:
-        asked = f"--workers {settings.workers} x " if settings.workers else ""
-        raise CxrError(f"{asked}--threads-per-worker {threads} needs {need} CPUs, but this machine has {cores} "
-                       f"for a local Ray instance; give fewer workers or threads, or --address a Ray cluster "
-                       f"(docs/distributed.md)")
+    with ray_session():
+        yield
 
 
 def _check_reachable(address: str) -> None:
@@ -156,13 +136,11 @@ def _connect(settings: EngineSettings, workers: int | None) -> str:
 
     if ray.is_initialized():
         return "the connected Ray cluster"
-    address = _address(settings)
+    address = settings.ray_address
     # Ray's notice that its token authentication is on is not news to a command-line user.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     options: dict[str, object] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address == "local":
-        from cxr_transfer.extract.runtime import default_threads
-
         check_local_fit(settings)
         options.update(num_cpus=default_threads(), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                        include_dashboard=False)
@@ -290,8 +268,6 @@ class EmbedShard:
 
     def _session(self):
         if self._embedder is None:
-            from cxr_transfer.extract.runtime import OnnxEmbedder
-
             path, node = self.backbone.path, socket.gethostname()
             if not path.is_file():
                 raise _Fatal(f"the model {path} is not on node {node}: the cache folder (--cache-dir) must be on a "
@@ -321,26 +297,17 @@ class EmbedShard:
         return row
 
     def _embed(self, samples: list[Sample], part_name: str) -> dict[str, object]:
-        from cxr_transfer.extract.images import decoded_batches
-
-        embedder = self._session()
         shas: list[str] = []
         blocks: list[np.ndarray] = []
         failures: list[list[str]] = []
         seconds = 0.0
-        for good, batch, bad in decoded_batches(samples, self.backbone.input_size, self.batch_size, self.threads,
-                                                self.view):
+        for embedded, rows, bad, batch_seconds in embed_batches(self._session(), samples, self.batch_size,
+                                                                self.threads, self.view):
             failures += [[s.sha256, reason] for s, reason in bad]
-            if not len(good):
-                continue
-            tick = time.perf_counter()
-            embedded = embedder.embed(batch)
-            seconds += time.perf_counter() - tick
-            finite = np.isfinite(embedded).all(axis=1)
-            failures += [[s.sha256, f"{s.path}: non-finite embedding from {self.backbone.path.name}"]
-                         for s, ok in zip(good, finite) if not ok]
-            blocks.append(embedded[finite])
-            shas += [s.sha256 for s, ok in zip(good, finite) if ok]
+            seconds += batch_seconds
+            if embedded:
+                blocks.append(rows)
+                shas += [s.sha256 for s in embedded]
         if shas:
             write_part(self.parts_dir, part_name, shas, np.concatenate(blocks))
         return {"done": len(shas), "failures": json.dumps(failures), "seconds": seconds}

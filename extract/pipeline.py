@@ -42,7 +42,7 @@ from cxr_transfer.extract.cache import (
 )
 from cxr_transfer.extract.dataset import Dataset, Sample
 from cxr_transfer.extract.engine import Computed, EngineSettings, check_engine
-from cxr_transfer.extract.images import ImageView, decoded_batches
+from cxr_transfer.extract.images import ImageView
 from cxr_transfer.extract.onnx_export import (
     DEFAULT_OPSET,
     OnnxBackbone,
@@ -56,7 +56,7 @@ from cxr_transfer.extract.quantize import (
     precision_key,
 )
 from cxr_transfer.extract.registry import BackboneConfig, get_backbone
-from cxr_transfer.extract.runtime import OnnxEmbedder
+from cxr_transfer.extract.runtime import OnnxEmbedder, embed_batches
 from cxr_transfer.extract.weights import WeightsSource, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -384,25 +384,20 @@ def _embed_local(todo: list[Sample], onnx: OnnxBackbone, cache: FeatureCache, se
     block_shas: list[str] = []
     block_rows: list[np.ndarray] = []
     with _progress(len(todo), settings.progress, label) as bar:
-        for good, batch, bad in decoded_batches(todo, onnx.input_size, settings.batch_size, settings.decode_workers,
-                                                settings.view):
-            if len(good):
-                tick = time.perf_counter()
-                embedded = embedder.embed(batch)
-                computed.inference_seconds += time.perf_counter() - tick
-                finite = np.isfinite(embedded).all(axis=1)
-                bad = bad + [(s, f"{s.path}: non-finite embedding from {onnx.path.name}")
-                             for s, ok in zip(good, finite) if not ok]
-                block_rows.append(embedded[finite])
-                block_shas += [s.sha256 for s, ok in zip(good, finite) if ok]
-                computed.n_embedded += int(finite.sum())
+        for embedded, rows, bad, seconds in embed_batches(embedder, todo, settings.batch_size,
+                                                          settings.decode_workers, settings.view):
+            computed.inference_seconds += seconds
+            if embedded:
+                block_rows.append(rows)
+                block_shas += [s.sha256 for s in embedded]
+                computed.n_embedded += len(embedded)
             for sample, reason in bad:
                 log.warning("skipped %s", reason)
             computed.failures += bad
             if len(block_shas) >= settings.flush_every:
                 cache.add_part(block_shas, np.concatenate(block_rows))
                 block_shas, block_rows = [], []
-            bar.update(len(good) + len(bad))
+            bar.update(len(embedded) + len(bad))
     if block_shas:
         cache.add_part(block_shas, np.concatenate(block_rows))
     return computed

@@ -1,14 +1,20 @@
 """onnxruntime in one place: ``open_session`` is the only way the library opens a model (one set of session
-options), and ``OnnxEmbedder`` runs an exported backbone on batches of RGB uint8 images."""
+options), ``OnnxEmbedder`` runs an exported backbone on batches of RGB uint8 images, and ``embed_batches`` is
+the decode -> embed -> finite-filter loop of both extraction engines (``extract/engine.py``)."""
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cxr_transfer.extract.images import ImageView, decoded_batches
+
 if TYPE_CHECKING:
+    from cxr_transfer.extract.dataset import Sample
     from cxr_transfer.extract.onnx_export import OnnxBackbone
 
 
@@ -64,3 +70,22 @@ class OnnxEmbedder:
     def embed(self, images: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(images, dtype=np.float32)
         return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
+
+
+def embed_batches(embedder: OnnxEmbedder, samples: list[Sample], batch_size: int, decode_workers: int,
+                  view: ImageView | None = None) -> Iterator[tuple[list[Sample], np.ndarray, list[tuple[Sample, str]],
+                                                                   float]]:
+    """Decode ``samples`` in batches (``images.decoded_batches``) and embed each one; per batch yields (the samples
+    embedded, their embeddings, the samples skipped with the reason: unreadable or a non-finite embedding, the
+    seconds spent in onnxruntime). Non-finite embeddings are never returned."""
+    for good, batch, bad in decoded_batches(samples, embedder.input_size, batch_size, decode_workers, view):
+        if not len(good):
+            yield [], np.empty((0, 0), np.float32), bad, 0.0
+            continue
+        tick = time.perf_counter()
+        embedded = embedder.embed(batch)
+        seconds = time.perf_counter() - tick
+        finite = np.isfinite(embedded).all(axis=1)
+        bad = bad + [(s, f"{s.path}: non-finite embedding from {embedder.backbone.path.name}")
+                     for s, ok in zip(good, finite) if not ok]
+        yield [s for s, ok in zip(good, finite) if ok], embedded[finite], bad, seconds
