@@ -26,7 +26,7 @@ def extract_many(data: str | Path | Dataset, backbones: str, settings: ExtractSe
     carrying the results of those that ran."""
     configs = parse_backbone_list(backbones)
     if settings.weights_file and len(configs) > 1:
-        raise CxrError("--weights FILE names one file: use it with one backbone, or use --weights-dir for several")
+        raise CxrError("`weights` FILE names one file: use it with one backbone, or use `weights_dir` for several")
     dataset = data if isinstance(data, Dataset) else load_dataset(data)
     # Resolve every backbone's weights before computing anything: a missing file fails at once.
     for config in configs:

@@ -91,7 +91,7 @@ def require_ray() -> None:
         import ray   # deferred: Ray is an optional extra, imported only for the Ray engine
         import ray.data  # noqa: F401
     except ImportError:
-        raise CxrError(f"--engine ray needs Ray, which is not installed: {RAY_INSTALL}") from None
+        raise CxrError(f"`engine` ray needs Ray, which is not installed: {RAY_INSTALL}") from None
 
 
 def check_local_fit(settings: EngineSettings) -> None:
@@ -104,7 +104,7 @@ def check_local_fit(settings: EngineSettings) -> None:
     cores, threads = default_threads(), settings.threads_per_worker
     need = (settings.workers or 1) * threads
     if need > cores:
-        asked = f"--workers {settings.workers} x " if settings.workers else ""
-        raise CxrError(f"{asked}--threads-per-worker {threads} needs {need} CPUs, but this machine has {cores} "
-                       f"for a local Ray instance; give fewer workers or threads, or --address a Ray cluster "
+        asked = f"`workers` {settings.workers} x " if settings.workers else ""
+        raise CxrError(f"{asked}`threads_per_worker` {threads} needs {need} CPUs, but this machine has {cores} "
+                       f"for a local Ray instance; give fewer workers or threads, or `address` a Ray cluster "
                        f"(docs/distributed.md)")

@@ -107,7 +107,7 @@ def _check_reachable(address: str) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
-        raise CxrError(f"--address {address}: nothing answers there ({reason}); start a cluster with "
+        raise CxrError(f"`address` {address}: nothing answers there ({reason}); start a cluster with "
                        f"`ray start --head` or give its address (docs/distributed.md)") from None
 
 
@@ -151,13 +151,13 @@ def _connect(settings: EngineSettings, workers: int | None) -> str:
             ray.init(address=address, **options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         if _is_auth_error(exc):
-            raise CxrError(f"--address {address}: the Ray cluster wants its authentication token; set "
+            raise CxrError(f"`address` {address}: the Ray cluster wants its authentication token; set "
                            f"RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or ~/.ray/auth_token) "
                            f"(docs/distributed.md)") from None
         if address == "local":
-            raise CxrError(f"--engine ray: cannot start a local Ray instance ({_first_line(exc)}); see Ray's logs "
+            raise CxrError(f"`engine` ray: cannot start a local Ray instance ({_first_line(exc)}); see Ray's logs "
                            f"in /tmp/ray/session_latest/logs") from None
-        raise CxrError(f"--address {address}: cannot connect to a Ray cluster ({_first_line(exc)}); start one with "
+        raise CxrError(f"`address` {address}: cannot connect to a Ray cluster ({_first_line(exc)}); start one with "
                        f"`ray start --head` or give its address (docs/distributed.md)") from None
     _started_here = True
     return "a local Ray instance" if address == "local" else f"the Ray cluster at {address}"
@@ -180,7 +180,7 @@ def _pool_size(settings: EngineSettings, where: str) -> int:
     threads = settings.threads_per_worker
     workers = settings.workers or max(1, cpus // threads)
     if workers * threads > cpus:
-        raise CxrError(f"--workers {workers} x --threads-per-worker {threads} needs {workers * threads} CPUs, but "
+        raise CxrError(f"`workers` {workers} x `threads_per_worker` {threads} needs {workers * threads} CPUs, but "
                        f"{where} has {cpus}; give fewer workers or threads (or add nodes)")
     return workers
 
@@ -270,7 +270,7 @@ class EmbedShard:
         if self._embedder is None:
             path, node = self.backbone.path, socket.gethostname()
             if not path.is_file():
-                raise _Fatal(f"the model {path} is not on node {node}: the cache folder (--cache-dir) must be on a "
+                raise _Fatal(f"the model {path} is not on node {node}: the cache folder (`cache_dir`) must be on a "
                              f"filesystem every node sees, at the same path (docs/distributed.md)")
             if sha256_file(path) != self.backbone.sha256:
                 raise _Fatal(f"the model {path} on node {node} is not the one the driver exported (sha256 differs); "

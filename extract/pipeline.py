@@ -218,7 +218,7 @@ def _prepare_folder(folder: Path, cache_dir: Path) -> None:
     """Create the dataset's cache folder; a --cache-dir that is a file or cannot be created is refused."""
     for parent in (Path(cache_dir), folder):
         if parent.exists() and not parent.is_dir():
-            raise CxrError(f"--cache-dir: {parent} is a file, not a folder; give a folder with --cache-dir")
+            raise CxrError(f"`cache_dir`: {parent} is a file, not a folder; give a folder with `cache_dir`")
     if folder.is_dir():
         return
     try:
@@ -316,7 +316,7 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
         # folder refused the lock file, so the check below fails with the reason.)
         _check_writable(path.parent)
         if not locked:
-            raise CxrError(f"--cache-dir: cannot lock {path} for writing; give a writable folder with --cache-dir")
+            raise CxrError(f"`cache_dir`: cannot lock {path} for writing; give a writable folder with `cache_dir`")
     elif not cache.listing_matches(_rows(dataset, samples, cache, prune)):
         # Every embedding is there, only the row list changed: a read-only cache still serves them.
         try:

@@ -57,7 +57,7 @@ def test_more_workers_than_local_cores_are_refused_before_ray_starts(run_cli, cl
                                    f"but this machine has {cores} for a local Ray instance; give fewer workers or "
                                    f"threads, or --address a Ray cluster (docs/distributed.md)")
     assert not (tmp_path / "c").exists()          # refused before any export or computing
-    with pytest.raises(CxrError, match=f"--threads-per-worker {cores + 1} needs {cores + 1} CPUs"):
+    with pytest.raises(CxrError, match=f"`threads_per_worker` {cores + 1} needs {cores + 1} CPUs"):
         check_engine(EngineSettings(name="ray", threads_per_worker=cores + 1))
 
 
