@@ -122,9 +122,25 @@ def backbone_table(weights_dir: str | Path | None = None, input_size: int | None
                    cache_dir: str | Path | None = DEFAULT_CACHE_DIR) -> BackboneTable:
     """One row per backbone (input size, preprocessing, feature dim, where its weights were found), then the
     user ONNX models wrapped in ``cache_dir``."""
-    from cxr_transfer.extract.commands import backbone_table as table
+    from cxr_transfer.extract.registry import BACKBONES
+    from cxr_transfer.extract.user_onnx import cached_user_models
+    from cxr_transfer.extract.weights import resolve_weights
 
-    return BackboneTable(table(weights_dir, input_size, cache_dir))
+    rows = BackboneTable()
+    for config in BACKBONES.values():
+        try:
+            source = resolve_weights(config, None, weights_dir, allow_download=False)
+            found = f"{source.kind}: {source.path.name}" if source.path else source.kind
+        except Exception:  # noqa: BLE001 - the table reports, it does not fail
+            found = "not found (Keras would download imagenet)"
+        rows.append({"backbone": config.name, "input": str(input_size or config.default_input_size),
+                     "preprocess": f"{config.keras_module}.preprocess_input ({config.preprocessing})",
+                     "dim": str(config.feature_dim), "weights": found})
+    for info in cached_user_models(cache_dir) if cache_dir else []:
+        rows.append({"backbone": f"onnx:{info['source']}", "input": str(info["default_input_size"]),
+                     "preprocess": info["input"], "dim": str(info["feature_dim"]),
+                     "weights": f"file sha256 {info['source_sha256'][:16]}"})
+    return rows
 
 
 def extract(data: str | Path, backbones: str = "vgg16", *, common: BackboneSettings | None = None,
@@ -132,21 +148,38 @@ def extract(data: str | Path, backbones: str = "vgg16", *, common: BackboneSetti
     """Embeddings of a dataset by each backbone of a comma list, into the HDF5 cache (nothing else written).
 
     Stage keywords: ``batch_size``, ``engine=EngineSettings(...)`` and the other ``ExtractSettings`` fields.
-    A backbone whose int8 model fails the fidelity gate does not stop the others: ``Int8RefusedError`` comes
-    at the end with their results.
+    Every backbone's weights are found before anything is computed; the Ray engine connects once and serves
+    every backbone. A backbone whose int8 model fails the fidelity gate does not stop the others:
+    ``Int8RefusedError`` comes at the end, carrying the results of those that ran.
     """
-    from cxr_transfer.extract.commands import extract_many
+    from cxr_transfer.core.errors import CxrError, Int8RefusedError
     from cxr_transfer.extract.dataset import load_dataset
     from cxr_transfer.extract.engine import check_engine
-    from cxr_transfer.extract.pipeline import ExtractSettings
+    from cxr_transfer.extract.engine_ray import engine_session
+    from cxr_transfer.extract.pipeline import ExtractSettings, extract_features
     from cxr_transfer.extract.registry import parse_backbone_list
+    from cxr_transfer.extract.weights import resolve_weights
 
-    backbones = names_argument("backbones", backbones)
-    parse_backbone_list(backbones)
-    settings = ExtractSettings.from_options(common, **_first_backbone(backbones.split(",")[0].strip()), **options)
+    settings = ExtractSettings.from_options(common, **options)
+    registered, backbones = _with_user_models(settings.common, names_argument("backbones", backbones))
+    settings, configs = replace(settings, common=registered), parse_backbone_list(backbones)
+    if settings.weights_file and len(configs) > 1:
+        raise CxrError("`weights` FILE names one file: use it with one backbone, or use `weights_dir` for several")
     check_engine(settings.engine)   # Ray missing: say how to install it before reading any data
     dataset = load_dataset(data)
-    return ExtractRun(extract_many(dataset, backbones, settings), dataset.skipped_summary())
+    for config in configs:
+        resolve_weights(config, settings.weights_file, settings.weights_dir, settings.random_weights)
+    results, refused = [], []
+    with engine_session(settings.engine):
+        for config in configs:
+            try:
+                results.append(extract_features(dataset, settings.with_backbone(config.name)))
+            except Int8RefusedError as exc:   # one backbone's int8 model is refused: the others still run
+                refused.append(str(exc))
+    if refused:
+        done = f" ({', '.join(r.backbone for r in results)} extracted)" if results else ""
+        raise Int8RefusedError("; ".join(refused) + done, results)
+    return ExtractRun(results, dataset.skipped_summary())
 
 
 def report_runs(runs: list[str | Path], out: str | Path = Path("runs") / "side-by-side.md",
@@ -315,6 +348,23 @@ def export_embeddings(data: str | Path, backbone: str = "vgg16", *, out: str | P
     return export_table(data, out, replace(settings, common=registered), format, overwrite)
 
 
+def _workflow_settings(cls: type, name: str, common: BackboneSettings | None, backbones: str, heads: str,
+                       options: dict[str, Any], **given: Any) -> Any:
+    """Compare's or validate's settings from flat keywords: the extraction keywords go to ``ExtractSettings``
+    (the backbone list's user ONNX models registered), the rest to ``cls``; an unknown keyword is a TypeError."""
+    from cxr_transfer.extract.pipeline import ExtractSettings
+
+    backbones, heads = names_argument("backbones", backbones), names_argument("heads", heads)   # arguments first
+    extract_keywords = {f.name for f in fields(ExtractSettings)} | {f.name for f in fields(BackboneSettings)}
+    extract = ExtractSettings.from_options(common, **{k: options.pop(k) for k in list(options)
+                                                      if k in extract_keywords | {"weights"}})
+    unknown = sorted(set(options) - {f.name for f in fields(cls)} - {"data", "external", "extract"})
+    if unknown:
+        raise TypeError(f"unknown setting(s) {', '.join(unknown)} for {name}")
+    registered, backbones = _with_user_models(extract.common, backbones)
+    return cls(extract=replace(extract, common=registered), backbones=backbones, heads=heads, **given, **options)
+
+
 def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *, out_dir: str | Path | None = None,
             run_name: str | None = None, common: BackboneSettings | None = None, **options: Any) -> CompareResult:
     """Score scikit-learn heads on cached embeddings under one protocol (``protocol='paper'|'cv'|'holdout'``).
@@ -328,22 +378,10 @@ def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *, o
     head, ...) and ``batch_size`` for the extraction.
     """
     from cxr_transfer.classify.compare import CompareSettings, evaluate_compare, run_compare
-    from cxr_transfer.extract.pipeline import ExtractSettings
     from cxr_transfer.extract.registry import parse_backbone_list
 
-    backbones = names_argument("backbones", backbones)   # arguments first, data second
-    heads = names_argument("heads", heads)
-    extract_keywords = {f.name for f in fields(ExtractSettings)} | {f.name for f in fields(BackboneSettings)}
-    extract_options = {k: options.pop(k) for k in list(options) if k in extract_keywords | {"weights"}}
-    extract_settings = ExtractSettings.from_options(common, **extract_options)
-    unknown = sorted(set(options) - {f.name for f in fields(CompareSettings)} - {"data", "extract"})
-    if unknown:
-        raise TypeError(f"unknown setting(s) {', '.join(unknown)} for compare")
-    registered, backbones = _with_user_models(extract_settings.common, backbones)
-    parse_backbone_list(backbones)
-    extract_settings = replace(extract_settings, common=registered)
-    settings = CompareSettings(data=Path(data), extract=extract_settings, backbones=backbones, heads=heads,
-                               **options)
+    settings = _workflow_settings(CompareSettings, "compare", common, backbones, heads, options, data=Path(data))
+    parse_backbone_list(settings.backbones)
     _needs_out_dir(out_dir, {"save=True": settings.save, f"run_name={run_name!r}": run_name is not None})
     return evaluate_compare(settings) if out_dir is None else run_compare(settings, out_dir, run_name)
 
@@ -425,20 +463,9 @@ def validate(data: str | Path, external: str | Path, backbones: str = "vgg16", h
     ...) and ``batch_size`` for the extraction.
     """
     from cxr_transfer.validation.run import ValidateSettings, evaluate_validate, run_validate
-    from cxr_transfer.extract.pipeline import ExtractSettings
 
-    backbones = names_argument("backbones", backbones)
-    heads = names_argument("heads", heads)
-    extract_keywords = {f.name for f in fields(ExtractSettings)} | {f.name for f in fields(BackboneSettings)}
-    extract_options = {k: options.pop(k) for k in list(options) if k in extract_keywords | {"weights"}}
-    extract_settings = ExtractSettings.from_options(common, **extract_options)
-    unknown = sorted(set(options) - {f.name for f in fields(ValidateSettings)} - {"data", "external", "extract"})
-    if unknown:
-        raise TypeError(f"unknown setting(s) {', '.join(unknown)} for validate")
-    registered, backbones = _with_user_models(extract_settings.common, backbones)
-    extract_settings = replace(extract_settings, common=registered)
-    settings = ValidateSettings(data=Path(data), external=Path(external), extract=extract_settings,
-                                backbones=backbones, heads=heads, **options)
+    settings = _workflow_settings(ValidateSettings, "validate", common, backbones, heads, options, data=Path(data),
+                                  external=Path(external))
     _needs_out_dir(out_dir, {"save=True": settings.save, f"explain={settings.explain}": bool(settings.explain),
                              f"run_name={run_name!r}": run_name is not None})
     return evaluate_validate(settings) if out_dir is None else run_validate(settings, out_dir, run_name)

@@ -5,11 +5,10 @@
     report.findings      # short strings; empty when nothing was found
     report.out_dir       # audit.md, audit.json, duplicates.png
 
-``run_audit(AuditSettings(...))`` is the same with a settings object. Modules, one job each: duplicates (the
-duplicate check; detection itself is ``extract.duplicates``), leakage (patients across splits), acquisition
-(file properties), header_shortcuts (DICOM header fields), pixel_shortcuts (masked views), transforms (the
-edits behind the duplicate thresholds, benchmarks/duplicate_thresholds.py), report (files), run
-(orchestration and pointers).
+``run_audit(AuditSettings(...))`` is the same with a settings object. Modules, one job each: leakage
+(patients across splits), acquisition (file properties), header_shortcuts (DICOM header fields),
+pixel_shortcuts (masked views), report (files), run (orchestration, duplicates through ``extract.duplicates``,
+and pointers).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
         --weights-dir ../shared/weights --out runs/duplicate-thresholds
 
 1. Positives: ``--per-class`` real images per class (seeded choice) are edited with every function of
-   ``audit.transforms``; each (original, edited copy) pair is scored (pHash, dHash, embedding cosine).
+   ``tests/testkit/transforms.py``; each (original, edited copy) pair is scored (pHash, dHash, embedding cosine).
 2. Negatives: every pair of real images of *different* patients (manifest patient_id) is scored the same way.
    Some of these may be genuine duplicates the metadata does not know about, so the top negatives are
    listed by path for a look by eye.
@@ -16,6 +16,7 @@ edited/ (the synthetic copies, kept so their embeddings stay cached).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,13 +34,14 @@ from cxr_transfer.extract.duplicates import (
     phash_distance_matrix,
     view_hashes,
 )
-from cxr_transfer.audit.transforms import TRANSFORMS, save_grey
 from cxr_transfer.core.plotting import subplots
 from cxr_transfer.core.record import run_record, write_json
 from cxr_transfer.core.settings import BackboneSettings
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.images import read_rgb
 from cxr_transfer.extract.pipeline import ExtractSettings, load_features
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))   # testkit: test support
+from testkit.transforms import TRANSFORMS, save_grey  # noqa: E402
 
 
 def _quantiles(values: np.ndarray) -> dict:

@@ -15,14 +15,16 @@ Then run ``compare`` on both folders with the same protocol and compare the numb
 from __future__ import annotations
 
 import argparse
+import sys
 import csv
 from pathlib import Path
 
 import numpy as np
 
 from cxr_transfer.extract.dataset import load_dataset
-from cxr_transfer.extract.dicom import write_dicom
 from cxr_transfer.extract.images import read_rgb
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))   # testkit: test support
+from testkit.dicom_files import write_dicom  # noqa: E402
 
 
 def make_dicom_copy(source: Path, out: Path, split: str = "train", per_class: int | None = None,

@@ -14,7 +14,7 @@ Two independent scores per pair of images:
 
 ``DuplicateRule``: flagged when the pHash distance is small on its own, or moderate AND the cosine agrees.
 The thresholds come from ``benchmarks/duplicate_thresholds.py`` (numbers in docs/audit-notes.md): every
-synthetic edit of 60 real images (``audit.transforms``) passes, pairs of different patients almost never do.
+synthetic edit of 60 real images (``tests/testkit/transforms.py``) passes, pairs of different patients almost never do.
 Detection lives here, below classify, because grouped splits use it (``classify.duplicate_groups``) as well
 as the audit and validation.
 Cost: 81 hashes per image (~0.3 ms each) and an N x N x 81 Hamming comparison -- seconds for 500 images.

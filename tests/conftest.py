@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

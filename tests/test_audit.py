@@ -29,7 +29,7 @@ from cxr_transfer.extract.duplicates import (
 from cxr_transfer.audit.leakage import patient_leakage
 from cxr_transfer.audit.pixel_shortcuts import pixel_shortcuts
 from cxr_transfer.extract.images import BORDER_ONLY, NO_CENTER, border_only, mask_center
-from cxr_transfer.audit.transforms import (
+from testkit.transforms import (
     combined,
     crop_5,
     crop_5_corner,

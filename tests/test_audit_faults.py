@@ -15,9 +15,10 @@ from cxr_transfer.audit import AuditSettings, run_audit
 from cxr_transfer.audit.acquisition import acquisition_shortcuts
 from cxr_transfer.audit.header_shortcuts import header_shortcuts
 from cxr_transfer.core.settings import BackboneSettings
-from cxr_transfer.core.synthetic import synthetic_xray
+from testkit.synthetic import synthetic_xray
 from cxr_transfer.extract.dataset import load_dataset
-from cxr_transfer.extract.dicom import SALT_ENV, write_dicom
+from cxr_transfer.extract.dicom import SALT_ENV
+from testkit.dicom_files import write_dicom
 
 CLASSES = ("covid", "normal", "pneumonia")
 INTERNAL = ("labels must be", "shape (0,)", "1-D array", "Traceback")

@@ -12,7 +12,7 @@ from cxr_transfer.classify.compare import CompareSettings, run_compare
 from cxr_transfer.classify.predict import predict_images
 from cxr_transfer.classify.results import load_results
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 from cxr_transfer.extract.pipeline import ExtractSettings
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cxr_transfer.core.cache_keys import dataset_cache_id
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 
 BACKBONE = ["--backbone", "mobilenetv2", "--random-weights", "--input-size", "32", "--no-progress"]
 CLASSES = ("covid", "normal")

@@ -5,7 +5,7 @@ import pytest
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 from cxr_transfer.extract.dataset import load_dataset
 
 

@@ -64,7 +64,7 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
 
 
 def _third_party(name: str) -> bool:
-    return name not in sys.stdlib_module_names and name not in ("cxr_transfer", "__future__")
+    return name not in sys.stdlib_module_names and name not in ("cxr_transfer", "__future__", "testkit")
 
 
 def test_every_imported_module_is_declared_in_setup_cfg(project_python_files: list[Path]):

@@ -23,7 +23,7 @@ from cxr_transfer.audit.header_shortcuts import header_shortcuts
 from cxr_transfer.audit.report import markdown
 from cxr_transfer.classify.protocols import resolve_groups
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.synthetic import synthetic_xray
+from testkit.synthetic import synthetic_xray
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.dicom import (
     DICOM_GROUP_BY,
@@ -32,8 +32,8 @@ from cxr_transfer.extract.dicom import (
     header_fields,
     is_dicom_file,
     read_dicom_rgb,
-    write_dicom,
 )
+from testkit.dicom_files import write_dicom
 from cxr_transfer.extract.images import ImageDecodeError, is_image_file, read_rgb
 from cxr_transfer.extract.pipeline import ExtractSettings, load_features
 

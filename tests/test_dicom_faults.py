@@ -12,8 +12,9 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cxr_transfer.core.synthetic import synthetic_xray, write_class_tree
-from cxr_transfer.extract.dicom import SALT_ENV, write_dicom
+from testkit.synthetic import synthetic_xray, write_class_tree
+from cxr_transfer.extract.dicom import SALT_ENV
+from testkit.dicom_files import write_dicom
 from cxr_transfer.extract.images import ImageDecodeError, read_rgb
 
 SECRETS = ("SECRET-PID", "Doe^Jane", "19700101")

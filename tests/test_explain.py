@@ -13,7 +13,7 @@ import pytest
 from cxr_transfer.classify.compare import CompareSettings, run_compare
 from cxr_transfer.classify.heads import make_head
 from cxr_transfer.classify.predict import predict_images
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 from cxr_transfer.explain.cam import class_activation_maps, linear_scores
 from cxr_transfer.explain.occlusion import occlusion_map, patch_starts
 from cxr_transfer.explain.regions import REGIONS, evidence_shares, region_masks

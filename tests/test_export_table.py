@@ -16,7 +16,7 @@ import pytest
 
 import cxr_transfer
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.synthetic import synthetic_xray, write_class_tree
+from testkit.synthetic import synthetic_xray, write_class_tree
 from cxr_transfer.extract.cache import read_cache
 
 TINY = {"random_weights": True, "input_size": 32, "progress": False}

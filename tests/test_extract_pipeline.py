@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.synthetic import synthetic_xray, write_class_tree
+from testkit.synthetic import synthetic_xray, write_class_tree
 from cxr_transfer.extract.cache import read_cache
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.pipeline import (

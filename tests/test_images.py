@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_transfer.core.synthetic import synthetic_xray
+from testkit.synthetic import synthetic_xray
 from cxr_transfer.extract.images import ImageDecodeError, read_rgb
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import cxr_transfer
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 from cxr_transfer.extract import quantize
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings, extract_features, load_features

@@ -19,7 +19,7 @@ import cxr_transfer
 from cxr_transfer import cli
 from cxr_transfer.core import params as bounds
 from cxr_transfer.core.settings import BackboneSettings
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.engine import EngineSettings
 from cxr_transfer.extract.pipeline import ExtractSettings, extract_features

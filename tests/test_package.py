@@ -146,7 +146,7 @@ def test_library_arguments_are_checked_like_scikit_learn(tmp_path: Path):
 
 
 def test_embed_images_equals_embed_folder_on_the_same_pixels(tmp_path: Path):
-    from cxr_transfer.core.synthetic import write_class_tree
+    from testkit.synthetic import write_class_tree
     from cxr_transfer.extract.images import read_rgb
 
     root = write_class_tree(tmp_path / "d", per_class=1, size=40)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 from cxr_transfer.extract.dataset import Sample, load_dataset
 from cxr_transfer.extract.engine import EngineSettings
 from cxr_transfer.extract.pipeline import ExtractSettings, extract_features

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 from cxr_transfer.extract.engine import EngineSettings, check_engine
 
 pytest.importorskip("ray")

@@ -14,7 +14,7 @@ import cxr_transfer
 from cxr_transfer import api, cli
 from cxr_transfer.classify.compare import write_compare_run
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 from cxr_transfer.validation.run import write_validate_run
 
 COMMON = dict(random_weights=True, input_size=32, progress=False, n_jobs=1)

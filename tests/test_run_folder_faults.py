@@ -18,7 +18,7 @@ from cxr_transfer.classify.compare import CompareSettings, run_compare
 from cxr_transfer.validation.run import ValidateSettings, run_validate
 from cxr_transfer.core import outputs
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 from cxr_transfer.extract.pipeline import ExtractSettings
 
 

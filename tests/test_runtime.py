@@ -17,7 +17,7 @@ from cxr_transfer.classify.predict import predict_images
 from cxr_transfer.classify.saved_model import finetune_description_digest, save_head
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 from cxr_transfer.explain.explainers import load_explainer
 from cxr_transfer.extract import runtime
 from cxr_transfer.extract.pipeline import ExtractSettings

@@ -17,7 +17,7 @@ from cxr_transfer.classify.saved_model import load_head
 from cxr_transfer.validation.run import ValidateSettings, run_validate
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings, load_features
 

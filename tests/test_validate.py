@@ -26,7 +26,7 @@ from cxr_transfer.classify.duplicate_groups import merge_groups
 from cxr_transfer.classify.protocols import cv_splits, resolve_groups
 from cxr_transfer.validation.run import ValidateSettings, evaluate_validate, run_validate
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings
 

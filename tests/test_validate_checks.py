@@ -21,7 +21,7 @@ from cxr_transfer.classify.conformal import fit_conformal
 from cxr_transfer.classify.metrics import confusion_matrix, metrics_from_confusion
 from cxr_transfer.validation.run import ValidateSettings, run_validate
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 from cxr_transfer.extract.pipeline import ExtractSettings
 
 CLASSES = ["covid", "normal", "pneumonia"]

@@ -13,7 +13,7 @@ from PIL import Image
 from cxr_transfer.classify.protocols import resolve_groups
 from cxr_transfer.validation.run import ValidateSettings, run_validate
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.synthetic import write_class_tree
+from testkit.synthetic import write_class_tree
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings
 
