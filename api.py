@@ -17,6 +17,9 @@ a run folder only when given ``out_dir``. Unknown keywords raise ``TypeError``; 
 weights raise ``CxrError`` (a ``ValueError``). A backbone may be your own ONNX model: ``"onnx:PATH"`` (registered
 here with 3 channels and no preprocessing) or the name ``register_onnx_backbone(path, spec)`` returned, in this
 process or, with the same ``cache_dir``, an earlier one (``register_user_models``).
+
+``import cxr_transfer`` loads this module, so each function imports the stage it calls inside its body:
+importing the package loads no scikit-learn, OpenCV, onnxruntime or TensorFlow (tests/test_package.py).
 """
 from __future__ import annotations
 

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_transfer.classify.conformal import conformal_sets_for, format_set
 from cxr_transfer.classify.saved_model import SavedFinetuned, finetuned_model_json, load_saved_model
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.outputs import writable_file
 from cxr_transfer.extract.dataset import Dataset, Sample, hash_samples, images_in_folder
+from cxr_transfer.extract.images import decoded_batches
 from cxr_transfer.extract.pipeline import ExtractSettings, load_features
 from cxr_transfer.extract.user_onnx import backbone_for_saved
 from cxr_transfer.extract.weights import resolve_weights
@@ -63,7 +65,6 @@ def check_input_size(asked: int | None, trained: int) -> None:
 
 
 def _finetuned_probabilities(saved: SavedFinetuned, dataset: Dataset, settings: ExtractSettings):
-    from cxr_transfer.extract.images import decoded_batches
 
     check_input_size(settings.input_size, saved.input_size)
     proba = saved.onnx_probabilities(settings.threads)
@@ -110,7 +111,6 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
     classes = [info["class_names"][int(c)] for c in model.classes_]
     sets = None
     if conformal is not None:
-        from cxr_transfer.classify.conformal import conformal_sets_for, format_set
 
         sets = [format_set(row, classes) for row in conformal_sets_for(model, np.hstack(blocks), conformal, model_path)]
     out_csv = Path(out_csv or Path(model_path).with_name(Path(model_path).stem + "-predictions.csv"))

@@ -18,10 +18,10 @@ from sklearn.model_selection import (
     train_test_split,
 )
 
+from cxr_transfer.classify.duplicate_groups import duplicate_aware_groups
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.extract.dataset import GROUP_COLUMNS, Dataset
-from cxr_transfer.extract.dicom import DICOM_GROUP_BY
-from cxr_transfer.extract.dicom import GROUP_PREFIX as DICOM_GROUP_PREFIX
+from cxr_transfer.extract.dataset import Dataset, GROUP_COLUMNS
+from cxr_transfer.extract.dicom import DICOM_GROUP_BY, GROUP_PREFIX as DICOM_GROUP_PREFIX
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,6 @@ def resolve_groups(dataset: Dataset, group_by: str | None, merge_duplicates: boo
         raise CxrError(f"{dataset.root}: the groups come from a manifest or CSV, not from DICOM headers; "
                        f"use `group_by` patient_id")
     if merge_duplicates:
-        from cxr_transfer.classify.duplicate_groups import duplicate_aware_groups
 
         groups = duplicate_aware_groups(dataset, groups, hash_cache=hash_cache).groups
     return groups

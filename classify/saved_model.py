@@ -33,6 +33,7 @@ from cxr_transfer.core.io import atomic_path
 from cxr_transfer.core.outputs import incomplete_run
 from cxr_transfer.core.record import library_versions, now_iso, write_json
 from cxr_transfer.extract.runtime import open_session
+from cxr_transfer.extract.user_onnx import saved_record
 
 FORMAT = "cxr-transfer/head/2"
 OLD_FORMAT = "cxr-transfer/head/1"   # up to 40c227d: the model pickled alone, only its sha256 in the JSON
@@ -68,7 +69,6 @@ def _plain(value: Any) -> Any:
 def _part_record(part: dict[str, Any]) -> dict[str, Any]:
     """What the sidecar keeps of one backbone; a user ONNX model also gets its file, sha256 and wrap settings
     (``user_onnx``), so that predict and explain can register it again in another process."""
-    from cxr_transfer.extract.user_onnx import saved_record
 
     record = {k: part[k] for k in ("backbone", "input_size", "weights_sha256", "onnx_sha256", "precision",
                                    "calibration_digest") if k in part}

@@ -20,9 +20,20 @@ from typing import Any
 
 import numpy as np
 
+from cxr_transfer.classify.predict import check_input_size, check_weights
 from cxr_transfer.classify.saved_model import SavedFinetuned, SavedHead, load_saved_model
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.explain.cam import class_activation_maps, linear_scores, unwrap
+from cxr_transfer.explain.feature_map import FeatureMapRunner, get_feature_map_backbone
+from cxr_transfer.explain.gradcam import GradCam
+from cxr_transfer.explain.occlusion import default_patch, occlusion_map
+from cxr_transfer.extract.images import resize_square
+from cxr_transfer.extract.onnx_export import get_onnx_backbone
 from cxr_transfer.extract.pipeline import ExtractSettings
+from cxr_transfer.extract.quantize import get_int8_backbone
+from cxr_transfer.extract.runtime import OnnxEmbedder
+from cxr_transfer.extract.weights import resolve_weights
+from cxr_transfer.finetune.model import load_finetuned
 
 METHODS = ("auto", "cam", "occlusion", "gradcam")
 
@@ -39,7 +50,6 @@ class Explainer:
 
 
 def _resized(images: np.ndarray, size: int) -> np.ndarray:
-    from cxr_transfer.extract.images import resize_square
 
     if images.shape[1] == size:
         return images
@@ -47,7 +57,6 @@ def _resized(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def _occlusion(predict_proba: Callable[[np.ndarray], np.ndarray], size: int, batch_size: int):
-    from cxr_transfer.explain.occlusion import default_patch, occlusion_map
 
     patch, stride = default_patch(size)
 
@@ -62,9 +71,6 @@ def _occlusion(predict_proba: Callable[[np.ndarray], np.ndarray], size: int, bat
 
 def _head_explainer(saved: SavedHead, settings: ExtractSettings, method: str,
                     precision: str | None = None) -> Explainer:
-    from cxr_transfer.classify.predict import check_weights
-    from cxr_transfer.explain.cam import class_activation_maps, linear_scores, unwrap
-    from cxr_transfer.extract.weights import resolve_weights
 
     model_path, head, info = saved.path, saved.model, saved.info
     parts = [check_weights(part, settings, precision) for part in info["backbones"]]
@@ -83,7 +89,6 @@ def _head_explainer(saved: SavedHead, settings: ExtractSettings, method: str,
     if method == "gradcam":
         raise CxrError(f"{model_path}: Grad-CAM is for fine-tuned models; a saved head takes cam or occlusion")
     if method in ("auto", "cam") and scores is not None:
-        from cxr_transfer.explain.feature_map import FeatureMapRunner, get_feature_map_backbone
 
         exported = get_feature_map_backbone(parts[0].config, sizes[0], sources[0], parts[0].cache_dir,
                                             parts[0].opset)
@@ -96,8 +101,6 @@ def _head_explainer(saved: SavedHead, settings: ExtractSettings, method: str,
 
         return Explainer("cam", sizes[0], classes, explain,
                          {"score": scores.kind, "layer": exported.layer, "onnx": str(exported.path)})
-    from cxr_transfer.extract.onnx_export import get_onnx_backbone
-    from cxr_transfer.extract.runtime import OnnxEmbedder
 
     embedders = [OnnxEmbedder(_backbone_as_trained(p, get_onnx_backbone(p.config, size, source, p.cache_dir,
                                                                           p.opset)), p.threads)
@@ -125,14 +128,12 @@ def _backbone_as_trained(part: ExtractSettings, backbone: Any) -> Any:
     """The float32 export, or for a head trained on int8 embeddings the int8 model of its calibration."""
     if part.precision != "int8":
         return backbone
-    from cxr_transfer.extract.quantize import get_int8_backbone
 
     return get_int8_backbone(backbone, None, part.cache_dir, part.threads, digest=part.calibration_digest,
                              lock_timeout=part.lock_timeout)
 
 
 def _finetuned_explainer(saved: SavedFinetuned, settings: ExtractSettings, method: str) -> Explainer:
-    from cxr_transfer.classify.predict import check_input_size
 
     check_input_size(settings.input_size, saved.input_size)
     size, classes = saved.input_size, saved.class_names
@@ -147,9 +148,6 @@ def _finetuned_explainer(saved: SavedFinetuned, settings: ExtractSettings, metho
 
         explain, details = _occlusion(predict_proba, size, settings.batch_size)
         return Explainer("occlusion", size, classes, explain, details)
-    from cxr_transfer.explain.gradcam import GradCam
-    from cxr_transfer.finetune.model import load_finetuned
-
     gradcam = GradCam(load_finetuned(str(saved.checked_file("keras"))))
     return Explainer("gradcam", size, classes, gradcam.maps, {"layer": gradcam.layer})
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from cxr_transfer.core.quiet import start_tensorflow
 from cxr_transfer.explain.feature_map import pooled_tensor
+from cxr_transfer.finetune.model import HEAD_NAME
 
 
 class GradCam:
@@ -24,8 +25,7 @@ class GradCam:
         start_tensorflow()
         import keras
 
-        from cxr_transfer.finetune.layers import KerasPreprocess
-        from cxr_transfer.finetune.model import HEAD_NAME
+        from cxr_transfer.finetune.layers import KerasPreprocess   # imports Keras: only once TensorFlow is wanted
 
         self.preprocess = next(layer for layer in model.layers if isinstance(layer, KerasPreprocess))
         self.body = next(layer for layer in model.layers if isinstance(layer, keras.Model)

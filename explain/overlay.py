@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from cxr_transfer.core.plotting import subplots
 from cxr_transfer.explain.regions import region_masks, upsample
 
 DISPLAY_SIDE = 512
@@ -62,7 +63,6 @@ def draw_explanation(ax: Any, rgb: np.ndarray, heatmap: np.ndarray, title: str =
 
 def write_overlay(path: str | Path, rgb: np.ndarray, heatmap: np.ndarray, title: str = "") -> Path:
     """One explanation as a PNG."""
-    from cxr_transfer.core.plotting import subplots
 
     image = display_image(rgb)
     figure, ax = subplots(figsize=(5, 5 * image.shape[0] / image.shape[1] + 0.4), dpi=110, layout="tight")
@@ -75,7 +75,6 @@ def write_overlay(path: str | Path, rgb: np.ndarray, heatmap: np.ndarray, title:
 def write_sheet(path: str | Path, images: Sequence[np.ndarray], heatmaps: Sequence[np.ndarray],
                 titles: Sequence[str], columns: int = 4) -> Path:
     """Several explanations on one PNG, ``columns`` per row."""
-    from cxr_transfer.core.plotting import subplots
 
     if not len(images) == len(heatmaps) == len(titles):
         raise ValueError(f"images, heatmaps and titles must have the same length, got {len(images)}, "

@@ -24,12 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_transfer.classify.predict import unlabeled_dataset
+from cxr_transfer.classify.saved_model import finetuned_model_json, read_head_info, refuse_incomplete_run
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.io import printable
+from cxr_transfer.core.outputs import writable_folder
 from cxr_transfer.explain.explainers import Explainer, load_explainer
+from cxr_transfer.explain.overlay import write_overlay, write_sheet
 from cxr_transfer.explain.regions import REGIONS, evidence_shares
 from cxr_transfer.extract.dataset import Dataset, Sample, hash_samples
-from cxr_transfer.extract.pipeline import ExtractSettings
+from cxr_transfer.extract.images import decoded_batches, read_rgb
+from cxr_transfer.extract.pipeline import ExtractSettings, named_samples
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +99,6 @@ def iter_explanations(dataset: Dataset, explainer: Explainer, settings: ExtractS
                        skipped: list[tuple[str, str]]) -> Iterator[tuple[Explanation, Sample]]:
     """Explain the dataset's images batch by batch, in order; unreadable ones are added to ``skipped``, and so
     are files whose name is not valid UTF-8, with predict's reason (``extract.pipeline.named_samples``)."""
-    from cxr_transfer.extract.images import decoded_batches
-    from cxr_transfer.extract.pipeline import named_samples
 
     samples, problems = named_samples(dataset)
     skipped += [(printable(dataset.relative(s)), reason) for s, reason in problems]
@@ -149,7 +152,6 @@ def _png_name(relative: str, used: set[str]) -> str:
 
 def default_out_dir(model: str | Path) -> Path:
     """Beside a saved head (``NAME-explain/``) or inside a fine-tuned run folder (``explain/``)."""
-    from cxr_transfer.classify.saved_model import finetuned_model_json
 
     finetuned = finetuned_model_json(model)
     if finetuned is not None:
@@ -178,7 +180,6 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     left among the new ones) unless ``overwrite``: then the earlier explain run there (its explain.csv and
     the PNGs it lists) is removed, and any other file is left alone. CxrError naming the folder otherwise.
     """
-    from cxr_transfer.core.outputs import writable_folder
 
     out = writable_folder(out, "output")
     entries = list(out.iterdir())
@@ -208,10 +209,6 @@ def run_explain(images: str | Path, model: str | Path, settings: ExtractSettings
     other than the one the head was trained on is refused. The output folder is checked before the model is
     loaded (``prepare_out_dir``: a folder holding files is refused unless ``overwrite``).
     """
-    from cxr_transfer.classify.predict import unlabeled_dataset
-    from cxr_transfer.classify.saved_model import finetuned_model_json, read_head_info, refuse_incomplete_run
-    from cxr_transfer.explain.overlay import write_overlay
-    from cxr_transfer.extract.images import read_rgb
 
     settings = settings or ExtractSettings()
     if finetuned_model_json(model) is None:
@@ -253,8 +250,6 @@ def explanation_sheet(paths: Sequence[str | Path], model: str | Path, out_png: s
     captions: one line per image shown above its prediction (e.g. "true pneumonia, source kaggle"); default
     the file name. Returns the PNG and the explanations (same order; unreadable files raise CxrError).
     """
-    from cxr_transfer.explain.overlay import write_sheet
-    from cxr_transfer.extract.images import read_rgb
 
     files = [Path(p).expanduser().resolve() for p in paths]
     if not files:

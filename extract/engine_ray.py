@@ -42,6 +42,7 @@ import numpy as np
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_file, sha256_strings
+from cxr_transfer.core.quiet import native_stderr_to_log, verbose
 from cxr_transfer.extract.cache import write_part
 from cxr_transfer.extract.dataset import Sample
 from cxr_transfer.extract.engine import Computed, EngineSettings, check_engine, check_local_fit, require_ray
@@ -116,7 +117,6 @@ def _quiet_ray_start() -> Iterator[None]:
     """Ray's start-up lines (and its core worker's log lines, e.g. on actors with constructor arguments in the
     object store) stay off stderr unless verbose (``core.quiet``): the driver's C++ log level for this
     connection, set where Ray starts and inherited by the processes of a local instance; restored after."""
-    from cxr_transfer.core.quiet import native_stderr_to_log, verbose
 
     if verbose() or BACKEND_LOG_ENV in os.environ:
         yield

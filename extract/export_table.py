@@ -35,6 +35,7 @@ from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.io import atomic_path, is_no_space
 from cxr_transfer.core.outputs import writable_folder
 from cxr_transfer.core.settings import EXPORT_FORMATS
+from cxr_transfer.core.version import __version__
 from cxr_transfer.extract.cache import TEXT_COLUMNS
 from cxr_transfer.extract.dataset import Dataset, load_dataset
 from cxr_transfer.extract.pipeline import ExtractResult, ExtractSettings, FeatureSet, load_features
@@ -99,7 +100,6 @@ def _check_replaceable_folder(out: Path) -> None:
 
 def export_metadata(features: FeatureSet, result: ExtractResult) -> dict[str, str]:
     """The facts an export records about its embeddings (strings, for Parquet's key/value metadata)."""
-    from cxr_transfer.core.version import __version__
 
     attrs = features.attrs
     meta = {"backbone": result.backbone, "input_size": str(attrs.get("input_size", "")),

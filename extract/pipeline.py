@@ -23,31 +23,19 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_transfer.core.params import COUNT, POSITIVE, check_params, param
 from cxr_transfer.core.cache_keys import dataset_cache_id, model_key
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
 from cxr_transfer.core.io import cannot_write_error, printable, utf8_problem
+from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
+from cxr_transfer.core.params import COUNT, POSITIVE, check_params, param
 from cxr_transfer.core.record import library_versions
-from cxr_transfer.core.settings import (
-    DEFAULT_CACHE_DIR,
-    BackboneSettings,
-    UsesBackboneSettings,
-)
-from cxr_transfer.extract.cache import (
-    CacheRow,
-    FeatureCache,
-    read_cache,
-    read_cache_attrs,
-)
+from cxr_transfer.core.settings import BackboneSettings, DEFAULT_CACHE_DIR, UsesBackboneSettings
+from cxr_transfer.extract.cache import CacheRow, FeatureCache, read_cache, read_cache_attrs
 from cxr_transfer.extract.dataset import Dataset, Sample
 from cxr_transfer.extract.engine import Computed, EngineSettings, check_engine
+from cxr_transfer.extract.engine_ray import embed_on_ray
 from cxr_transfer.extract.images import ImageView
-from cxr_transfer.extract.onnx_export import (
-    DEFAULT_OPSET,
-    OnnxBackbone,
-    get_onnx_backbone,
-)
+from cxr_transfer.extract.onnx_export import DEFAULT_OPSET, OnnxBackbone, get_onnx_backbone
 from cxr_transfer.extract.quantize import (
     CalibrationSet,
     choose_calibration,
@@ -332,9 +320,7 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
         if plan.digest:
             onnx = get_int8_backbone(onnx, plan.calibration, settings.cache_dir, settings.threads, plan.digest,
                                      settings.lock_timeout)
-        compute = _embed_local
-        if settings.engine.is_ray:
-            from cxr_transfer.extract.engine_ray import embed_on_ray as compute
+        compute = embed_on_ray if settings.engine.is_ray else _embed_local
         computed = compute(todo, onnx, cache, settings, f"{config.name} {plan.view_name}")
         failures += computed.failures
 

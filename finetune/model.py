@@ -39,7 +39,7 @@ def _keras():
 def load_finetuned(path: str) -> Any:
     """Load a saved fine-tuned model (.keras) with its custom preprocessing layer registered."""
     keras = _keras()   # first: the layers module imports Keras at its top
-    import cxr_transfer.finetune.layers  # noqa: F401  (registers KerasPreprocess)
+    import cxr_transfer.finetune.layers  # noqa: F401  (imports Keras; registers KerasPreprocess)
 
     return keras.saving.load_model(path)
 
@@ -63,7 +63,7 @@ def assemble(config: BackboneConfig, input_size: int, body: Any, head: Any) -> A
     keras = _keras()
     body.trainable = False
     inputs = keras.Input((input_size, input_size, 3), name="pixels")
-    from cxr_transfer.finetune.layers import KerasPreprocess
+    from cxr_transfer.finetune.layers import KerasPreprocess   # imports Keras: only once TensorFlow is wanted
 
     x = KerasPreprocess(config.name, name="preprocess")(inputs)
     x = body(x, training=False)

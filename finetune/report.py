@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any, Sequence
 
+from cxr_transfer.classify.report import plot_confusion as plot_matrix
 from cxr_transfer.core.paper import PAPER_TABLE1
 from cxr_transfer.core.plotting import subplots
 
@@ -50,7 +51,6 @@ def plot_curves(run_dir: Path, history: Sequence[dict[str, float]], title: str) 
 
 def plot_confusion(run_dir: Path, matrix: Sequence[Sequence[int]], class_names: Sequence[str], title: str) -> Path:
     """Confusion matrix, rows = true class, columns = predicted (paper fig. 4)."""
-    from cxr_transfer.classify.report import plot_confusion as plot_matrix
 
     path = run_dir / CONFUSION_PNG
     plot_matrix(path, matrix, list(class_names), title)

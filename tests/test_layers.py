@@ -70,3 +70,30 @@ def test_nothing_imports_the_root_package_api_or_cli(project_python_files):
                 if target in ("", "__init__", "api", "cli") and target not in allowed.get(_folder(path), set()):
                     wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports cxr_transfer.{target or '(root)'}")
     assert not wrong, wrong
+
+
+HEAVY = {"cxr_transfer.finetune.layers"}
+"""The one module of the package that imports a deep-learning framework (Keras) at its top."""
+
+
+def test_imports_inside_functions_only_keep_keras_out_and_say_so(project_python_files):
+    """Library modules import the package's modules at their top; only ``finetune.layers`` (Keras) is imported
+    inside functions, with a comment saying why. api.py, which ``import cxr_transfer`` loads, imports every
+    stage inside its function by design (its docstring says so)."""
+    wrong = []
+    for path in project_python_files:
+        relative = path.relative_to(ROOT)
+        if relative.parts[0] in ("tests", "benchmarks") or relative.name in ("api.py", "__init__.py"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        for function in ast.walk(ast.parse(text)):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+                for name in names:
+                    if name.startswith("cxr_transfer") and (name not in HEAVY or "Keras" not in lines[node.lineno - 1]):
+                        wrong.append(f"{relative}:{node.lineno} {name}")
+    assert not wrong, wrong

@@ -46,11 +46,7 @@ from cxr_transfer.classify.bootstrap import (
     resampling_units,
     wilson_interval,
 )
-from cxr_transfer.classify.calibration import (
-    CALIBRATION_METHODS,
-    calibrated_head,
-    calibration_summary,
-)
+from cxr_transfer.classify.calibration import CALIBRATION_METHODS, calibrated_head, calibration_summary
 from cxr_transfer.classify.conformal import (
     ConformalHead,
     calibration_size_problem,
@@ -66,17 +62,23 @@ from cxr_transfer.classify.heads import get_head, make_head, parse_head_list
 from cxr_transfer.classify.protocols import Split, check_splittable, cv_splits, resolve_groups
 from cxr_transfer.classify.results import images_fingerprint, run_folder_error
 from cxr_transfer.classify.saved_model import save_head
-from cxr_transfer.validation.report import verdict_lines, write_external_predictions, write_report
-from cxr_transfer.core.params import FOLDS, FRACTION, IMAGE_COUNT, JOBS, N_BOOT, SEED, Options, check_params, param
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.outputs import check_run_name, new_run_dir, run_in_progress, writable_folder
+from cxr_transfer.core.params import FOLDS, FRACTION, IMAGE_COUNT, JOBS, N_BOOT, Options, SEED, check_params, param
 from cxr_transfer.core.record import Stopwatch, run_record, write_json
 from cxr_transfer.explain.explainers import load_explainer
 from cxr_transfer.explain.run import explanation_sheet, iter_explanations, mean_shares
 from cxr_transfer.extract.dataset import Dataset, Sample, load_dataset
-from cxr_transfer.extract.duplicates import DuplicateRule, cosine_matrix, hash_cache_path, phash_distance_matrix
-from cxr_transfer.extract.duplicates import hash_samples as view_hashes
+from cxr_transfer.extract.duplicates import (
+    DuplicateRule,
+    cosine_matrix,
+    hash_cache_path,
+    hash_samples as view_hashes,
+    phash_distance_matrix,
+)
 from cxr_transfer.extract.pipeline import ExtractSettings, align_feature_sets, load_features
+from cxr_transfer.extract.registry import parse_backbone_list
+from cxr_transfer.validation.report import verdict_lines, write_external_predictions, write_report
 
 DUPLICATE_RULE_BACKBONE = "vgg16"
 """The audit's duplicate rule was calibrated on VGG16 embeddings: only those confirm a pHash match."""
@@ -615,7 +617,6 @@ def evaluate_validate(settings: ValidateSettings) -> ValidateResult:
     """Fit, evaluate internally and externally (module docstring), in memory: nothing but the embedding and
     hash caches is written (``write_validate_run`` writes the run folder). With ``save`` or ``explain`` the
     heads fitted on all of TRAIN are kept in ``result.fitted``."""
-    from cxr_transfer.extract.registry import parse_backbone_list
 
     watch = Stopwatch()
     configs = parse_backbone_list(settings.backbones)
