@@ -265,16 +265,18 @@ def finetuned_model_json(model_path: str | Path) -> Path | None:
     return None
 
 
-def load_saved_model(path: str | Path) -> SavedHead | SavedFinetuned:
+def load_saved_model(path: str | Path, own_run: bool = False) -> SavedHead | SavedFinetuned:
     """A saved head (``NAME.joblib``: refused in a run that did not finish, then ``load_head``) or a fine-tuned
     model (its run folder, model.json or model.onnx: ``read_finetune_info``); CxrError naming the file when
-    it is refused."""
+    it is refused. ``own_run``: the caller is writing that run itself (validate's explain reads the heads it
+    has just saved, before its in-progress marker goes)."""
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a str or Path, got {type(path).__name__} instead")
     info_path = finetuned_model_json(path)
     if info_path is not None:
         return SavedFinetuned(info_path, read_finetune_info(info_path))
-    refuse_incomplete_run(path)
+    if not own_run:
+        refuse_incomplete_run(path)
     model, info = load_head(path)   # its sidecar's fields checked against the hashed file first
     return SavedHead(Path(path), model, info)
 

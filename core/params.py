@@ -71,6 +71,8 @@ class Interval:
             return f"must be {self.special} ({self.special_means}) or at least {_number(self.low)}, got {value} instead"
         if below and self.high is not None and (self.low_open or self.high_open):
             return f"must be between {_number(self.low)} and {_number(self.high)}{self._ends()}, got {_number(value)} instead"
+        if below and self.low_open and self.low == 0:
+            return f"must be a positive finite number, got {value} instead"
         if below:
             why = f" {self.why_low}" if self.why_low else ""
             return f"must be {'above' if self.low_open else 'at least'} {_number(self.low)}{why}, got {value} instead"

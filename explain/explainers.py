@@ -153,14 +153,14 @@ def _finetuned_explainer(saved: SavedFinetuned, settings: ExtractSettings, metho
 
 
 def load_explainer(model_path: str | Path, settings: ExtractSettings, method: str = "auto",
-                   precision: str | None = None) -> Explainer:
+                   precision: str | None = None, own_run: bool = False) -> Explainer:
     """The explainer for a saved head (.joblib) or a fine-tuned model (run folder, model.json, model.onnx).
 
     A head is run at the precision it was trained on (an int8 head through its int8 model, by occlusion);
-    ``precision`` other than that one is refused, as in predict."""
+    ``precision`` other than that one is refused, as in predict. ``own_run``: see ``load_saved_model``."""
     if method not in METHODS:
         raise CxrError(f"unknown explanation method '{method}'; choose from: {', '.join(METHODS)}")
-    saved = load_saved_model(model_path)
+    saved = load_saved_model(model_path, own_run)
     if isinstance(saved, SavedFinetuned):
         return _finetuned_explainer(saved, settings, method)
     return _head_explainer(saved, settings, method, precision)

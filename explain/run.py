@@ -244,7 +244,8 @@ def run_explain(images: str | Path, model: str | Path, settings: ExtractSettings
 
 def explanation_sheet(paths: Sequence[str | Path], model: str | Path, out_png: str | Path, *,
                       captions: Sequence[str] | None = None, columns: int = 4, method: str = "auto",
-                      settings: ExtractSettings | None = None) -> tuple[Path, list[Explanation]]:
+                      settings: ExtractSettings | None = None,
+                      own_run: bool = False) -> tuple[Path, list[Explanation]]:
     """Explain the given image files with ``model`` and draw them on one PNG, in the order given.
 
     captions: one line per image shown above its prediction (e.g. "true pneumonia, source kaggle"); default
@@ -260,7 +261,7 @@ def explanation_sheet(paths: Sequence[str | Path], model: str | Path, out_png: s
     if missing:
         raise CxrError(f"{missing[0]}: no such file ({len(missing)} of {len(files)} missing)")
     settings = settings or ExtractSettings()
-    explainer = load_explainer(model, settings, method)
+    explainer = load_explainer(model, settings, method, own_run=own_run)
     root = Path(os.path.commonpath([p.parent for p in files]))
     dataset = Dataset(root, hash_samples([Sample(p, "") for p in files]), ["?"])
     skipped: list[tuple[str, str]] = []

@@ -43,6 +43,8 @@ class EngineSettings:
     max_retries: int = param(3, RETRIES, "ray: times a shard is run again after its worker process died", cli=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.name, str) and self.name not in ENGINES:   # the field is the `engine` parameter's value
+            raise CxrError(f"engine {Options(ENGINES).problem(self.name)}", param="engine")
         check_params(self)
         if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
             raise CxrError(f"address must be host:port, auto or ray://host:port, got {self.address!r} instead")

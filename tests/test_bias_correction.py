@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cxr_transfer.extract import bias_correction, quantize
+from cxr_transfer.extract.runtime import open_session
 
 
 def _float_model(path: Path) -> None:
@@ -84,7 +85,7 @@ def test_a_zero_bias_scale_leaves_that_bias_alone(models):
     scale.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(scale)), scale.name))
     before = {i.name: numpy_helper.to_array(i).copy() for i in model.graph.initializer if i.name.endswith("quantized")}
     corrected = bias_correction.correct_biases(model, original, models["calibration"],
-                                               lambda m: quantize._session(m, 1))
+                                               lambda m: open_session(m, 1))
     after = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("quantized")}
     assert corrected == 2 and np.array_equal(after["b1_quantized"], before["b1_quantized"])
     assert not np.array_equal(after["b2_quantized"], before["b2_quantized"])
@@ -100,4 +101,4 @@ def test_convolutions_without_a_unique_name_are_not_matched(models, name):
                 node.name = name
     assert bias_correction._targets(plain, original) == []
     assert bias_correction.correct_biases(plain, original, models["calibration"],
-                                          lambda m: quantize._session(m, 1)) == 0
+                                          lambda m: open_session(m, 1)) == 0

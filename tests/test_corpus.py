@@ -140,7 +140,7 @@ REFUSED = {
     "test-size-1.5": (_images("compare", "--test-size", "1.5"), "--test-size: must be between 0 and 1"),
     "epochs-0": (_images("finetune", "--epochs", "0"), "--epochs: must be at least 1"),
     "lr-negative": (_images("finetune", "--lr", "-1"), "--lr: must be a positive finite number"),
-    "dropout-1": (_images("finetune", "--dropout", "1"), "dropout must be in [0, 1)"),
+    "dropout-1": (_images("finetune", "--dropout", "1"), "--dropout: must be between 0 and 1 (excluding 1)"),
     "unknown-backbone": (lambda tmp, corpus: ["extract", "--data", str(corpus["images"]), "--backbone", "vgg17"],
                          "unknown backbone 'vgg17'"),
     "missing-data": (lambda tmp, corpus: ["extract", "--data", str(tmp / "nowhere"), *BACKBONE],

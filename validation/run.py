@@ -830,12 +830,12 @@ def explain_errors(run_dir: Path, result: ValidateResult) -> dict[str, Any]:
         sheet, explained = explanation_sheet(
             [ext_samples[i].path for i in shown], model_path, run_dir / "explain-errors.png",
             captions=[f"true {class_names[y_ext[i]]}: {Path(ext_samples[i].path).name[:28]}" for i in shown],
-            settings=extract)
+            settings=extract, own_run=True)
         found["sheet"] = sheet.name
         found["shown"] = [{"path": str(ext_samples[i].path), "true": class_names[y_ext[i]],
                            "predicted": e.predicted, "probability": round(e.probability, 4),
                            "border_share": e.shares["border"]} for i, e in zip(shown, explained)]
-    explainer = load_explainer(model_path, extract, "auto")
+    explainer = load_explainer(model_path, extract, "auto", own_run=True)   # the heads this run just saved
     external = Dataset(Path(os.path.commonpath([str(Path(s.path).parent) for s in ext_samples])),
                        list(ext_samples), list(class_names))
     skipped: list[tuple[str, str]] = []
