@@ -651,14 +651,14 @@ def evaluate_validate(settings: ValidateSettings) -> ValidateResult:
     for config in configs:
         extract = settings.extract.with_backbone(config.name)
         features[config.name], result = load_features(full, extract)
-        # int8: EXT goes through the model calibrated on TRAIN, the one its saved heads are predicted with
+        # int8: EXT goes through the int8 model quantized on TRAIN, the one its saved heads are predicted with
         ext_features[config.name], ext_result = load_features(
-            external, replace(extract, calibration_digest=result.calibration_digest))
+            external, replace(extract, int8_sample_digest=result.int8_sample_digest))
         extraction[config.name] = {"cache": str(result.cache_path), "external_cache": str(ext_result.cache_path),
                                    "weights": result.weights.describe(), "weights_sha256": result.weights.sha256,
                                    "onnx_sha256": result.onnx_sha256, "input_size": features[config.name].attrs.get(
                                        "input_size"), "skipped": result.failures + ext_result.failures,
-                                   "precision": result.precision, "calibration_digest": result.calibration_digest}
+                                   "precision": result.precision, "int8_sample_digest": result.int8_sample_digest}
         train_failures += result.failures
         ext_failures += ext_result.failures
     watch.lap("read_and_embed")
