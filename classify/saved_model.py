@@ -10,8 +10,9 @@ size, precision, int8 sample digest, weights and ONNX sha256) is also stored ins
 (format ``cxr-transfer/head/2``); ``load_head`` refuses a JSON whose fields differ from those, naming the field.
 Heads of the old format ``cxr-transfer/head/1`` (the model pickled alone) still load: for them only the joblib
 hash and the fields' own shape are checked. Fields renamed since (``RENAMED_KEYS``) are read under their new
-names from both the JSON and the joblib copy, so heads saved before a rename keep loading. ``refuse_incomplete_run`` refuses a head in a run folder that still
-holds the run's in-progress marker (``core.outputs``: the run was killed while saving).
+names from both the JSON and the joblib copy, so heads saved before a rename keep loading.
+``refuse_incomplete_run`` refuses a head in a run folder that still holds the run's in-progress marker
+(``core.outputs``: the run was killed while saving).
 
 A fine-tuned model is the run folder of ``finetune`` (``MODEL_JSON`` beside model.keras and model.onnx, each
 file's sha256 recorded in it). ``load_saved_model`` takes either kind of model and returns a ``SavedHead`` or a

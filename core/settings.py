@@ -15,8 +15,9 @@ from cxr_transfer.core.params import COUNT, INPUT_SIZE, Options, check_params, p
 DEFAULT_CACHE_DIR = Path("features")
 PRECISIONS = ("float32", "int8")
 INT8_STATISTICS_BATCH = 8
-"""int8 quantization feeds onnxruntime this many images of the int8 sample per collection step, one step at a time, so that its
-activation statistics (min/max, or histograms merged step by step) need memory for one batch, not for all."""
+"""int8 quantization feeds onnxruntime this many images of the int8 sample per collection step, one step at a
+time, so that its activation statistics (min/max, or histograms merged step by step) need memory for one batch,
+not for all."""
 EXPORT_FORMATS = ("parquet", "npy")   # ``export --format`` (extract/export_table.py)
 
 
@@ -36,10 +37,10 @@ class BackboneSettings:
     threads: int | None = param(None, COUNT, "onnxruntime threads (default: all cores)", none_means="all cores")
     progress: bool = param(True, help="progress bars / per-epoch lines on stderr")
     precision: str = param("float32", Options(PRECISIONS),
-                           "float32, or int8: a statically quantized export, its ranges measured on the dataset's own images, "
-                           "refused when its embeddings drift from float32 (predict: the model's own)")
-    int8_sample_size: int = param(64, COUNT, "int8: images of the dataset its int8 statistics are "
-                                                        "collected on")
+                           "float32, or int8: a statically quantized export, its ranges measured on the "
+                           "dataset's own images, refused when its embeddings drift from float32 (predict: the "
+                           "model's own)")
+    int8_sample_size: int = param(64, COUNT, "int8: dataset images its int8 statistics are collected on")
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, str) or not self.backbone.strip():

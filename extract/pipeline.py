@@ -374,8 +374,8 @@ def _int8_sample_note(chosen: Int8Sample | None, requested: int, onnx: OnnxBackb
     unreadable = f", {picked - used} unreadable" if used < picked else ""
     pool = picked + len(chosen.held_back)
     where = "its train split has" if {s.split for s in chosen.images} == {"train"} else "the dataset has"
-    return (f"int8 statistics from {used} of {requested} requested images ({where} {pool}, {len(chosen.held_back)} held "
-            f"back to check the int8 model{unreadable})")
+    return (f"int8 statistics from {used} of {requested} requested images ({where} {pool}, "
+            f"{len(chosen.held_back)} held back to check the int8 model{unreadable})")
 
 
 def _embed_local(todo: list[Sample], onnx: OnnxBackbone, cache: FeatureCache, settings: ExtractSettings,
