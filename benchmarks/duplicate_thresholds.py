@@ -10,7 +10,7 @@
    listed by path for a look by eye.
 3. A grid of rules is evaluated: positives found / negative pairs flagged. The chosen default
    ``DuplicateRule`` is reported against both sets.
-Outputs: calibration.json (distributions, grid, top negatives), calibration.png (scatter plot) and
+Outputs: thresholds.json (distributions, grid, top negatives), thresholds.png (scatter plot) and
 edited/ (the synthetic copies, kept so their embeddings stay cached).
 """
 from __future__ import annotations
@@ -150,14 +150,14 @@ def main(argv: list[str] | None = None) -> None:
                                                      int(ph[i, j]), float(cos[i, j])] for i, j in flagged_default]},
         "grid": grid, "top_negatives": top_negatives, "positive_pairs": positives,
     }
-    write_json(out / "calibration.json", result)
-    _plot(out / "calibration.png", ph[neg], cos[neg], pos_ph, pos_cos, [p["transform"] for p in positives], default)
+    write_json(out / "thresholds.json", result)
+    _plot(out / "thresholds.png", ph[neg], cos[neg], pos_ph, pos_cos, [p["transform"] for p in positives], default)
     print(f"positives {len(positives)}: phash max {pos_ph.max()}, cosine min {pos_cos.min():.4f}")
     print(f"negatives {int(neg.sum())}: phash min {ph[neg].min()}, cosine max {cos[neg].max():.4f}")
     print("by transform:", by_transform)
     print(f"default {default}: found {result['default_rule']['positives_found']}/{len(positives)}, "
           f"negatives flagged {len(flagged_default)}")
-    print(f"-> {out}/calibration.json ({time.perf_counter() - started:.0f} s)")
+    print(f"-> {out}/thresholds.json ({time.perf_counter() - started:.0f} s)")
 
 
 def _plot(path: Path, neg_ph, neg_cos, pos_ph, pos_cos, transforms, rule: DuplicateRule) -> None:

@@ -5,7 +5,7 @@
                                        [--random-weights]   # the other seven: random weights give the speed
 
 For each backbone and size, in one process: the same decoded images, the same batch size, timed through
-onnxruntime float32, onnxruntime int8 (static QDQ, calibrated on 64 dataset images, as extract.quantize) and
+onnxruntime float32, onnxruntime int8 (static QDQ, an int8 sample of 64 dataset images, as extract.quantize) and
 Keras ``model.predict(preprocess_input(x))`` (one warm-up batch each, then the best of --repeats passes);
 then the end-to-end rates (read, decode, resize, infer, write a fresh HDF5 cache) on the whole dataset at
 both precisions; then the ceilings = measured float32 matmul FLOP/s / the backbone's FLOPs per image, and
@@ -85,7 +85,7 @@ def bench_backbone(name: str, data: Path, weights_dir: str, n_images: int, batch
     from cxr_transfer.extract.quantize import (
         FIDELITY_MIN_COSINE,
         _quantize,
-        choose_calibration,
+        choose_int8_sample,
         cosine_rows,
         get_int8_backbone,
     )
@@ -101,15 +101,15 @@ def bench_backbone(name: str, data: Path, weights_dir: str, n_images: int, batch
     float_backbone = get_onnx_backbone(config, size, source, cache_root)
     embedder = OnnxEmbedder(float_backbone)
     onnx_rate = rate(embedder.embed, batches, repeats)
-    calibration = choose_calibration(dataset.samples, 64)
-    calib = np.stack([read_rgb(s.path, size) for s in calibration.calibration]).astype(np.float32)
+    sample = choose_int8_sample(dataset.samples, 64)
+    sample_images = np.stack([read_rgb(s.path, size) for s in sample.images]).astype(np.float32)
     int8_path = cache_root / f"{name}-{size}-bench-int8.onnx"
-    _quantize(float_backbone.path, calib, int8_path, config.int8_calibration, config.int8_float_convs,
+    _quantize(float_backbone.path, sample_images, int8_path, config.int8_statistics, config.int8_float_convs,
               config.int8_bias_correction)
     int8 = OnnxEmbedder(replace(float_backbone, path=int8_path))
     int8_rate = rate(int8.embed, batches, repeats)
     cosine = cosine_rows(embedder.embed(images[:16]), int8.embed(images[:16]))
-    held = np.stack([read_rgb(s.path, size) for s in calibration.held_back])
+    held = np.stack([read_rgb(s.path, size) for s in sample.held_back])
     gate = cosine_rows(embedder.embed(held), int8.embed(held))    # the fidelity gate's own images and rule
     model = build_keras_backbone(config, size, source)
     preprocess = keras_preprocess_input(config)
@@ -129,7 +129,7 @@ def bench_backbone(name: str, data: Path, weights_dir: str, n_images: int, batch
            "int8_over_ceiling": int8_rate / (4 * peak_flops / flops)}
     if end_to_end:
         try:   # the int8 model in the cache before timing: end to end = read, decode, infer, write
-            get_int8_backbone(float_backbone, calibration, cache_root)
+            get_int8_backbone(float_backbone, sample, cache_root)
         except CxrError:
             pass                        # refused by the fidelity gate: recorded below
         for precision, runner in (("float32", embedder), ("int8", int8)):
@@ -143,7 +143,7 @@ def bench_backbone(name: str, data: Path, weights_dir: str, n_images: int, batch
             runs = []
             for _ in range(end_to_end_repeats):
                 cache_file(dataset, settings, source.sha256,
-                           calibration.digest if precision == "int8" else None).unlink(missing_ok=True)
+                           sample.digest if precision == "int8" else None).unlink(missing_ok=True)
                 before = rate(runner.embed, batches, 1)
                 try:
                     result = extract_features(dataset, settings)

@@ -287,7 +287,7 @@ def evaluate_compare(settings: CompareSettings) -> CompareResult:
                                    "weights_sha256": result.weights.sha256, "onnx_sha256": result.onnx_sha256,
                                    "computed": result.n_computed, "skipped": result.failures,
                                    "input_size": feature_set.attrs.get("input_size"),
-                                   "precision": result.precision, "calibration_digest": result.calibration_digest}
+                                   "precision": result.precision, "int8_sample_digest": result.int8_sample_digest}
     pool_shas = {s.sha256 for s in pool.samples}
     samples, arrays = align_feature_sets({k: FeatureSet(v.embeddings, v.samples, v.class_names)
                                 for k, v in features.items()})

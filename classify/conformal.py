@@ -45,7 +45,7 @@ def _mapie_alpha(alpha: float) -> float:
     return float(Decimal("1") - Decimal(str(1.0 - alpha)))
 
 
-def _calibrates(n: int, alpha: float) -> bool:
+def _enough_scores(n: int, alpha: float) -> bool:
     """MAPIE's own condition on its conformity scores (mapie.utils._check_alpha_and_n_samples): as many
     scores as 1/alpha and 1/(1 - alpha); cross-conformal has one score per training image."""
     a = _mapie_alpha(alpha)
@@ -53,12 +53,12 @@ def _calibrates(n: int, alpha: float) -> bool:
 
 
 def smallest_alpha(n: int) -> float:
-    """The smallest alpha ``n`` training images can calibrate (about 1/n; the largest is 1 minus it);
-    nan below 2 images, where none can."""
+    """The smallest alpha ``n`` training images give enough conformal scores for (about 1/n; the largest is 1
+    minus it); nan below 2 images, where none does."""
     if n < 2:
         return math.nan
     alpha = 1.0 / n
-    while not _calibrates(n, alpha):
+    while not _enough_scores(n, alpha):
         alpha = float(np.nextafter(alpha, 1.0))
     return alpha
 
@@ -69,23 +69,23 @@ def _round(value: float, up: bool) -> float:
     return (math.ceil if up else math.floor)(value * scale) / scale
 
 
-def calibration_size_problem(n: int, alpha: float) -> str | None:
-    """None when ``n`` training images can calibrate conformal sets at ``alpha``; else one sentence saying
+def conformal_size_problem(n: int, alpha: float) -> str | None:
+    """None when ``n`` training images give enough conformal scores for ``alpha``; else one sentence saying
     what is missing and the range of alpha that ``n`` images allow."""
     alpha = check_alpha(alpha)
-    if _calibrates(n, alpha):
+    if _enough_scores(n, alpha):
         return None
     a = _mapie_alpha(alpha)
     need = math.ceil(max(1.0 / a, 1.0 / (1.0 - a)))
     why = "1/alpha" if a < 0.5 else "1/(1 - alpha)"
-    text = f"alpha={alpha:g} needs at least {need} images to calibrate conformal sets ({why}), got {n} images"
+    text = f"alpha={alpha:g} needs at least {need} images for the conformal scores ({why}), got {n} images"
     low = smallest_alpha(n)
     if math.isnan(low):
         return text + "; no alpha works with fewer than 2 images"
     shown_low, shown_high = _round(low, up=True), _round(1.0 - low, up=False)
-    while not _calibrates(n, shown_low):
+    while not _enough_scores(n, shown_low):
         shown_low = float(np.nextafter(shown_low, 1.0))
-    while not _calibrates(n, shown_high):
+    while not _enough_scores(n, shown_high):
         shown_high = float(np.nextafter(shown_high, 0.0))
     if a < 0.5:
         return text + f"; the smallest alpha {n} images allow is {shown_low:.3g}"
@@ -93,7 +93,7 @@ def calibration_size_problem(n: int, alpha: float) -> str | None:
 
 
 def conformal_folds(folds: int, seed: int, grouped: bool):
-    """The calibration folds: patient-grouped when groups are given, stratified either way."""
+    """The folds the conformal scores come from: patient-grouped when groups are given, stratified either way."""
     if grouped:
         return StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     return StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -105,7 +105,7 @@ def fit_conformal(head: str, X: np.ndarray, y: np.ndarray, alpha: float, groups:
     from mapie.classification import CrossConformalClassifier
 
     alpha = check_alpha(alpha)
-    problem = calibration_size_problem(len(y), alpha)
+    problem = conformal_size_problem(len(y), alpha)
     if problem:   # MAPIE would fit every fold first and refuse only at prediction
         raise CxrError(problem)
     model = CrossConformalClassifier(estimator=make_head(head, seed), confidence_level=1.0 - alpha,
@@ -122,7 +122,7 @@ def prediction_sets(model: Any, X: np.ndarray) -> np.ndarray:
 
 def nested_sets(head: str, X: np.ndarray, y: np.ndarray, n_classes: int, alpha: float, outer: Sequence[Split],
                 groups: np.ndarray | None = None, folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Sets for every image from a conformal model calibrated without it: for each outer split, fit
+    """Sets for every image from a conformal model whose scores never saw it: for each outer split, fit
     ``fit_conformal`` on the training side and predict the test side. Rows not in any test side stay empty."""
     sets = np.zeros((len(y), n_classes), dtype=bool)
     for split in outer:
@@ -167,16 +167,17 @@ class ConformalHead:
         return self.head.predict_proba(X)
 
     def predict_sets(self, X: np.ndarray, alpha: float) -> np.ndarray:
-        """Boolean (n, n_classes) sets; ``alpha`` must be the one the model was calibrated for."""
+        """Boolean (n, n_classes) sets; ``alpha`` must be the one the model's conformal threshold is for."""
         if not np.isclose(check_alpha(alpha), self.alpha):
-            raise CxrError(f"this model's conformal sets are calibrated for alpha {self.alpha:g}, got {alpha:g}; "
+            raise CxrError(f"this model's conformal threshold is for alpha {self.alpha:g}, got {alpha:g}; "
                            f"rerun validate with `save` and `alpha` {alpha:g} for another level")
         return prediction_sets(self.conformal, X)
 
 
 def conformal_sets_for(model: Any, X: np.ndarray, alpha: float, model_path: Any) -> np.ndarray:
-    """``predict --conformal``: the sets of a loaded model, or CxrError when it carries no calibration."""
+    """``predict --conformal``: the sets of a loaded model, or CxrError when it carries no conformal threshold."""
     if not isinstance(model, ConformalHead):
-        raise CxrError(f"{model_path}: this head carries no conformal calibration; save one with "
-                       f"validate with `save` and `alpha` {alpha:g} (calibrated on its training images only)")
+        raise CxrError(f"{model_path}: this head carries no conformal threshold; save one with "
+                       f"validate with `save` and `alpha` {alpha:g} (its conformal scores come from its training "
+                       f"images only)")
     return model.predict_sets(X, alpha)

@@ -53,7 +53,7 @@ def check_weights(part: dict, settings: ExtractSettings, precision: str | None =
     check_input_size(settings.input_size, int(part["input_size"]))
     common = replace(settings.common, backbone=config.name, input_size=int(part["input_size"]),
                      weights_file=weights_file, precision=trained)
-    return replace(settings, common=common, calibration_digest=part.get("calibration_digest"))
+    return replace(settings, common=common, int8_sample_digest=part.get("int8_sample_digest"))
 
 
 def check_input_size(asked: int | None, trained: int) -> None:

@@ -6,11 +6,13 @@ the sha256 of the joblib file taken at save time. ``load_head`` reads the JSON, 
 unpickles. A joblib file without its JSON, or whose bytes changed since it was saved, is refused.
 
 Every field of the JSON that changes a result (``DESCRIBED``: class names, and per backbone its name, input
-size, precision, int8 calibration digest, weights and ONNX sha256) is also stored inside the hashed joblib file
+size, precision, int8 sample digest, weights and ONNX sha256) is also stored inside the hashed joblib file
 (format ``cxr-transfer/head/2``); ``load_head`` refuses a JSON whose fields differ from those, naming the field.
 Heads of the old format ``cxr-transfer/head/1`` (the model pickled alone) still load: for them only the joblib
-hash and the fields' own shape are checked. ``refuse_incomplete_run`` refuses a head in a run folder that still
-holds the run's in-progress marker (``core.outputs``: the run was killed while saving).
+hash and the fields' own shape are checked. Fields renamed since (``RENAMED_KEYS``) are read under their new
+names from both the JSON and the joblib copy, so heads saved before a rename keep loading.
+``refuse_incomplete_run`` refuses a head in a run folder that still holds the run's in-progress marker
+(``core.outputs``: the run was killed while saving).
 
 A fine-tuned model is the run folder of ``finetune`` (``MODEL_JSON`` beside model.keras and model.onnx, each
 file's sha256 recorded in it). ``load_saved_model`` takes either kind of model and returns a ``SavedHead`` or a
@@ -40,12 +42,14 @@ OLD_FORMAT = "cxr-transfer/head/1"   # up to 40c227d: the model pickled alone, o
 PRECISIONS = ("float32", "int8")
 DESCRIBED = ("kind", "class_names", "backbones", "training")
 """Sidecar fields also stored inside the hashed joblib file (format 2), so that editing one is refused."""
+RENAMED_KEYS = {"calibration_digest": "int8_sample_digest"}
+"""Per-backbone fields saved under an older name (old -> new); read under the new one."""
 
 
 def save_head(path: str | Path, model: Any, class_names: list[str], backbones: list[dict[str, Any]],
               training: dict[str, Any]) -> Path:
     """Write the model and its JSON sidecar; ``backbones`` lists what produced the features, in order (each
-    with its backbone, input_size, weights_sha256, precision and, for int8, calibration_digest)."""
+    with its backbone, input_size, weights_sha256, precision and, for int8, int8_sample_digest)."""
     path = Path(path)
     description = _plain({"kind": "head", "class_names": list(class_names),
                           "backbones": [_part_record(b) for b in backbones], "training": training})
@@ -71,7 +75,7 @@ def _part_record(part: dict[str, Any]) -> dict[str, Any]:
     (``user_onnx``), so that predict and explain can register it again in another process."""
 
     record = {k: part[k] for k in ("backbone", "input_size", "weights_sha256", "onnx_sha256", "precision",
-                                   "calibration_digest") if k in part}
+                                   "int8_sample_digest") if k in part}
     user_model = saved_record(str(part["backbone"]))
     if user_model is not None:
         record["user_onnx"] = user_model
@@ -94,6 +98,7 @@ def read_head_info(path: str | Path) -> dict[str, Any]:
     if not isinstance(info, dict) or info.get("format") not in (FORMAT, OLD_FORMAT):
         found = info.get("format") if isinstance(info, dict) else type(info).__name__
         raise CxrError(f"{sidecar}: not a cxr-transfer head description (format {found!r})")
+    info = _current_names(info)
     problem = _sidecar_problem(info, info["format"])
     if problem:
         raise CxrError(f"{sidecar}: malformed head description: {problem}; save the head again with compare `save`")
@@ -106,6 +111,16 @@ def refuse_incomplete_run(path: str | Path) -> None:
     incomplete = incomplete_run(Path(path).parent)
     if incomplete:
         raise CxrError(f"{path}: refused, {incomplete}")
+
+
+def _current_names(description: dict[str, Any]) -> dict[str, Any]:
+    """``description`` (a sidecar, or the copy inside the joblib file) with each backbone's fields under their
+    current names (``RENAMED_KEYS``)."""
+    parts = description.get("backbones")
+    if not isinstance(parts, list):
+        return description
+    return {**description, "backbones": [{RENAMED_KEYS.get(k, k): v for k, v in part.items()}
+                                         if isinstance(part, dict) else part for part in parts]}
 
 
 def _sidecar_problem(info: dict[str, Any], form: str = FORMAT) -> str | None:
@@ -136,11 +151,11 @@ def _sidecar_problem(info: dict[str, Any], form: str = FORMAT) -> str | None:
         precision = part.get("precision", "float32")
         if precision not in PRECISIONS:
             return f"precision of {name} must be {' or '.join(PRECISIONS)}, got {precision!r} instead"
-        digest = part.get("calibration_digest")
+        digest = part.get("int8_sample_digest")
         if precision == "int8" and (not isinstance(digest, str) or not digest):
-            return f"calibration_digest of {name} is missing: an int8 head must record its calibration set"
+            return f"int8_sample_digest of {name} is missing: an int8 head must record its int8 sample"
         if precision == "float32" and digest is not None:
-            return f"calibration_digest of {name} is set, but its precision is float32"
+            return f"int8_sample_digest of {name} is set, but its precision is float32"
     return None
 
 
@@ -185,8 +200,8 @@ def load_head(path: str | Path) -> tuple[Any, dict[str, Any]]:
         if not isinstance(payload, dict) or payload.get("format") != FORMAT or \
                 not isinstance(payload.get("description"), dict) or "model" not in payload:
             raise CxrError(f"{path}: not a head saved by cxr-transfer in format {FORMAT}")
-        found = [text for field in DESCRIBED
-                 for text in _differences(payload["description"].get(field), info.get(field), field)]
+        saved = _current_names(payload["description"])
+        found = [text for field in DESCRIBED for text in _differences(saved.get(field), info.get(field), field)]
         if found:
             raise CxrError(f"{sidecar}: {'; '.join(found)} (the copy inside {Path(path).name} is hashed); "
                            f"refusing an edited description, save the head again")

@@ -126,7 +126,7 @@ class Options:
 Constraint = Interval | Options
 
 COUNT = Interval(1)
-"""Counts: batch size, threads, workers, epochs, seeds, calibration images, ..."""
+"""Counts: batch size, threads, workers, epochs, seeds, int8 sample images, ..."""
 INPUT_SIZE = Interval(1, MAX_INPUT_SIZE, why_high="larger inputs need tens of GiB of memory per batch")
 SEED = Interval(0, 2**32 - 1, why_high="the largest seed NumPy accepts")
 FOLDS = Interval(2)

@@ -14,9 +14,10 @@ from cxr_transfer.core.params import COUNT, INPUT_SIZE, Options, check_params, p
 
 DEFAULT_CACHE_DIR = Path("features")
 PRECISIONS = ("float32", "int8")
-INT8_CALIBRATION_BATCH = 8
-"""int8 calibration feeds onnxruntime this many images per collection step, one step at a time, so that its
-activation statistics (min/max, or histograms merged step by step) need memory for one batch, not for all."""
+INT8_STATISTICS_BATCH = 8
+"""int8 quantization feeds onnxruntime this many images of the int8 sample per collection step, one step at a
+time, so that its activation statistics (min/max, or histograms merged step by step) need memory for one batch,
+not for all."""
 EXPORT_FORMATS = ("parquet", "npy")   # ``export --format`` (extract/export_table.py)
 
 
@@ -36,9 +37,10 @@ class BackboneSettings:
     threads: int | None = param(None, COUNT, "onnxruntime threads (default: all cores)", none_means="all cores")
     progress: bool = param(True, help="progress bars / per-epoch lines on stderr")
     precision: str = param("float32", Options(PRECISIONS),
-                           "float32, or int8: a statically quantized export calibrated on the dataset's own images, "
-                           "refused when its embeddings drift from float32 (predict: the model's own)")
-    calibration_size: int = param(64, COUNT, "int8: images of the dataset to calibrate on")
+                           "float32, or int8: a statically quantized export, its ranges measured on the "
+                           "dataset's own images, refused when its embeddings drift from float32 (predict: the "
+                           "model's own)")
+    int8_sample_size: int = param(64, COUNT, "int8: dataset images its int8 statistics are collected on")
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, str) or not self.backbone.strip():
@@ -59,7 +61,7 @@ class BackboneSettings:
                 "weights_dir": str(self.weights_dir or ""), "random_weights": self.random_weights,
                 "input_size": self.input_size, "cache_dir": str(self.cache_dir), "threads": self.threads,
                 "precision": self.precision,
-                **({"calibration_size": self.calibration_size} if self.precision == "int8" else {})}
+                **({"int8_sample_size": self.int8_sample_size} if self.precision == "int8" else {})}
 
 
 def split_options(options: dict[str, Any],
@@ -109,4 +111,4 @@ class UsesBackboneSettings:
     threads = property(lambda self: self.common.threads)
     progress = property(lambda self: self.common.progress)
     precision = property(lambda self: self.common.precision)
-    calibration_size = property(lambda self: self.common.calibration_size)
+    int8_sample_size = property(lambda self: self.common.int8_sample_size)

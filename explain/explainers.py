@@ -9,7 +9,7 @@ Which method serves which model (``method="auto"``):
   model.keras. ``occlusion`` also works for it, through model.onnx.
 Weights are found and checked as predict does (``classify.predict.check_weights``); model files are checked
 against the sha256 recorded when they were saved. A head trained on int8 embeddings runs through the int8
-model of its calibration (occlusion: the exact CAM needs the float32 feature-map export).
+model of its int8 sample (occlusion: the exact CAM needs the float32 feature-map export).
 """
 from __future__ import annotations
 
@@ -125,11 +125,11 @@ def _why_no_exact_cam(part: ExtractSettings) -> str | None:
 
 
 def _backbone_as_trained(part: ExtractSettings, backbone: Any) -> Any:
-    """The float32 export, or for a head trained on int8 embeddings the int8 model of its calibration."""
+    """The float32 export, or for a head trained on int8 embeddings the int8 model of its int8 sample."""
     if part.precision != "int8":
         return backbone
 
-    return get_int8_backbone(backbone, None, part.cache_dir, part.threads, digest=part.calibration_digest,
+    return get_int8_backbone(backbone, None, part.cache_dir, part.threads, digest=part.int8_sample_digest,
                              lock_timeout=part.lock_timeout)
 
 

@@ -1,7 +1,7 @@
 """Empirical bias correction of a static int8 (QDQ) model: each quantized convolution's int32 bias is shifted so
-that its output's per-channel mean over the calibration images matches the float32 model's.
+that its output's per-channel mean over the int8 sample matches the float32 model's.
 
-Why: uint8 activations are rounded and (with Percentile calibration) clipped at every layer; the clipping and the
+Why: uint8 activations are rounded and (with Percentile ranges) clipped at every layer; the clipping and the
 ReLUs turn that noise into a per-channel bias that adds up along a deep network. On Xception this took the
 held-back min cosine to float32 from 0.989 to 0.992 at unchanged int8 speed (docs/benchmarks.md).
 - The layers are corrected one at a time in graph order, each measured after the layers before it were
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxr_transfer.core.settings import INT8_CALIBRATION_BATCH
+from cxr_transfer.core.settings import INT8_STATISTICS_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _channel_means(model, names: list[str], images: np.ndarray, new_session: Cal
     sums: list[np.ndarray] = [np.zeros(0)] * len(names)
     counts = [0] * len(names)
     within: np.ndarray | float = 0.0
-    step = INT8_CALIBRATION_BATCH        # memory stays at one batch's activations
+    step = INT8_STATISTICS_BATCH        # memory stays at one batch's activations
     for start in range(0, len(images), step):
         outputs = session.run(names, {input_name: images[start:start + step]})
         for k, out in enumerate(outputs):

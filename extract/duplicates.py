@@ -246,7 +246,7 @@ class DuplicateScan:
 
     def borderline(self, limit: int = 10, phash_slack: int = 8, cosine_slack: float = 0.03) -> list[dict]:
         """Unflagged pairs just outside the rule (pHash <= limit + slack and cosine >= min - slack): to check
-        by eye, since a duplicate with heavier edits than the calibration's would land here."""
+        by eye, since a duplicate with heavier edits than the threshold benchmark's would land here."""
         if self.cosine is None:
             return []
         near = (self.phash <= self.rule.phash_with_embedding + phash_slack) & \

@@ -8,7 +8,7 @@ bit. Two layouts (README, "Export"):
 - ``parquet``: one file. Columns ``sha256``, ``path``, ``label``, ``split``, ``group`` (UTF-8 strings; ""
   when a dataset has no split or group) and ``embedding`` (``fixed_size_list<float32>[D]``). The schema's
   key/value metadata holds ``export_metadata``'s keys (backbone, input size, precision, weights and ONNX
-  sha256, the int8 calibration digest, the HDF5 cache path, the cxr_transfer version, ...).
+  sha256, the int8 sample digest, the HDF5 cache path, the cxr_transfer version, ...).
 - ``npy``: one folder holding ``embeddings.npy`` (float32, N x D, C order), ``rows.csv`` (header
   sha256,path,label,split,group; UTF-8 without byte-order mark; row i describes embedding i) and
   ``metadata.json`` (the same keys as the Parquet metadata).
@@ -108,8 +108,8 @@ def export_metadata(features: FeatureSet, result: ExtractResult) -> dict[str, st
             "preprocessing": str(attrs.get("preprocessing", "")), "view": str(attrs.get("view", "full")),
             "embedding_dim": str(features.embeddings.shape[1]), "cache_path": str(Path(result.cache_path).absolute()),
             "dataset_root": str(attrs.get("dataset_root", "")), "cxr_transfer_version": __version__}
-    if result.calibration_digest:
-        meta["calibration_digest"] = result.calibration_digest
+    if result.int8_sample_digest:
+        meta["int8_sample_digest"] = result.int8_sample_digest
     return meta
 
 

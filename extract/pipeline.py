@@ -37,8 +37,8 @@ from cxr_transfer.extract.engine_ray import embed_on_ray
 from cxr_transfer.extract.images import ImageView
 from cxr_transfer.extract.onnx_export import DEFAULT_OPSET, OnnxBackbone, get_onnx_backbone
 from cxr_transfer.extract.quantize import (
-    CalibrationSet,
-    choose_calibration,
+    Int8Sample,
+    choose_int8_sample,
     get_int8_backbone,
     int8_info,
     precision_key,
@@ -66,7 +66,7 @@ class ExtractSettings(UsesBackboneSettings):
     view: ImageView | None = None
     lock_timeout: float = param(DEFAULT_LOCK_TIMEOUT, POSITIVE, "seconds to wait for another run writing the "
                                                                 "same cache", cli=False)
-    calibration_digest: str | None = None   # int8: use the cached model of this calibration (e.g. a saved head's)
+    int8_sample_digest: str | None = None   # int8: use the cached model of this int8 sample (e.g. a saved head's)
     engine: EngineSettings = field(default_factory=EngineSettings)   # who computes the missing embeddings
 
     def __post_init__(self) -> None:
@@ -105,9 +105,9 @@ class ExtractResult:
     weights: WeightsSource
     onnx_sha256: str
     precision: str = "float32"
-    calibration_digest: str | None = None   # int8: the calibration set the quantized model was made with
+    int8_sample_digest: str | None = None   # int8: the int8 sample the quantized model was made with
     engine_note: str = ""                   # what the engine reports (Ray: workers, shards run and failed)
-    calibration_note: str = ""              # int8: said when fewer images calibrated than calibration_size
+    int8_sample_note: str = ""              # int8: said when the int8 sample is smaller than int8_sample_size
 
     @property
     def rate(self) -> float:
@@ -122,8 +122,8 @@ class ExtractResult:
         speed = f" ({self.rate:.1f} img/s)" if self.n_computed else ""   # nothing computed: no rate to report
         text = (f"{name}: {self.n_images} images, {self.n_cached} cached, {self.n_computed} computed{speed}, "
                 f"{len(self.failures)} skipped -> {self.cache_path}")
-        if self.calibration_note:
-            text += f"; {self.calibration_note}"
+        if self.int8_sample_note:
+            text += f"; {self.int8_sample_note}"
         return f"{text} [{self.engine_note}]" if self.engine_note else text
 
 
@@ -156,13 +156,13 @@ class FeatureSet:
 
 
 def cache_file(dataset: Dataset, settings: ExtractSettings, weights_sha256: str,
-               calibration_digest: str | None = None) -> Path:
+               int8_sample_digest: str | None = None) -> Path:
     """Where a dataset's embeddings for these settings live (``core.cache_keys`` names it); int8 embeddings
-    go to their own file per calibration set, never mixed with float32 ones."""
+    go to their own file per int8 sample, never mixed with float32 ones."""
     size = settings.config.input_size(settings.input_size)
     name = model_key(settings.config.name, size, weights_sha256, settings.view.name if settings.view else "",
-                     precision_key(calibration_digest, settings.config.int8_variant)
-                     if calibration_digest else "")
+                     precision_key(int8_sample_digest, settings.config.int8_variant)
+                     if int8_sample_digest else "")
     return Path(settings.cache_dir) / dataset_cache_id(dataset.root) / f"{name}.h5"
 
 
@@ -182,8 +182,8 @@ class _Plan:
     identity: dict[str, object]
     path: Path
     view_name: str
-    calibration: CalibrationSet | None = None   # int8: the images to quantize with (None: use a cached model)
-    digest: str | None = None                   # int8: the calibration set's hash (names the model and cache)
+    sample: Int8Sample | None = None   # int8: the images to quantize with (None: use a cached model)
+    digest: str | None = None          # int8: the int8 sample's hash (names the model and cache)
 
 
 def _plan(dataset: Dataset, settings: ExtractSettings) -> _Plan:
@@ -193,13 +193,13 @@ def _plan(dataset: Dataset, settings: ExtractSettings) -> _Plan:
     view_name = settings.view.name if settings.view else "full"
     identity = {"backbone": config.name, "input_size": size, "view": view_name, "weights_sha256": source.sha256,
                 "preprocessing": config.preprocessing_description}
-    calibration, digest = None, None
+    sample, digest = None, None
     if settings.precision == "int8":
-        calibration = None if settings.calibration_digest else choose_calibration(dataset.samples,
-                                                                                   settings.calibration_size)
-        digest = settings.calibration_digest or calibration.digest
+        sample = None if settings.int8_sample_digest else choose_int8_sample(dataset.samples,
+                                                                             settings.int8_sample_size)
+        digest = settings.int8_sample_digest or sample.digest
     return _Plan(config, size, source, identity, cache_file(dataset, settings, source.sha256, digest), view_name,
-                 calibration, digest)
+                 sample, digest)
 
 
 def _prepare_folder(folder: Path, cache_dir: Path) -> None:
@@ -318,7 +318,7 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
     if todo:
         onnx = get_onnx_backbone(config, size, source, settings.cache_dir, settings.opset, settings.lock_timeout)
         if plan.digest:
-            onnx = get_int8_backbone(onnx, plan.calibration, settings.cache_dir, settings.threads, plan.digest,
+            onnx = get_int8_backbone(onnx, plan.sample, settings.cache_dir, settings.threads, plan.digest,
                                      settings.lock_timeout)
         compute = embed_on_ray if settings.engine.is_ray else _embed_local
         computed = compute(todo, onnx, cache, settings, f"{config.name} {plan.view_name}")
@@ -332,7 +332,7 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
         onnx_attrs = _onnx_attrs(onnx, path)
         precision = {"precision": settings.precision}
         if plan.digest:
-            precision.update(calibration_digest=plan.digest,
+            precision.update(int8_sample_digest=plan.digest,
                              int8_fidelity=(int8_info(onnx).get("fidelity", {}) if onnx else {}))
         cache.write(rows, {**onnx_attrs, **precision, "dataset_root": printable(str(dataset.root)), "failed": failed,
                            "versions": library_versions(), "opset": settings.opset,
@@ -341,25 +341,27 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
                          time.perf_counter() - started, computed.inference_seconds, source,
                          onnx.sha256 if onnx else str(_onnx_attrs(None, path).get("onnx_sha256", "")),
                          settings.precision, plan.digest, computed.note,
-                         _calibration_note(plan.calibration, settings.calibration_size, onnx))
+                         _int8_sample_note(plan.sample, settings.int8_sample_size, onnx))
 
 
-def _calibration_note(chosen: CalibrationSet | None, requested: int, onnx: OnnxBackbone | None) -> str:
-    """int8: 'calibrated on 23 of 64 requested images (the dataset has 30, 7 held back ...)' when the
-    quantization saw fewer images than ``calibration_size``; empty otherwise (or for a cached model)."""
+def _int8_sample_note(chosen: Int8Sample | None, requested: int, onnx: OnnxBackbone | None) -> str:
+    """int8: 'int8 statistics from 23 of 64 requested images (the dataset has 30, 7 held back ...)' when the
+    quantization saw fewer images than ``int8_sample_size``; empty otherwise (or for a cached model)."""
     if chosen is None:
         return ""
-    picked = len(chosen.calibration)
+    picked = len(chosen.images)
     used = picked
     if onnx is not None:   # the sidecar of the model just made or checked counts the images that decoded
-        used = int((int8_info(onnx).get("calibration") or {}).get("n_images", picked))
+        info = int8_info(onnx)
+        recorded = info.get("int8_sample") or info.get("calibration") or {}   # "calibration": sidecars before 2026-12
+        used = int(recorded.get("n_images", picked))
     if used >= requested:
         return ""
     unreadable = f", {picked - used} unreadable" if used < picked else ""
     pool = picked + len(chosen.held_back)
-    where = "its train split has" if {s.split for s in chosen.calibration} == {"train"} else "the dataset has"
-    return (f"calibrated on {used} of {requested} requested images ({where} {pool}, {len(chosen.held_back)} held "
-            f"back to check the int8 model{unreadable})")
+    where = "its train split has" if {s.split for s in chosen.images} == {"train"} else "the dataset has"
+    return (f"int8 statistics from {used} of {requested} requested images ({where} {pool}, "
+            f"{len(chosen.held_back)} held back to check the int8 model{unreadable})")
 
 
 def _embed_local(todo: list[Sample], onnx: OnnxBackbone, cache: FeatureCache, settings: ExtractSettings,

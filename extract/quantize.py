@@ -1,24 +1,24 @@
-"""int8 backbones: static quantization of the float32 ONNX export, calibrated on the dataset's own images,
-gated by fidelity to float32, cached and verified by hash.
+"""int8 backbones: static quantization of the float32 ONNX export, its activation ranges measured on a sample
+of the dataset's own images (the int8 sample), gated by fidelity to float32, cached and verified by hash.
 
 Why static QDQ int8 (docs/benchmarks.md, "int8"): these CPUs have AVX-512 VNNI, four times the int8
 multiply-adds of float32 FMAs; onnxruntime runs a QDQ graph with fused integer convolutions and matmuls.
 Settings (measured on VGG16 and Xception with real weights; see the docs for the numbers):
 - QDQ format, int8 per-channel weights (per-channel keeps the cosine to float32 high on depthwise layers),
-  uint8 activations, MinMax calibration (Entropy/Percentile were not better at the fidelity gate and are slower);
-  calibration statistics are collected one batch at a time, so memory does not grow with --calibration-size;
+  uint8 activations, MinMax ranges (Entropy/Percentile were not better at the fidelity gate and are slower); the
+  int8 statistics are collected one batch at a time, so memory does not grow with `int8_sample_size`;
 - every operator type onnxruntime can quantize (Conv, MatMul, pooling, Add, ...), except that a backbone may keep
   its first N convolutions (and the input preprocessing before them) in float32
   (``BackboneConfig.int8_float_convs``: Xception keeps 2, at 7% of its int8 speed);
-- a backbone may have its int8 biases corrected to float32's per-channel means on the calibration images
+- a backbone may have its int8 biases corrected to float32's per-channel means on the int8 sample
   (``BackboneConfig.int8_bias_correction``, ``bias_correction.py``): Xception, whose held-back min cosine on the
   paper's dataset goes from 0.989 (refused by the gate) to 0.992, at the same int8 speed (docs/benchmarks.md).
 
-The calibration images are a deterministic sample of the dataset (the images with the smallest sha256, from
+The int8 sample is a deterministic sample of the dataset (the images with the smallest sha256, from
 ``train/`` when the dataset has that split; labels are never used). The next images in that order are held
 back: the quantized model is refused unless every held-back embedding has a cosine of at least
 ``FIDELITY_MIN_COSINE`` to its float32 embedding. The int8 file is cached by (backbone, input size, weights
-sha256, opset, "int8", calibration-set hash) and its sha256 is checked against its sidecar before each use.
+sha256, opset, "int8", int8 sample hash) and its sha256 is checked against its sidecar before each use.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from cxr_transfer.core.io import atomic_path, cannot_write_error, no_space_error
 from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
 from cxr_transfer.core.record import library_versions, now_iso, write_json
 from cxr_transfer.core.settings import (
-    INT8_CALIBRATION_BATCH,
+    INT8_STATISTICS_BATCH,
     PRECISIONS,  # noqa: F401 (one source of truth, re-exported)
 )
 from cxr_transfer.extract.bias_correction import MIN_SLOPE, correct_biases
@@ -58,43 +58,43 @@ FIDELITY_MIN_COSINE = 0.99
 MAX_HELD_BACK = 16
 QUANTIZATION = {"format": "QDQ", "weights": "int8 per-channel", "activations": "uint8",
                 "operators": "all quantizable"}
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-"""onnxruntime calibration methods; each backbone's choice is ``BackboneConfig.int8_calibration``."""
 
 
 @dataclass(frozen=True)
-class CalibrationSet:
-    """The images a quantized model is calibrated on and those held back to check it; ``digest`` names it."""
+class Int8Sample:
+    """The images a quantized model's int8 statistics are collected on and those held back to check it;
+    ``digest`` names it."""
 
-    calibration: list[Sample]
+    images: list[Sample]
     held_back: list[Sample]
 
     @property
     def digest(self) -> str:
-        return sha256_strings(sorted(s.sha256 for s in self.calibration))
+        return sha256_strings(sorted(s.sha256 for s in self.images))
 
 
 def precision_key(digest: str, variant: str = "") -> str:
-    """The file-name qualifier for an int8 model / embeddings of a calibration set and a backbone's
-    quantization variant (``BackboneConfig.int8_variant``: calibration method, float32 convolutions)."""
+    """The file-name qualifier for an int8 model / embeddings of an int8 sample and a backbone's quantization
+    variant (``BackboneConfig.int8_variant``: statistics method, float32 convolutions). "cal" is the name it
+    was written under before, kept so that existing int8 models and caches are found."""
     return f"int8-cal{digest[:12]}" + (f"-{variant}" if variant else "")
 
 
-def choose_calibration(samples: Sequence[Sample], size: int) -> CalibrationSet:
+def choose_int8_sample(samples: Sequence[Sample], size: int) -> Int8Sample:
     """A deterministic, order-independent sample: images sorted by sha256, ``train`` split first when present.
 
-    The first ``min(16, max(2, n // 4))`` are held back for the fidelity check, the next ``size`` calibrate.
+    The first ``min(16, max(2, n // 4))`` are held back for the fidelity check, the next ``size`` are the sample.
     """
     if size < 1:
-        raise CxrError(f"`calibration_size` must be at least 1, got {size}")
+        raise CxrError(f"`int8_sample_size` must be at least 1, got {size}")
     unique = {s.sha256: s for s in samples}
     pool = [s for s in unique.values() if s.split == "train"] or list(unique.values())
     pool.sort(key=lambda s: s.sha256)
     n_held = min(MAX_HELD_BACK, max(2, len(pool) // 4))
     if len(pool) < n_held + 1:
-        raise CxrError(f"int8 needs at least {n_held + 1} images to calibrate and check the quantized model; "
+        raise CxrError(f"int8 needs at least {n_held + 1} images to measure and check the quantized model; "
                        f"the dataset has {len(pool)}")
-    return CalibrationSet(calibration=pool[n_held:n_held + size], held_back=pool[:n_held])
+    return Int8Sample(images=pool[n_held:n_held + size], held_back=pool[:n_held])
 
 
 def int8_path(backbone: OnnxBackbone, digest: str, cache_dir: str | Path) -> Path:
@@ -109,9 +109,9 @@ def _decode(samples: Sequence[Sample], size: int) -> np.ndarray:
         try:
             images.append(read_rgb(sample.path, size))
         except ImageDecodeError as exc:
-            log.warning("calibration: skipped %s", exc)
+            log.warning("int8 sample: skipped %s", exc)
     if not images:
-        raise CxrError("int8: none of the calibration images could be read")
+        raise CxrError("int8: none of the int8 sample's images could be read")
     return np.stack(images).astype(np.float32)
 
 
@@ -146,10 +146,10 @@ def float_prefix_nodes(model, n_convs: int) -> list[str]:
     return names
 
 
-def _quantize(float_path: Path, calibration: np.ndarray, out: Path, method: str = "minmax",
+def _quantize(float_path: Path, images: np.ndarray, out: Path, method: str = "minmax",
               float_convs: int = 0, bias_correction: bool = False, threads: int | None = None) -> dict[str, object]:
     """Write the static QDQ int8 model of ``float_path`` to ``out``; returns what was done, for the sidecar
-    (the nodes kept in float32, the convolutions whose biases were corrected on ``calibration``)."""
+    (the nodes kept in float32, the convolutions whose biases were corrected on ``images``)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -160,11 +160,11 @@ def _quantize(float_path: Path, calibration: np.ndarray, out: Path, method: str 
     )
 
     class Reader(CalibrationDataReader):
-        """Batches of INT8_CALIBRATION_BATCH images; ``set_range`` lets onnxruntime collect them one at a time."""
+        """Batches of INT8_STATISTICS_BATCH images; ``set_range`` lets onnxruntime collect them one at a time."""
 
         def __init__(self, input_name: str) -> None:
-            step = INT8_CALIBRATION_BATCH
-            self.batches = [{input_name: calibration[i:i + step]} for i in range(0, len(calibration), step)]
+            step = INT8_STATISTICS_BATCH
+            self.batches = [{input_name: images[i:i + step]} for i in range(0, len(images), step)]
             self.pending = iter(self.batches)
 
         def __len__(self) -> int:
@@ -184,7 +184,7 @@ def _quantize(float_path: Path, calibration: np.ndarray, out: Path, method: str 
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
         kept_float = float_prefix_nodes(onnx.load(str(prepared)), float_convs)
-        with contextlib.redirect_stdout(io.StringIO()):     # onnxruntime print()s each calibration step
+        with contextlib.redirect_stdout(io.StringIO()):     # onnxruntime print()s each collection step
             quantize_static(str(prepared), str(out), Reader(input_name), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method={"minmax": CalibrationMethod.MinMax,
@@ -198,7 +198,7 @@ def _quantize(float_path: Path, calibration: np.ndarray, out: Path, method: str 
         corrected = 0
         if bias_correction:
             quantized = onnx.load(str(out))
-            corrected = correct_biases(quantized, onnx.load(str(prepared)), calibration,
+            corrected = correct_biases(quantized, onnx.load(str(prepared)), images,
                                        lambda model: open_session(model, threads))
             if not corrected:
                 log.warning("int8 bias correction is configured but found no convolution to correct in %s "
@@ -226,24 +226,24 @@ def _cached(path: Path, backbone: OnnxBackbone) -> OnnxBackbone | None:
     return replace(backbone, path=path, sha256=actual)
 
 
-def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None, cache_dir: str | Path,
+def get_int8_backbone(backbone: OnnxBackbone, sample: Int8Sample | None, cache_dir: str | Path,
                       threads: int | None = None, digest: str | None = None,
                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> OnnxBackbone:
     """The int8 version of a float32 export (cached, hash-checked), quantizing and gating it when needed.
 
-    ``digest`` instead of ``calibration`` looks up an existing model (e.g. the one a saved head was trained on).
+    ``digest`` instead of ``sample`` looks up an existing model (e.g. the one a saved head was trained on).
     Quantization holds the model's file lock: a second run that needs the same model waits, then uses it.
     """
-    digest = digest or (calibration.digest if calibration else None)
+    digest = digest or (sample.digest if sample else None)
     if digest is None:
-        raise ValueError("give a calibration set or the digest of an existing one")
+        raise ValueError("give an int8 sample or the digest of an existing one")
     path = int8_path(backbone, digest, cache_dir)
     found = _cached(path, backbone)
     if found is not None:
         return found
-    if calibration is None:
-        raise CxrError(f"the int8 model {path.name} (calibration {digest[:12]}) is not in {path.parent}; "
-                       f"extract the dataset it was calibrated on with `precision` int8 into this `cache_dir` first")
+    if sample is None:
+        raise CxrError(f"the int8 model {path.name} (int8 sample {digest[:12]}) is not in {path.parent}; "
+                       f"extract the dataset it was quantized on with `precision` int8 into this `cache_dir` first")
     # quantization writes a prepared float32 copy and its shape-inferred twin (in a work folder beside the model),
     # then the int8 model (about a quarter of the float32 size)
     needed = 2 * backbone.path.stat().st_size + backbone.path.stat().st_size // 4
@@ -257,22 +257,22 @@ def get_int8_backbone(backbone: OnnxBackbone, calibration: CalibrationSet | None
                 return found
             if shutil.disk_usage(path.parent).free < needed:  # onnx's shape inference truncates its file on a
                 raise no_space_error(path.parent, needed)     # full disk instead of failing: check first
-            return _quantize_gated(backbone, calibration, path, threads)
+            return _quantize_gated(backbone, sample, path, threads)
     except OSError as exc:   # a full disk or an unwritable folder
         raise cannot_write_error(path.parent, exc, "ONNX folder", needed) from None
 
 
-def _quantize_gated(backbone: OnnxBackbone, calibration: CalibrationSet, path: Path,
+def _quantize_gated(backbone: OnnxBackbone, sample: Int8Sample, path: Path,
                     threads: int | None) -> OnnxBackbone:
     """Quantize into a temporary file, gate it against float32 on the held-back images, then install it at
     ``path`` with its sidecar. Refused, a full disk, Ctrl-C: no model is left (the caller holds the lock)."""
     started = time.perf_counter()
     size = backbone.input_size
-    calib_images = _decode(calibration.calibration, size)
-    held_images = _decode(calibration.held_back, size)
+    sample_images = _decode(sample.images, size)
+    held_images = _decode(sample.held_back, size)
     config = backbone.config
     with atomic_path(path) as tmp:
-        done = _quantize(backbone.path, calib_images, tmp, config.int8_calibration, config.int8_float_convs,
+        done = _quantize(backbone.path, sample_images, tmp, config.int8_statistics, config.int8_float_convs,
                          config.int8_bias_correction, threads)
         cosines = cosine_rows(_embed(backbone.path, held_images, threads), _embed(tmp, held_images, threads))
         fidelity = {"min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()),
@@ -282,7 +282,7 @@ def _quantize_gated(backbone: OnnxBackbone, calibration: CalibrationSet, path: P
                                    f"held-back images have a min cosine of {cosines.min():.4f} to float32, below "
                                    f"{FIDELITY_MIN_COSINE}; use `precision` float32")
     try:
-        _write_sidecar(path, backbone, calibration, done, fidelity, len(calib_images), started)
+        _write_sidecar(path, backbone, sample, done, fidelity, len(sample_images), started)
     except BaseException:        # a full disk or Ctrl-C: no model without its sidecar (this run holds the lock)
         path.unlink(missing_ok=True)
         raise
@@ -290,22 +290,22 @@ def _quantize_gated(backbone: OnnxBackbone, calibration: CalibrationSet, path: P
     return replace(backbone, path=path, sha256=sha256_file(path))
 
 
-def _write_sidecar(path: Path, backbone: OnnxBackbone, calibration: CalibrationSet, done: dict[str, object],
-                   fidelity: dict[str, object], n_calibration: int, started: float) -> None:
+def _write_sidecar(path: Path, backbone: OnnxBackbone, sample: Int8Sample, done: dict[str, object],
+                   fidelity: dict[str, object], n_images: int, started: float) -> None:
     config = backbone.config
     write_json(path.with_suffix(".json"), {
         "backbone": config.name, "input_size": backbone.input_size, "precision": "int8", "sha256": sha256_file(path),
         "float_onnx_sha256": backbone.sha256, "weights_sha256": backbone.weights_sha256, "opset": backbone.opset,
-        "quantization": {**QUANTIZATION, "calibration_method": config.int8_calibration,
+        "quantization": {**QUANTIZATION, "statistics_method": config.int8_statistics,
                          "float32_convolutions": config.int8_float_convs, **done},
-        "calibration": {"digest": calibration.digest, "n_images": n_calibration,
-                        "sha256": sorted(s.sha256 for s in calibration.calibration)},
-        "held_back_sha256": sorted(s.sha256 for s in calibration.held_back), "fidelity": fidelity,
+        "int8_sample": {"digest": sample.digest, "n_images": n_images,
+                        "sha256": sorted(s.sha256 for s in sample.images)},
+        "held_back_sha256": sorted(s.sha256 for s in sample.held_back), "fidelity": fidelity,
         "seconds": round(time.perf_counter() - started, 1), "created": now_iso(), "versions": library_versions()})
 
 
 def int8_info(backbone: OnnxBackbone) -> dict[str, object]:
-    """The sidecar of an int8 model (fidelity, calibration), for run records."""
+    """The sidecar of an int8 model (fidelity, int8 sample), for run records."""
     try:
         return json.loads(backbone.path.with_suffix(".json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

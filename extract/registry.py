@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.settings import INT8_CALIBRATION_BATCH
+from cxr_transfer.core.settings import INT8_STATISTICS_BATCH
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class BackboneConfig:
     keras_weights_file: str   # Keras' own cached file name for the headless ImageNet weights
     keras_weights_dir: str = ""  # folder of that file on Keras' download server (default: keras_module)
     keras_weights_md5: str | None = None  # the file hash Keras publishes; checked by keras.utils.get_file
-    int8_calibration: str = "minmax"      # onnxruntime calibration for --precision int8 (docs/benchmarks.md)
+    int8_statistics: str = "minmax"      # int8: how onnxruntime turns activation statistics into ranges
     int8_float_convs: int = 0             # int8: the first N convolutions (and what precedes them) stay float32
     int8_bias_correction: bool = False    # int8: biases corrected to float32's channel means (bias_correction.py)
 
@@ -38,7 +38,7 @@ class BackboneConfig:
     def int8_variant(self) -> str:
         """How this backbone is quantized, as a file-name qualifier ("" for the default MinMax, all int8)."""
         # Histogram methods depend on how batches are merged ("b8": collected 8 images at a time); MinMax does not.
-        parts = ([] if self.int8_calibration == "minmax" else [self.int8_calibration, f"b{INT8_CALIBRATION_BATCH}"]) \
+        parts = ([] if self.int8_statistics == "minmax" else [self.int8_statistics, f"b{INT8_STATISTICS_BATCH}"]) \
             + ([f"f{self.int8_float_convs}"] if self.int8_float_convs else []) \
             + (["bc"] if self.int8_bias_correction else [])
         return "-".join(parts)
@@ -91,7 +91,7 @@ BACKBONES: dict[str, BackboneConfig] = {c.name: c for c in (
                    # held-back min cosine to float32 (docs/benchmarks.md): MinMax 0.944 (0.971 with the first two
                    # convs in float32), Percentile 0.9865, Percentile + first two convs in float32 0.989 (refused
                    # by the gate), the same with bias correction 0.9917 (0.9910 without the float32 convs)
-                   int8_calibration="percentile", int8_float_convs=2, int8_bias_correction=True),
+                   int8_statistics="percentile", int8_float_convs=2, int8_bias_correction=True),
     BackboneConfig(name="inceptionresnetv2", keras_factory="InceptionResNetV2", keras_module="inception_resnet_v2",
                    preprocessing="tf", default_input_size=299, feature_dim=1536, min_input_size=75,
                    keras_weights_file="inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",

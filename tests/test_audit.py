@@ -48,7 +48,7 @@ REAL_DATA = SHARED / "data" / "covid19-xray"
 BRIEF_EDITS = {"jpeg70": reencode_jpeg, "resize50": resize_half, "crop5": crop_5, "text": text_label,
                "equalise": equalise}
 HASH_ALONE_EDITS = ("jpeg70", "resize50", "crop5", "equalise", "crop5corner")
-"""Edits the calibration found within the pHash-alone threshold on real images (docs/audit-notes.md)."""
+"""Edits the threshold benchmark found within the pHash-alone threshold on real images (docs/audit-notes.md)."""
 
 
 def radiograph(seed: int, height: int = 320, width: int = 288) -> np.ndarray:

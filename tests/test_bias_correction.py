@@ -34,14 +34,14 @@ def _float_model(path: Path) -> None:
 def models(tmp_path_factory) -> dict[str, object]:
     folder = tmp_path_factory.mktemp("bias")
     rng = np.random.default_rng(1)
-    calibration = rng.gamma(2.0, 1.0, (32, 3, 16, 16)).astype(np.float32)   # skewed, with outliers: the
+    sample = rng.gamma(2.0, 1.0, (32, 3, 16, 16)).astype(np.float32)        # skewed, with outliers: the
     other = rng.gamma(2.0, 1.0, (32, 3, 16, 16)).astype(np.float32)         # Percentile clipping biases int8
     _float_model(folder / "float.onnx")
     plain, corrected = folder / "plain.onnx", folder / "corrected.onnx"
-    quantize._quantize(folder / "float.onnx", calibration, plain, "percentile")
-    done = quantize._quantize(folder / "float.onnx", calibration, corrected, "percentile", bias_correction=True)
+    quantize._quantize(folder / "float.onnx", sample, plain, "percentile")
+    done = quantize._quantize(folder / "float.onnx", sample, corrected, "percentile", bias_correction=True)
     return {"float": folder / "float.onnx", "plain": plain, "corrected": corrected, "done": done,
-            "calibration": calibration, "other": other}
+            "sample": sample, "other": other}
 
 
 def _channel_mean_error(models: dict, name: str, images: np.ndarray) -> float:
@@ -62,9 +62,9 @@ def test_both_convolutions_are_corrected_and_recorded(models):
     assert {n.op_type for n in corrected.graph.node} == {n.op_type for n in plain.graph.node}
 
 
-def test_corrected_channel_means_match_float32_on_calibration_and_other_images(models):
-    """Matched on the calibration images (0.020 -> 0.002 when written), and closer on others (0.018 -> 0.010)."""
-    plain, corrected = (_channel_mean_error(models, m, models["calibration"]) for m in ("plain", "corrected"))
+def test_corrected_channel_means_match_float32_on_the_int8_sample_and_other_images(models):
+    """Matched on the int8 sample (0.020 -> 0.002 when written), and closer on others (0.018 -> 0.010)."""
+    plain, corrected = (_channel_mean_error(models, m, models["sample"]) for m in ("plain", "corrected"))
     assert corrected < plain / 4, (plain, corrected)
     plain, corrected = (_channel_mean_error(models, m, models["other"]) for m in ("plain", "corrected"))
     assert corrected < plain * 0.8, (plain, corrected)
@@ -84,7 +84,7 @@ def test_a_zero_bias_scale_leaves_that_bias_alone(models):
     scale = next(i for i in model.graph.initializer if i.name == "b1_quantized_scale")
     scale.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(scale)), scale.name))
     before = {i.name: numpy_helper.to_array(i).copy() for i in model.graph.initializer if i.name.endswith("quantized")}
-    corrected = bias_correction.correct_biases(model, original, models["calibration"],
+    corrected = bias_correction.correct_biases(model, original, models["sample"],
                                                lambda m: open_session(m, 1))
     after = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("quantized")}
     assert corrected == 2 and np.array_equal(after["b1_quantized"], before["b1_quantized"])
@@ -100,5 +100,5 @@ def test_convolutions_without_a_unique_name_are_not_matched(models, name):
             if node.op_type == "Conv":
                 node.name = name
     assert bias_correction._targets(plain, original) == []
-    assert bias_correction.correct_biases(plain, original, models["calibration"],
+    assert bias_correction.correct_biases(plain, original, models["sample"],
                                           lambda m: open_session(m, 1)) == 0

@@ -76,21 +76,21 @@ def test_parquet_holds_the_cache_bit_for_bit_with_its_provenance(exported):
     assert meta["onnx_sha256"] == attrs["onnx_sha256"] and len(meta["onnx_sha256"]) == 64
     assert meta["cache_path"] == str(exported.extraction.cache_path)
     assert meta["cxr_transfer_version"] == cxr_transfer.__version__ and meta["embedding_dim"] == str(dim)
-    assert "calibration_digest" not in meta
+    assert "int8_sample_digest" not in meta
     row_group = pq.ParquetFile(exported.path).metadata.row_group(0)
     assert "RLE_DICTIONARY" not in row_group.column(5).encodings          # floats plain: a dictionary is larger
     assert [p.name for p in exported.path.parent.iterdir()] == [exported.path.name]    # no temporary left
 
 
-def test_int8_export_records_its_calibration(exported, data: Path, cache: Path, tmp_path: Path):
+def test_int8_export_records_its_int8_sample(exported, data: Path, cache: Path, tmp_path: Path):
     import pyarrow.parquet as pq
 
     result = cxr_transfer.export_embeddings(data, "mobilenetv2", out=tmp_path / "int8.parquet", cache_dir=cache,
-                                            precision="int8", calibration_size=4, **TINY)
+                                            precision="int8", int8_sample_size=4, **TINY)
     embeddings, _, attrs = cached(result)
     meta = {k.decode(): v.decode() for k, v in pq.read_schema(result.path).metadata.items()}
     assert meta["precision"] == "int8" and "-int8-cal" in meta["cache_path"]
-    assert meta["calibration_digest"] == attrs["calibration_digest"] == result.extraction.calibration_digest
+    assert meta["int8_sample_digest"] == attrs["int8_sample_digest"] == result.extraction.int8_sample_digest
     assert meta["onnx_sha256"] == attrs["onnx_sha256"] != exported.metadata["onnx_sha256"]   # the int8 model's
     values = np.stack(pq.read_table(result.path).column("embedding").to_pylist()).astype(np.float32)
     assert np.array_equal(values, embeddings)

@@ -1,4 +1,4 @@
-"""int8 extraction: calibration choice, the fidelity gate, separate hash-checked caches, precision in saved heads."""
+"""int8 extraction: the int8 sample, the fidelity gate, separate hash-checked caches, precision in saved heads."""
 from __future__ import annotations
 
 import json
@@ -31,41 +31,41 @@ def settings(cache: Path, **extra) -> ExtractSettings:
     return ExtractSettings.from_options(cache_dir=cache, **{**OPTIONS, **extra})
 
 
-def test_calibration_is_deterministic_disjoint_and_from_train(data: Path):
+def test_int8_sample_is_deterministic_disjoint_and_from_train(data: Path):
     dataset = load_dataset(data)
-    chosen = quantize.choose_calibration(dataset.samples, 8)
-    shuffled = quantize.choose_calibration(list(reversed(dataset.samples)), 8)
-    assert chosen.digest == shuffled.digest and len(chosen.calibration) == 8 and len(chosen.held_back) == 6
-    assert not {s.sha256 for s in chosen.calibration} & {s.sha256 for s in chosen.held_back}
-    assert {s.split for s in chosen.calibration + chosen.held_back} == {"train"}
+    chosen = quantize.choose_int8_sample(dataset.samples, 8)
+    shuffled = quantize.choose_int8_sample(list(reversed(dataset.samples)), 8)
+    assert chosen.digest == shuffled.digest and len(chosen.images) == 8 and len(chosen.held_back) == 6
+    assert not {s.sha256 for s in chosen.images} & {s.sha256 for s in chosen.held_back}
+    assert {s.split for s in chosen.images + chosen.held_back} == {"train"}
     with pytest.raises(CxrError, match="at least 1"):
-        quantize.choose_calibration(dataset.samples, 0)
+        quantize.choose_int8_sample(dataset.samples, 0)
 
 
 def test_int8_embeddings_are_close_to_float32_and_cached_apart(data: Path, cache: Path):
     dataset = load_dataset(data)
     full, full_result = load_features(dataset, settings(cache))
-    low, low_result = load_features(dataset, settings(cache, precision="int8", calibration_size=16))
+    low, low_result = load_features(dataset, settings(cache, precision="int8", int8_sample_size=16))
     assert low_result.cache_path != full_result.cache_path and "int8-cal" in low_result.cache_path.name
-    assert low_result.precision == "int8" and low_result.calibration_digest
+    assert low_result.precision == "int8" and low_result.int8_sample_digest
     assert low_result.onnx_sha256 != full_result.onnx_sha256
     cosines = quantize.cosine_rows(full.embeddings, low.embeddings)
     assert cosines.min() >= quantize.FIDELITY_MIN_COSINE and not np.array_equal(full.embeddings, low.embeddings)
     sidecar = json.loads(next(cache.glob("onnx/*int8*.json")).read_text())
     assert sidecar["fidelity"]["min_cosine"] >= quantize.FIDELITY_MIN_COSINE
-    assert sidecar["calibration"]["n_images"] == 16 and sidecar["quantization"]["format"] == "QDQ"
-    again = extract_features(dataset, settings(cache, precision="int8", calibration_size=16))
+    assert sidecar["int8_sample"]["n_images"] == 16 and sidecar["quantization"]["format"] == "QDQ"
+    again = extract_features(dataset, settings(cache, precision="int8", int8_sample_size=16))
     assert again.n_computed == 0 and again.n_cached == len(dataset)
 
 
 def test_a_changed_int8_file_is_quantized_again(data: Path, tmp_path: Path):
     dataset = load_dataset(data)
-    first, _ = load_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    first, _ = load_features(dataset, settings(tmp_path, precision="int8", int8_sample_size=8))
     model = next(tmp_path.glob("onnx/*int8*.onnx"))
     model.write_bytes(model.read_bytes()[:-64] + bytes(64))          # damaged: the hash no longer matches
     for h5 in tmp_path.rglob("*int8*.h5"):
         h5.unlink()
-    second, _ = load_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    second, _ = load_features(dataset, settings(tmp_path, precision="int8", int8_sample_size=8))
     np.testing.assert_allclose(second.embeddings, first.embeddings, rtol=1e-5, atol=1e-5)
     info = json.loads(model.with_suffix(".json").read_text())
     from cxr_transfer.core.hashing import sha256_file
@@ -75,17 +75,17 @@ def test_a_changed_int8_file_is_quantized_again(data: Path, tmp_path: Path):
 def test_fidelity_gate_refuses_with_one_line(data: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setattr(quantize, "FIDELITY_MIN_COSINE", 1.000001)
     with pytest.raises(CxrError, match=r"int8 vgg16 refused: .* min cosine of .* use `precision` float32"):
-        extract_features(load_dataset(data), settings(tmp_path, precision="int8", calibration_size=8))
+        extract_features(load_dataset(data), settings(tmp_path, precision="int8", int8_sample_size=8))
     assert not list(tmp_path.glob("onnx/*int8*"))          # neither the model nor its .tmp
 
 
 def test_saved_head_keeps_its_precision_and_predict_refuses_another(data: Path, cache: Path, tmp_path: Path):
     run = cxr_transfer.compare(data, "vgg16", heads="logreg", protocol="holdout", save=True, out_dir=tmp_path,
                                cache_dir=cache, random_weights=True, input_size=32, progress=False,
-                               precision="int8", calibration_size=16)
+                               precision="int8", int8_sample_size=16)
     head = run.run_dir / "vgg16-logreg.joblib"
     part = json.loads(head.with_suffix(".json").read_text())["backbones"][0]
-    assert part["precision"] == "int8" and part["calibration_digest"]
+    assert part["precision"] == "int8" and part["int8_sample_digest"]
     out, skipped = cxr_transfer.predict(data / "test", head, out=tmp_path / "p.csv", cache_dir=cache,
                                         random_weights=True, progress=False)
     assert not skipped and len(out.read_text().splitlines()) == 1 + 24
@@ -126,7 +126,7 @@ def test_a_backbone_with_float32_convolutions_keeps_them_and_names_its_files(dat
     import onnx
 
     result = extract_features(load_dataset(data), settings(tmp_path, backbone="xception", input_size=71,
-                                                           precision="int8", calibration_size=8))
+                                                           precision="int8", int8_sample_size=8))
     assert result.cache_path.name.endswith("-percentile-b8-f2-bc.h5")
     model_file = next(tmp_path.glob("onnx/*int8*-percentile-b8-f2-bc.onnx"))
     sidecar = json.loads(model_file.with_suffix(".json").read_text())
@@ -142,13 +142,13 @@ def test_a_backbone_with_float32_convolutions_keeps_them_and_names_its_files(dat
 
 
 @pytest.mark.parametrize("method, calibrater", [("minmax", "MinMaxCalibrater"), ("percentile", "HistogramCalibrater")])
-def test_calibration_statistics_are_collected_one_batch_at_a_time(data: Path, cache: Path, monkeypatch, method,
+def test_int8_statistics_are_collected_one_batch_at_a_time(data: Path, cache: Path, monkeypatch, method,
                                                                   calibrater):
     """onnxruntime keeps every batch's activations until its collect step ends: one batch per step keeps the
-    memory of a large --calibration-size to one batch (128 Xception images collected at once needed > 24 GB)."""
+    memory of a large --int8-sample-size to one batch (128 Xception images collected at once needed > 24 GB)."""
     from onnxruntime.quantization import calibrate
 
-    from cxr_transfer.core.settings import INT8_CALIBRATION_BATCH
+    from cxr_transfer.core.settings import INT8_STATISTICS_BATCH
 
     dataset = load_dataset(data)
     load_features(dataset, settings(cache))
@@ -158,7 +158,7 @@ def test_calibration_statistics_are_collected_one_batch_at_a_time(data: Path, ca
     steps: list[list[int]] = []
     monkeypatch.setattr(cls, "collect_data", _recording(cls.collect_data, steps))
     quantize._quantize(float_model, images, cache / f"steps-{method}.onnx", method)
-    assert steps == [[INT8_CALIBRATION_BATCH]] * 2 + [[20 - 2 * INT8_CALIBRATION_BATCH]]
+    assert steps == [[INT8_STATISTICS_BATCH]] * 2 + [[20 - 2 * INT8_STATISTICS_BATCH]]
 
 
 def _recording(original, steps):
@@ -196,7 +196,7 @@ def test_a_refused_backbone_does_not_stop_the_others(data: Path, cache: Path, mo
 
     monkeypatch.setattr(pipeline, "get_int8_backbone", refuse_vgg19)
     code = main(["extract", "--data", str(data), "--backbone", "vgg19,vgg16", "--random-weights", "--input-size", "32",
-                 "--precision", "int8", "--calibration-size", "16", "--cache-dir", str(cache), "--no-progress"])
+                 "--precision", "int8", "--int8-sample-size", "16", "--cache-dir", str(cache), "--no-progress"])
     out, err = capsys.readouterr()
     assert code == 2
     assert "vgg16" in out and "vgg19" not in out
@@ -212,38 +212,38 @@ def test_a_full_disk_while_quantizing_is_one_error_and_leaves_no_file(data: Path
     dataset = _with_float_export_only(data, cache, tmp_path)
     real = quantize._quantize
 
-    def full_disk(float_path, calibration, out, *args):
-        real(float_path, calibration, out, *args)
+    def full_disk(float_path, images, out, *args):
+        real(float_path, images, out, *args)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(quantize, "_quantize", full_disk)
     with pytest.raises(CxrError, match=r"^no space left in .*onnx: writing the cache needs about"):
-        extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+        extract_features(dataset, settings(tmp_path, precision="int8", int8_sample_size=8))
     assert not _int8_files(tmp_path)
 
 
 def test_quantization_holds_the_model_lock_and_a_waiter_uses_the_model(data: Path, cache: Path, tmp_path: Path,
                                                                         monkeypatch):
-    """Two runs that need the same int8 model (copies of one folder, same calibration images): while one
+    """Two runs that need the same int8 model (copies of one folder, same int8 sample): while one
     quantizes, the model's lock is held, and a run that got the lock after it finds the model and uses it."""
     from cxr_transfer.core.locking import file_lock
 
     dataset = _with_float_export_only(data, cache, tmp_path)
     real, seen = quantize._quantize, []
 
-    def quantize_and_probe_the_lock(float_path, calibration, out, *args):
+    def quantize_and_probe_the_lock(float_path, images, out, *args):
         model = out.with_name(out.name[1:].split(".")[0] + ".onnx")    # .<stem>.<8 hex>.onnx.tmp (core.io)
         with pytest.raises(CxrError, match="is being written by pid"), file_lock(model, timeout=0):
             pass
         seen.append(model)
-        return real(float_path, calibration, out, *args)
+        return real(float_path, images, out, *args)
 
     monkeypatch.setattr(quantize, "_quantize", quantize_and_probe_the_lock)
-    first, _ = load_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    first, _ = load_features(dataset, settings(tmp_path, precision="int8", int8_sample_size=8))
     assert len(seen) == 1 and not list((tmp_path / "onnx").glob("*.tmp"))
     for h5 in tmp_path.rglob("*int8*.h5"):
         h5.unlink()
-    second, _ = load_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    second, _ = load_features(dataset, settings(tmp_path, precision="int8", int8_sample_size=8))
     assert len(seen) == 1                                      # the model was there: not quantized again
     np.testing.assert_array_equal(first.embeddings, second.embeddings)
 
@@ -253,14 +253,14 @@ def test_an_interrupted_quantization_leaves_no_temporary_file(data: Path, cache:
     dataset = _with_float_export_only(data, cache, tmp_path)
     real = quantize._quantize
 
-    def interrupted(float_path, calibration, out, *args):
-        real(float_path, calibration, out, *args)
+    def interrupted(float_path, images, out, *args):
+        real(float_path, images, out, *args)
         assert out.is_file()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(quantize, "_quantize", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+        extract_features(dataset, settings(tmp_path, precision="int8", int8_sample_size=8))
     assert not _int8_files(tmp_path)
 
 
@@ -270,7 +270,7 @@ def test_a_killed_quantization_leaves_nothing_the_next_run_keeps(data: Path, cac
     prepared float32 copy, or a sidecar's .tmp; the next run that quantizes that model removes them, even when
     that run's model is refused."""
     dataset = _with_float_export_only(data, cache, tmp_path)
-    extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    extract_features(dataset, settings(tmp_path, precision="int8", int8_sample_size=8))
     model = next(tmp_path.glob("onnx/*int8*.onnx"))
     for made in [model, model.with_suffix(".json"), *tmp_path.rglob("*int8*.h5")]:
         made.unlink()
@@ -285,9 +285,9 @@ def test_a_killed_quantization_leaves_nothing_the_next_run_keeps(data: Path, cac
     with monkeypatch.context() as refusing:
         refusing.setattr(quantize, "FIDELITY_MIN_COSINE", 1.000001)
         with pytest.raises(CxrError, match="refused"):
-            extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+            extract_features(dataset, settings(tmp_path, precision="int8", int8_sample_size=8))
     assert not _int8_files(tmp_path)
-    extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+    extract_features(dataset, settings(tmp_path, precision="int8", int8_sample_size=8))
     assert _int8_files(tmp_path) == [
         model.with_suffix(".json").name, model.name]
 
@@ -308,7 +308,7 @@ def test_a_full_disk_while_writing_the_sidecar_leaves_no_model(data: Path, cache
 
     monkeypatch.setattr(Path, "replace", full_disk)
     with pytest.raises(CxrError, match=r"^no space left in .*onnx"):
-        extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+        extract_features(dataset, settings(tmp_path, precision="int8", int8_sample_size=8))
     assert not _int8_files(tmp_path)
     monkeypatch.undo()
     record.write_json(tmp_path / "ok.json", {"a": 1})          # and write_json itself still works
@@ -334,7 +334,7 @@ def test_too_little_space_to_quantize_is_one_error_before_writing(data: Path, ca
     monkeypatch.setattr(quantize, "_quantize", recording)
     monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(1 << 40, 1 << 40, 1 << 20))
     with pytest.raises(CxrError, match=r"^no space left in .*onnx: writing the cache needs about .*, 1\.0 MB free"):
-        extract_features(dataset, settings(tmp_path, precision="int8", calibration_size=8))
+        extract_features(dataset, settings(tmp_path, precision="int8", int8_sample_size=8))
     assert not called and not _int8_files(tmp_path)
 
 

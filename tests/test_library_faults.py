@@ -83,8 +83,8 @@ def test_a_list_of_names_is_a_comma_list():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: BackboneSettings(calibration_size=0), "calibration_size must be at least 1, got 0"),
-    (lambda: BackboneSettings(calibration_size=2.5), "calibration_size must be an int"),
+    (lambda: BackboneSettings(int8_sample_size=0), "int8_sample_size must be at least 1, got 0"),
+    (lambda: BackboneSettings(int8_sample_size=2.5), "int8_sample_size must be an int"),
     (lambda: BackboneSettings(threads=0), "threads must be at least 1, got 0"),
     (lambda: ExtractSettings(batch_size=0), "batch_size must be at least 1, got 0"),
     (lambda: ExtractSettings(decode_workers=-1), "decode_workers must be at least 1, got -1"),
@@ -134,10 +134,10 @@ def test_cli_flags_and_library_share_one_constraint_per_setting(capsys):
     assert f"--folds: {bounds.FOLDS.problem(1)}" in capsys.readouterr().err
 
 
-def test_cli_refuses_a_calibration_size_below_one(run_cli, class_tree: Path):
-    result = run_cli("extract", "--data", class_tree, "--precision", "int8", "--calibration-size", "0",
+def test_cli_refuses_an_int8_sample_size_below_one(run_cli, class_tree: Path):
+    result = run_cli("extract", "--data", class_tree, "--precision", "int8", "--int8-sample-size", "0",
                      "--random-weights", "--no-progress")
-    assert result.returncode == 2 and "--calibration-size: must be at least 1, got 0 instead" in result.error_line()
+    assert result.returncode == 2 and "--int8-sample-size: must be at least 1, got 0 instead" in result.error_line()
 
 
 # ----------------------------------------------------------------------------------------- L10, L2
@@ -152,15 +152,15 @@ def test_export_records_the_cache_path_absolute(models: Path, tiny_data: Path, t
     assert Path(metadata["dataset_root"]).is_absolute()
 
 
-def test_int8_summary_says_when_it_calibrated_on_fewer_images_than_asked(models: Path, tmp_path: Path):
-    data = write_class_tree(tmp_path / "d", per_class=4, size=40)      # 12 images: 3 held back, 9 calibrate
+def test_int8_summary_says_when_its_sample_has_fewer_images_than_asked(models: Path, tmp_path: Path):
+    data = write_class_tree(tmp_path / "d", per_class=4, size=40)      # 12 images: 3 held back, 9 in the int8 sample
     shutil.copytree(models, tmp_path / "c" / "onnx")
     result = extract_features(load_dataset(data), ExtractSettings.from_options(
-        cache_dir=tmp_path / "c", precision="int8", calibration_size=64, **TINY))
-    assert "calibrated on 9 of 64 requested images (the dataset has 12, 3 held back" in result.summary()
+        cache_dir=tmp_path / "c", precision="int8", int8_sample_size=64, **TINY))
+    assert "int8 statistics from 9 of 64 requested images (the dataset has 12, 3 held back" in result.summary()
     enough = extract_features(load_dataset(data), ExtractSettings.from_options(
-        cache_dir=tmp_path / "c", precision="int8", calibration_size=4, **TINY))
-    assert "calibrated on" not in enough.summary()
+        cache_dir=tmp_path / "c", precision="int8", int8_sample_size=4, **TINY))
+    assert "int8 statistics from" not in enough.summary()
 
 
 # ----------------------------------------------------------------------------------------- L9 / quiet

@@ -1,4 +1,4 @@
-"""Saved models: what a head records (precision, calibration, input size), the sidecar's fields checked against
+"""Saved models: what a head records (precision, int8 sample, input size), the sidecar's fields checked against
 the hashed file, malformed descriptions refused in one line, heads of the old format, interrupted runs."""
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def compare_head(data: Path, cache: Path, base: Path) -> Path:
 def validate_int8_run(data: Path, ext: Path, cache: Path, base: Path) -> Path:
     """A validate --precision int8 --save run folder."""
     run = run_validate(ValidateSettings(data=data, external=ext, extract=settings(cache, precision="int8",
-                                                                                 calibration_size=8),
+                                                                                 int8_sample_size=8),
                                         backbones="mobilenetv2", heads="logreg", folds=3, n_boot=100, save=True,
                                         n_jobs=1), base / "runs", "val8")
     return run.run_dir
@@ -97,8 +97,8 @@ def test_validate_int8_head_records_precision_and_is_predicted_and_explained_at_
                                                                                       cache, tmp_path):
     head = validate_int8_run / "mobilenetv2-logreg.joblib"
     part = json.loads(head.with_suffix(".json").read_text())["backbones"][0]
-    assert part["precision"] == "int8" and len(part["calibration_digest"]) == 64 and part["input_size"] == 32
-    # its external images were embedded with TRAIN's int8 model (one cache file per calibration)
+    assert part["precision"] == "int8" and len(part["int8_sample_digest"]) == 64 and part["input_size"] == 32
+    # its external images were embedded with TRAIN's int8 model (one cache file per int8 sample)
     int8_caches = {p.name for p in cache.rglob("*int8*.h5")}
     assert len({name.split("-int8-")[1] for name in int8_caches}) == 1, int8_caches
     with pytest.raises(CxrError, match="trained on int8"):
@@ -108,7 +108,7 @@ def test_validate_int8_head_records_precision_and_is_predicted_and_explained_at_
                                   progress=False)
     model, _ = load_head(head)
     int8_features, _ = load_features(load_dataset(ext), settings(cache, precision="int8",
-                                                                 calibration_digest=part["calibration_digest"]))
+                                                                 int8_sample_digest=part["int8_sample_digest"]))
     float_features, _ = load_features(load_dataset(ext), settings(cache))
     got = probabilities(out)
     assert np.allclose(got, model.predict_proba(int8_features.embeddings), atol=2e-6)
@@ -128,6 +128,40 @@ def test_validate_int8_head_records_precision_and_is_predicted_and_explained_at_
     assert result.explanations[0].probability == pytest.approx(float(got[row].max()), abs=1e-5)
 
 
+def with_old_digest_key(head: Path, folder: Path) -> Path:
+    """A copy of a saved head as written before the int8 sample's digest was renamed: "calibration_digest" in
+    the sidecar and in the description inside the hashed joblib file."""
+    copy = copied(head, folder)
+    payload = joblib.load(copy)
+
+    def rename(description: dict) -> None:
+        for part in description["backbones"]:
+            part["calibration_digest"] = part.pop("int8_sample_digest")
+
+    rename(payload["description"])
+    joblib.dump(payload, copy)
+    return edit_sidecar(copy, lambda info: (rename(info), info.update(joblib_sha256=sha256_file(copy))))
+
+
+def test_an_int8_head_saved_with_the_old_digest_key_loads_and_predicts_the_same(validate_int8_run, ext, cache,
+                                                                                tmp_path):
+    head = validate_int8_run / "mobilenetv2-logreg.joblib"
+    digest = json.loads(head.with_suffix(".json").read_text())["backbones"][0]["int8_sample_digest"]
+    old = with_old_digest_key(head, tmp_path / "old")
+    assert json.loads(old.with_suffix(".json").read_text())["backbones"][0]["calibration_digest"] == digest
+    _, info = load_head(old)
+    assert info["backbones"][0]["int8_sample_digest"] == digest and "calibration_digest" not in info["backbones"][0]
+    new_out, _ = cxr_transfer.predict(ext, head, out=tmp_path / "new.csv", cache_dir=cache, random_weights=True,
+                                      progress=False)
+    old_out, _ = cxr_transfer.predict(ext, old, out=tmp_path / "old.csv", cache_dir=cache, random_weights=True,
+                                      progress=False)
+    assert np.array_equal(probabilities(old_out), probabilities(new_out))
+    # an edited old-name digest still differs from the hashed copy: refused, under the field's current name
+    edit_sidecar(old, lambda info: info["backbones"][0].update(calibration_digest="2" * 64))
+    with pytest.raises(CxrError, match=r"backbones\[0\]\.int8_sample_digest is '2+' here"):
+        load_head(old)
+
+
 # ------------------------------------------------------------------------------------------------ M5
 
 EDITS = {
@@ -136,7 +170,7 @@ EDITS = {
     "class_names-extra": (lambda i: i.update(class_names=["covid", "normal", "pneumonia", "other"]), "class_names"),
     "input_size": (lambda i: i["backbones"][0].update(input_size=48), "input_size"),
     "onnx_sha256": (lambda i: i["backbones"][0].update(onnx_sha256="0" * 64), "onnx_sha256"),
-    "precision": (lambda i: i["backbones"][0].update(precision="int8", calibration_digest="1" * 64), "precision"),
+    "precision": (lambda i: i["backbones"][0].update(precision="int8", int8_sample_digest="1" * 64), "precision"),
     "weights_sha256": (lambda i: i["backbones"][0].update(weights_sha256="2" * 64), "weights_sha256"),
     "format-old": (lambda i: i.update(format="cxr-transfer/head/1"), "format"),   # was an AttributeError
 }
@@ -171,8 +205,9 @@ def save_head_40c227d(path: Path, model, class_names, backbones, training) -> Pa
     path.with_suffix(".json").write_text(json.dumps({
         "format": "cxr-transfer/head/1", "kind": "head", "joblib_sha256": sha256_file(path),
         "class_names": list(class_names),
-        "backbones": [{k: b[k] for k in ("backbone", "input_size", "weights_sha256", "onnx_sha256", "precision",
-                                        "calibration_digest") if k in b} for b in backbones],
+        "backbones": [{**{k: b[k] for k in ("backbone", "input_size", "weights_sha256", "onnx_sha256", "precision")
+                          if k in b}, **({"calibration_digest": b["int8_sample_digest"]}      # its name then
+                                         if "int8_sample_digest" in b else {})} for b in backbones],
         "training": training, "created": "2026-12-01T00:00:00", "versions": {}}))
     return path
 

@@ -138,7 +138,7 @@ def test_conformal_coverage_reaches_one_minus_alpha_on_exchangeable_data():
     X_new, y_new = _blobs(2000, 2)
     model = fit_conformal("logreg", X, y, alpha, groups, folds=5, seed=0)
     fresh = set_summary(prediction_sets(model, X_new), y_new)
-    # sampling error: calibration on 600 images and 2000 test images, 3 standard errors each
+    # sampling error: conformal scores of 600 images and 2000 test images, 3 standard errors each
     tolerance = 3 * math.sqrt(alpha * (1 - alpha) / 600) + 3 * math.sqrt(alpha * (1 - alpha) / 2000)
     assert fresh["coverage"] >= 1 - alpha - tolerance
     assert 1.0 < fresh["mean_size"] < 3.0                      # informative sets, neither singletons nor all
@@ -269,7 +269,7 @@ def test_cli_validate_then_predict_with_conformal_sets(pair, cache_dir, tmp_path
         rows = list(csv.DictReader(handle))
     assert len(rows) == 15 and all(set(filter(None, r["set"].split("|"))) <= set(CLASSES) for r in rows)
     refused = run_cli("predict", ext, "--model", model, "--conformal", "0.05", "--out", out, *common)
-    assert refused.returncode == 2 and "calibrated for alpha 0.2" in refused.error_line()
+    assert refused.returncode == 2 and "conformal threshold is for alpha 0.2" in refused.error_line()
 
 
 def test_validate_refusals(pair, cache_dir, tmp_path):

@@ -91,7 +91,7 @@ def test_too_small_alpha_is_refused_before_embedding_with_the_smallest_allowed(d
 
 def test_inner_folds_too_many_for_a_class_are_refused_before_embedding(data, extract, tmp_path, no_embedding):
     # 4 images per class and 4 folds: the outer split works, but each training part has 3 covid images for
-    # the 4 nested (conformal / calibration) folds. 2 folds is the largest that works (3 leaves 2 per class).
+    # the 4 nested (conformal scores / calibrate) folds. 2 folds is the largest that works (3 leaves 2 per class).
     with pytest.raises(CxrError, match=r"class 'covid' .*3 images .*largest folds .* is 2"):
         run_validate(_settings(data, extract, train="tr4", folds=4, alpha=0.4), tmp_path)
 
@@ -102,7 +102,7 @@ def test_folds_message_names_the_class_not_its_index(data, extract, tmp_path, no
     assert "'0'" not in str(caught.value)
 
 
-def test_fit_conformal_refuses_too_few_calibration_images():
+def test_fit_conformal_refuses_too_few_images_for_its_scores():
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(9, 4)), np.repeat([0, 1, 2], 3)
     with pytest.raises(CxrError, match=r"alpha=0\.1 .*9 images"):

@@ -292,7 +292,7 @@ def write_report(run_dir: Path, models: list[ModelResult], verdict: list[str], n
              f"(Newcombe) interval from the two sides' intervals; subgroup accuracies: Wilson 95% interval",
              f"- calibration: {BINNING_WORDS}",
              f"- conformal: MAPIE {record['mapie']} CrossConformalClassifier (LAC score, mean aggregation), "
-             f"alpha {settings.alpha:g}, calibrated on TRAIN only with {settings.folds} folds grouped like the "
+             f"alpha {settings.alpha:g}, conformal scores from TRAIN only with {settings.folds} folds grouped like the "
              f"internal CV; internal coverage nested (each outer fold's sets come from a conformal model fitted "
              f"without it)",
              f"- seed {settings.seed}; created {record['created']}; {record['seconds']:.0f} s", ""]

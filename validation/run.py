@@ -16,7 +16,7 @@ For every backbone and head:
 - **calibration** (``classify.calibration``): ECE, Brier score and reliability diagrams, internal and external,
   and with ``calibrate`` the same after sigmoid / isotonic recalibration on grouped folds of TRAIN only;
 - **conformal sets** (``classify.conformal``, MAPIE cross-conformal on TRAIN only): coverage and mean set
-  size internally (nested, so measured on images the calibration never saw) and externally, per class and
+  size internally (nested, so measured on images the conformal scores never saw) and externally, per class and
   per subgroup.
 
 ``evaluate_validate(settings)`` computes all of this in memory (a ``ValidateResult``; only the embedding and
@@ -49,7 +49,7 @@ from cxr_transfer.classify.bootstrap import (
 from cxr_transfer.classify.calibration import CALIBRATION_METHODS, calibrated_head, calibration_summary
 from cxr_transfer.classify.conformal import (
     ConformalHead,
-    calibration_size_problem,
+    conformal_size_problem,
     check_alpha,
     conformal_folds,
     fit_conformal,
@@ -81,7 +81,7 @@ from cxr_transfer.extract.registry import parse_backbone_list
 from cxr_transfer.validation.report import verdict_lines, write_external_predictions, write_report
 
 DUPLICATE_RULE_BACKBONE = "vgg16"
-"""The audit's duplicate rule was calibrated on VGG16 embeddings: only those confirm a pHash match."""
+"""The audit's duplicate thresholds were measured on VGG16 embeddings: only those confirm a pHash match."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class ValidateSettings:
     folds: int = param(5, FOLDS, "patient-grouped folds of TRAIN")
     n_boot: int = param(DEFAULT_N_BOOT, N_BOOT, "bootstrap replicates per interval")
     seed: int = param(0, SEED, "folds, bootstrap and heads")
-    save: bool = param(False, help="save each head with its conformal calibration (for predict --conformal)")
+    save: bool = param(False, help="save each head with its conformal threshold (for predict --conformal)")
     explain: int = param(0, IMAGE_COUNT, "heatmaps of the N most confident external errors and the border share "
                                          "per class (saves the heads, which explain reads)")
     n_jobs: int = param(-1, JOBS, "parallel fits (default: all cores)", flag="--jobs")
@@ -294,7 +294,7 @@ class FitPart:
 @dataclass
 class FittedModel:
     """One (backbone, head) of validate: out-of-fold predictions of TRAIN, predictions of EXT and, when it will
-    be saved, the head fitted on all of TRAIN with its conformal calibration."""
+    be saved, the head fitted on all of TRAIN with its conformal threshold."""
 
     backbone: str
     head: str
@@ -382,7 +382,7 @@ def _folds_problem(labels: np.ndarray, groups: np.ndarray | None, folds: int, se
             check_splittable(labels[split.train_idx], folds, class_names,
                              groups[split.train_idx] if groups is not None else None)
         except CxrError as exc:
-            return (f"each outer fold's training part is split again into {folds} folds (conformal calibration, "
+            return (f"each outer fold's training part is split again into {folds} folds (conformal scores, "
                     f"and calibrate), and in one of them {exc}"), outer
     return None, outer
 
@@ -390,7 +390,7 @@ def _folds_problem(labels: np.ndarray, groups: np.ndarray | None, folds: int, se
 def _smallest_fit(labels: np.ndarray, groups: np.ndarray | None, folds: int, seed: int, outer: list[Split],
                   calibrate: str | None) -> tuple[int, str]:
     """(the fewest images any head is fitted on, and which part that is): outer training parts, the conformal
-    calibration folds inside each of them and inside all of TRAIN (``conformal_folds``, as MAPIE splits them)
+    score folds inside each of them and inside all of TRAIN (``conformal_folds``, as MAPIE splits them)
     and, with ``calibrate``, its inner folds."""
     found = [(len(s.train_idx), "an outer fold's training part") for s in outer]
     parts = [(np.arange(len(labels)), "all of TRAIN")] + [(s.train_idx, "an outer fold's training part")
@@ -398,10 +398,10 @@ def _smallest_fit(labels: np.ndarray, groups: np.ndarray | None, folds: int, see
     for rows, name in parts:
         part_groups = groups[rows] if groups is not None else None
         cv = conformal_folds(folds, seed, part_groups is not None)
-        found += [(len(inner), f"a conformal calibration fold inside {name}")
+        found += [(len(inner), f"a conformal score fold inside {name}")
                   for inner, _ in cv.split(np.zeros((len(rows), 1)), labels[rows], part_groups)]
         if calibrate:
-            found += [(len(inner), f"a calibration fold inside {name}")
+            found += [(len(inner), f"a recalibration fold inside {name}")
                       for inner, _ in _inner_splits(labels[rows], part_groups, folds, seed)]
     return min(found)
 
@@ -428,7 +428,7 @@ def check_sizes(labels: np.ndarray, groups: np.ndarray | None, folds: int, alpha
     and groups alone, so before any embedding (and again on the embedded images, before any fitting).
 
     - outer folds: every class needs ``folds`` images (and patients, when grouped);
-    - nested folds (conformal calibration, ``calibrate``): the same inside every outer training part;
+    - nested folds (conformal scores, ``calibrate``): the same inside every outer training part;
     - conformal sets: MAPIE needs 1/alpha and 1/(1 - alpha) images in the smallest outer training part;
     - ``heads``: knn needs as many images as neighbours in every part it is fitted on (``calibrate``: its
       inner folds too).
@@ -442,7 +442,7 @@ def check_sizes(labels: np.ndarray, groups: np.ndarray | None, folds: int, alpha
         for k in range(min(folds - 1, smallest_class), 1, -1):
             found, splits = _folds_problem(labels, groups, k, seed, class_names)
             if found is None:
-                at_k = calibration_size_problem(min(len(s.train_idx) for s in splits), alpha)
+                at_k = conformal_size_problem(min(len(s.train_idx) for s in splits), alpha)
                 problem += f"; the largest folds this data allows is {k}" + (
                     f" (but then {at_k})" if at_k else "")
                 break
@@ -450,9 +450,9 @@ def check_sizes(labels: np.ndarray, groups: np.ndarray | None, folds: int, alpha
             problem += "; no number of folds works with this data (add images, or patients, of that class)"
         raise CxrError(f"TRAIN is too small for folds={folds}: {problem}")
     smallest = min(len(s.train_idx) for s in outer)
-    problem = calibration_size_problem(smallest, alpha)
+    problem = conformal_size_problem(smallest, alpha)
     if problem:
-        raise CxrError(f"TRAIN is too small for the conformal sets: they are calibrated on each outer fold's "
+        raise CxrError(f"TRAIN is too small for the conformal sets: their scores come from each outer fold's "
                        f"training part, the smallest of which (folds={folds}) has {smallest} images: {problem}")
     problem = _neighbours_problem(labels, groups, folds, seed, outer, heads, calibrate)
     if problem:
@@ -652,14 +652,14 @@ def evaluate_validate(settings: ValidateSettings) -> ValidateResult:
     for config in configs:
         extract = settings.extract.with_backbone(config.name)
         features[config.name], result = load_features(full, extract)
-        # int8: EXT goes through the model calibrated on TRAIN, the one its saved heads are predicted with
+        # int8: EXT goes through the int8 model quantized on TRAIN, the one its saved heads are predicted with
         ext_features[config.name], ext_result = load_features(
-            external, replace(extract, calibration_digest=result.calibration_digest))
+            external, replace(extract, int8_sample_digest=result.int8_sample_digest))
         extraction[config.name] = {"cache": str(result.cache_path), "external_cache": str(ext_result.cache_path),
                                    "weights": result.weights.describe(), "weights_sha256": result.weights.sha256,
                                    "onnx_sha256": result.onnx_sha256, "input_size": features[config.name].attrs.get(
                                        "input_size"), "skipped": result.failures + ext_result.failures,
-                                   "precision": result.precision, "calibration_digest": result.calibration_digest}
+                                   "precision": result.precision, "int8_sample_digest": result.int8_sample_digest}
         train_failures += result.failures
         ext_failures += ext_result.failures
     watch.lap("read_and_embed")
