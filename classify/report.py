@@ -54,7 +54,7 @@ def analyse(evaluations: Sequence[Evaluation], settings: dict[str, Any]) -> Anal
     selected = [e for e in evaluations if e.model == SELECTED]
     for backbone in sorted({e.backbone for e in evaluations}):
         if settings.get("head"):
-            chosen[backbone], how[backbone] = settings["head"], f"named by the user (`head` {settings['head']})"
+            chosen[backbone], how[backbone] = settings["head"], f"named by the user (--head {settings['head']})"
             continue
         counts = selection_counts(selected, backbone)
         if not counts:

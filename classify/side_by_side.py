@@ -81,7 +81,7 @@ def _chosen_head(backbone: str, by_head: dict[str, list[Evaluation]], head: str 
     if head is not None:
         if head not in by_head:
             return None
-        return f"head: {head}", by_head[head], f"{head}, named by the user (`head` {head})"
+        return f"head: {head}", by_head[head], f"{head}, named by the user (--head {head})"
     selected = by_head.get(SELECTED)
     if not selected:
         return None
@@ -142,7 +142,7 @@ def side_by_side(run_dirs: Sequence[str | Path], head: str | None = None) -> tup
         if chosen is None:
             notes.append(f"{backbone}: " + (f"head '{head}' was not scored on these test images" if head else
                                             "the compare run recorded no head chosen by inner CV (it predates "
-                                            "nested selection, or ran with `head`); rerun compare or pass `head`"))
+                                            "nested selection, or ran with --head); rerun compare or pass --head"))
         else:
             label, chosen_evaluations, how = chosen
             notes.append(f"{backbone}: head {how}")
