@@ -138,7 +138,7 @@ def markdown(payload: dict[str, Any]) -> str:
             + (f"{dup['n_near_different_patient']} between different patient ids, " if data.get("has_groups") else "")
             + f"{dup['n_near_cross_label']} with different labels).",
             "",
-            f"Rule: pHash distance (256-bit pHash of the equalised grey image, best of 81 trimmed views) "
+            f"Rule: pHash distance (256-bit pHash of the equalised grey image, best of 81 trimmed crops) "
             f"<= {rule['phash_alone']}, or <= {rule['phash_with_embedding']} with embedding cosine >= "
             f"{rule['cosine_min']}. Over the {stats['pairs']} pairs of "
             f"{'different patients' if stats['by_patient_id'] else 'different files'} it flags "
