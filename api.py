@@ -394,7 +394,7 @@ def finetune_backbone(data: str | Path, backbone: str = "vgg16", *, common: Back
     """The paper's frozen-body + dense-head Keras training; returns the run folder.
 
     Defaults are the paper's (input 224, 35 epochs, batch 8, Adam 1e-3); stage keywords are those of
-    ``FinetuneSettings`` (epochs, batch_size, lr, seed, fast, views, group_by, out_dir, run_dir, ...).
+    ``FinetuneSettings`` (epochs, batch_size, lr, seed, fast, copies, group_by, out_dir, run_dir, ...).
     """
     from cxr_transfer.finetune.train import FinetuneSettings, run_finetune
 

@@ -257,7 +257,7 @@ def run(name: str, args: argparse.Namespace) -> int:
     return getattr(result, "exit_code", 0)
 
 
-FLAGS = {"out_dir": "--out", "run_name": "--name", "weights": "--weights", "n_jobs": "--jobs"}
+FLAGS = {"out_dir": "--out", "run_name": "--name", "weights": "--weights", "n_jobs": "--jobs", "engine": "--engine"}
 
 
 def error_line(exc: CxrError) -> str:

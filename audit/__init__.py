@@ -7,7 +7,7 @@
 
 ``run_audit(AuditSettings(...))`` is the same with a settings object. Modules, one job each: leakage
 (patients across splits), acquisition (file properties), header_shortcuts (DICOM header fields),
-pixel_shortcuts (masked views), report (files), run (orchestration, duplicates through ``extract.duplicates``,
+pixel_shortcuts (masked images), report (files), run (orchestration, duplicates through ``extract.duplicates``,
 and pointers).
 """
 from __future__ import annotations

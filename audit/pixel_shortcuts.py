@@ -1,15 +1,15 @@
 """Pixel shortcuts, in the spirit of Maguolo & Nanni (2021): does the classifier still work without the lungs?
 
-The embeddings of three views of every image are classified with the same head and cross-validation:
+The embeddings of every image under three masks are classified with the same head and cross-validation:
 - ``full``:        the resized image as the network sees it;
 - ``no-center``:   the central box (80 % of each side, 64 % of the area: the lungs and heart) set to 0, so
                    only a frame 10 % of the side wide is left;
 - ``border-only``: everything set to 0 except a frame 5 % of the side wide (19 % of the area): corners,
                    edges, burnt-in markers, collimation, the image's own border.
-When the masked views are still classified well above chance, the classes differ in something outside the
+When the masked images are still classified well above chance, the classes differ in something outside the
 chest -- source, age, equipment, labels -- and a high accuracy on full images says little about disease.
-Views are ``extract.images.ImageView`` objects (the masks are defined there, shared with ``explain``):
-their features are cached under their own names.
+Masks are ``extract.images.ImageMask`` objects (defined there, shared with ``explain``): their features
+are cached under their own names.
 """
 from __future__ import annotations
 
@@ -22,22 +22,22 @@ from cxr_transfer.classify.metrics import classification_metrics, summarize
 from cxr_transfer.classify.protocols import cv_splits
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.extract.dataset import Dataset
-from cxr_transfer.extract.images import BORDER_FRACTION, BORDER_ONLY, CENTER_FRACTION, NO_CENTER, ImageView
+from cxr_transfer.extract.images import BORDER_FRACTION, BORDER_ONLY, CENTER_FRACTION, NO_CENTER, ImageMask
 from cxr_transfer.extract.pipeline import ExtractSettings, FeatureSet, load_features
 
 MARGIN = 0.2
-"""Accuracy above chance from which a masked view counts as "still separable"."""
+"""Accuracy above chance from which the images under a mask count as "still separable"."""
 
 
-VIEWS: dict[str, ImageView | None] = {"full": None, "no-center": NO_CENTER, "border-only": BORDER_ONLY}
-"""Report name -> view (None = the unmasked image)."""
+MASKS: dict[str, ImageMask | None] = {"full": None, "no-center": NO_CENTER, "border-only": BORDER_ONLY}
+"""Report name -> mask (None = the unmasked image)."""
 
 
 @dataclass
-class ViewScore:
-    """Cross-validated accuracy of the head on one view's embeddings."""
+class MaskScore:
+    """Cross-validated accuracy of the head on the embeddings of the images under one mask."""
 
-    view: str
+    mask: str
     n_images: int
     accuracy: dict              # summarize() over the folds
     balanced_accuracy: float    # macro recall of the out-of-fold predictions
@@ -53,7 +53,7 @@ class PixelShortcutResult:
     folds: int
     grouped: bool
     chance: float
-    scores: dict[str, ViewScore]
+    scores: dict[str, MaskScore]
     skipped: str = ""
 
     @property
@@ -89,7 +89,7 @@ def cross_validated_accuracy(features: FeatureSet, head: str = "logreg", folds: 
 
 def pixel_shortcuts(dataset: Dataset, settings: ExtractSettings, head: str = "logreg", folds: int = 5,
                     seed: int = 0, full: FeatureSet | None = None) -> PixelShortcutResult:
-    """Embed each view (cached), cross-validate ``head`` on each, and compare with chance.
+    """Embed the images under each mask (cached), cross-validate ``head`` on each, and compare with chance.
 
     full: the unmasked features when the caller already has them (saves a cache read).
     """
@@ -97,25 +97,25 @@ def pixel_shortcuts(dataset: Dataset, settings: ExtractSettings, head: str = "lo
     chance = float(np.bincount(labels).max() / len(labels))
     grouped = dataset.has_groups and all(dataset.groups)
     result = PixelShortcutResult(head, folds, grouped, chance, {})
-    for name, view in VIEWS.items():
-        if view is None and full is not None:
+    for name, mask in MASKS.items():
+        if mask is None and full is not None:
             features, seconds, computed = full, 0.0, 0
         else:
-            features, extract = load_features(dataset, _with_view(settings, view))
+            features, extract = load_features(dataset, _with_mask(settings, mask))
             seconds, computed = extract.seconds, extract.n_computed
         try:
             accuracy, metrics = cross_validated_accuracy(features, head, folds, seed, grouped)
         except CxrError as exc:
             result.skipped = f"no cross-validation: {exc}"
             return result
-        result.scores[name] = ViewScore(
+        result.scores[name] = MaskScore(
             name, len(features.samples), accuracy, float(metrics["macro"]["recall"]),
             {k: round(v["recall"], 4) for k, v in metrics["per_class"].items()}, metrics["confusion_matrix"],
             round(seconds, 2), computed)
     return result
 
 
-def _with_view(settings: ExtractSettings, view: ImageView | None) -> ExtractSettings:
+def _with_mask(settings: ExtractSettings, mask: ImageMask | None) -> ExtractSettings:
     from dataclasses import replace
 
-    return replace(settings, view=view)
+    return replace(settings, mask=mask)

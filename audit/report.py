@@ -138,7 +138,7 @@ def markdown(payload: dict[str, Any]) -> str:
             + (f"{dup['n_near_different_patient']} between different patient ids, " if data.get("has_groups") else "")
             + f"{dup['n_near_cross_label']} with different labels).",
             "",
-            f"Rule: pHash distance (256-bit pHash of the equalised grey image, best of 81 trimmed views) "
+            f"Rule: pHash distance (256-bit pHash of the equalised grey image, best of 81 trimmed crops) "
             f"<= {rule['phash_alone']}, or <= {rule['phash_with_embedding']} with embedding cosine >= "
             f"{rule['cosine_min']}. Over the {stats['pairs']} pairs of "
             f"{'different patients' if stats['by_patient_id'] else 'different files'} it flags "
@@ -207,13 +207,13 @@ def markdown(payload: dict[str, Any]) -> str:
             f"{'patient-grouped ' if pix['grouped'] else ''}{pix['folds']}-fold CV; chance {_pct(pix['chance'])}. "
             f"no-center: central {pix['center_fraction']:.0%} x {pix['center_fraction']:.0%} box set to 0; "
             f"border-only: all but a {pix['border_fraction']:.0%} frame set to 0.", "",
-            "| view | accuracy (mean ± std over folds) | balanced accuracy | recall per class |", "|---|---|---|---|"]
+            "| mask | accuracy (mean ± std over folds) | balanced accuracy | recall per class |", "|---|---|---|---|"]
     for name, s in pix["scores"].items():
         recall = ", ".join(f"{k} {_pct(v)}" for k, v in s["per_class_recall"].items())
         out.append(f"| {name} | {_acc(s['accuracy'])} | {_pct(s['balanced_accuracy'])} | {recall} |")
     out.append("")
     if pix["separable_without_lungs"]:
-        out += ["**The classes stay separable without the lungs**: the masked views are classified far above "
+        out += ["**The classes stay separable without the lungs**: the masked images are classified far above "
                 "chance, so the model can rely on what lies outside the chest.", ""]
 
     timings = payload["timings"]

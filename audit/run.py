@@ -1,7 +1,7 @@
 """``run_audit``: every check on one dataset, one report folder, and pointers for later runs.
 
 Order: read the dataset (sha256 of every file) -> embed the full images (cached) -> duplicates ->
-patient leakage -> acquisition shortcuts -> pixel shortcuts (two masked views, cached) -> findings ->
+patient leakage -> acquisition shortcuts -> pixel shortcuts (two image masks, cached) -> findings ->
 audit.md / audit.json / duplicates.png in ``out_dir`` (default ``runs/audit/<dataset cache id>/``).
 
 ``latest_audit_for(dataset)`` finds the newest audit.json under ``runs/audit/`` whose dataset fingerprint

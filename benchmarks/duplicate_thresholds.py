@@ -28,11 +28,11 @@ from cxr_transfer.extract.duplicates import (
     HASH_BITS,
     DuplicateRule,
     cosine_matrix,
+    crop_hashes,
     grey_for_hash,
     hash_files,
     phash_distance,
     phash_distance_matrix,
-    view_hashes,
 )
 from cxr_transfer.core.plotting import subplots
 from cxr_transfer.core.record import run_record, write_json
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         a, b = emb[samples[index].sha256], edited_emb[path.name]
         positives.append({
             "source": dataset.relative(samples[index]), "label": samples[index].label, "transform": transform,
-            "phash": phash_distance(hashes[index], view_hashes(grey_for_hash(path))),
+            "phash": phash_distance(hashes[index], crop_hashes(grey_for_hash(path))),
             "cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))})
 
     pos_ph = np.array([p["phash"] for p in positives])
@@ -173,7 +173,7 @@ def _plot(path: Path, neg_ph, neg_cos, pos_ph, pos_cos, transforms, rule: Duplic
     ax.axvline(rule.phash_alone + 0.5, color="k", lw=1, ls="--")
     ax.plot([rule.phash_alone + 0.5, rule.phash_with_embedding + 0.5, rule.phash_with_embedding + 0.5],
             [rule.cosine_min, rule.cosine_min, 1.0], color="r", lw=1)
-    ax.set_xlabel(f"pHash distance (of {HASH_BITS} bits, best trimmed view)")
+    ax.set_xlabel(f"pHash distance (of {HASH_BITS} bits, best trimmed crop)")
     ax.set_ylabel("embedding cosine similarity")
     ax.set_title("near-duplicate rule: left of dashed line, or inside the red box")
     ax.legend(fontsize=7, loc="lower left")

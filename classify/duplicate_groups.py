@@ -41,7 +41,7 @@ def duplicate_aware_groups(dataset: Dataset, groups: Sequence[str], embeddings: 
     """``groups`` (one per sample of ``dataset``) merged over the audit's duplicate clusters.
 
     embeddings: sha256 -> VGG16 embedding, to use the audit's full rule (pHash or pHash + cosine); without it
-    the pHash-alone threshold decides. hash_cache: the audit's view-hash cache file, read and extended; by
+    the pHash-alone threshold decides. hash_cache: the audit's crop-hash cache file, read and extended; by
     default one under the system's temporary folder (``extract.duplicates.hash_cache_path``), since grouped
     splits are asked for again and again.
     """

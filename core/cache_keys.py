@@ -1,7 +1,7 @@
-"""The one rule that names cached artefacts: ONNX exports, HDF5 embeddings, finetune view banks, hash caches.
+"""The one rule that names cached artefacts: ONNX exports, HDF5 embeddings, finetune banks, hash caches.
 
 A cached file is valid for one (backbone, input size, weights) and, where it matters, a few more facts
-(opset, image view, augmentation). Every cache file name starts with ``model_key(...)`` so that files of
+(opset, image mask, augmentation). Every cache file name starts with ``model_key(...)`` so that files of
 different weights or sizes can never be confused, and each dataset's caches live in ``dataset_cache_id``.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Where evidence lies: the audit's central box and border frame, applied to a heatmap.
 
-The regions are the ones the audit's pixel-shortcut views mask (one definition: ``extract.images``' mask
-functions): ``center`` is the box that the no-center view blacks out (``CENTER_FRACTION`` of each side: the
-lung fields and heart), ``border`` the frame that the border-only view keeps (``BORDER_FRACTION`` of the side
+The regions are the ones the audit's pixel-shortcut masks cover (one definition: ``extract.images``' mask
+functions): ``center`` is the box that the no-center mask blacks out (``CENTER_FRACTION`` of each side: the
+lung fields and heart), ``border`` the frame that the border-only mask keeps (``BORDER_FRACTION`` of the side
 wide: corners, edges, burnt-in markers), and ``middle`` the ring between them. The three partition the image,
 so the three shares of positive evidence sum to 1.
 """

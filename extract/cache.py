@@ -1,6 +1,6 @@
-"""The HDF5 embedding cache: one file per (dataset folder, backbone, input size, weights, image view).
+"""The HDF5 embedding cache: one file per (dataset folder, backbone, input size, weights, image mask).
 
-Layout of ``features/<dataset-id>/<backbone>-<size>-<weights16>[-<view>].h5`` (README, "Feature cache"):
+Layout of ``features/<dataset-id>/<backbone>-<size>-<weights16>[-<mask>].h5`` (README, "Feature cache"):
 
     /embeddings  float32 (N, D)   one row per image of the current listing, in the dataset's stable order
     /sha256      bytes   (N,)     sha256 of the image file's bytes (the identity a row is keyed on)
@@ -8,8 +8,9 @@ Layout of ``features/<dataset-id>/<backbone>-<size>-<weights16>[-<view>].h5`` (R
     /label       str     (N,)     class name (UTF-8 text)
     /split       str     (N,)     split folder or CSV split ("" when none)
     /group       str     (N,)     patient group ("" when none)
-    attrs: backbone, input_size, preprocessing, view, weights_sha256, onnx_sha256, onnx_max_relative_error,
-           opset, versions (JSON), created, updated, dataset_root, failed (JSON list of skipped files)
+    attrs: backbone, input_size, preprocessing, view (the image mask's name: ``MASK_ATTR``), weights_sha256,
+           onnx_sha256, onnx_max_relative_error, opset, versions (JSON), created, updated, dataset_root,
+           failed (JSON list of skipped files)
 
 Integrity: ``embeddings`` and ``sha256`` carry HDF5's fletcher32 checksum on every stored block, so flipped
 bytes fail the read; on open every column must have N rows and every embedding must be finite. A file that
@@ -49,7 +50,10 @@ from cxr_transfer.core.record import now_iso
 
 log = logging.getLogger(__name__)
 
-IDENTITY_ATTRS = ("backbone", "input_size", "preprocessing", "view", "weights_sha256")
+MASK_ATTR = "view"
+"""The attribute holding the ``extract.images.ImageMask``'s name ("full" when none). Its stored name is older
+than the word "mask" and stays, so that existing caches keep opening (it is part of their identity)."""
+IDENTITY_ATTRS = ("backbone", "input_size", "preprocessing", MASK_ATTR, "weights_sha256")
 TEXT_COLUMNS = ("path", "label", "split", "group")
 _STR = h5py.string_dtype(encoding="utf-8")
 _COPY_ROWS = 512
@@ -170,7 +174,8 @@ class FeatureCache:
                     value = stored[key]
                     value = value.item() if hasattr(value, "item") else value
                     if str(value) != str(expected):
-                        raise CxrError(f"{self.path} holds features with {key}={value}, not {expected}: "
+                        name = "mask" if key == MASK_ATTR else key
+                        raise CxrError(f"{self.path} holds features with {name}={value}, not {expected}: "
                                        f"refusing to mix them; delete the file or use another `cache_dir`")
                 check_file(handle)
                 shas = _shas(handle["sha256"])

@@ -5,9 +5,9 @@ Two independent scores per pair of images:
 
 - **pHash distance** (0..256): each image is decoded with the library's one rule (``read_rgb`` at 256 px),
   turned grey, histogram-equalised (so contrast edits vanish) and hashed with imagehash's 256-bit pHash
-  (``hash_size=16``) -- once whole and once per trimmed view (every combination of 0 / 2.5 / 5 % cut from
-  each edge, 81 views). The distance of a pair is the smallest Hamming distance between one image whole and
-  any view of the other: a copy trimmed by up to ~6 % on any side still meets its original almost exactly.
+  (``hash_size=16``) -- once whole and once per trimmed crop (every combination of 0 / 2.5 / 5 % cut from
+  each edge, 81 crops). The distance of a pair is the smallest Hamming distance between one image whole and
+  any crop of the other: a copy trimmed by up to ~6 % on any side still meets its original almost exactly.
 - **embedding cosine** of the backbone features (``load_features``, full image): near 1 for the same
   content, but high for *all* chest X-rays of one source (0.95 between two different healthy children is
   common), so it is only used to confirm a fairly close hash.
@@ -43,7 +43,7 @@ HASH_DECODE_SIZE = 256
 HASH_SIZE = 16
 """pHash side: 16 x 16 = 256 bits. 64-bit pHash cannot tell two healthy children apart (distance 0-8)."""
 TRIM_STEPS = (0.0, 0.025, 0.05)
-"""Fractions cut from each edge to make the trimmed views (3^4 = 81 views, the first one whole)."""
+"""Fractions cut from each edge to make the trimmed crops (3^4 = 81 crops, the first one whole)."""
 TRIMS: tuple[tuple[float, float, float, float], ...] = tuple(itertools.product(TRIM_STEPS, repeat=4))
 HASH_BITS = HASH_SIZE * HASH_SIZE
 
@@ -110,21 +110,21 @@ def phash_bits(grey: np.ndarray) -> np.ndarray:
     return np.packbits(bits.flatten().astype(np.uint8))
 
 
-def view_hashes(grey: np.ndarray) -> np.ndarray:
-    """(len(TRIMS), 32) uint8: the pHash of every trimmed view of ``grey``, row 0 the whole image."""
+def crop_hashes(grey: np.ndarray) -> np.ndarray:
+    """(len(TRIMS), 32) uint8: the pHash of every trimmed crop of ``grey``, row 0 the whole image."""
     height, width = grey.shape[:2]
     rows = []
     for top, bottom, left, right in TRIMS:
-        view = grey[round(top * height):height - round(bottom * height),
+        crop = grey[round(top * height):height - round(bottom * height),
                     round(left * width):width - round(right * width)]
-        rows.append(phash_bits(view))
+        rows.append(phash_bits(crop))
     return np.stack(rows)
 
 
 def hash_file(path: str | Path) -> np.ndarray | str:
-    """view_hashes of an image file, or the decode error message."""
+    """crop_hashes of an image file, or the decode error message."""
     try:
-        return view_hashes(grey_for_hash(path))
+        return crop_hashes(grey_for_hash(path))
     except ImageDecodeError as exc:
         return str(exc)
 
@@ -136,20 +136,21 @@ def hash_files(paths: Sequence[Path], workers: int = 2) -> list[np.ndarray | str
 
 
 HASH_CACHE_NAME = f"audit-phash{HASH_SIZE}-views{len(TRIMS)}-decode{HASH_DECODE_SIZE}.npz"
-"""File name of the view-hash cache, inside the dataset's feature-cache folder; its settings are in the name."""
+"""File name of the crop-hash cache, inside the dataset's feature-cache folder; its settings are in the name
+(``views`` there counts the trimmed crops: the name predates the word and stays, so existing caches are reused)."""
 
 
 def hash_cache_path(dataset: Dataset, cache_dir: str | Path | None = None) -> Path:
-    """``<cache dir>/<dataset cache id>/<HASH_CACHE_NAME>``, the one view-hash cache of a dataset (keyed by
+    """``<cache dir>/<dataset cache id>/<HASH_CACHE_NAME>``, the one crop-hash cache of a dataset (keyed by
     sha256, so a stale entry is never used for another image); without a cache dir, under the system's
-    temporary folder, since hashing 81 views of every image takes seconds to minutes."""
+    temporary folder, since hashing 81 crops of every image takes seconds to minutes."""
     base = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "cxr-transfer"
     return base / dataset_cache_id(dataset.root) / HASH_CACHE_NAME
 
 
 def hash_samples(samples: Sequence[Sample], cache_path: Path | None = None,
                  workers: int = 2) -> list[np.ndarray | str]:
-    """view_hashes of every sample, reusing and extending the cache (keyed by sha256) when one is given."""
+    """crop_hashes of every sample, reusing and extending the cache (keyed by sha256) when one is given."""
     cached: dict[str, np.ndarray] = {}
     if cache_path is not None and Path(cache_path).is_file():
         try:
@@ -177,19 +178,19 @@ def _popcount(xor: np.ndarray) -> np.ndarray:
 
 
 def phash_distance(a: np.ndarray, b: np.ndarray) -> int:
-    """Distance of two images from their view_hashes: best match of one whole vs any view of the other."""
-    whole_a_vs_views_b = _popcount(b ^ a[0][None, :]).min()
-    views_a_vs_whole_b = _popcount(a ^ b[0][None, :]).min()
-    return int(min(whole_a_vs_views_b, views_a_vs_whole_b))
+    """Distance of two images from their crop_hashes: best match of one whole vs any crop of the other."""
+    whole_a_vs_crops_b = _popcount(b ^ a[0][None, :]).min()
+    crops_a_vs_whole_b = _popcount(a ^ b[0][None, :]).min()
+    return int(min(whole_a_vs_crops_b, crops_a_vs_whole_b))
 
 
 def phash_distance_matrix(hashes: np.ndarray) -> np.ndarray:
-    """All-pairs phash_distance (N x N int32) from stacked view_hashes of shape (N, K, 32)."""
+    """All-pairs phash_distance (N x N int32) from stacked crop_hashes of shape (N, K, 32)."""
     hashes = np.asarray(hashes, dtype=np.uint8)
     n = hashes.shape[0]
     whole = hashes[:, 0, :]
     out = np.empty((n, n), dtype=np.int32)
-    for i in range(n):  # row i: any view of image i vs every whole image
+    for i in range(n):  # row i: any crop of image i vs every whole image
         out[i] = _popcount(hashes[i][:, None, :] ^ whole[None, :, :]).min(axis=0)
     return np.minimum(out, out.T)
 
@@ -284,7 +285,7 @@ def find_duplicates(dataset: Dataset, embeddings: dict[str, np.ndarray] | None =
     """Every exact and near-duplicate pair of ``dataset``, within and across splits.
 
     embeddings: sha256 -> embedding (e.g. from ``load_features``); without one an image is judged by the
-    pHash-alone threshold only. cache_path: an .npz of view hashes by sha256 (read and extended).
+    pHash-alone threshold only. cache_path: an .npz of crop hashes by sha256 (read and extended).
     Pairs come exact first, then by pHash distance.
     """
     results = hash_samples(dataset.samples, cache_path, workers)

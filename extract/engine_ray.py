@@ -50,7 +50,7 @@ from cxr_transfer.extract.runtime import OnnxEmbedder, default_threads, embed_ba
 
 if TYPE_CHECKING:
     from cxr_transfer.extract.cache import FeatureCache
-    from cxr_transfer.extract.images import ImageView
+    from cxr_transfer.extract.images import ImageMask
     from cxr_transfer.extract.onnx_export import OnnxBackbone
     from cxr_transfer.extract.pipeline import ExtractSettings
 
@@ -256,12 +256,12 @@ class EmbedShard:
     """A Ray Data actor: one onnxruntime session (built on the first shard, kept for the actor's life); each
     call embeds one shard and writes its part file, returning one summary row."""
 
-    def __init__(self, backbone: OnnxBackbone, batch_size: int, threads: int, view: ImageView | None,
+    def __init__(self, backbone: OnnxBackbone, batch_size: int, threads: int, mask: ImageMask | None,
                  parts_dir: str, fault: str = "") -> None:
         self.backbone = backbone
         self.batch_size = batch_size
         self.threads = threads
-        self.view = view
+        self.mask = mask
         self.parts_dir = Path(parts_dir)
         self.fault = fault
         self._embedder = None
@@ -302,7 +302,7 @@ class EmbedShard:
         failures: list[list[str]] = []
         seconds = 0.0
         for embedded, rows, bad, batch_seconds in embed_batches(self._session(), samples, self.batch_size,
-                                                                self.threads, self.view):
+                                                                self.threads, self.mask):
             failures += [[s.sha256, reason] for s, reason in bad]
             seconds += batch_seconds
             if embedded:
@@ -388,7 +388,7 @@ def _mapped(shards: list[Shard], workers: int, onnx: OnnxBackbone, cache: Featur
             num_cpus=engine.threads_per_worker,
             fn_constructor_kwargs={"backbone": replace(onnx, path=onnx.path.absolute()),   # workers' cwd differs
                                    "batch_size": settings.batch_size, "threads": engine.threads_per_worker,
-                                   "view": settings.view, "parts_dir": str(cache.parts_dir.absolute()),
+                                   "mask": settings.mask, "parts_dir": str(cache.parts_dir.absolute()),
                                    "fault": os.environ.get(FAULT_ENV, "")},
             max_restarts=-1, max_task_retries=engine.max_retries)
 

@@ -36,7 +36,7 @@ from cxr_transfer.core.io import atomic_path, is_no_space
 from cxr_transfer.core.outputs import writable_folder
 from cxr_transfer.core.settings import EXPORT_FORMATS
 from cxr_transfer.core.version import __version__
-from cxr_transfer.extract.cache import TEXT_COLUMNS
+from cxr_transfer.extract.cache import MASK_ATTR, TEXT_COLUMNS
 from cxr_transfer.extract.dataset import Dataset, load_dataset
 from cxr_transfer.extract.pipeline import ExtractResult, ExtractSettings, FeatureSet, load_features
 
@@ -105,7 +105,7 @@ def export_metadata(features: FeatureSet, result: ExtractResult) -> dict[str, st
     meta = {"backbone": result.backbone, "input_size": str(attrs.get("input_size", "")),
             "precision": result.precision, "weights_sha256": result.weights.sha256,
             "weights": result.weights.describe(), "onnx_sha256": result.onnx_sha256,
-            "preprocessing": str(attrs.get("preprocessing", "")), "view": str(attrs.get("view", "full")),
+            "preprocessing": str(attrs.get("preprocessing", "")), "mask": str(attrs.get(MASK_ATTR, "full")),
             "embedding_dim": str(features.embeddings.shape[1]), "cache_path": str(Path(result.cache_path).absolute()),
             "dataset_root": str(attrs.get("dataset_root", "")), "cxr_transfer_version": __version__}
     if result.int8_sample_digest:

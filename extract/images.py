@@ -163,10 +163,10 @@ def check_not_degenerate(path: str | Path, pixels: np.ndarray) -> None:
 
 
 @dataclass(frozen=True)
-class ImageView:
-    """A deterministic change applied to every resized image before the network (e.g. the audit's masks).
+class ImageMask:
+    """A deterministic change applied to every resized image before the network (the audit's masks).
 
-    The name is part of the cache file name, so features of different views never mix.
+    The name is part of the cache file name, so features of different masks never mix.
     """
 
     name: str
@@ -174,9 +174,9 @@ class ImageView:
 
 
 CENTER_FRACTION = 0.8
-"""Side fraction of the central box blacked out by the no-center view."""
+"""Side fraction of the central box blacked out by the no-center mask."""
 BORDER_FRACTION = 0.05
-"""Width of the frame the border-only view keeps, as a fraction of the side."""
+"""Width of the frame the border-only mask keeps, as a fraction of the side."""
 
 
 def mask_center(image: np.ndarray, fraction: float = CENTER_FRACTION) -> np.ndarray:
@@ -197,20 +197,20 @@ def border_only(image: np.ndarray, band: float = BORDER_FRACTION) -> np.ndarray:
     return out
 
 
-NO_CENTER = ImageView(f"nocenter{round(CENTER_FRACTION * 100)}", mask_center)
-BORDER_ONLY = ImageView(f"border{round(BORDER_FRACTION * 100):02d}", border_only)
+NO_CENTER = ImageMask(f"nocenter{round(CENTER_FRACTION * 100)}", mask_center)
+BORDER_ONLY = ImageMask(f"border{round(BORDER_FRACTION * 100):02d}", border_only)
 
 
-def _decode(sample: "Sample", size: int, view: ImageView | None) -> np.ndarray | str:
+def _decode(sample: "Sample", size: int, mask: ImageMask | None) -> np.ndarray | str:
     try:
         image = read_rgb(sample.path, size)
     except ImageDecodeError as exc:
         return str(exc)
-    return view.apply(image) if view else image
+    return mask.apply(image) if mask else image
 
 
 def decoded_batches(samples: "list[Sample]", size: int, batch_size: int, workers: int,
-                    view: ImageView | None = None, ahead: int = 2
+                    mask: ImageMask | None = None, ahead: int = 2
                     ) -> Iterator[tuple[list[Sample], np.ndarray, list[tuple[Sample, str]]]]:
     """Yield (samples, uint8 batch, failures) while the next ``ahead`` batches decode in threads.
 
@@ -233,7 +233,7 @@ def decoded_batches(samples: "list[Sample]", size: int, batch_size: int, workers
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(samples), batch_size):
             batch = samples[start:start + batch_size]
-            pending.append((batch, [pool.submit(_decode, s, size, view) for s in batch]))
+            pending.append((batch, [pool.submit(_decode, s, size, mask) for s in batch]))
             if len(pending) > ahead:
                 yield collect(*pending.popleft())
         while pending:

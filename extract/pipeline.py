@@ -29,12 +29,12 @@ from cxr_transfer.core.io import cannot_write_error, printable, utf8_problem
 from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
 from cxr_transfer.core.params import COUNT, POSITIVE, check_params, param
 from cxr_transfer.core.record import library_versions
-from cxr_transfer.core.settings import BackboneSettings, DEFAULT_CACHE_DIR, UsesBackboneSettings
-from cxr_transfer.extract.cache import CacheRow, FeatureCache, read_cache, read_cache_attrs
+from cxr_transfer.core.settings import DEFAULT_CACHE_DIR, BackboneSettings, UsesBackboneSettings
+from cxr_transfer.extract.cache import MASK_ATTR, CacheRow, FeatureCache, read_cache, read_cache_attrs
 from cxr_transfer.extract.dataset import Dataset, Sample
 from cxr_transfer.extract.engine import Computed, EngineSettings, check_engine
 from cxr_transfer.extract.engine_ray import embed_on_ray
-from cxr_transfer.extract.images import ImageView
+from cxr_transfer.extract.images import ImageMask
 from cxr_transfer.extract.onnx_export import DEFAULT_OPSET, OnnxBackbone, get_onnx_backbone
 from cxr_transfer.extract.quantize import (
     Int8Sample,
@@ -49,7 +49,7 @@ from cxr_transfer.extract.weights import WeightsSource, resolve_weights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CACHE_DIR", "ExtractSettings", "ExtractResult", "FeatureSet", "ImageView", "cache_file",
+__all__ = ["DEFAULT_CACHE_DIR", "ExtractSettings", "ExtractResult", "FeatureSet", "ImageMask", "cache_file",
            "extract_features", "load_features"]
 
 
@@ -63,7 +63,7 @@ class ExtractSettings(UsesBackboneSettings):
     decode_workers: int = param(2, COUNT, "threads decoding images ahead of the network", cli=False)
     flush_every: int = param(256, COUNT, "embeddings written to the cache per part file", cli=False)
     opset: int = DEFAULT_OPSET
-    view: ImageView | None = None
+    mask: ImageMask | None = None   # e.g. the audit's NO_CENTER: applied to every image, names the cache
     lock_timeout: float = param(DEFAULT_LOCK_TIMEOUT, POSITIVE, "seconds to wait for another run writing the "
                                                                 "same cache", cli=False)
     int8_sample_digest: str | None = None   # int8: use the cached model of this int8 sample (e.g. a saved head's)
@@ -87,7 +87,7 @@ class ExtractSettings(UsesBackboneSettings):
     def record(self) -> dict[str, object]:
         return {**self.common.record(), "input_size": self.config.input_size(self.input_size),
                 "batch_size": self.batch_size, "decode_workers": self.decode_workers, "opset": self.opset,
-                "view": self.view.name if self.view else "full", "engine": self.engine.record()}
+                "mask": self.mask.name if self.mask else "full", "engine": self.engine.record()}
 
 
 @dataclass
@@ -160,7 +160,7 @@ def cache_file(dataset: Dataset, settings: ExtractSettings, weights_sha256: str,
     """Where a dataset's embeddings for these settings live (``core.cache_keys`` names it); int8 embeddings
     go to their own file per int8 sample, never mixed with float32 ones."""
     size = settings.config.input_size(settings.input_size)
-    name = model_key(settings.config.name, size, weights_sha256, settings.view.name if settings.view else "",
+    name = model_key(settings.config.name, size, weights_sha256, settings.mask.name if settings.mask else "",
                      precision_key(int8_sample_digest, settings.config.int8_variant)
                      if int8_sample_digest else "")
     return Path(settings.cache_dir) / dataset_cache_id(dataset.root) / f"{name}.h5"
@@ -181,7 +181,7 @@ class _Plan:
     source: WeightsSource
     identity: dict[str, object]
     path: Path
-    view_name: str
+    mask_name: str
     sample: Int8Sample | None = None   # int8: the images to quantize with (None: use a cached model)
     digest: str | None = None          # int8: the int8 sample's hash (names the model and cache)
 
@@ -190,15 +190,15 @@ def _plan(dataset: Dataset, settings: ExtractSettings) -> _Plan:
     config = settings.config
     size = config.input_size(settings.input_size)
     source = resolve_weights(config, settings.weights_file, settings.weights_dir, settings.random_weights)
-    view_name = settings.view.name if settings.view else "full"
-    identity = {"backbone": config.name, "input_size": size, "view": view_name, "weights_sha256": source.sha256,
+    mask_name = settings.mask.name if settings.mask else "full"
+    identity = {"backbone": config.name, "input_size": size, MASK_ATTR: mask_name, "weights_sha256": source.sha256,
                 "preprocessing": config.preprocessing_description}
     sample, digest = None, None
     if settings.precision == "int8":
         sample = None if settings.int8_sample_digest else choose_int8_sample(dataset.samples,
                                                                              settings.int8_sample_size)
         digest = settings.int8_sample_digest or sample.digest
-    return _Plan(config, size, source, identity, cache_file(dataset, settings, source.sha256, digest), view_name,
+    return _Plan(config, size, source, identity, cache_file(dataset, settings, source.sha256, digest), mask_name,
                  sample, digest)
 
 
@@ -321,7 +321,7 @@ def _extract(dataset: Dataset, settings: ExtractSettings, plan: _Plan, locked: b
             onnx = get_int8_backbone(onnx, plan.sample, settings.cache_dir, settings.threads, plan.digest,
                                      settings.lock_timeout)
         compute = embed_on_ray if settings.engine.is_ray else _embed_local
-        computed = compute(todo, onnx, cache, settings, f"{config.name} {plan.view_name}")
+        computed = compute(todo, onnx, cache, settings, f"{config.name} {plan.mask_name}")
         failures += computed.failures
 
     rows = _rows(dataset, samples, cache, prune)
@@ -373,7 +373,7 @@ def _embed_local(todo: list[Sample], onnx: OnnxBackbone, cache: FeatureCache, se
     block_rows: list[np.ndarray] = []
     with _progress(len(todo), settings.progress, label) as bar:
         for embedded, rows, bad, seconds in embed_batches(embedder, todo, settings.batch_size,
-                                                          settings.decode_workers, settings.view):
+                                                          settings.decode_workers, settings.mask):
             computed.inference_seconds += seconds
             if embedded:
                 block_rows.append(rows)

@@ -130,7 +130,7 @@ def register_backbone(config: BackboneConfig) -> str:
 
 
 def registered_backbones() -> MappingProxyType[str, BackboneConfig]:
-    """The backbones registered in this process (``register_backbone``), by name; a read-only view."""
+    """The backbones registered in this process (``register_backbone``), by name; a read-only mapping."""
     return MappingProxyType(_REGISTERED)
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cxr_transfer.extract.images import ImageView, decoded_batches
+from cxr_transfer.extract.images import ImageMask, decoded_batches
 
 if TYPE_CHECKING:
     from cxr_transfer.extract.dataset import Sample
@@ -73,12 +73,12 @@ class OnnxEmbedder:
 
 
 def embed_batches(embedder: OnnxEmbedder, samples: list[Sample], batch_size: int, decode_workers: int,
-                  view: ImageView | None = None) -> Iterator[tuple[list[Sample], np.ndarray, list[tuple[Sample, str]],
+                  mask: ImageMask | None = None) -> Iterator[tuple[list[Sample], np.ndarray, list[tuple[Sample, str]],
                                                                    float]]:
     """Decode ``samples`` in batches (``images.decoded_batches``) and embed each one; per batch yields (the samples
     embedded, their embeddings, the samples skipped with the reason: unreadable or a non-finite embedding, the
     seconds spent in onnxruntime). Non-finite embeddings are never returned."""
-    for good, batch, bad in decoded_batches(samples, embedder.input_size, batch_size, decode_workers, view):
+    for good, batch, bad in decoded_batches(samples, embedder.input_size, batch_size, decode_workers, mask):
         if not len(good):
             yield [], np.empty((0, 0), np.float32), bad, 0.0
             continue

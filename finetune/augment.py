@@ -88,7 +88,7 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator,
     return np.stack([augment_image(image, rng, params) for image in images]) if len(images) else images.copy()
 
 
-def view_rng(sha256: str, view: int, seed: int = 0) -> np.random.Generator:
-    """The generator of one image's augmented view in the fast path's bank: a function of the image's
-    identity and the view number only, so a cached view is the same whatever split or run asks for it."""
-    return np.random.default_rng([seed, int(sha256[:16], 16), view])
+def copy_rng(sha256: str, copy: int, seed: int = 0) -> np.random.Generator:
+    """The generator of one image's augmented copy in the fast path's bank: a function of the image's
+    identity and the copy number only, so a cached copy is the same whatever split or run asks for it."""
+    return np.random.default_rng([seed, int(sha256[:16], 16), copy])

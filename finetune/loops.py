@@ -1,4 +1,4 @@
-"""The training loops: the paper's plain Keras loop and the fast path on cached view embeddings.
+"""The training loops: the paper's plain Keras loop and the fast path on cached embeddings of augmented copies.
 
 Both fit one epoch at a time and score the held-out images after each (the paper's "validation" curves);
 a KeyboardInterrupt leaves the loop as ``TrainingInterrupted`` carrying the epochs finished so far.
@@ -126,28 +126,28 @@ def train_plain(settings: FinetuneSettings, model: Any, data: SplitImages, n_cla
 
 def train_fast(settings: FinetuneSettings, backbone: OnnxBackbone, data: SplitImages, n_classes: int,
                callbacks: Sequence[Any] = (), on_epoch: Callable | None = None) -> TrainOutcome:
-    """The same head trained on cached embeddings of K views per training image (module docstring)."""
+    """The same head trained on cached embeddings of K augmented copies per training image (module docstring)."""
     import keras
 
     params: AugmentParams = PAPER_AUGMENTATION
     config = backbone.config
-    n_views = settings.views if settings.augment else 1
+    n_copies = settings.copies if settings.augment else 1
 
     def bank_progress(done: int, total: int) -> None:
         if done == total or done % (16 * 20) == 0:
-            say(settings, f"view bank: {done}/{total} views embedded")
+            say(settings, f"bank: {done}/{total} augmented copies embedded")
 
     train_shas = [s.sha256 for s in data.train_samples]
     cpu_started = time.process_time()
-    x_views, train_stats = bank_features(backbone, train_shas, data.x_train, [n_views] * len(train_shas),
-                                         n_views, params, settings.cache_dir, threads=settings.threads,
-                                         progress=bank_progress)
+    x_copies, train_stats = bank_features(backbone, train_shas, data.x_train, [n_copies] * len(train_shas),
+                                          n_copies, params, settings.cache_dir, threads=settings.threads,
+                                          progress=bank_progress)
     bank_cpu = time.process_time() - cpu_started
-    test_views, test_stats = bank_features(backbone, [s.sha256 for s in data.test_samples], data.x_test,
-                                           [1] * len(data.test_samples), n_views, params,
-                                           settings.cache_dir, threads=settings.threads)
+    test_copies, test_stats = bank_features(backbone, [s.sha256 for s in data.test_samples], data.x_test,
+                                            [1] * len(data.test_samples), n_copies, params,
+                                            settings.cache_dir, threads=settings.threads)
     test_cpu = time.process_time() - cpu_started - bank_cpu
-    x_test = test_views[:, 0]
+    x_test = test_copies[:, 0]
     head = build_head(config.feature_dim, settings.dense_units, settings.dropout, n_classes, seed=settings.seed)
     keras.utils.set_random_seed(settings.seed)
     compile_model(head, settings.lr)
@@ -155,8 +155,8 @@ def train_fast(settings: FinetuneSettings, backbone: OnnxBackbone, data: SplitIm
 
     def epoch_data(epoch: int) -> tuple[np.ndarray, np.ndarray]:
         order = rng.permutation(len(data.y_train))
-        views = rng.integers(0, n_views, size=len(order))
-        return x_views[order, views], data.y_train[order]
+        copies = rng.integers(0, n_copies, size=len(order))
+        return x_copies[order, copies], data.y_train[order]
 
     def predict_test() -> np.ndarray:
         return head.predict(x_test, batch_size=256, verbose=0)
@@ -168,8 +168,8 @@ def train_fast(settings: FinetuneSettings, backbone: OnnxBackbone, data: SplitIm
                            bank_cpu_seconds=bank_cpu, test_embed_cpu_seconds=test_cpu)
     outcome.timings["predict_seconds"] += test_stats.seconds
     outcome.timings["predict_cpu_seconds"] += test_cpu
-    outcome.extra.update(views=n_views, augmentation=asdict(params), bank_file=str(train_stats.path),
-                         bank_views_computed=train_stats.computed + test_stats.computed,
-                         bank_views_cached=train_stats.cached + test_stats.cached,
+    outcome.extra.update(copies=n_copies, augmentation=asdict(params), bank_file=str(train_stats.path),
+                         bank_copies_computed=train_stats.computed + test_stats.computed,
+                         bank_copies_cached=train_stats.cached + test_stats.cached,
                          onnx_body_sha256=backbone.sha256)
     return outcome

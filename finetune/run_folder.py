@@ -37,7 +37,7 @@ def make_run_dir(settings: FinetuneSettings, size: int) -> Path:
     """The run folder: ``--run-dir`` as given (refused when it holds a finished run), else a new unique
     ``finetune-<backbone>-<size>-<path>-seed<N>-<time>-<random>`` under ``out_dir``."""
     if settings.run_dir is None:
-        path_kind = f"fast-k{settings.views}" if settings.fast else "plain"
+        path_kind = f"fast-k{settings.copies}" if settings.fast else "plain"
         return new_run_dir(settings.out_dir,
                            f"finetune-{get_backbone(settings.backbone).name}-{size}-{path_kind}-seed{settings.seed}")
     run_dir = Path(settings.run_dir).expanduser()

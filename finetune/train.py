@@ -7,10 +7,10 @@ seeded stratified 80/20 split of the train/ images (``classify.protocols.paper_s
 Two ways to train the same head:
 - plain (``fast=False``): every epoch, each training image is freshly augmented and runs through the frozen
   Keras body; this is what the paper's Keras loop did;
-- fast (``fast=True``): the frozen body is deterministic, so K views per training image (view 0 =
+- fast (``fast=True``): the frozen body is deterministic, so K augmented copies per training image (copy 0 =
   un-augmented; K=1 = no augmentation) are embedded once with the ONNX body (``finetune.bank``, cached and
   shared by seeds); the head then trains on cached features for the same epochs, batch and learning rate,
-  drawing one random view per image per epoch. Test images are embedded un-augmented.
+  drawing one random copy per image per epoch. Test images are embedded un-augmented.
 Both evaluate the held-out 20 % after every epoch (the paper's "validation" curves) and write the same
 run folder: results.json (``classify.results``, kind "finetune"), run.json, status.json, history.csv,
 curves.png, confusion.png, report.md, model.keras, model.onnx, model.json.
@@ -99,7 +99,7 @@ def run_finetune(settings: FinetuneSettings, callbacks: Sequence[Any] = ()) -> P
     info = {"backbone": config.name, "model": settings.model_name, "seed": settings.seed, "epochs": settings.epochs,
             "input_size": size, "batch_size": settings.batch_size, "lr": settings.lr,
             "dense_units": settings.dense_units, "dropout": settings.dropout,
-            "views": settings.views if settings.fast else None, "weights": source.describe(),
+            "copies": settings.copies if settings.fast else None, "weights": source.describe(),
             "n_train": len(split.train_idx), "n_test": len(split.test_idx),
             "test_fingerprint": record["split"]["test_fingerprint"]}
     trainer = train_fast if settings.fast else train_plain

@@ -20,11 +20,11 @@ from cxr_transfer.audit import AuditSettings, audit_pointer, latest_audit_for, r
 from cxr_transfer.audit.acquisition import acquisition_shortcuts
 from cxr_transfer.extract.duplicates import (
     DuplicateRule,
+    crop_hashes,
     find_duplicates,
     grey_for_hash,
     phash_distance,
     phash_distance_matrix,
-    view_hashes,
 )
 from cxr_transfer.audit.leakage import patient_leakage
 from cxr_transfer.audit.pixel_shortcuts import pixel_shortcuts
@@ -81,8 +81,8 @@ def tiny_settings(cache_dir: Path) -> ExtractSettings:
 
 
 def hashes_of(grey: np.ndarray) -> np.ndarray:
-    """view_hashes of an in-memory image, decoded the way files are (256 px square)."""
-    return view_hashes(cv2.resize(grey, (256, 256), interpolation=cv2.INTER_AREA))
+    """crop_hashes of an in-memory image, decoded the way files are (256 px square)."""
+    return crop_hashes(cv2.resize(grey, (256, 256), interpolation=cv2.INTER_AREA))
 
 
 # ---------------------------------------------------------------- duplicates
@@ -103,13 +103,13 @@ def test_phash_distance_small_for_every_edit_and_large_between_different_images(
     assert min(different) > rule.phash_with_embedding
 
 
-def test_trimmed_views_make_a_corner_crop_match():
-    """Without the trimmed views a 5% corner crop is far away; with them it is close."""
+def test_trimmed_crops_make_a_corner_crop_match():
+    """Without the trimmed crops a 5% corner crop is far away; with them it is close."""
     base = radiograph(3)
     cropped = crop_5_corner(base)
     whole_only = phash_distance(hashes_of(base)[:1], hashes_of(cropped)[:1])
-    with_views = phash_distance(hashes_of(base), hashes_of(cropped))
-    assert with_views <= DuplicateRule().phash_alone < whole_only
+    with_crops = phash_distance(hashes_of(base), hashes_of(cropped))
+    assert with_crops <= DuplicateRule().phash_alone < whole_only
 
 
 def test_distance_matrix_matches_pairwise_and_is_symmetric():
@@ -195,7 +195,7 @@ def test_real_images_edits_found_and_different_patients_apart():
     hashes = []
     for path in picks:
         grey = cv2.cvtColor(np.asarray(Image.open(REAL_DATA / path).convert("RGB")), cv2.COLOR_RGB2GRAY)
-        base = view_hashes(grey_for_hash(REAL_DATA / path))
+        base = crop_hashes(grey_for_hash(REAL_DATA / path))
         hashes.append(base)
         for name, edit in BRIEF_EDITS.items():
             distance = phash_distance(base, hashes_of(edit(grey)))

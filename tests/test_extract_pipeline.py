@@ -20,7 +20,7 @@ from cxr_transfer.extract.cache import read_cache
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.pipeline import (
     ExtractSettings,
-    ImageView,
+    ImageMask,
     extract_features,
     load_features,
 )
@@ -107,13 +107,13 @@ _SLOW_RUN = """
 import sys, time
 from pathlib import Path
 from cxr_transfer.extract.dataset import load_dataset
-from cxr_transfer.extract.pipeline import ExtractSettings, ImageView, extract_features
+from cxr_transfer.extract.pipeline import ExtractSettings, ImageMask, extract_features
 def slow(image):
     time.sleep(0.02)
     return image
 settings = ExtractSettings.from_options(backbone="mobilenetv2", random_weights=True, input_size=32, batch_size=4,
                            cache_dir=Path({cache!r}), flush_every=8, progress=False, decode_workers=1,
-                           view=ImageView("slowcopy", slow))
+                           mask=ImageMask("slowcopy", slow))
 extract_features(load_dataset({data!r}), settings)
 """
 
@@ -135,11 +135,11 @@ def test_kill_minus_nine_leaves_a_cache_the_next_run_completes(tmp_path: Path, c
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert len(parts) >= 2
-    view = ImageView("slowcopy", lambda image: image)
-    resumed = extract_features(load_dataset(root), settings(cache_dir, view=view))
+    mask = ImageMask("slowcopy", lambda image: image)
+    resumed = extract_features(load_dataset(root), settings(cache_dir, mask=mask))
     assert resumed.n_cached >= 16 and resumed.n_cached + resumed.n_computed == 120
-    complete, _ = load_features(load_dataset(root), settings(cache_dir, view=view))
-    fresh, _ = load_features(load_dataset(root), settings(tmp_path / "fresh", view=view))
+    complete, _ = load_features(load_dataset(root), settings(cache_dir, mask=mask))
+    fresh, _ = load_features(load_dataset(root), settings(tmp_path / "fresh", mask=mask))
     np.testing.assert_allclose(complete.embeddings, fresh.embeddings, rtol=1e-5, atol=1e-6)
     assert not list(cache_dir.rglob("*slowcopy.h5.parts/part-*"))
 

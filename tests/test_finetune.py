@@ -20,7 +20,7 @@ from cxr_transfer.finetune.augment import (
     PAPER_AUGMENTATION,
     augment_batch,
     augment_image,
-    view_rng,
+    copy_rng,
 )
 from cxr_transfer.finetune.loops import held_out_scores
 from cxr_transfer.finetune.train import FinetuneSettings, run_finetune
@@ -65,7 +65,7 @@ def plain_run(dataset_dir, cache_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fast_run(dataset_dir, cache_dir, tmp_path_factory) -> Path:
     return run_finetune(settings(dataset_dir, tmp_path_factory.mktemp("runs") / "fast", cache_dir, fast=True,
-                                 views=3, export_onnx=False))
+                                 copies=3, export_onnx=False))
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -113,8 +113,8 @@ def test_augmentation_is_seeded_and_keeps_shape():
     np.testing.assert_array_equal(augment_image(image, np.random.default_rng(5), NO_AUGMENTATION), image)
     batch = augment_batch(np.stack([image, image]), np.random.default_rng(0), PAPER_AUGMENTATION)
     assert batch.shape == (2, SIZE, SIZE, 3) and not np.array_equal(batch[0], batch[1])
-    np.testing.assert_array_equal(augment_image(image, view_rng("ab" * 32, 2)),
-                                  augment_image(image, view_rng("ab" * 32, 2)))
+    np.testing.assert_array_equal(augment_image(image, copy_rng("ab" * 32, 2)),
+                                  augment_image(image, copy_rng("ab" * 32, 2)))
 
 
 def test_held_out_scores_match_keras():
@@ -126,7 +126,7 @@ def test_held_out_scores_match_keras():
     assert accuracy == pytest.approx(2 / 3)
 
 
-def test_view_bank_computes_each_view_once_whatever_k(tmp_path, monkeypatch):
+def test_bank_computes_each_copy_once_whatever_k(tmp_path, monkeypatch):
     from cxr_transfer.extract.onnx_export import OnnxBackbone
     from cxr_transfer.finetune import bank
 
@@ -146,12 +146,12 @@ def test_view_bank_computes_each_view_once_whatever_k(tmp_path, monkeypatch):
     shas = [f"{i:064x}" for i in range(4)]
     first, stats = bank.bank_features(body, shas, images, [3, 3, 1, 1], 3, PAPER_AUGMENTATION, tmp_path)
     assert stats.computed == CountingEmbedder.calls == 8 and np.isnan(first[2, 1:]).all()
-    np.testing.assert_array_equal(first[0, 0], images[0].reshape(-1)[:512])  # view 0 = the image itself
+    np.testing.assert_array_equal(first[0, 0], images[0].reshape(-1)[:512])  # copy 0 = the image itself
     fewer, stats = bank.bank_features(body, shas, images, [2, 2, 2, 2], 2, PAPER_AUGMENTATION, tmp_path)
-    assert stats.computed == 2 and stats.cached == 6  # only view 1 of images 2 and 3 was missing
+    assert stats.computed == 2 and stats.cached == 6  # only copy 1 of images 2 and 3 was missing
     np.testing.assert_array_equal(fewer[:2], first[:2, :2])
     more, stats = bank.bank_features(body, shas, images, [4, 4, 4, 4], 4, PAPER_AUGMENTATION, tmp_path)
-    assert stats.computed == 2 * 1 + 2 * 2 and stats.cached == 10  # view 3 of 0, 1; views 2, 3 of 2, 3
+    assert stats.computed == 2 * 1 + 2 * 2 and stats.cached == 10  # copy 3 of 0, 1; copies 2, 3 of 2, 3
     np.testing.assert_array_equal(more[:, :2], fewer)
 
 
@@ -201,13 +201,13 @@ def test_plain_run_exports_an_onnx_model_that_matches_keras(plain_run, dataset_d
     np.testing.assert_allclose(onnx_proba.sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_fast_path_reuses_its_view_bank_and_is_reproducible(fast_run, dataset_dir, cache_dir, tmp_path):
+def test_fast_path_reuses_its_bank_and_is_reproducible(fast_run, dataset_dir, cache_dir, tmp_path):
     first = load_results(fast_run)["evaluations"][0]
-    assert first.extra["bank_views_computed"] == 28 * 3 + 8
-    again = run_finetune(settings(dataset_dir, tmp_path / "again", cache_dir, fast=True, views=3,
+    assert first.extra["bank_copies_computed"] == 28 * 3 + 8
+    again = run_finetune(settings(dataset_dir, tmp_path / "again", cache_dir, fast=True, copies=3,
                                   export_onnx=False))
     repeat = load_results(again)["evaluations"][0]
-    assert repeat.extra["bank_views_computed"] == 0
+    assert repeat.extra["bank_copies_computed"] == 0
     assert (again / "history.csv").read_text().splitlines()[1].split(",")[:5] == \
         (fast_run / "history.csv").read_text().splitlines()[1].split(",")[:5]
     assert repeat.metrics["confusion_matrix"] == first.metrics["confusion_matrix"]

@@ -155,7 +155,7 @@ def test_the_actor_stops_the_run_on_a_missing_model_and_fails_only_the_shard_oth
     from dataclasses import replace
 
     from cxr_transfer.extract.engine_ray import EmbedShard, make_shards
-    from cxr_transfer.extract.images import ImageView
+    from cxr_transfer.extract.images import ImageMask
     from cxr_transfer.extract.onnx_export import get_onnx_backbone
     from cxr_transfer.extract.registry import get_backbone
     from cxr_transfer.extract.weights import resolve_weights
@@ -166,13 +166,13 @@ def test_the_actor_stops_the_run_on_a_missing_model_and_fails_only_the_shard_oth
     batch = {key: np.array([value]) for key, value in shard.item().items()}
 
     def boom(image):
-        raise RuntimeError("view broke")
+        raise RuntimeError("mask broke")
 
     parts = tmp_path / "parts"
     missing = EmbedShard(replace(onnx, path=tmp_path / "gone.onnx"), 4, 1, None, str(parts))(batch)
     assert missing["fatal"].tolist() == [True] and "is not on node" in missing["error"][0]
-    broken = EmbedShard(onnx, 4, 1, ImageView("boom", boom), str(parts))(batch)
-    assert broken["fatal"].tolist() == [False] and broken["error"].tolist() == ["RuntimeError: view broke"]
+    broken = EmbedShard(onnx, 4, 1, ImageMask("boom", boom), str(parts))(batch)
+    assert broken["fatal"].tolist() == [False] and broken["error"].tolist() == ["RuntimeError: mask broke"]
     fine = EmbedShard(onnx, 4, 1, None, str(parts))(batch)
     assert (fine["error"].tolist(), fine["done"].tolist()) == ([""], [2])
     (failure,) = json.loads(fine["failures"][0])

@@ -224,7 +224,7 @@ def overlap_section(overlap: dict[str, Any]) -> list[str]:
              f"of the external metrics, which cover the other {overlap['n_external_evaluated']} (a copy of a "
              f"training image, or an image of a training patient, is not external evidence):", "",
              f"- byte-identical (same sha256): {overlap['identical']['n']}",
-             f"- near-duplicate (the audit's rule: pHash of trimmed views, confirmed by the VGG16 cosine when "
+             f"- near-duplicate (the audit's rule: pHash of trimmed crops, confirmed by the VGG16 cosine when "
              f"vgg16 is among the backbones): {overlap['near_duplicate']['n']}",
              f"- of a TRAIN patient (same patient id): {shared['n_external_images']} image(s) of {shared['n']} "
              f"patient(s), who have {shared['n_train_images']} TRAIN image(s)"

@@ -73,7 +73,7 @@ from cxr_transfer.extract.duplicates import (
     DuplicateRule,
     cosine_matrix,
     hash_cache_path,
-    hash_samples as view_hashes,
+    hash_samples,
     phash_distance_matrix,
 )
 from cxr_transfer.extract.pipeline import ExtractSettings, align_feature_sets, load_features
@@ -174,12 +174,12 @@ def near_duplicate_pairs(train: Dataset, train_samples: list[Sample], external: 
                          train_embeddings: np.ndarray | None = None, ext_embeddings: np.ndarray | None = None,
                          cache_dir: Path | None = None) -> list[dict[str, Any]]:
     """EXT images that the audit's duplicate rule (``extract.duplicates.DuplicateRule``: pHash of 81 trimmed
-    views, confirmed by the VGG16 cosine when embeddings are given) calls a near duplicate of a TRAIN image
+    crops, confirmed by the VGG16 cosine when embeddings are given) calls a near duplicate of a TRAIN image
     with other bytes: one row per such EXT image, its closest TRAIN image first (paths relative to each root)."""
     # layering: moves below classify in issue 23
 
     def hashes(dataset: Dataset, samples: list[Sample]) -> list:
-        return view_hashes(samples, hash_cache_path(dataset, cache_dir) if cache_dir else None)
+        return hash_samples(samples, hash_cache_path(dataset, cache_dir) if cache_dir else None)
 
     train_hashes, ext_hashes = hashes(train, train_samples), hashes(external, ext_samples)
     rows_t = [i for i, h in enumerate(train_hashes) if not isinstance(h, str)]
