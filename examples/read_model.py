@@ -7,7 +7,7 @@ Prints one CSV line per image: path, predicted class, one probability per class.
 last 82 bytes hold ``model_sha256``, the sha256 of every byte before them; a changed file is refused.
 
 Images are read the way cxr-transfer reads them (cxr_transfer/extract/images.py, ``read_rgb``): Pillow decodes
-(JPEG in draft mode when the image is at least twice the input size), the EXIF orientation is applied, 16-bit
+(JPEG in draft mode, at no less than the input size), the EXIF orientation is applied, 16-bit
 grey is scaled by 255/65535, transparency is composited onto black, other modes become RGB, and the image is
 stretched to the model's square input with no crop or padding: area-averaged when shrinking (H*W >= S*S), bilinear
 when enlarging. cxr-transfer does the resize with OpenCV; ``resize`` below is OpenCV's INTER_AREA and
