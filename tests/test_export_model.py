@@ -199,3 +199,20 @@ def test_reference_reader_without_tensorflow_or_sklearn(base: Path, heads, expor
         reference = expected[str(Path(row["path"]).relative_to(images))]
         assert row["predicted"] == reference["predicted"]
         np.testing.assert_allclose(probabilities(row), probabilities(reference), atol=1e-5, rtol=0)
+
+
+def test_a_validate_head_exports_its_inner_head(base: Path, images: Path, tmp_path: Path):
+    """A head saved by validate --save (a ConformalHead): the file gives the head's probabilities, not its sets."""
+    external = write_class_tree(base / "ext", per_class=3, size=40, seed=500)
+    run = cxr_transfer.validate(base / "data", external, "mobilenetv2", heads="logreg", folds=3, n_boot=100,
+                                save=True, out_dir=base / "runs", run_name="val", cache_dir=base / "cache",
+                                input_size=32, **TINY)
+    head = run.run_dir / "mobilenetv2-logreg.joblib"
+    exported = cxr_transfer.export_model(head, tmp_path / "val.onnx", cache_dir=base / "cache", **TINY)
+    expected = read_csv(cxr_transfer.predict(images, head, out=tmp_path / "a.csv", cache_dir=base / "cache",
+                                             **TINY).csv_path)
+    found = read_csv(cxr_transfer.predict(images, exported.path, out=tmp_path / "b.csv", **TINY).csv_path)
+    assert sorted(found) == sorted(expected) and len(found) == 11
+    for path, row in expected.items():
+        assert found[path]["predicted"] == row["predicted"]
+        np.testing.assert_allclose(probabilities(found[path]), probabilities(row), atol=1e-5, rtol=0)
