@@ -35,6 +35,7 @@ from cxr_transfer.core.settings import DEFAULT_CACHE_DIR, BackboneSettings
 if TYPE_CHECKING:
     from cxr_transfer.audit.run import AuditReport
     from cxr_transfer.classify.compare import CompareResult
+    from cxr_transfer.deploy.export_model import ExportedModel
     from cxr_transfer.validation.run import ValidateResult
     from cxr_transfer.explain.run import ExplainResult
     from cxr_transfer.extract.export_table import ExportResult
@@ -422,13 +423,37 @@ def predict(images: str | Path, model: str | Path, *, out: str | Path | None = N
     (path, reason) of every skipped file. The model's backbone, input size and precision (float32 / int8) come
     from the model itself; a ``precision`` other than the one it was trained on is refused.
     ``conformal=ALPHA`` adds a ``set`` column (classes joined by '|'), for heads saved by ``validate(save=True)``
-    with that alpha.
+    with that alpha. ``model`` may also be a file ``export_model`` wrote (refused when its bytes changed).
     """
     from cxr_transfer.classify.predict import predict_images
+    from cxr_transfer.core.errors import CxrError
+    from cxr_transfer.deploy.export_model import is_exported_model, predict_exported
     from cxr_transfer.extract.pipeline import ExtractSettings
 
-    return PredictResult(*predict_images(images, model, ExtractSettings.from_options(common, **options), out,
-                                         precision, conformal=conformal))
+    settings = ExtractSettings.from_options(common, **options)
+    if is_exported_model(model):   # one file from export_model: checked against its model_sha256, then run
+        if conformal is not None or precision not in (None, "float32"):
+            raise CxrError(f"{model}: an exported model gives probabilities only (its precision is its own); leave "
+                           f"out `conformal` and `precision`")
+        return PredictResult(*predict_exported(images, model, settings, out))
+    return PredictResult(*predict_images(images, model, settings, out, precision, conformal=conformal))
+
+
+def export_model(model: str | Path, out: str | Path, *, precision: str | None = None, backbone: str | None = None,
+                 common: BackboneSettings | None = None, **options: Any) -> ExportedModel:
+    """One ONNX file from a saved head (.joblib) and its backbone: uint8 RGB images (N, S, S, 3) at the backbone's
+    input size in, ``probabilities`` (float32, one column per class) and ``label`` (class name) out.
+
+    The file carries its description in ONNX ``metadata_props`` (class names, input size and resize rule,
+    backbone and weights sha256, head and its joblib sha256, project version, training data fingerprint) and a
+    ``model_sha256`` that ``predict`` checks. ``out`` is checked before any work; a head trained on other weights,
+    or a ``backbone``/``input_size``/``precision`` other than the head's, is refused, and so is a head skl2onnx
+    cannot convert. Runs without this package: ``examples/read_model.py``.
+    """
+    from cxr_transfer.deploy.export_model import export_model as export
+    from cxr_transfer.extract.pipeline import ExtractSettings
+
+    return export(model, out, ExtractSettings.from_options(common, **options), precision, backbone)
 
 
 def explain_images(images: str | Path, model: str | Path, *, out: str | Path | None = None, method: str = "auto",

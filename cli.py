@@ -139,6 +139,7 @@ COMMANDS: dict[str, Command] = {
     "validate": Command("validate", "internal vs external validation: subgroups, calibration, conformal sets",
                         stage="validate", skip=("external",)),
     "export": Command("export_embeddings", "cached embeddings as Parquet or .npy, readable by pandas, Spark and Ray"),
+    "export-model": Command("export_model", "a saved head + backbone as one ONNX file", data=False, batch_size=None),
 }
 
 
@@ -146,12 +147,13 @@ def add_command_flags(p: argparse.ArgumentParser, name: str) -> None:
     """The few flags that are not settings fields: positionals, --model, --out of predict/explain/export."""
     if name in ("predict", "explain"):
         p.add_argument("images", type=Path, help="an image file or a folder of images")
-        p.add_argument("--model", type=Path, required=True, help="a .joblib head saved by compare or validate (--save), "
-                                                                 "or a finetune run folder")
-    if name in ("predict", "explain", "export", "report"):
-        p.add_argument("--out", type=Path, required=name == "export",
-                       default=Path("runs") / "side-by-side.md" if name == "report" else None,
-                       help="where to write (default: beside the model)" if name != "export" else "file or folder")
+    if name in ("predict", "explain", "export-model"):
+        p.add_argument("--model", type=Path, required=True, help="a .joblib head saved by compare or validate (--save)"
+                       + ("" if name == "export-model" else ", a finetune run folder or an export-model .onnx file"))
+    if name in ("predict", "explain", "export", "report", "export-model"):
+        p.add_argument("--out", type=Path, required=name.startswith("export"), default=Path("runs") / "side-by-side.md"
+                       if name == "report" else None, help={"export": "file or folder", "export-model": "the .onnx "
+                                                            "file"}.get(name, "where to write (default: beside the model)"))
     if name in ("explain", "export"):
         p.add_argument("--overwrite", action="store_true", help="replace an earlier run's output in --out")
     if name == "predict":
@@ -206,7 +208,8 @@ def api_arguments(name: str, args: argparse.Namespace) -> tuple[list[Any], dict[
                     "cache_dir": args.cache_dir}
     if name == "report":
         return [args.runs], {"out": args.out, "head": args.head}
-    positionals = [args.images, args.model] if name in ("predict", "explain") else [args.data or shared_default("data")]
+    positionals = [args.images, args.model] if name in ("predict", "explain") else [args.model] \
+        if name == "export-model" else [args.data or shared_default("data")]
     keywords: dict[str, Any] = {key: values[key] for key in ("out", "out_dir", "run_name", "conformal", "method",
                                                              "overwrite", "external", "format") if key in values}
     if command.stage == "engine":

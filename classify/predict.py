@@ -95,7 +95,7 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
         dataset = unlabeled_dataset(images, [])
         readable, proba, classes, skipped = _finetuned_probabilities(saved, dataset, settings)
         default_out = saved.info_path.parent / "predictions.csv"
-        return _write_predictions(Path(out_csv or default_out), dataset, readable, proba, classes), skipped
+        return write_predictions(Path(out_csv or default_out), dataset, readable, proba, classes), skipped
     model, info = saved.model, saved.info
     parts = [check_weights(part, settings, precision) for part in info["backbones"]]
     dataset = unlabeled_dataset(images, info["class_names"])
@@ -114,11 +114,12 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
 
         sets = [format_set(row, classes) for row in conformal_sets_for(model, np.hstack(blocks), conformal, model_path)]
     out_csv = Path(out_csv or Path(model_path).with_name(Path(model_path).stem + "-predictions.csv"))
-    return _write_predictions(out_csv, dataset, readable, proba, classes, sets), sorted(set(skipped))
+    return write_predictions(out_csv, dataset, readable, proba, classes, sets), sorted(set(skipped))
 
 
-def _write_predictions(out_csv: Path, dataset: Dataset, readable: list[Sample], proba: np.ndarray,
-                       classes: list[str], sets: list[str] | None = None) -> Path:
+def write_predictions(out_csv: Path, dataset: Dataset, readable: list[Sample], proba: np.ndarray,
+                      classes: list[str], sets: list[str] | None = None) -> Path:
+    """Write predict's CSV: path, sha256, predicted, one probability column per class (and the conformal set)."""
     with open(out_csv, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "sha256", "predicted"] + [f"p_{c}" for c in classes] +

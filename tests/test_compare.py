@@ -157,12 +157,12 @@ def test_predictions_and_reports_are_utf8_under_an_ascii_locale(tmp_path):
     script = f"""
 import numpy as np
 from pathlib import Path
-from cxr_transfer.classify.predict import _write_predictions
+from cxr_transfer.classify.predict import write_predictions
 from cxr_transfer.extract.dataset import Dataset, Sample
 root = Path({str(tmp_path)!r})
 sample = Sample(root / "r\\u00f6ntgen.png", "", sha256="0" * 64)
 classes = ["c\\u00f6vid", "normal"]
-_write_predictions(root / "p.csv", Dataset(root, [sample], classes), [sample], np.array([[0.9, 0.1]]), classes)
+write_predictions(root / "p.csv", Dataset(root, [sample], classes), [sample], np.array([[0.9, 0.1]]), classes)
 """
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
