@@ -322,7 +322,8 @@ def embed_images(images: np.ndarray, backbone: str = "vgg16", *, weights: str | 
         return np.empty((0, config.feature_dim), np.float32)
     rows = []
     for start in range(0, len(images), batch_size):
-        batch = np.stack([resize_square(np.ascontiguousarray(image), size) for image in images[start:start + batch_size]])
+        batch = np.stack([resize_square(np.ascontiguousarray(image), size)
+                          for image in images[start:start + batch_size]])
         rows.append(embedder.embed(batch))
     return np.concatenate(rows)
 

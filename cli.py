@@ -67,12 +67,12 @@ def flag_name(field: dataclasses.Field) -> str:
 
 
 def add_settings_flags(group, cls: type, skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None,
-                       aliases: dict[str, str] | None = None) -> None:
+                       aliases: dict[str, str] | None = None, only: tuple[str, ...] = ()) -> None:
     """One flag per ``param`` field of ``cls`` (not in ``skip``): default, limits, choices and help from the
     field; a bool that defaults to True becomes ``--no-NAME``."""
     for field in dataclasses.fields(cls):
         info = param_info(field)
-        if info is None or not info["cli"] or field.name in skip:
+        if info is None or not info["cli"] or field.name in skip or (only and field.name not in only):
             continue
         default = (defaults or {}).get(field.name, field.default)
         names = [flag_name(field)] + ([aliases[field.name]] if field.name in (aliases or {}) else [])
@@ -141,6 +141,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command("export_embeddings", "cached embeddings as Parquet or .npy, readable by pandas, Spark and Ray"),
     "export-model": Command("export_model", "a saved head + backbone as one ONNX file", data=False, batch_size=None),
 }
+OUT_HELP = {"export": "the Parquet file or npy folder to write", "export-model": "the .onnx file to write"}
 
 
 def add_command_flags(p: argparse.ArgumentParser, name: str) -> None:
@@ -151,9 +152,9 @@ def add_command_flags(p: argparse.ArgumentParser, name: str) -> None:
         p.add_argument("--model", type=Path, required=True, help="a .joblib head saved by compare or validate (--save)"
                        + ("" if name == "export-model" else ", a finetune run folder or an export-model .onnx file"))
     if name in ("predict", "explain", "export", "report", "export-model"):
-        p.add_argument("--out", type=Path, required=name.startswith("export"), default=Path("runs") / "side-by-side.md"
-                       if name == "report" else None, help={"export": "file or folder", "export-model": "the .onnx "
-                                                            "file"}.get(name, "where to write (default: beside the model)"))
+        p.add_argument("--out", type=Path, required=name.startswith("export"),
+                       default=Path("runs") / "side-by-side.md" if name == "report" else None,
+                       help=OUT_HELP.get(name, "where to write (default: beside the model)"))
     if name in ("explain", "export"):
         p.add_argument("--overwrite", action="store_true", help="replace an earlier run's output in --out")
     if name == "predict":
@@ -177,8 +178,7 @@ def add_command_flags(p: argparse.ArgumentParser, name: str) -> None:
         p.add_argument("runs", nargs="+", type=Path, help="finetune and compare run folders")
         p.add_argument("--head", default=None, help="the head beside the fine-tuned models (default: the chosen one)")
     if name == "backbones":   # where weights are found, at which size, and the user ONNX models of a cache
-        add_settings_flags(p, api.BackboneSettings, skip=tuple(f.name for f in dataclasses.fields(api.BackboneSettings)
-                                                               if f.name not in ("weights_dir", "input_size", "cache_dir")))
+        add_settings_flags(p, api.BackboneSettings, only=("weights_dir", "input_size", "cache_dir"))
 
 
 def build_parser() -> argparse.ArgumentParser:
