@@ -34,12 +34,12 @@ from cxr_transfer.core.hashing import sha256_bytes, sha256_file
 from cxr_transfer.core.io import atomic_path
 from cxr_transfer.core.outputs import incomplete_run
 from cxr_transfer.core.record import library_versions, now_iso, write_json
+from cxr_transfer.core.settings import PRECISIONS
 from cxr_transfer.extract.runtime import open_session
 from cxr_transfer.extract.user_onnx import saved_record
 
 FORMAT = "cxr-transfer/head/2"
 OLD_FORMAT = "cxr-transfer/head/1"   # up to 40c227d: the model pickled alone, only its sha256 in the JSON
-PRECISIONS = ("float32", "int8")
 DESCRIBED = ("kind", "class_names", "backbones", "training")
 """Sidecar fields also stored inside the hashed joblib file (format 2), so that editing one is refused."""
 RENAMED_KEYS = {"calibration_digest": "int8_sample_digest"}

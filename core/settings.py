@@ -64,25 +64,6 @@ class BackboneSettings:
                 **({"int8_sample_size": self.int8_sample_size} if self.precision == "int8" else {})}
 
 
-def split_options(options: dict[str, Any],
-                  common: BackboneSettings | None = None) -> tuple[BackboneSettings, dict[str, Any]]:
-    """Separate the shared backbone settings from a stage's own keywords.
-
-    ``weights`` is accepted as a short name for ``weights_file``; keywords given next to ``common`` override it.
-    """
-    options = dict(options)
-    if "weights" in options:
-        if "weights_file" in options:
-            raise TypeError("give weights or weights_file, not both")
-        options["weights_file"] = options.pop("weights")
-    names = {f.name for f in fields(BackboneSettings)}
-    shared = {k: options.pop(k) for k in list(options) if k in names}
-    if common is not None and not isinstance(common, BackboneSettings):
-        raise TypeError(f"common must be a BackboneSettings, got {type(common).__name__} instead")
-    base = common or BackboneSettings()
-    return (replace(base, **shared) if shared else base), options
-
-
 class UsesBackboneSettings:
     """Read-only shortcuts (``settings.backbone``, ``settings.cache_dir``, ...) to an embedded ``common``,
     and ``from_options`` to build a stage's settings from flat keywords."""
@@ -92,23 +73,27 @@ class UsesBackboneSettings:
     @classmethod
     def from_options(cls, common: BackboneSettings | None = None, **options: Any):
         """``ExtractSettings.from_options(backbone="xception", random_weights=True, batch_size=8)``: shared
-        keywords go to ``common``, the rest to the stage; unknown keywords raise TypeError."""
-        shared, own = split_options(options, common)
+        keywords go to ``common`` (``weights`` is short for ``weights_file``; keywords override ``common``), the
+        rest to the stage; unknown keywords raise TypeError."""
+        if "weights" in options:
+            if "weights_file" in options:
+                raise TypeError("give weights or weights_file, not both")
+            options["weights_file"] = options.pop("weights")
+        if common is not None and not isinstance(common, BackboneSettings):
+            raise TypeError(f"common must be a BackboneSettings, got {type(common).__name__} instead")
+        shared = {k: options.pop(k) for k in list(options) if k in SHARED_FIELDS}
         own_names = {f.name for f in fields(cls)} - {"common"}
-        unknown = sorted(set(own) - own_names)
+        unknown = sorted(set(options) - own_names)
         if unknown:
-            valid = sorted(own_names | {f.name for f in fields(BackboneSettings)} | {"weights"})
+            valid = sorted(own_names | SHARED_FIELDS | {"weights"})
             raise TypeError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(valid)}")
-        return cls(common=shared, **own)
+        return cls(common=replace(common or BackboneSettings(), **shared), **options)
 
-    backbone = property(lambda self: self.common.backbone)
-    weights_file = property(lambda self: self.common.weights_file)
-    weights_dir = property(lambda self: self.common.weights_dir)
-    random_weights = property(lambda self: self.common.random_weights)
-    allow_download = property(lambda self: self.common.allow_download)
-    input_size = property(lambda self: self.common.input_size)
-    cache_dir = property(lambda self: self.common.cache_dir)
-    threads = property(lambda self: self.common.threads)
-    progress = property(lambda self: self.common.progress)
-    precision = property(lambda self: self.common.precision)
-    int8_sample_size = property(lambda self: self.common.int8_sample_size)
+    def __getattr__(self, name: str) -> Any:
+        """``settings.cache_dir`` and every other BackboneSettings field, read from ``common``."""
+        if name in SHARED_FIELDS:
+            return getattr(object.__getattribute__(self, "common"), name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+SHARED_FIELDS = frozenset(f.name for f in fields(BackboneSettings))

@@ -41,10 +41,7 @@ from cxr_transfer.core.hashing import sha256_file, sha256_strings
 from cxr_transfer.core.io import atomic_path, cannot_write_error, no_space_error, remove_leftovers
 from cxr_transfer.core.locking import DEFAULT_LOCK_TIMEOUT, file_lock
 from cxr_transfer.core.record import library_versions, now_iso, write_json
-from cxr_transfer.core.settings import (
-    INT8_STATISTICS_BATCH,
-    PRECISIONS,  # noqa: F401 (one source of truth, re-exported)
-)
+from cxr_transfer.core.settings import INT8_STATISTICS_BATCH
 from cxr_transfer.extract.bias_correction import MIN_SLOPE, correct_biases
 from cxr_transfer.extract.dataset import Sample
 from cxr_transfer.extract.images import ImageDecodeError, read_rgb
