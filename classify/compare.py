@@ -34,11 +34,17 @@ from cxr_transfer.classify.protocols import (
     resolve_groups,
 )
 from cxr_transfer.classify.report import compare_summary_text, write_compare_report
-from cxr_transfer.classify.results import Evaluation, images_fingerprint, run_folder_error, save_results
+from cxr_transfer.classify.results import (
+    Evaluation,
+    evaluate_then_write,
+    images_fingerprint,
+    run_folder_error,
+    save_results,
+)
 from cxr_transfer.classify.saved_model import save_head
 from cxr_transfer.core.params import COUNT, FOLDS, FRACTION, JOBS, SEED, Options, check_params, names_argument, param
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.outputs import check_run_name, new_run_dir, run_in_progress, writable_folder
+from cxr_transfer.core.outputs import new_run_dir, run_in_progress
 from cxr_transfer.core.record import run_record, write_json
 from cxr_transfer.extract.dataset import Dataset, load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings, FeatureSet, align_feature_sets, load_features
@@ -359,11 +365,5 @@ def write_compare_run(result: CompareResult, out_dir: str | Path, run_name: str 
 
 
 def run_compare(settings: CompareSettings, out_dir: str | Path, run_name: str | None = None) -> CompareResult:
-    """``evaluate_compare`` then ``write_compare_run``; ``out_dir`` and ``run_name`` are checked first, so a
-    folder that cannot be written fails before any computing, not after it."""
-    writable_folder(out_dir, "`out`")
-    if run_name:
-        check_run_name(out_dir, run_name)
-    result = evaluate_compare(settings)
-    write_compare_run(result, out_dir, run_name)
-    return result
+    """``evaluate_compare`` then ``write_compare_run``, the folder checked first (``evaluate_then_write``)."""
+    return evaluate_then_write(evaluate_compare, write_compare_run, settings, out_dir, run_name)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_strings
 from cxr_transfer.core.io import cannot_write_error
-from cxr_transfer.core.outputs import incomplete_run
+from cxr_transfer.core.outputs import check_run_name, incomplete_run, writable_folder
 from cxr_transfer.core.record import write_json
 
 RESULTS_FILE = "results.json"
@@ -83,3 +83,16 @@ def run_folder_error(run_dir: Path, exc: OSError) -> CxrError:
     removed it): a full disk under --out, or why the folder refused the write."""
     return cannot_write_error(Path(run_dir).parent, exc, "output folder", flag="`out_dir`",
                               kept=f"the unfinished run folder {Path(run_dir).name} is removed")
+
+
+def evaluate_then_write(evaluate: Callable[[Any], Any], write: Callable[[Any, Any, Any], Path], settings: Any,
+                        out_dir: str | Path, run_name: str | None = None) -> Any:
+    """``evaluate(settings)``, then ``write(result, out_dir, run_name)``: compare's and validate's run with a
+    folder. ``out_dir`` and ``run_name`` are checked first, so a folder that cannot be written fails before any
+    computing, not after it."""
+    writable_folder(out_dir, "`out`")
+    if run_name:
+        check_run_name(out_dir, run_name)
+    result = evaluate(settings)
+    write(result, out_dir, run_name)
+    return result

@@ -60,10 +60,10 @@ from cxr_transfer.classify.conformal import (
 from cxr_transfer.classify.duplicate_groups import duplicate_aware_groups
 from cxr_transfer.classify.heads import get_head, make_head, parse_head_list
 from cxr_transfer.classify.protocols import Split, check_splittable, cv_splits, resolve_groups
-from cxr_transfer.classify.results import images_fingerprint, run_folder_error
+from cxr_transfer.classify.results import evaluate_then_write, images_fingerprint, run_folder_error
 from cxr_transfer.classify.saved_model import save_head
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.outputs import check_run_name, new_run_dir, run_in_progress, writable_folder
+from cxr_transfer.core.outputs import new_run_dir, run_in_progress
 from cxr_transfer.core.params import FOLDS, FRACTION, IMAGE_COUNT, JOBS, N_BOOT, Options, SEED, check_params, param
 from cxr_transfer.core.record import Stopwatch, run_record, write_json
 from cxr_transfer.explain.explainers import load_explainer
@@ -790,14 +790,8 @@ def write_validate_run(result: ValidateResult, out_dir: str | Path, run_name: st
 
 
 def run_validate(settings: ValidateSettings, out_dir: str | Path, run_name: str | None = None) -> ValidateResult:
-    """``evaluate_validate`` then ``write_validate_run``; ``out_dir`` and ``run_name`` are checked first, so a
-    folder that cannot be written fails before any computing, not after it."""
-    writable_folder(out_dir, "`out`")
-    if run_name:
-        check_run_name(out_dir, run_name)
-    result = evaluate_validate(settings)
-    write_validate_run(result, out_dir, run_name)
-    return result
+    """``evaluate_validate`` then ``write_validate_run``, the folder checked first (``evaluate_then_write``)."""
+    return evaluate_then_write(evaluate_validate, write_validate_run, settings, out_dir, run_name)
 
 
 LINEAR_HEADS = ("logreg", "linsvm")
