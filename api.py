@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from cxr_transfer.core.params import COUNT, check_int, names_argument
+from cxr_transfer.core.params import COUNT, check_int, names_argument, path_arguments
 from cxr_transfer.core.settings import DEFAULT_CACHE_DIR, BackboneSettings
 
 if TYPE_CHECKING:
@@ -147,6 +147,7 @@ def backbone_table(weights_dir: str | Path | None = None, input_size: int | None
     return rows
 
 
+@path_arguments("data")
 def extract(data: str | Path, backbones: str = "vgg16", *, common: BackboneSettings | None = None,
             **options: Any) -> ExtractRun:
     """Embeddings of a dataset by each backbone of a comma list, into the HDF5 cache (nothing else written).
@@ -256,6 +257,7 @@ def list_backbones() -> list[BackboneConfig]:
     return list(BACKBONES.values())
 
 
+@path_arguments("data")
 def embed_folder(data: str | Path, backbone: str = "vgg16", *, weights: str | Path | None = None,
                  weights_dir: str | Path | None = None, random_weights: bool = False, input_size: int | None = None,
                  cache_dir: str | Path = DEFAULT_CACHE_DIR, batch_size: int = 16, threads: int | None = None,
@@ -328,6 +330,7 @@ def embed_images(images: np.ndarray, backbone: str = "vgg16", *, weights: str | 
     return np.concatenate(rows)
 
 
+@path_arguments("data", "out")
 def export_embeddings(data: str | Path, backbone: str = "vgg16", *, out: str | Path, format: str = "parquet",
                       overwrite: bool = False, common: BackboneSettings | None = None, **options: Any) -> ExportResult:
     """One backbone's cached embeddings of a dataset as Parquet (one file) or npy (a folder), for other tools.
@@ -370,6 +373,7 @@ def _workflow_settings(cls: type, name: str, common: BackboneSettings | None, ba
     return cls(extract=replace(extract, common=registered), backbones=backbones, heads=heads, **given, **options)
 
 
+@path_arguments("data", "out_dir")
 def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *, out_dir: str | Path | None = None,
             run_name: str | None = None, common: BackboneSettings | None = None, **options: Any) -> CompareResult:
     """Score scikit-learn heads on cached embeddings under one protocol (``protocol='paper'|'cv'|'holdout'``).
@@ -391,6 +395,7 @@ def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *, o
     return evaluate_compare(settings) if out_dir is None else run_compare(settings, out_dir, run_name)
 
 
+@path_arguments("data")
 def finetune_backbone(data: str | Path, backbone: str = "vgg16", *, common: BackboneSettings | None = None,
              **options: Any) -> Path:
     """The paper's frozen-body + dense-head Keras training; returns the run folder.
@@ -406,6 +411,7 @@ def finetune_backbone(data: str | Path, backbone: str = "vgg16", *, common: Back
     return run_finetune(replace(settings, common=_with_user_models(settings.common)[0]))
 
 
+@path_arguments("data")
 def audit_dataset(data: str | Path, backbone: str = "vgg16", *, common: BackboneSettings | None = None,
           **options: Any) -> AuditReport:
     """Duplicates, patient leakage and acquisition / pixel shortcuts of a dataset; writes audit.md."""
@@ -415,6 +421,7 @@ def audit_dataset(data: str | Path, backbone: str = "vgg16", *, common: Backbone
     return run_audit(replace(settings, common=_with_user_models(settings.common)[0]))
 
 
+@path_arguments("images", "model", "out")
 def predict(images: str | Path, model: str | Path, *, out: str | Path | None = None, precision: str | None = None,
             conformal: float | None = None, common: BackboneSettings | None = None,
             **options: Any) -> PredictResult:
@@ -440,6 +447,7 @@ def predict(images: str | Path, model: str | Path, *, out: str | Path | None = N
     return PredictResult(*predict_images(images, model, settings, out, precision, conformal=conformal))
 
 
+@path_arguments("model", "out")
 def export_model(model: str | Path, out: str | Path, *, precision: str | None = None, backbone: str | None = None,
                  common: BackboneSettings | None = None, **options: Any) -> ExportedModel:
     """One ONNX file from a saved head (.joblib) and its backbone: uint8 RGB images (N, S, S, 3) at the backbone's
@@ -457,6 +465,7 @@ def export_model(model: str | Path, out: str | Path, *, precision: str | None = 
     return export(model, out, ExtractSettings.from_options(common, **options), precision, backbone)
 
 
+@path_arguments("images", "model", "out")
 def explain_images(images: str | Path, model: str | Path, *, out: str | Path | None = None, method: str = "auto",
             pngs: bool = True, precision: str | None = None, overwrite: bool = False,
             common: BackboneSettings | None = None, **options: Any) -> ExplainResult:
@@ -476,6 +485,7 @@ def explain_images(images: str | Path, model: str | Path, *, out: str | Path | N
                           precision, overwrite)
 
 
+@path_arguments("data", "external", "out_dir")
 def validate(data: str | Path, external: str | Path, backbones: str = "vgg16", heads: str = "logreg", *,
              out_dir: str | Path | None = None, run_name: str | None = None,
              common: BackboneSettings | None = None, **options: Any) -> ValidateResult:

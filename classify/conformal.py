@@ -36,7 +36,7 @@ def check_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a number, got {alpha!r} instead")
     if not 0.0 < float(alpha) < 1.0:
-        raise CxrError(f"alpha (the miscoverage) must be between 0 and 1, got {float(alpha):g} instead")
+        raise CxrError(f"alpha (the miscoverage) must be between 0 and 1, got {float(alpha):g} instead", param="alpha")
     return float(alpha)
 
 

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import inspect
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,6 +195,27 @@ def check_params(settings: Any) -> None:
 def check_int(name: str, value: object, bound: Interval, none_means: str = "") -> None:
     """Check one whole-number argument of a library function (see ``check_value``)."""
     check_value(name, value, bound, none_means)
+
+
+def path_arguments(*names: str):
+    """Decorator for library functions: each named argument must be a str or a path (or None where None is its
+    default), else TypeError naming it, before anything runs."""
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            given = signature.bind_partial(*args, **kwargs).arguments
+            for name in names:
+                value = given.get(name, signature.parameters[name].default)
+                if value is inspect.Parameter.empty:   # missing: Python's own TypeError says so
+                    continue
+                if not isinstance(value, (str, os.PathLike)) and not (
+                        value is None and signature.parameters[name].default is None):
+                    raise TypeError(f"{name} must be a str or Path, got {value!r} instead")
+            return function(*args, **kwargs)
+        return checked
+    return decorate
 
 
 def names_argument(name: str, value: object) -> str:

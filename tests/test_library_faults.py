@@ -192,3 +192,15 @@ def test_finetune_and_gradcam_print_no_framework_lines(run_cli, tmp_path: Path):
                     "--out", tmp_path / "ex")
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert shown.stderr == "", shown.stderr
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: cxr_transfer.validate("data", None), "external must be a str or Path, got None instead"),
+    (lambda: cxr_transfer.explain_images("images", "model.joblib", out=123), "out must be a str or Path, got 123"),
+    (lambda: cxr_transfer.predict(["a.png"], "model.joblib"), "images must be a str or Path, got \\['a.png'\\]"),
+    (lambda: cxr_transfer.compare(42), "data must be a str or Path, got 42 instead"),
+])
+def test_path_arguments_of_the_api_are_type_checked_first(call, name):
+    """A wrong type for a path argument is a TypeError naming it, before any file is looked at."""
+    with pytest.raises(TypeError, match=f"^{name}"):
+        call()
