@@ -1,6 +1,6 @@
 """Evidence for the near-duplicate thresholds: synthetic duplicates of real images vs different patients.
 
-    python benchmarks/duplicate_thresholds.py --data ../shared/data/covid19-xray \
+    PYTHONPATH=tests python benchmarks/duplicate_thresholds.py --data ../shared/data/covid19-xray \
         --weights-dir ../shared/weights --out runs/duplicate-thresholds
 
 1. Positives: ``--per-class`` real images per class (seeded choice) are edited with every function of
@@ -40,8 +40,10 @@ from cxr_transfer.core.settings import BackboneSettings
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.images import read_rgb
 from cxr_transfer.extract.pipeline import ExtractSettings, load_features
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))   # testkit: test support
-from testkit.transforms import TRANSFORMS, save_grey  # noqa: E402
+try:  # testkit is test support, on the path when run as the docstring says (PYTHONPATH=tests)
+    from testkit.transforms import TRANSFORMS, save_grey
+except ImportError:  # pragma: no cover - a usage error, said in one line
+    sys.exit("error: run with PYTHONPATH=tests (the edits come from tests/testkit/transforms.py)")
 
 
 def _quantiles(values: np.ndarray) -> dict:

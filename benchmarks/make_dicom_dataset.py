@@ -6,8 +6,8 @@ scaling, alpha) and written uncompressed: grey images as 8-bit MONOCHROME2, othe
 Modality DX. The manifest's patient_id goes into PatientID (so ``--group-by dicom:PatientID`` can be
 tried), and a manifest.csv with the new paths is written beside the class folders.
 
-    python benchmarks/make_dicom_dataset.py ../shared/data/covid19-xray /tmp/covid19-dicom
-    python benchmarks/make_dicom_dataset.py ../shared/data/covid19-xray /tmp/vendor-dicom --per-class 30 \
+    PYTHONPATH=tests python benchmarks/make_dicom_dataset.py ../shared/data/covid19-xray /tmp/covid19-dicom
+    PYTHONPATH=tests python benchmarks/make_dicom_dataset.py ../shared/data/covid19-xray /tmp/vendor-dicom --per-class 30 \
         --manufacturer-by-class        # a header shortcut for the audit: Manufacturer = vendor-<class>
 
 Then run ``compare`` on both folders with the same protocol and compare the numbers (README, DICOM).
@@ -23,8 +23,10 @@ import numpy as np
 
 from cxr_transfer.extract.dataset import load_dataset
 from cxr_transfer.extract.images import read_rgb
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))   # testkit: test support
-from testkit.dicom_files import write_dicom  # noqa: E402
+try:  # testkit is test support, on the path when run as the docstring says (PYTHONPATH=tests)
+    from testkit.dicom_files import write_dicom
+except ImportError:  # pragma: no cover - a usage error, said in one line
+    sys.exit("error: run with PYTHONPATH=tests (the DICOM writer is tests/testkit/dicom_files.py)")
 
 
 def make_dicom_copy(source: Path, out: Path, split: str = "train", per_class: int | None = None,
