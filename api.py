@@ -447,22 +447,27 @@ def predict(images: str | Path, model: str | Path, *, out: str | Path | None = N
     return PredictResult(*predict_images(images, model, settings, out, precision, conformal=conformal))
 
 
-@path_arguments("model", "out")
+@path_arguments("model", "out", "audit")
 def export_model(model: str | Path, out: str | Path, *, precision: str | None = None, backbone: str | None = None,
-                 common: BackboneSettings | None = None, **options: Any) -> ExportedModel:
-    """One ONNX file from a saved head (.joblib) and its backbone: uint8 RGB images (N, S, S, 3) at the backbone's
-    input size in, ``probabilities`` (float32, one column per class) and ``label`` (class name) out.
+                 audit: str | Path | None = None, common: BackboneSettings | None = None,
+                 **options: Any) -> ExportedModel:
+    """One ONNX file from a saved head (.joblib, float32 or int8) and its backbone, or from a fine-tuned model (its
+    run folder): uint8 RGB images (N, S, S, 3) at the model's input size in, ``probabilities`` (float32, one column
+    per class) and ``label`` (class name) out; and its model card (``NAME.model-card.md``) beside it.
 
     The file carries its description in ONNX ``metadata_props`` (class names, input size and resize rule,
-    backbone and weights sha256, head and its joblib sha256, project version, training data fingerprint) and a
-    ``model_sha256`` that ``predict`` checks. ``out`` is checked before any work; a head trained on other weights,
-    or a ``backbone``/``input_size``/``precision`` other than the head's, is refused, and so is a head skl2onnx
-    cannot convert. Runs without this package: ``examples/read_model.py``.
+    backbone and weights sha256, head and its joblib sha256, project version, training data fingerprint, and the
+    ``evaluation`` of the run that saved the head: internal/external accuracy with intervals, ECE, flagged
+    subgroups, the conformal threshold) and a ``model_sha256`` that ``predict`` checks. The card's audit findings
+    come from ``audit`` (an audit folder), else the newest audit of the training data under runs/. ``out`` is
+    checked before any work; a head trained on other weights, or a ``backbone``/``input_size``/``precision``
+    other than the model's, is refused, and so is a head skl2onnx cannot convert. Runs without this package:
+    ``examples/read_model.py``.
     """
     from cxr_transfer.deploy.export_model import export_model as export
     from cxr_transfer.extract.pipeline import ExtractSettings
 
-    return export(model, out, ExtractSettings.from_options(common, **options), precision, backbone)
+    return export(model, out, ExtractSettings.from_options(common, **options), precision, backbone, audit)
 
 
 @path_arguments("images", "model", "out")

@@ -139,7 +139,8 @@ COMMANDS: dict[str, Command] = {
     "validate": Command("validate", "internal vs external validation: subgroups, calibration, conformal sets",
                         stage="validate", skip=("external",)),
     "export": Command("export_embeddings", "cached embeddings as Parquet or .npy, readable by pandas, Spark and Ray"),
-    "export-model": Command("export_model", "a saved head + backbone as one ONNX file", data=False, batch_size=None),
+    "export-model": Command("export_model", "a saved head + backbone (or a fine-tuned model) as one ONNX file, "
+                            "with its model card", data=False, batch_size=None),
 }
 OUT_HELP = {"export": "the Parquet file or npy folder to write", "export-model": "the .onnx file to write"}
 
@@ -150,7 +151,7 @@ def add_command_flags(p: argparse.ArgumentParser, name: str) -> None:
         p.add_argument("images", type=Path, help="an image file or a folder of images")
     if name in ("predict", "explain", "export-model"):
         p.add_argument("--model", type=Path, required=True, help="a .joblib head saved by compare or validate (--save)"
-                       + ("" if name == "export-model" else ", a finetune run folder or an export-model .onnx file"))
+                       + ", a finetune run folder" + ("" if name == "export-model" else " or an export-model .onnx file"))
     if name in ("predict", "explain", "export", "report", "export-model"):
         p.add_argument("--out", type=Path, required=name.startswith("export"),
                        default=Path("runs") / "side-by-side.md" if name == "report" else None,
@@ -174,6 +175,9 @@ def add_command_flags(p: argparse.ArgumentParser, name: str) -> None:
     if name == "export":
         p.add_argument("--format", choices=("parquet", "npy"), default="parquet",
                        help="parquet (one file, default) or npy (a folder)")
+    if name == "export-model":
+        p.add_argument("--audit", type=Path, help="audit folder of the training data for the model card "
+                                                  "(default: the newest under runs/audit)")
     if name == "report":
         p.add_argument("runs", nargs="+", type=Path, help="finetune and compare run folders")
         p.add_argument("--head", default=None, help="the head beside the fine-tuned models (default: the chosen one)")
@@ -211,7 +215,8 @@ def api_arguments(name: str, args: argparse.Namespace) -> tuple[list[Any], dict[
     positionals = [args.images, args.model] if name in ("predict", "explain") else [args.model] \
         if name == "export-model" else [args.data or shared_default("data")]
     keywords: dict[str, Any] = {key: values[key] for key in ("out", "out_dir", "run_name", "conformal", "method",
-                                                             "overwrite", "external", "format") if key in values}
+                                                             "overwrite", "external", "format", "audit")
+                               if key in values}
     if command.stage == "engine":
         keywords["engine"] = engine_settings(args)
     elif command.stage:

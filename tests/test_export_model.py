@@ -17,6 +17,7 @@ from PIL import Image
 import cxr_transfer
 from cxr_transfer.classify.heads import HEAD_NAMES
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.deploy.model_card import model_card
 from testkit.synthetic import synthetic_xray, write_class_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,7 +206,7 @@ def test_a_validate_head_exports_its_inner_head(base: Path, images: Path, tmp_pa
     """A head saved by validate --save (a ConformalHead): the file gives the head's probabilities, not its sets."""
     external = write_class_tree(base / "ext", per_class=3, size=40, seed=500)
     run = cxr_transfer.validate(base / "data", external, "mobilenetv2", heads="logreg", folds=3, n_boot=100,
-                                save=True, out_dir=base / "runs", run_name="val", cache_dir=base / "cache",
+                                subgroups="label", save=True, out_dir=base / "runs", run_name="val", cache_dir=base / "cache",
                                 input_size=32, **TINY)
     head = run.run_dir / "mobilenetv2-logreg.joblib"
     exported = cxr_transfer.export_model(head, tmp_path / "val.onnx", cache_dir=base / "cache", **TINY)
@@ -216,3 +217,117 @@ def test_a_validate_head_exports_its_inner_head(base: Path, images: Path, tmp_pa
     for path, row in expected.items():
         assert found[path]["predicted"] == row["predicted"]
         np.testing.assert_allclose(probabilities(found[path]), probabilities(row), atol=1e-5, rtol=0)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_a_validate_head_carries_its_evaluation_and_card(base: Path, tmp_path: Path):
+    """The file's ``evaluation`` and its model card hold the validate run's numbers, as results.json has them;
+    the card lists the audit's findings when an audit of the training data is given, and refuses one of other
+    data."""
+    run = base / "runs" / "val"
+    if not run.is_dir():
+        pytest.skip("needs the validate run of test_a_validate_head_exports_its_inner_head")
+    results = json.loads((run / "results.json").read_text())
+    model = results["models"][0]
+    exported = cxr_transfer.export_model(run / "mobilenetv2-logreg.joblib", tmp_path / "m.onnx",
+                                         cache_dir=base / "cache", **TINY)
+    evaluation = json.loads(_metadata(exported.path)["evaluation"])
+    assert evaluation["kind"] == "validate" and evaluation["run"] == str(run.resolve())
+    external = model["external"]["metrics"]["accuracy"]
+    assert evaluation["metrics"]["accuracy"]["external"]["value"] == external["value"]
+    assert evaluation["calibration"]["external"]["ece"] == model["external"]["calibration"]["ece"]
+    assert evaluation["conformal"]["alpha"] == 0.1 and 0 < evaluation["conformal"]["min_probability"] <= 1
+    card = exported.model_card.read_text()
+    assert exported.model_card == tmp_path / "m.model-card.md" and exported.evaluated and not exported.audited
+    assert f"{external['value']:.3f} [{external['ci_low']:.3f}, {external['ci_high']:.3f}]" in card
+    assert "## Not intended use" in card and "no audit of this training data was found" in card
+    assert f"internal {model['internal']['calibration']['ece']:.3f}" in card
+    row = model["subgroups"]["label"][0]   # the external results by subgroup, with their Wilson intervals
+    assert "### External results by subgroup" in card
+    assert (f"| label={row['value']} | {row['class']} | {row['n']} | {row['accuracy']:.3f} [{row['ci_low']:.3f}, "
+            f"{row['ci_high']:.3f}] |") in card
+
+    flagged = {**row, "column": "label", "class": "all"}   # a flagged subgroup becomes a limitation in words
+    text = model_card(_metadata(exported.path), {**evaluation, "flagged_subgroups": [flagged]}, None, "m.onnx",
+                      "0" * 64, 0.0)
+    assert (f"- It fails more often on label={row['value']}: accuracy {row['accuracy']:.3f} [{row['ci_low']:.3f}, "
+            f"{row['ci_high']:.3f}] on {row['n']} external images.") in text
+
+    audit = cxr_transfer.audit_dataset(base / "data", "mobilenetv2", out_dir=base / "audit", cache_dir=base / "cache",
+                                       input_size=32, **TINY)
+    again = cxr_transfer.export_model(run / "mobilenetv2-logreg.joblib", tmp_path / "m.onnx", audit=base / "audit",
+                                      cache_dir=base / "cache", **TINY)
+    card = again.model_card.read_text()
+    assert again.audited and str((base / "audit" / "audit.json").resolve()) in card and "duplicates:" in card
+    other = write_class_tree(base / "other-data", per_class=4, size=40, seed=77)
+    cxr_transfer.audit_dataset(other, "mobilenetv2", out_dir=base / "other-audit", cache_dir=base / "cache",
+                               input_size=32, **TINY)
+    with pytest.raises(CxrError, match="audits other data"):
+        cxr_transfer.export_model(run / "mobilenetv2-logreg.joblib", tmp_path / "n.onnx",
+                                  audit=base / "other-audit", cache_dir=base / "cache", **TINY)
+    assert not (tmp_path / "n.onnx").exists() and audit.findings is not None
+
+
+def test_a_compare_head_card_says_it_was_not_validated(base: Path, exported):
+    card = (base / "models" / "logreg.model-card.md").read_text()
+    evaluation = json.loads(_metadata(exported["logreg"])["evaluation"])
+    assert evaluation["kind"] == "compare" and evaluation["protocol"] == "holdout"
+    assert "was not validated externally" in card and "no external validation record" in card
+
+
+def test_an_int8_head_is_exported_with_its_int8_backbone(base: Path, images: Path, tmp_path: Path):
+    run = cxr_transfer.compare(base / "data", "mobilenetv2", heads="logreg", protocol="holdout", save=True,
+                               out_dir=base / "runs", run_name="cmp-int8", cache_dir=base / "cache", input_size=32,
+                               precision="int8", int8_sample_size=4, **TINY)
+    head = run.run_dir / "mobilenetv2-logreg.joblib"
+    exported = cxr_transfer.export_model(head, tmp_path / "int8.onnx", cache_dir=base / "cache", **TINY)
+    assert exported.precision == "int8" and _metadata(exported.path)["precision"] == "int8"
+    expected = read_csv(cxr_transfer.predict(images, head, out=tmp_path / "a.csv", cache_dir=base / "cache",
+                                             **TINY).csv_path)
+    found = read_csv(cxr_transfer.predict(images, exported.path, out=tmp_path / "b.csv", **TINY).csv_path)
+    assert sorted(found) == sorted(expected)
+    for path, row in expected.items():
+        assert found[path]["predicted"] == row["predicted"]
+        np.testing.assert_allclose(probabilities(found[path]), probabilities(row), atol=1e-5, rtol=0)
+
+
+def test_a_finetuned_model_is_exported(tmp_path: Path, images: Path):
+    """A fine-tuned run folder (a hand-made model.onnx in its form: float pixels in, probabilities out)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from cxr_transfer.classify.saved_model import finetune_description_digest
+    from cxr_transfer.core.hashing import sha256_file
+
+    run = tmp_path / "ft"
+    run.mkdir()
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["pixels"], ["mean"], axes=[1, 2], keepdims=0),
+         helper.make_node("Mul", ["mean", "scale"], ["scaled"]),
+         helper.make_node("Softmax", ["scaled"], ["proba"], axis=1)],
+        "tiny", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [None, 32, 32, 3])],
+        [helper.make_tensor_value_info("proba", TensorProto.FLOAT, [None, 3])],
+        initializer=[helper.make_tensor("scale", TensorProto.FLOAT, [1], [0.05])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(run / "model.onnx"))
+    info = {"kind": "finetune", "model": "finetune", "backbone": "mobilenetv2", "input_size": 32,
+            "class_names": ["covid", "normal", "pneumonia"], "weights_sha256": "random:seed0",
+            "onnx_file": "model.onnx", "onnx_sha256": sha256_file(run / "model.onnx"), "keras_file": "model.keras",
+            "keras_sha256": "0" * 64}
+    info["description_sha256"] = finetune_description_digest(info)
+    (run / "model.json").write_text(json.dumps(info))
+    with pytest.raises(CxrError, match="fine-tuned from mobilenetv2"):
+        cxr_transfer.export_model(run, tmp_path / "x.onnx", backbone="vgg16", progress=False)
+    exported = cxr_transfer.export_model(run, tmp_path / "ft.onnx", progress=False)
+    assert exported.head == "finetune" and exported.max_difference <= 1e-5 and not exported.evaluated
+    assert "No run record was found" in exported.model_card.read_text()
+    expected = read_csv(cxr_transfer.predict(images, run, out=tmp_path / "a.csv", progress=False).csv_path)
+    found = read_csv(cxr_transfer.predict(images, exported.path, out=tmp_path / "b.csv", progress=False).csv_path)
+    assert sorted(found) == sorted(expected) and len(found) == 11
+    for path, row in expected.items():
+        assert found[path]["predicted"] == row["predicted"]
+        np.testing.assert_allclose(probabilities(found[path]), probabilities(row), atol=1e-6, rtol=0)
