@@ -23,6 +23,7 @@ importing the package loads no scikit-learn, OpenCV, onnxruntime or TensorFlow (
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -42,6 +43,24 @@ if TYPE_CHECKING:
     from cxr_transfer.extract.pipeline import FeatureSet
     from cxr_transfer.extract.registry import BackboneConfig
     from cxr_transfer.extract.user_onnx import InputSpec
+
+DATA_ENV, WEIGHTS_ENV = "CXR_DATA", "CXR_WEIGHTS_DIR"
+SHARED_DATASET = Path("shared") / "data" / "covid19-xray"
+SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample"   # package data, installed with the code
+
+
+def default_location(what: str) -> Path | None:
+    """Where the command line's ``--data`` / ``--weights-dir`` point when not given (``what``: "data" or
+    "weights"): $CXR_DATA / $CXR_WEIGHTS_DIR, else the project's ``shared/`` in the current directory or beside it
+    (``../shared``); for data, else the bundled sample."""
+    env = os.environ.get(DATA_ENV if what == "data" else WEIGHTS_ENV)
+    if env:
+        return Path(env).expanduser()
+    shared = next((base / "shared" for base in (Path.cwd(), Path.cwd().parent) if (base / SHARED_DATASET).is_dir()),
+                  None)
+    if what == "data":
+        return shared / "data" / "covid19-xray" if shared else SAMPLE_DATA
+    return shared / "weights" if shared and (shared / "weights").is_dir() else None
 
 
 def _first_backbone(name: str | None) -> dict[str, str]:

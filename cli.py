@@ -20,24 +20,6 @@ from cxr_transfer import api
 from cxr_transfer.core.errors import CxrError, Int8RefusedError
 from cxr_transfer.core.params import Interval, Options, param_info
 
-DATA_ENV, WEIGHTS_ENV = "CXR_DATA", "CXR_WEIGHTS_DIR"
-SHARED_DATASET = Path("shared") / "data" / "covid19-xray"
-SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample"   # package data, installed with the code
-
-
-def shared_default(what: str) -> Path | None:
-    """Where ``--data`` / ``--weights-dir`` point when not given: $CXR_DATA / $CXR_WEIGHTS_DIR, else the project's
-    ``shared/`` in the current directory or beside it (``../shared``); for data, else the bundled sample."""
-    env = os.environ.get(DATA_ENV if what == "data" else WEIGHTS_ENV)
-    if env:
-        return Path(env).expanduser()
-    shared = next((base / "shared" for base in (Path.cwd(), Path.cwd().parent) if (base / SHARED_DATASET).is_dir()),
-                  None)
-    if what == "data":
-        return shared / "data" / "covid19-xray" if shared else SAMPLE_DATA
-    return shared / "weights" if shared and (shared / "weights").is_dir() else None
-
-
 class Parser(argparse.ArgumentParser):
     """argparse with the house's one-line ``error: ...`` (exit status 2) for bad flags."""
 
@@ -196,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_command_flags(p, name)
         if command.common:
             add_common_flags(p, classes, command)
+        if name == "export-model":   # the head's own backbone unless one is given: then it must be the head's
+            p.set_defaults(backbone=None)
         if command.stage:
             defaults = {f.name: None for f in dataclasses.fields(classes["engine"]) if f.name != "name"}
             add_settings_flags(p.add_argument_group(f"{name} settings"), classes[command.stage],
@@ -208,12 +192,12 @@ def api_arguments(name: str, args: argparse.Namespace) -> tuple[list[Any], dict[
     """The API call of a parsed command line: positionals and keywords, shared settings as ``common``."""
     command, values = COMMANDS[name], dict(vars(args))
     if name == "backbones":
-        return [], {"weights_dir": args.weights_dir or shared_default("weights"), "input_size": args.input_size,
+        return [], {"weights_dir": args.weights_dir or api.default_location("weights"), "input_size": args.input_size,
                     "cache_dir": args.cache_dir}
     if name == "report":
         return [args.runs], {"out": args.out, "head": args.head}
     positionals = [args.images, args.model] if name in ("predict", "explain") else [args.model] \
-        if name == "export-model" else [args.data or shared_default("data")]
+        if name == "export-model" else [args.data or api.default_location("data")]
     keywords: dict[str, Any] = {key: values[key] for key in ("out", "out_dir", "run_name", "conformal", "method",
                                                              "overwrite", "external", "format", "audit")
                                if key in values}
@@ -224,15 +208,16 @@ def api_arguments(name: str, args: argparse.Namespace) -> tuple[list[Any], dict[
         keywords.update({f.name: values[f.name] for f in fields if f.name in values and f.name not in STAGE_SKIP})
     if command.batch_size:
         keywords["batch_size"] = args.batch_size
-    backbones = api.register_onnx_backbones(values.get("backbones") or args.backbone, **{
+    backbones = api.register_onnx_backbones(values.get("backbones") or args.backbone or "vgg16", **{
         k: values[k] for k in ("channels", "preprocess", "mean", "std", "input_size", "cache_dir")})
     if command.data:   # predict and explain: the model's own backbone and precision, checked against these
         keywords["backbones" if "backbones" in values or name == "extract" else "backbone"] = backbones
     else:
-        keywords["precision"] = args.precision
+        keywords.update(precision=args.precision,
+                        **({"backbone": backbones} if name == "export-model" and args.backbone else {}))
     shared = {f.name: values[f.name] for f in dataclasses.fields(api.BackboneSettings) if f.name in values}
     keywords["common"] = api.BackboneSettings(**{**shared, "backbone": backbones.split(",")[0].strip() or "vgg16",
-                                                 "weights_dir": args.weights_dir or shared_default("weights"),
+                                                 "weights_dir": args.weights_dir or api.default_location("weights"),
                                                  "precision": args.precision or "float32"})
     return positionals, keywords
 

@@ -162,8 +162,11 @@ def test_out_is_checked_before_the_model_is_read(tmp_path: Path, run_cli):
 
 def test_cli_export_then_predict(base: Path, heads, images: Path, run_cli):
     out = base / "cli" / "model.onnx"
+    refused = run_cli("export-model", "--model", heads["knn"], "--out", out, "--random-weights", "--backbone", "vgg16",
+                      "--cache-dir", base / "cache")   # the flag is checked against the head's own backbone
+    assert refused.returncode == 2 and "trained on mobilenetv2 embeddings; --backbone vgg16" in refused.stderr
     done = run_cli("export-model", "--model", heads["knn"], "--out", out, "--random-weights",
-                   "--cache-dir", base / "cache")
+                   "--backbone", "mobilenetv2", "--cache-dir", base / "cache")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "model_sha256" in done.stdout and out.is_file()
     done = run_cli("predict", images, "--model", out, "--out", base / "cli" / "p.csv")
