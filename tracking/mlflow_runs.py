@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -299,6 +300,21 @@ def _client(uri: str | None) -> tuple[Any, str]:
     return MlflowClient(tracking_uri=uri), uri
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """OSError when an http(s) tracking server cannot be connected to: said at once, where MLflow would retry
+    for minutes ($MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by default, with growing waits) before failing."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise OSError(f"cannot connect to {parts.hostname}:{port} ({exc.strerror or exc})") from None
+
+
 def _experiment_id(client: Any, uri: str, name: str) -> str:
     """The experiment's id, created when missing (in a sqlite store, with its artifacts beside the database)."""
     found = client.get_experiment_by_name(name)
@@ -351,6 +367,7 @@ def log_runs(tracking: TrackingSettings, parent: RunLog, children: list[RunLog],
     done, parent_id, client, notes, models = "nothing", None, None, [], 0
     try:
         client, where = _client(tracking.uri)
+        check_reachable(where)
         experiment_id = _experiment_id(client, where, experiment)
         parent_id = client.create_run(experiment_id, run_name=parent.name).info.run_id
         _log_run(client, parent_id, parent)
