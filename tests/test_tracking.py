@@ -22,6 +22,7 @@ from cxr_transfer import cli
 from cxr_transfer.classify.saved_model import load_head
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.tracking import mlflow_runs
+from cxr_transfer.tracking.pyfunc_model import HeadFile, log_head_model
 from testkit.synthetic import write_class_tree
 
 mlflow = pytest.importorskip("mlflow")
@@ -96,6 +97,8 @@ def test_compare_logs_a_parent_run_its_child_runs_and_saved_heads_as_models(base
     assert (Path(local) / "input_example.json").is_file() or any(Path(local).glob("*example*"))
     with pytest.raises(Exception, match="uint8|dtype|type"):   # the signature: uint8 pixels only
         model.predict(images.astype(np.float64))
+    gone = HeadFile(result.run_dir / "mobilenetv2-logreg.joblib", tmp_path / "empty-cache")   # export removed
+    assert log_head_model(client, child, gone) == f"the mobilenetv2 ONNX export is not in {gone.cache_dir} any more"
 
 
 def test_validate_logs_internal_and_external_values_ece_and_coverage(base, tmp_path):
@@ -104,8 +107,8 @@ def test_validate_logs_internal_and_external_values_ece_and_coverage(base, tmp_p
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     result = cxr_transfer.validate(train, ext, "mobilenetv2", heads="logreg", folds=3, n_boot=200,
                                    out_dir=tmp_path / "runs", cache_dir=base / "cache", mlflow=uri,
-                                   experiment="external checks", **TINY)
-    assert result.tracking[-1].startswith("mlflow: run ") and "1 child run(s)" in result.tracking[-1]
+                                   experiment="external checks", save=True, **TINY)
+    assert result.tracking[-1].startswith("mlflow: run ") and "1 child run(s), 1 model(s)" in result.tracking[-1]
     parent, (child,) = _runs(uri, "external checks")
     assert parent.data.params["external_fingerprint"] == result.record["external_fingerprint"]
     (model,) = result.models
@@ -117,6 +120,10 @@ def test_validate_logs_internal_and_external_values_ece_and_coverage(base, tmp_p
     assert metrics["external_coverage"] == pytest.approx(model.conformal["external"]["coverage"])
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id)}
     assert {"report.md", "external_predictions.csv"} <= artifacts
+    model = mlflow.pyfunc.load_model(MlflowClient(uri).download_artifacts(
+        child.info.run_id, "models/mobilenetv2-logreg", str(tmp_path / "model")))   # a head with its conformal part
+    images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(model.predict(images).sum(axis=1), 1.0, rtol=1e-6)
 
 
 def test_finetune_logs_its_run_folder_and_the_epochs_as_steps(base, tmp_path):

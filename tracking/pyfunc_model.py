@@ -14,6 +14,7 @@ Heads on int8 embeddings and on your own ONNX backbones are not logged as models
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,9 @@ def log_head_model(client: Any, run_id: str, head: HeadFile) -> str | None:
     example = np.repeat(((ramp[:, None] + ramp[None, :]) / 2).astype(np.uint8)[None, ..., None], 3, axis=3)
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
                                outputs=Schema([ColSpec("double", name) for name in classes]))
-    with tempfile.TemporaryDirectory(prefix="cxr-mlflow-model-") as folder:
+    with tempfile.TemporaryDirectory(prefix="cxr-mlflow-model-") as folder, warnings.catch_warnings():
+        # the signature is given; MLflow's advice to infer one from type hints would only be noise here
+        warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
         path = Path(folder) / head.path.stem
         mlflow.pyfunc.save_model(str(path), python_model=python_model(), artifacts=artifacts, signature=signature,
                                  input_example=example, pip_requirements=[f"cxr-transfer[mlflow]=={__version__}"])
