@@ -14,7 +14,6 @@ Heads on int8 embeddings and on your own ONNX backbones are not logged as models
 from __future__ import annotations
 
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,8 +91,9 @@ def python_model() -> Any:
             backbones = [artifacts[key] for key in sorted(k for k in artifacts if k.startswith("backbone"))]
             self.predictor = HeadImagePredictor(artifacts[HEAD_ARTIFACT], backbones)
 
-        def predict(self, context, model_input, params=None):   # no hints: MLflow would read them as a schema
-            return self.predictor.predict_frame(model_input)
+        def predict(self, context: Any, model_input: np.ndarray, params: dict | None = None) -> Any:
+            # np.ndarray: a type hint MLflow infers no schema from (the signature is given when logging)
+            return self.predictor.predict_frame(np.asarray(model_input))
 
     return CxrHeadModel()
 
@@ -136,9 +136,7 @@ def log_head_model(client: Any, run_id: str, head: HeadFile) -> str | None:
     example = np.repeat(((ramp[:, None] + ramp[None, :]) / 2).astype(np.uint8)[None, ..., None], 3, axis=3)
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
                                outputs=Schema([ColSpec("double", name) for name in classes]))
-    with tempfile.TemporaryDirectory(prefix="cxr-mlflow-model-") as folder, warnings.catch_warnings():
-        # the signature is given; MLflow's advice to infer one from type hints would only be noise here
-        warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
+    with tempfile.TemporaryDirectory(prefix="cxr-mlflow-model-") as folder:
         path = Path(folder) / head.path.stem
         mlflow.pyfunc.save_model(str(path), python_model=python_model(), artifacts=artifacts, signature=signature,
                                  input_example=example, pip_requirements=[f"cxr-transfer[mlflow]=={__version__}"])
