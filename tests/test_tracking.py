@@ -54,7 +54,7 @@ def _runs(uri: str, experiment: str) -> tuple[object, list]:
 
 
 def test_compare_logs_a_parent_run_its_child_runs_and_saved_heads_as_models(base, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = f"sqlite:///{tmp_path / 'store' / 'm.db'}"   # its folder is made
     result = _compare(base, tmp_path / "runs", save=True, mlflow=uri)
     assert result.tracking and result.tracking[-1].startswith("mlflow: run ")
     assert "experiment 'xrays'" in result.summary_lines()[-1] and "2 model(s)" in result.tracking[-1]
@@ -68,7 +68,7 @@ def test_compare_logs_a_parent_run_its_child_runs_and_saved_heads_as_models(base
     client = MlflowClient(uri)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "results.json", "record.json", "mobilenetv2-logreg.joblib"} <= artifacts
-    assert (Path(tmp_path) / "mlartifacts" / "xrays").is_dir()   # beside the database, not ./mlruns
+    assert (tmp_path / "store" / "mlartifacts" / "xrays").is_dir()   # beside the database, not ./mlruns
     by_name = {c.info.run_name: c for c in children}
     assert set(by_name) == {"mobilenetv2 + logreg", "mobilenetv2 + knn", "mobilenetv2 + selected"}
     summary = {row["model"]: row for row in result.summary}

@@ -11,7 +11,8 @@ result's ``summary_lines()``, while the command finishes as it would have withou
 
 Everything goes through an ``MlflowClient`` of the given URI: MLflow's global tracking URI and active run are
 left as they are. The adapters (``compare_runs``, ``validate_runs``, ``finetune_runs``) turn a result into
-``RunLog`` objects; ``log_runs`` is the one place that talks to MLflow, and the hook for other commands.
+``RunLog`` objects; ``log_runs`` is the one place that talks to MLflow. Another command's result is logged by
+adding its adapter to ``ADAPTERS`` and calling ``track_result`` (see ``ADAPTERS``).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cxr_transfer.classify.compare import SUMMARY_METRICS, CompareResult
 from cxr_transfer.classify.metrics import headline
@@ -315,15 +316,21 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise OSError(f"cannot connect to {parts.hostname}:{port} ({exc.strerror or exc})") from None
 
 
+def sqlite_database(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` tracking URI, else None."""
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().resolve()
+
+
 def _experiment_id(client: Any, uri: str, name: str) -> str:
     """The experiment's id, created when missing (in a sqlite store, with its artifacts beside the database)."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = None
-    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
-        database = Path(uri[len("sqlite:///"):]).expanduser().resolve()
-        location = (database.parent / ARTIFACTS_FOLDER / re.sub(r"[^A-Za-z0-9._-]+", "_", name)).as_uri()
+    database = sqlite_database(uri)
+    location = None if database is None else \
+        (database.parent / ARTIFACTS_FOLDER / re.sub(r"[^A-Za-z0-9._-]+", "_", name)).as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -368,6 +375,9 @@ def log_runs(tracking: TrackingSettings, parent: RunLog, children: list[RunLog],
     try:
         client, where = _client(tracking.uri)
         check_reachable(where)
+        database = sqlite_database(where)
+        if database is not None:   # sqlite:///runs/m.db in a folder not made yet: SQLite would not open it
+            database.parent.mkdir(parents=True, exist_ok=True)
         experiment_id = _experiment_id(client, where, experiment)
         parent_id = client.create_run(experiment_id, run_name=parent.name).info.run_id
         _log_run(client, parent_id, parent)
@@ -402,15 +412,22 @@ def log_runs(tracking: TrackingSettings, parent: RunLog, children: list[RunLog],
                                               f"({len(children)} child run(s){saved})"])
 
 
+ADAPTERS: dict[type, Callable[[Any], tuple[RunLog, list[RunLog]]]] = {
+    CompareResult: compare_runs, ValidateResult: validate_runs}
+"""The result types ``track_result`` logs, each with its adapter. Another command (shift, ...) is added by
+writing ``<command>_runs(result) -> (parent, children)`` and an entry here; its result needs ``settings.data``,
+``run_dir`` and a ``tracking: list[str]`` field that its ``summary_lines()`` prints, and its api function calls
+``track_result`` after the run (as ``api.compare`` does)."""
+
+
 def track_result(result: Any, tracking: TrackingSettings) -> TrackingOutcome:
-    """Log a compare or validate result (its run folder as the artifacts, when written); the outcome's lines
-    are appended to ``result.tracking`` so that ``summary_lines()`` shows them."""
-    if isinstance(result, CompareResult):
-        parent, children = compare_runs(result)
-    elif isinstance(result, ValidateResult):
-        parent, children = validate_runs(result)
-    else:
-        raise TypeError(f"result must be a CompareResult or ValidateResult, got {type(result).__name__} instead")
+    """Log a result of a command in ``ADAPTERS`` (compare, validate), its run folder as the artifacts when
+    written; the outcome's lines are appended to ``result.tracking`` so that ``summary_lines()`` shows them."""
+    adapter = ADAPTERS.get(type(result))
+    if adapter is None:
+        known = ", ".join(cls.__name__ for cls in ADAPTERS)
+        raise TypeError(f"result must be one of {known}, got {type(result).__name__} instead")
+    parent, children = adapter(result)
     outcome = log_runs(tracking, parent, children, result.run_dir, dataset_name(result.settings.data))
     result.tracking.extend(outcome.lines)
     return outcome
