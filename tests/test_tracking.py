@@ -65,6 +65,7 @@ def test_compare_logs_a_parent_run_its_child_runs_and_saved_heads_as_models(base
         ("paper", "2", "mobilenetv2", "float32", "32")
     assert params["data_fingerprint"] == result.record["dataset_fingerprint"]
     assert params["project_version"] == cxr_transfer.__version__
+    assert (params["settings.heads"], params["settings.extract.random_weights"]) == ("logreg,knn", "True")
     client = MlflowClient(uri)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "results.json", "record.json", "mobilenetv2-logreg.joblib"} <= artifacts

@@ -16,6 +16,7 @@ adding its adapter to ``ADAPTERS`` and calling ``track_result`` (see ``ADAPTERS`
 """
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import logging
@@ -127,18 +128,20 @@ def _number(value: Any) -> float | None:
 
 
 def interval_metrics(prefix: str, summary: dict[str, Any] | None) -> dict[str, float]:
-    """``{prefix}_mean``, ``_std``, ``_ci_low``, ``_ci_high`` (or ``_value``) of one summarized metric."""
+    """``{prefix}_mean``, ``_std``, ``_ci_low``, ``_ci_high`` of one summarized metric (a point estimate,
+    ``value``, is logged as ``{prefix}`` itself)."""
     if not summary:
         return {}
     found = {}
-    for key in ("mean", "value", "std", "ci_low", "ci_high"):
+    for key in ("value", "mean", "std", "ci_low", "ci_high"):
         value = _number(summary.get(key))
         if value is not None:
-            found[f"{prefix}_{key}"] = value
+            found[prefix if key == "value" else f"{prefix}_{key}"] = value
     return found
 
 
 def _common_params(record: dict[str, Any], command: str) -> dict[str, Any]:
+    """The params every parent run has, then every setting of the run record as ``settings.<name>``."""
     extraction = record.get("extraction") or {}
     settings = record.get("settings") or {}
     first = next(iter(extraction.values()), {})
@@ -147,7 +150,7 @@ def _common_params(record: dict[str, Any], command: str) -> dict[str, Any]:
             "precision": first.get("precision") or (settings.get("extract") or settings).get("precision"),
             "input_size": ",".join(str(e.get("input_size")) for e in extraction.values()) or None,
             "weights_sha256": ",".join(str(e.get("weights_sha256")) for e in extraction.values()) or None,
-            "seed": record.get("seed")}
+            "seed": record.get("seed"), **flatten(settings, "settings.")}
 
 
 # --------------------------------------------------------------------------------------------- adapters
@@ -212,8 +215,7 @@ def validate_runs(result: ValidateResult) -> tuple[RunLog, list[RunLog]]:
         for where in ("internal", "external"):
             scores = getattr(model, where)
             for name, values in (scores.get("metrics") or {}).items():
-                child.metrics.update({key.replace("_value", ""): value for key, value in
-                                      interval_metrics(f"{where}_{name}", values).items()})
+                child.metrics.update(interval_metrics(f"{where}_{name}", values))
             for key in ("ece", "brier"):
                 value = _number((scores.get("calibration") or {}).get(key))
                 if value is not None:
@@ -244,19 +246,17 @@ def validate_runs(result: ValidateResult) -> tuple[RunLog, list[RunLog]]:
 def finetune_runs(run_dir: str | Path) -> tuple[RunLog, list[RunLog]]:
     """The parent and one child (the fine-tuned model) of a finetune run folder, from its results.json and
     run.json: the held-out metrics and, per epoch (step = epoch - 1), every column of history.csv."""
-    import csv
-
     run_dir = Path(run_dir)
     results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     record = results.get("record") or json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     settings = record.get("settings") or {}
     evaluation = (results.get("evaluations") or [{}])[0]
-    params = {"command": "finetune", "project_version": __version__, "backbone": record.get("backbone"),
+    params = {**_common_params(record, "finetune"), "backbone": record.get("backbone"),
               "model": record.get("model"), "precision": "float32", "protocol": "paper",
               "input_size": settings.get("input_size"), "seed": record.get("seed"),
-              "weights_sha256": (record.get("weights") or {}).get("sha256"),
               "data_fingerprint": (record.get("dataset") or {}).get("fingerprint"),
-              "test_fingerprint": evaluation.get("test_fingerprint"), "status": record.get("status")}
+              "test_fingerprint": evaluation.get("test_fingerprint"), "status": record.get("status"),
+              "weights_sha256": (record.get("weights") or {}).get("sha256")}
     parent = RunLog(f"finetune-{record.get('backbone')}", params, {"cxr.command": "finetune"})
     child = RunLog(f"{record.get('backbone')} + {record.get('model')}",
                    {"backbone": record.get("backbone"), "model": record.get("model"),
