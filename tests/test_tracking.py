@@ -127,12 +127,14 @@ def test_validate_logs_internal_and_external_values_ece_and_coverage(base, tmp_p
     np.testing.assert_allclose(model.predict(images).sum(axis=1), 1.0, rtol=1e-6)
 
 
-def test_finetune_logs_its_run_folder_and_the_epochs_as_steps(base, tmp_path):
+def test_finetune_logs_its_run_folder_and_the_epochs_as_steps(base, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     run_dir = cxr_transfer.finetune_backbone(base / "xrays", "mobilenetv2", random_weights=True, input_size=32,
-                                             epochs=2, fast=True, copies=1, export_onnx=False, progress=False,
+                                             epochs=2, fast=True, copies=1, export_onnx=False, progress=True,
                                              cache_dir=base / "cache", run_dir=tmp_path / "ft", mlflow=uri)
     parent, (child,) = _runs(uri, "xrays")
+    said = capsys.readouterr().err.splitlines()   # finetune returns its folder: the line comes with its progress
+    assert f"mlflow: run {parent.info.run_id} in experiment 'xrays' at {uri} (1 child run(s))" in said
     assert parent.data.params["backbone"] == "mobilenetv2" and parent.data.params["input_size"] == "32"
     assert 0.0 <= child.data.metrics["accuracy"] <= 1.0
     history = MlflowClient(uri).get_metric_history(child.info.run_id, "epoch_val_accuracy")
@@ -197,6 +199,8 @@ def test_without_mlflow_installed_one_error_line_says_how_to_install_it(base, tm
                         lambda name, *a: None if name == "mlflow" else real(name, *a))
     with pytest.raises(CxrError, match=r'pip install "cxr-transfer\[mlflow\]"'):
         _compare(base, tmp_path / "runs", mlflow=True)
+    with pytest.raises(CxrError, match="experiment must name an MLflow experiment"):
+        _compare(base, tmp_path / "runs", mlflow=True, experiment=" ")
     assert not (tmp_path / "runs").exists()   # refused before anything was computed or written
     code = cli.main(["compare", "--data", str(base / "xrays"), "--backbone", "mobilenetv2", "--random-weights",
                      "--cache-dir", str(base / "cache"), "--out", str(tmp_path / "runs"), "--mlflow"])

@@ -63,8 +63,11 @@ class TrackingSettings:
         if isinstance(self.mlflow, str) and not self.mlflow.strip():
             raise CxrError("mlflow must be a tracking URI, got an empty string instead (True: MLflow's default)",
                            param="mlflow")
-        if self.experiment is not None and (not isinstance(self.experiment, str) or not self.experiment.strip()):
-            raise TypeError(f"experiment must be a non-empty str or None, got {self.experiment!r} instead")
+        if self.experiment is not None and not isinstance(self.experiment, str):
+            raise TypeError(f"experiment must be a str or None, got {self.experiment!r} instead")
+        if isinstance(self.experiment, str) and not self.experiment.strip():
+            raise CxrError("experiment must name an MLflow experiment, got an empty string instead (None: the "
+                           "dataset folder's name)", param="experiment")
 
     @property
     def enabled(self) -> bool:
