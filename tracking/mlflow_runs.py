@@ -61,12 +61,12 @@ class TrackingSettings:
         if self.mlflow is not None and not isinstance(self.mlflow, (str, bool)):
             raise TypeError(f"mlflow must be a tracking URI (str), True or None, got {self.mlflow!r} instead")
         if isinstance(self.mlflow, str) and not self.mlflow.strip():
-            raise CxrError("mlflow must be a tracking URI, got an empty string instead (True: MLflow's default)",
+            raise CxrError("mlflow must be a tracking URI, got an empty string instead (no value: MLflow's default)",
                            param="mlflow")
         if self.experiment is not None and not isinstance(self.experiment, str):
             raise TypeError(f"experiment must be a str or None, got {self.experiment!r} instead")
         if isinstance(self.experiment, str) and not self.experiment.strip():
-            raise CxrError("experiment must name an MLflow experiment, got an empty string instead (None: the "
+            raise CxrError("experiment must name an MLflow experiment, got an empty string instead (leave it out: the "
                            "dataset folder's name)", param="experiment")
 
     @property
