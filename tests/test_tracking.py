@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -244,6 +245,10 @@ def test_a_real_mlflow_server_receives_the_runs(base, tmp_path):
         parent, children = _runs(uri, "server")
         assert len(children) == 3 and all("accuracy" in c.data.metrics for c in children)
         assert "report.md" in {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id)}
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+    finally:   # the server and the workers it started: one process group, ended together
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
