@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from cxr_transfer.extract.pipeline import FeatureSet
     from cxr_transfer.extract.registry import BackboneConfig
     from cxr_transfer.extract.user_onnx import InputSpec
+    from cxr_transfer.tracking.mlflow_runs import TrackingSettings
 
 DATA_ENV, WEIGHTS_ENV = "CXR_DATA", "CXR_WEIGHTS_DIR"
 SHARED_DATASET = Path("shared") / "data" / "covid19-xray"
@@ -112,11 +113,22 @@ def settings_classes() -> dict[str, type]:
     from cxr_transfer.extract.pipeline import ExtractSettings
     from cxr_transfer.extract.user_onnx import InputSpec
     from cxr_transfer.finetune.settings import FinetuneSettings
+    from cxr_transfer.tracking.mlflow_runs import TrackingSettings
     from cxr_transfer.validation.run import ValidateSettings
 
     return {"backbone": BackboneSettings, "extract": ExtractSettings, "engine": EngineSettings,
             "onnx": InputSpec, "compare": CompareSettings, "validate": ValidateSettings,
-            "finetune": FinetuneSettings, "audit": AuditSettings}
+            "finetune": FinetuneSettings, "audit": AuditSettings, "tracking": TrackingSettings}
+
+
+def _tracking(mlflow: str | bool | None, experiment: str | None) -> TrackingSettings:
+    """The ``mlflow`` / ``experiment`` arguments as TrackingSettings, refused before any computing when MLflow
+    is asked for and not installed."""
+    from cxr_transfer.tracking.mlflow_runs import TrackingSettings, require_mlflow
+
+    tracking = TrackingSettings(mlflow, experiment)
+    require_mlflow(tracking)
+    return tracking
 
 
 def register_onnx_backbones(backbones: str, *, channels: int = 3, preprocess: str = "none",
@@ -316,20 +328,12 @@ def embed_images(images: np.ndarray, backbone: str = "vgg16", *, weights: str | 
     No embedding cache and no image files: each image is stretched to the network's input with the same rule
     as image files (``extract.images.resize_square``). The ONNX export itself is cached in ``cache_dir/onnx``.
     """
-    from cxr_transfer.extract.images import resize_square
     from cxr_transfer.extract.onnx_export import get_onnx_backbone
     from cxr_transfer.extract.registry import get_backbone
-    from cxr_transfer.extract.runtime import OnnxEmbedder
+    from cxr_transfer.extract.runtime import OnnxEmbedder, embed_pixels, rgb_array
     from cxr_transfer.extract.weights import resolve_weights
 
-    if not isinstance(images, np.ndarray):
-        raise TypeError(f"images must be a numpy array, got {type(images).__name__} instead")
-    if images.dtype != np.uint8:
-        raise TypeError(f"images must be uint8 pixels in [0, 255], got dtype {images.dtype} instead")
-    if images.ndim == 3:
-        images = np.repeat(images[..., None], 3, axis=3)
-    if images.ndim != 4 or images.shape[3] != 3 or min(images.shape[1:3]) < 2:
-        raise ValueError(f"images must have shape (N, H, W, 3) or (N, H, W), got {images.shape} instead")
+    images = rgb_array(images)   # before any export
     check_int("batch_size", batch_size, COUNT)
     # the shared settings check backbone, input_size (1..MAX_INPUT_SIZE) and threads before any export
     common, _ = _with_user_models(BackboneSettings(backbone=backbone, weights_file=weights, weights_dir=weights_dir,
@@ -339,14 +343,7 @@ def embed_images(images: np.ndarray, backbone: str = "vgg16", *, weights: str | 
     size = config.input_size(common.input_size)
     source = resolve_weights(config, weights, weights_dir, random_weights)
     embedder = OnnxEmbedder(get_onnx_backbone(config, size, source, common.cache_dir), threads)
-    if len(images) == 0:
-        return np.empty((0, config.feature_dim), np.float32)
-    rows = []
-    for start in range(0, len(images), batch_size):
-        batch = np.stack([resize_square(np.ascontiguousarray(image), size)
-                          for image in images[start:start + batch_size]])
-        rows.append(embedder.embed(batch))
-    return np.concatenate(rows)
+    return embed_pixels(embedder, images, batch_size)
 
 
 @path_arguments("data", "out")
@@ -394,7 +391,8 @@ def _workflow_settings(cls: type, name: str, common: BackboneSettings | None, ba
 
 @path_arguments("data", "out_dir")
 def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *, out_dir: str | Path | None = None,
-            run_name: str | None = None, common: BackboneSettings | None = None, **options: Any) -> CompareResult:
+            run_name: str | None = None, mlflow: str | bool | None = None, experiment: str | None = None,
+            common: BackboneSettings | None = None, **options: Any) -> CompareResult:
     """Score scikit-learn heads on cached embeddings under one protocol (``protocol='paper'|'cv'|'holdout'``).
 
     Returns the ``CompareResult`` (every evaluation, the summary table, the run record; ``summary_lines()``
@@ -403,31 +401,47 @@ def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *, o
     ``run_name`` or ``compare-<protocol>-<time>-<random>``, and ``result.run_dir`` is set; ``out_dir`` and
     ``run_name`` are checked before any computing. ``save=True`` (one ``.joblib`` per head) needs ``out_dir``.
     Stage keywords: those of ``CompareSettings`` (protocol, seed, seeds, folds, repeats, group_by, tune, save,
-    head, ...) and ``batch_size`` for the extraction.
+    head, ...) and ``batch_size`` for the extraction. ``mlflow`` (a tracking URI, or True for MLflow's default)
+    logs the result to MLflow afterwards, in ``experiment`` (default: the dataset folder's name): a parent run
+    with the run folder as artifacts, one child run per backbone and head, and with ``save`` each head as an
+    MLflow model (``tracking/``); an MLflow failure is one line of ``summary_lines()``, never an exception.
     """
     from cxr_transfer.classify.compare import CompareSettings, evaluate_compare, run_compare
     from cxr_transfer.extract.registry import parse_backbone_list
+    from cxr_transfer.tracking.mlflow_runs import track_result
 
     settings = _workflow_settings(CompareSettings, "compare", common, backbones, heads, options, data=Path(data))
     parse_backbone_list(settings.backbones)
     _needs_out_dir(out_dir, {"save=True": settings.save, f"run_name={run_name!r}": run_name is not None})
-    return evaluate_compare(settings) if out_dir is None else run_compare(settings, out_dir, run_name)
+    tracking = _tracking(mlflow, experiment)
+    result = evaluate_compare(settings) if out_dir is None else run_compare(settings, out_dir, run_name)
+    if tracking.enabled:
+        track_result(result, tracking)
+    return result
 
 
 @path_arguments("data")
-def finetune_backbone(data: str | Path, backbone: str = "vgg16", *, common: BackboneSettings | None = None,
-             **options: Any) -> Path:
+def finetune_backbone(data: str | Path, backbone: str = "vgg16", *, mlflow: str | bool | None = None,
+                      experiment: str | None = None, common: BackboneSettings | None = None,
+                      **options: Any) -> Path:
     """The paper's frozen-body + dense-head Keras training; returns the run folder.
 
     Defaults are the paper's (input 224, 35 epochs, batch 8, Adam 1e-3); stage keywords are those of
     ``FinetuneSettings`` (epochs, batch_size, lr, seed, fast, copies, group_by, out_dir, run_dir, ...).
+    ``mlflow`` / ``experiment``: as in ``compare``; the line saying what was logged (or not) is printed on
+    stderr with finetune's progress lines (``progress=False``: logged, a failure as a warning).
     """
     from cxr_transfer.finetune.train import FinetuneSettings, run_finetune
+    from cxr_transfer.tracking.mlflow_runs import track_finetune
 
     if common is None:
         options = {"input_size": 224, **options}   # the paper's size for all nine
     settings = FinetuneSettings.from_options(common, data=data, **_first_backbone(backbone), **options)
-    return run_finetune(replace(settings, common=_with_user_models(settings.common)[0]))
+    tracking = _tracking(mlflow, experiment)
+    run_dir = run_finetune(replace(settings, common=_with_user_models(settings.common)[0]))
+    if tracking.enabled:
+        track_finetune(run_dir, data, tracking, settings.progress)
+    return run_dir
 
 
 @path_arguments("data")
@@ -511,8 +525,9 @@ def explain_images(images: str | Path, model: str | Path, *, out: str | Path | N
 
 @path_arguments("data", "external", "out_dir")
 def validate(data: str | Path, external: str | Path, backbones: str = "vgg16", heads: str = "logreg", *,
-             out_dir: str | Path | None = None, run_name: str | None = None,
-             common: BackboneSettings | None = None, **options: Any) -> ValidateResult:
+             out_dir: str | Path | None = None, run_name: str | None = None, mlflow: str | bool | None = None,
+             experiment: str | None = None, common: BackboneSettings | None = None,
+             **options: Any) -> ValidateResult:
     """Internal (patient-grouped out-of-fold) vs external accuracy, subgroups, calibration and conformal sets.
 
     Fits each head on TRAIN only; EXT is only predicted. Returns the ``ValidateResult`` (per-model results,
@@ -523,12 +538,18 @@ def validate(data: str | Path, external: str | Path, backbones: str = "vgg16", h
     ``out_dir`` and ``run_name`` are checked before any computing. ``save=True`` (one ``.joblib`` per model)
     and ``explain=N`` (heatmaps of the N most confident external errors) need ``out_dir``. Stage keywords:
     those of ``ValidateSettings`` (group_by, subgroups, alpha, calibrate, folds, n_boot, seed, save, explain,
-    ...) and ``batch_size`` for the extraction.
+    ...) and ``batch_size`` for the extraction. ``mlflow`` / ``experiment``: as in ``compare`` (one child run
+    per model: internal and external values, the gap, ECE, conformal coverage).
     """
+    from cxr_transfer.tracking.mlflow_runs import track_result
     from cxr_transfer.validation.run import ValidateSettings, evaluate_validate, run_validate
 
     settings = _workflow_settings(ValidateSettings, "validate", common, backbones, heads, options, data=Path(data),
                                   external=Path(external))
     _needs_out_dir(out_dir, {"save=True": settings.save, f"explain={settings.explain}": bool(settings.explain),
                              f"run_name={run_name!r}": run_name is not None})
-    return evaluate_validate(settings) if out_dir is None else run_validate(settings, out_dir, run_name)
+    tracking = _tracking(mlflow, experiment)
+    result = evaluate_validate(settings) if out_dir is None else run_validate(settings, out_dir, run_name)
+    if tracking.enabled:
+        track_result(result, tracking)
+    return result

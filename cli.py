@@ -66,9 +66,11 @@ def add_settings_flags(group, cls: type, skip: tuple[str, ...] = (), defaults: d
         constraint = info["constraint"]
         choices = constraint.values if isinstance(constraint, Options) else None
         shown = f" (default {default})" if default not in (None, "", dataclasses.MISSING) else ""
-        group.add_argument(*names, dest=field.name, default=default, choices=choices, help=info["help"] + shown,
-                           type=flag_type(constraint, str(field.type)),
-                           metavar=None if choices else names[0][2:].upper().replace("-", "_"))
+        metavar = None if choices else info.get("metavar") or names[0][2:].upper().replace("-", "_")
+        optional = str(field.type).startswith("str | bool")   # --mlflow [URI]: the flag alone means True
+        group.add_argument(*names, dest=field.name, default=default, help=info["help"] + shown, metavar=metavar,
+                           **({"nargs": "?", "const": True} if optional else
+                              {"choices": choices, "type": flag_type(constraint, str(field.type))}))
 
 
 def _floats(text: str) -> tuple[float, ...]:   # --mean / --std: a comma list of numbers (argparse says if not)
@@ -102,6 +104,7 @@ class Command(NamedTuple):
     batch_size: int | None = 16       # the --batch-size default (None: no such flag)
     input_size: int | None = None     # the --input-size default
     pointer: bool = False             # print the audit's pointer for --data
+    tracking: bool = False            # takes --mlflow [URI] and --experiment (TrackingSettings)
 
 
 STAGE_SKIP = ("data", "extract", "common", "rule")
@@ -109,17 +112,18 @@ COMMANDS: dict[str, Command] = {
     "backbones": Command("backbone_table", "list the backbone registry and where weights were found", data=False,
                          common=False, batch_size=None),
     "extract": Command("extract", "embed a folder of images into the HDF5 cache", stage="engine"),
-    "compare": Command("compare", "benchmark scikit-learn heads on cached embeddings", stage="compare", pointer=True),
+    "compare": Command("compare", "benchmark scikit-learn heads on cached embeddings", stage="compare", pointer=True,
+                       tracking=True),
     "predict": Command("predict", "class probabilities for new images from a saved head", data=False),
     "finetune": Command("finetune_backbone", "the paper's frozen-body + dense-head Keras training", stage="finetune",
-                        input_size=224, batch_size=None, pointer=True),
+                        input_size=224, batch_size=None, pointer=True, tracking=True),
     "report": Command("report_runs", "fine-tuned models and heads side by side on the same test images", data=False,
                       common=False, batch_size=None),
     "audit": Command("audit_dataset", "duplicates, patient leakage and shortcuts in a dataset", stage="audit",
                      batch_size=None),
     "explain": Command("explain_images", "heatmaps of what a saved head or fine-tuned model looks at", data=False),
     "validate": Command("validate", "internal vs external validation: subgroups, calibration, conformal sets",
-                        stage="validate", skip=("external",)),
+                        stage="validate", skip=("external",), tracking=True),
     "export": Command("export_embeddings", "cached embeddings as Parquet or .npy, readable by pandas, Spark and Ray"),
     "export-model": Command("export_model", "a saved head + backbone (or a fine-tuned model) as one ONNX file, "
                             "with its model card", data=False, batch_size=None),
@@ -185,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
             add_settings_flags(p.add_argument_group(f"{name} settings"), classes[command.stage],
                                skip=STAGE_SKIP + command.skip, aliases={"backbones": "--backbones"},
                                defaults=defaults if command.stage == "engine" else None)
+        if command.tracking:
+            add_settings_flags(p.add_argument_group("MLflow tracking (pip install \"cxr-transfer[mlflow]\")"),
+                               classes["tracking"])
     return parser
 
 
@@ -208,6 +215,8 @@ def api_arguments(name: str, args: argparse.Namespace) -> tuple[list[Any], dict[
         keywords.update({f.name: values[f.name] for f in fields if f.name in values and f.name not in STAGE_SKIP})
     if command.batch_size:
         keywords["batch_size"] = args.batch_size
+    if command.tracking:
+        keywords.update(mlflow=args.mlflow, experiment=args.experiment)
     backbones = api.register_onnx_backbones(values.get("backbones") or args.backbone or "vgg16", **{
         k: values[k] for k in ("channels", "preprocess", "mean", "std", "input_size", "cache_dir")})
     if command.data:   # predict and explain: the model's own backbone and precision, checked against these

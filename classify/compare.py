@@ -119,17 +119,18 @@ class CompareResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)   # dataset entries left out (path, reason)
     heads: list[FittedHead] = field(default_factory=list)          # settings.save: the heads to save
     run_dir: Path | None = None                                     # set once the run folder is written
+    tracking: list[str] = field(default_factory=list)              # what MLflow logging did (tracking/)
 
     def summary_lines(self) -> list[str]:
         """What the compare command prints: the summary table with marks, the chosen heads and the paired tests,
-        the dataset entries left out and, once written, the run folder."""
+        the dataset entries left out and, once written, the run folder and what MLflow logging did."""
         lines = compare_summary_text(self.evaluations, self.summary, self.settings.record()).split("\n")
         if self.skipped:
             lines += ["", f"{len(self.skipped)} file(s) or folder(s) of the dataset left out:"]
             lines += [f"  left out {path}: {reason}" for path, reason in self.skipped]
         if self.run_dir is not None:
             lines += ["", f"run folder: {self.run_dir} (report.md, results.json, results.csv, plots, record.json)"]
-        return lines
+        return lines + self.tracking
 
 
 def evaluation_pool(dataset: Dataset, protocol: str) -> Dataset:

@@ -146,12 +146,12 @@ POSITIVE = Interval(0.0, real=True, low_open=True)
 
 def param(default: Any = dataclasses.MISSING, constraint: Constraint | None = None, help: str = "", *,
           none_means: str = "", flag: str | None = None, default_factory: Any = dataclasses.MISSING,
-          cli: bool = True) -> Any:
+          cli: bool = True, metavar: str | None = None) -> Any:
     """A dataclass field that carries its constraint and help: ``none_means`` says what None stands for (None
     is refused without it), ``flag`` the CLI flag when it is not ``--name-with-dashes``, ``cli=False`` keeps
-    the field off the command line."""
+    the field off the command line, ``metavar`` names the flag's value in its help."""
     metadata = {"param": {"constraint": constraint, "help": help, "none_means": none_means, "flag": flag,
-                          "cli": cli}}
+                          "cli": cli, "metavar": metavar}}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cxr_transfer.extract.images import ImageMask, decoded_batches
+from cxr_transfer.extract.images import ImageMask, decoded_batches, resize_square
 
 if TYPE_CHECKING:
     from cxr_transfer.extract.dataset import Sample
@@ -70,6 +70,34 @@ class OnnxEmbedder:
     def embed(self, images: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(images, dtype=np.float32)
         return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
+
+
+def rgb_array(images: np.ndarray) -> np.ndarray:
+    """Images already in memory checked and made RGB: uint8 (N, H, W, 3), or grey (N, H, W) repeated to 3
+    channels; TypeError / ValueError saying what was given otherwise."""
+    if not isinstance(images, np.ndarray):
+        raise TypeError(f"images must be a numpy array, got {type(images).__name__} instead")
+    if images.dtype != np.uint8:
+        raise TypeError(f"images must be uint8 pixels in [0, 255], got dtype {images.dtype} instead")
+    if images.ndim == 3:
+        images = np.repeat(images[..., None], 3, axis=3)
+    if images.ndim != 4 or images.shape[3] != 3 or min(images.shape[1:3]) < 2:
+        raise ValueError(f"images must have shape (N, H, W, 3) or (N, H, W), got {images.shape} instead")
+    return images
+
+
+def embed_pixels(embedder: OnnxEmbedder, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Embeddings of images in memory (``rgb_array``): each stretched to the backbone's input with the same
+    rule as image files (``images.resize_square``), in batches -> float32 (N, feature_dim). Used by
+    ``embed_images`` and by the MLflow model of a saved head (``tracking/pyfunc_model.py``)."""
+    images = rgb_array(images)
+    size = embedder.input_size
+    if len(images) == 0:
+        return np.empty((0, embedder.backbone.config.feature_dim), np.float32)
+    rows = [embedder.embed(np.stack([resize_square(np.ascontiguousarray(image), size)
+                                     for image in images[start:start + batch_size]]))
+            for start in range(0, len(images), batch_size)]
+    return np.concatenate(rows)
 
 
 def embed_batches(embedder: OnnxEmbedder, samples: list[Sample], batch_size: int, decode_workers: int,

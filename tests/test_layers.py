@@ -1,6 +1,6 @@
 """The package's layers (setup.cfg's import-linter contract): a folder imports only the folders below it.
 
-    core < extract < classify < audit | finetune < explain < validation < api < cli
+    core < extract < classify < audit | finetune < explain < validation < deploy < tracking < api < cli
 
 The contract is checked on this checkout, and shown to fail on a copy with one upward import added, so that
 a passing check means something. Imports inside functions and under TYPE_CHECKING count like any other.
@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ["cli", "api", "validation", "explain", "audit|finetune", "classify", "extract", "core"]
+LAYERS = ["cli", "api", "tracking", "deploy", "validation", "explain", "audit|finetune", "classify", "extract",
+          "core"]
 
 
 def _lint(root: Path, cwd: Path, python_path: Path | None = None) -> subprocess.CompletedProcess:

@@ -143,10 +143,11 @@ class ValidateResult:
     overlap: dict[str, Any] = field(default_factory=dict)  # results.json "overlap" (``train_overlap``)
     skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # "TRAIN"/"EXT": (path, reason)
     run_dir: Path | None = None                            # set once the run folder is written
+    tracking: list[str] = field(default_factory=list)     # what MLflow logging did (tracking/)
 
     def summary_lines(self) -> list[str]:
         """What the validate command prints: warnings, verdict, notes, skipped files and, once written, the run
-        folder."""
+        folder and what MLflow logging did."""
         lines = [f"warning: {warning}" for warning in self.warnings] + list(self.verdict)
         lines += [f"note: {note}" for note in self.notes]
         for where, entries in self.skipped.items():
@@ -156,7 +157,7 @@ class ValidateResult:
         if self.run_dir is not None:
             lines += ["", f"run folder: {self.run_dir} (report.md, results.json, results.csv, accuracy.png, "
                           f"reliability.png)"]
-        return lines
+        return lines + self.tracking
 
 
 # ---------------------------------------------------------------------------------------------- data
