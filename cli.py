@@ -138,6 +138,8 @@ COMMANDS: dict[str, Command] = {
     "explain": Command("explain_images", "heatmaps of what a saved head or fine-tuned model looks at", data=False),
     "validate": Command("validate", "internal vs external validation: subgroups, calibration, conformal sets",
                         stage="validate", skip=("external",)),
+    "shift": Command("shift_check", "will it work on my X-rays? shift tests and label-free accuracy estimates for "
+                                    "a target folder", stage="shift", skip=("target", "model")),
     "export": Command("export_embeddings", "cached embeddings as Parquet or .npy, readable by pandas, Spark and Ray"),
     "export-model": Command("export_model", "a saved head + backbone as one ONNX file", data=False, batch_size=None),
 }
@@ -164,13 +166,20 @@ def add_command_flags(p: argparse.ArgumentParser, name: str) -> None:
     if name == "explain":
         p.add_argument("--method", choices=("auto", "cam", "occlusion", "gradcam"), default="auto",
                        help="auto: exact CAM for linear heads, occlusion for other heads, Grad-CAM for fine-tuned")
-    if name in ("compare", "validate"):
+    if name in ("compare", "validate", "shift"):
         p.add_argument("--out", dest="out_dir", type=Path, default=Path("runs"), help="folder for run folders")
         p.add_argument("--name", dest="run_name", default=None, help="run folder name (default: KIND-TIMESTAMP-...)")
     if name == "validate":
         p.add_argument("--external", type=Path, required=True,
                        help="external dataset folder or CSV (never trained or tuned on); its manifest's extra "
                             "columns can be subgroups")
+    if name == "shift":
+        p.add_argument("--target", type=Path, required=True,
+                       help="the images to check: a folder of images (or of class folders, whose names are used "
+                            "only to score the estimates) with an optional manifest.csv for --subgroups")
+        p.add_argument("--model", type=Path, default=None,
+                       help="a .joblib head saved by compare or validate (--save): adds its expected accuracy on "
+                            "the target (ATC, DoC); its own backbone is used")
     if name == "export":
         p.add_argument("--format", choices=("parquet", "npy"), default="parquet",
                        help="parquet (one file, default) or npy (a folder)")
@@ -211,7 +220,9 @@ def api_arguments(name: str, args: argparse.Namespace) -> tuple[list[Any], dict[
     positionals = [args.images, args.model] if name in ("predict", "explain") else [args.model] \
         if name == "export-model" else [args.data or shared_default("data")]
     keywords: dict[str, Any] = {key: values[key] for key in ("out", "out_dir", "run_name", "conformal", "method",
-                                                             "overwrite", "external", "format") if key in values}
+                                                             "overwrite", "external", "format", "target") if key in values}
+    if name == "shift":
+        keywords["model"] = args.model
     if command.stage == "engine":
         keywords["engine"] = engine_settings(args)
     elif command.stage:
