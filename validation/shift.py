@@ -231,6 +231,10 @@ def evaluate_shift(settings: ShiftSettings) -> ShiftResult:
                            "weights_sha256": result.weights.sha256, "precision": result.precision}
         skipped += result.failures + target_result.failures
     watch.lap("read_and_embed")
+    skipped = sorted(set(skipped) | set(full.skipped) | set(target.skipped))
+    if skipped:
+        notes.append(f"{len(skipped)} file(s) of TRAIN or TARGET could not be read or were left out (first: "
+                     f"{skipped[0][0]}: {skipped[0][1]}); record.json 'skipped' lists them")
     train_samples, train_arrays = align_feature_sets(train_sets, {s.sha256 for s in pool.samples})
     target_samples, target_arrays = align_feature_sets(target_sets, {s.sha256 for s in target.samples})
     train_fingerprint = images_fingerprint([s.sha256 for s in train_samples])
@@ -338,7 +342,7 @@ def evaluate_shift(settings: ShiftSettings) -> ShiftResult:
                         grouping="patient_id merged over near-duplicate clusters" if groups is not None else "image",
                         target_grouping="patient_id" if target_groups is not None else "image",
                         extraction=extraction, overlap_excluded=overlap["excluded"]["n"],
-                        skipped=[list(x) for x in sorted(set(skipped))], timings=watch.timings,
+                        skipped=[list(x) for x in skipped], timings=watch.timings,
                         seconds=watch.elapsed())
     verdict = _verdict(results)
     return ShiftResult(settings, results, record, verdict, notes, ranking, target.root, warnings)
