@@ -90,8 +90,10 @@ class AccuracyEstimates:
 
 def estimate_accuracy(source_proba: np.ndarray, source_y: np.ndarray, target_proba: np.ndarray,
                       source_clusters: Sequence | None = None, target_clusters: Sequence | None = None,
-                      n_boot: int = 1000, seed: int = 0) -> AccuracyEstimates:
-    """ATC (both scores) and DoC with 95% bootstrap intervals (TRAIN and TARGET resampled by cluster)."""
+                      n_boot: int = 1000, seed: int = 0, units: str | None = None) -> AccuracyEstimates:
+    """ATC (both scores) and DoC with 95% bootstrap intervals (TRAIN and TARGET resampled by cluster); ``units``
+    says in words what was resampled (default: TRAIN / TARGET patients where clusters are given, else images).
+    TARGET may hold several rows per image (one per model scoring it): give them one cluster."""
     source_proba, target_proba = np.asarray(source_proba, float), np.asarray(target_proba, float)
     correct = source_proba.argmax(axis=1) == np.asarray(source_y)
     point = point_estimates(source_proba, correct, target_proba)
@@ -103,7 +105,7 @@ def estimate_accuracy(source_proba: np.ndarray, source_y: np.ndarray, target_pro
     for column, method in enumerate(point):
         low, high = percentile_interval(replicates[:, column])
         estimates[method] = {"value": point[method], "ci_low": low, "ci_high": high}
-    units = " and ".join(f"{where} {'patients' if clusters is not None else 'images'}"
+    units = units or " and ".join(f"{where} {'patients' if clusters is not None else 'images'}"
                          for where, clusters in (("TRAIN", source_clusters), ("TARGET", target_clusters)))
     return AccuracyEstimates(estimates, float(correct.mean()), float(max_confidence(source_proba).mean()),
                              float(max_confidence(target_proba).mean()), n_boot, units)

@@ -13,8 +13,9 @@ On the cached embeddings of TRAIN (its ``train/`` split when it has one) and TAR
 - with ``model`` (a head saved by compare or validate ``save``): its predictions on TARGET and the expected
   accuracy by ATC and DoC (``validation.accuracy_estimates``), calibrated on out-of-fold predictions of TRAIN
   made by refitting the head's estimator (same class, same settings) in patient-grouped folds of TRAIN; each
-  with a bootstrap interval. Where TARGET's folders carry TRAIN's class names, the head's accuracy on them is
-  reported beside the estimates, for evaluation only: no estimator reads a target label.
+  with a bootstrap interval; TARGET is scored for them by the same fold models, so that calibration and target
+  confidences come from one kind of model. Where TARGET's folders carry TRAIN's class names, the head's accuracy
+  on them is reported beside the estimates, for evaluation only: no estimator reads a target label.
 
 Refused with one line: a TRAIN of one class, a TARGET with no images or fewer than ``MIN_TARGET_IMAGES``, a
 TARGET whose images are all byte-identical to TRAIN's (not external). Target images identical to a TRAIN
@@ -173,17 +174,26 @@ def _estimator(model: Any) -> Any:
     return model.head if isinstance(model, ConformalHead) else model
 
 
-def _out_of_fold(model: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, folds: int, seed: int,
-                 class_names: list[str]) -> np.ndarray:
-    """TRAIN's out-of-fold probabilities from the head's estimator refitted (cloned: same class and settings)
-    in patient-grouped folds (``classify.protocols.cv_splits``, validate's folds)."""
+def out_of_fold_with_target(model: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, folds: int,
+                            seed: int, class_names: list[str], X_target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(TRAIN's out-of-fold probabilities, TARGET's probabilities by each fold model (folds, n_target, classes)):
+    the head's estimator refitted (cloned: same class and settings) in patient-grouped folds
+    (``classify.protocols.cv_splits``, validate's folds).
+
+    The estimators compare TRAIN's held-out confidences with TARGET's; both come from the same fold models, so
+    that the one difference between them is the data (the head fitted on all of TRAIN has seen a quarter more
+    images than each fold model; ``benchmarks/shift_null.py`` measures the estimates both ways)."""
     proba = np.zeros((len(y), len(class_names)))
+    on_target = []
     with threadpool_limits(1):
         for split in cv_splits(y, folds, 1, seed, groups, class_names):
             fitted = clone(_estimator(model)).fit(X[split.train_idx], y[split.train_idx])
             columns = [int(c) for c in fitted.classes_]
             proba[np.ix_(split.test_idx, columns)] = fitted.predict_proba(X[split.test_idx])
-    return proba
+            target = np.zeros((len(X_target), len(class_names)))
+            target[:, columns] = fitted.predict_proba(X_target)
+            on_target.append(target)
+    return proba, np.stack(on_target)
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -298,13 +308,20 @@ def evaluate_shift(settings: ShiftSettings) -> ShiftResult:
     predicted = confidence = None
     if saved is not None:
         y = np.array([class_names.index(s.label) for s in train_samples])
-        oof = _out_of_fold(saved.model, X_train, y, groups, settings.folds, settings.seed, class_names)
+        oof, by_fold = out_of_fold_with_target(saved.model, X_train, y, groups, settings.folds, settings.seed,
+                                               class_names, X_target)
         target_proba = saved.model.predict_proba(X_target)
-        estimates = estimate_accuracy(oof, y, target_proba, groups, target_groups, settings.n_boot, settings.seed)
+        units = target_groups if target_groups is not None else np.arange(len(X_target))
+        estimates = estimate_accuracy(oof, y, by_fold.reshape(-1, len(class_names)), groups,
+                                      np.tile(units, len(by_fold)), settings.n_boot, settings.seed,
+                                      units=f"TRAIN {'patients' if groups is not None else 'images'} and TARGET "
+                                            f"{'patients' if target_groups is not None else 'images'}")
         results["estimated_accuracy"] = estimates.as_dict()
         results["estimated_accuracy"]["calibration"] = (
-            f"out-of-fold predictions of TRAIN ({settings.folds} patient-grouped folds) by the saved head's "
-            f"estimator refitted on each fold's training part; TARGET predicted by the saved head itself")
+            f"out-of-fold predictions of TRAIN by the saved head's estimator refitted in {settings.folds} "
+            f"patient-grouped folds, TARGET scored by the same fold models (the saved head, fitted on all of "
+            f"TRAIN, is more confident than they are); the predictions and the accuracy on labelled targets are "
+            f"the saved head's")
         results["estimated_accuracy"]["optimistic_warning"] = OPTIMISM_WARNING if detected else None
         predicted = target_proba.argmax(axis=1)
         confidence = target_proba.max(axis=1)
@@ -398,6 +415,9 @@ def _verdict(results: dict[str, Any]) -> list[str]:
              f"TARGET ({results['n_target']} images): domain classifier AUC {results['domain_auc']:.3f} "
              f"(p = {results['domain_p']:.3f}), MMD p = {results['mmd_p']:.3f}; "
              f"{results['decision_rule']}."]
+    if not detected:
+        lines.append(f"Not detecting a shift is no proof there is none: a shift these embeddings do not show, or one "
+                     f"confined to a few of the {results['n_target']} target images, can go unseen.")
     shifted = [r for r in results["subgroups"] if r["shifted"]]
     if shifted:
         lines.append("Subgroups that differ from TRAIN (MMD, Bonferroni over the subgroups): " + "; ".join(
