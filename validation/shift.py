@@ -76,7 +76,8 @@ OPTIMISM_WARNING = (
     "where its accuracy falls; on shifted images a model can be confidently wrong instead (in this project's "
     "data, adult bacterial pneumonia called covid with probability near 1, because every pneumonia in TRAIN is "
     "pediatric), and then neither the confidence nor the estimate drops. Read them as an upper bound, not a "
-    "forecast: label a sample of the target (the most atypical images first) before relying on the model.")
+    "forecast: label a random sample of the target, each source or subgroup included, before relying on the model "
+    "(the most atypical images alone miss such errors: they can look typical of the wrong class).")
 
 
 @dataclass(frozen=True)
