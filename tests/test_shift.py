@@ -238,3 +238,20 @@ def test_one_labelled_class_in_the_target_is_a_note_not_an_error(shift_setup, tm
     result = evaluate_shift(ShiftSettings(data=s["train"], target=target, extract=s["extract"], model=s["model"],
                                           permutations=19, folds=3, n_boot=100))
     assert any("one class only (covid)" in note for note in result.notes)
+
+
+def test_the_api_function_returns_in_memory_and_checks_its_keywords(shift_setup, tmp_path):
+    import cxr_transfer
+
+    s = shift_setup
+    keywords = dict(random_weights=True, input_size=32, cache_dir=s["extract"].cache_dir, progress=False,
+                    permutations=19, folds=3, n_boot=100)
+    result = cxr_transfer.shift_check(s["train"], s["target"], "mobilenetv2", **keywords)
+    assert result.run_dir is None and result.results["estimated_accuracy"] is None   # no model: tests only
+    assert result.summary_lines()[0].startswith("Shift ")
+    with pytest.raises(TypeError, match="unknown setting\\(s\\) heads for shift_check"):
+        cxr_transfer.shift_check(s["train"], s["target"], "mobilenetv2", heads="logreg", **keywords)
+    with pytest.raises(CxrError, match="out_dir is needed"):
+        cxr_transfer.shift_check(s["train"], s["target"], "mobilenetv2", run_name="x", **keywords)
+    with pytest.raises(TypeError, match="model must be a str or Path"):
+        cxr_transfer.shift_check(s["train"], s["target"], model=3)
