@@ -220,7 +220,8 @@ def api_arguments(name: str, args: argparse.Namespace) -> tuple[list[Any], dict[
     positionals = [args.images, args.model] if name in ("predict", "explain") else [args.model] \
         if name == "export-model" else [args.data or shared_default("data")]
     keywords: dict[str, Any] = {key: values[key] for key in ("out", "out_dir", "run_name", "conformal", "method",
-                                                             "overwrite", "external", "format", "target") if key in values}
+                                                             "overwrite", "external", "format", "target")
+                               if key in values}
     if name == "shift":
         keywords["model"] = args.model
     if command.stage == "engine":

@@ -6,9 +6,9 @@ pseudo-TRAIN and a pseudo-TARGET, many times.
 Per draw: both two-sample tests (200 permutations, as the command runs them), and a logreg head fitted on the
 pseudo-TRAIN whose ATC / DoC estimates (calibrated on its out-of-fold predictions in patient-grouped folds, the
 pseudo-TARGET scored by the same fold models, as the command does) are compared with its true accuracy on the
-pseudo-TARGET; also with the pseudo-TARGET scored by the final head, for comparison. Prints the rejection rate at the command's rule
-(either p <= alpha/2, alpha 0.05) and the mean absolute estimate error. Embeddings come from the cache
-(computed first if missing).
+pseudo-TARGET; also with the pseudo-TARGET scored by the final head, for comparison. Prints the rejection
+rate at the command's rule (either p <= alpha/2, alpha 0.05) and the mean absolute estimate error.
+Embeddings come from the cache (computed first if missing).
 """
 from __future__ import annotations
 
@@ -77,12 +77,14 @@ def main() -> None:
     errors = np.array(errors)
     p = np.array(pairs)
     print(f"{args.draws} draws in {time.perf_counter() - started:.0f} s: shift detected in {rejected} "
-          f"(rule: either p <= {args.alpha / 2:g}); domain p <= {args.alpha:g} in {int((p[:, 0] <= args.alpha).sum())}, "
+          f"(rule: either p <= {args.alpha / 2:g}); domain p <= {args.alpha:g} in "
+          f"{int((p[:, 0] <= args.alpha).sum())}, "
           f"MMD p <= {args.alpha:g} in {int((p[:, 1] <= args.alpha).sum())}; mean p {p[:, 0].mean():.2f} / "
           f"{p[:, 1].mean():.2f}")
     errors_final = np.array(errors_final)
     for k, method in enumerate(("atc_ne", "atc_mc", "doc")):
-        print(f"  {method}: mean error {errors[:, k].mean():+.3f}, mean absolute error {np.abs(errors[:, k]).mean():.3f}"
+        print(f"  {method}: mean error {errors[:, k].mean():+.3f}, "
+              f"mean absolute error {np.abs(errors[:, k]).mean():.3f}"
               f" (TARGET scored by the final head instead of the fold models: {errors_final[:, k].mean():+.3f}, "
               f"{np.abs(errors_final[:, k]).mean():.3f})")
 

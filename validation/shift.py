@@ -54,7 +54,8 @@ from cxr_transfer.extract.duplicates import hash_cache_path
 from cxr_transfer.extract.images import ImageDecodeError, is_image_file, read_rgb
 from cxr_transfer.extract.pipeline import ExtractSettings, align_feature_sets, load_features
 from cxr_transfer.validation.accuracy_estimates import METHOD_WORDS, estimate_accuracy
-from cxr_transfer.validation.run import DUPLICATE_RULE_BACKBONE, _json_safe, _training_pool, overlap_words, train_overlap
+from cxr_transfer.validation.run import (DUPLICATE_RULE_BACKBONE, _json_safe, _training_pool, overlap_words,
+                                         train_overlap)
 from cxr_transfer.validation.two_sample import (
     DEFAULT_PERMUTATIONS,
     auc_score,
