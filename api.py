@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from cxr_transfer.classify.compare import CompareResult
     from cxr_transfer.deploy.export_model import ExportedModel
     from cxr_transfer.validation.run import ValidateResult
+    from cxr_transfer.validation.shift import ShiftResult
     from cxr_transfer.explain.run import ExplainResult
     from cxr_transfer.extract.export_table import ExportResult
     from cxr_transfer.extract.pipeline import FeatureSet
@@ -115,10 +116,12 @@ def settings_classes() -> dict[str, type]:
     from cxr_transfer.finetune.settings import FinetuneSettings
     from cxr_transfer.tracking.mlflow_runs import TrackingSettings
     from cxr_transfer.validation.run import ValidateSettings
+    from cxr_transfer.validation.shift import ShiftSettings
 
     return {"backbone": BackboneSettings, "extract": ExtractSettings, "engine": EngineSettings,
             "onnx": InputSpec, "compare": CompareSettings, "validate": ValidateSettings,
-            "finetune": FinetuneSettings, "audit": AuditSettings, "tracking": TrackingSettings}
+            "finetune": FinetuneSettings, "audit": AuditSettings, "tracking": TrackingSettings,
+            "shift": ShiftSettings}
 
 
 def _tracking(mlflow: str | bool | None, experiment: str | None) -> TrackingSettings:
@@ -550,6 +553,46 @@ def validate(data: str | Path, external: str | Path, backbones: str = "vgg16", h
                              f"run_name={run_name!r}": run_name is not None})
     tracking = _tracking(mlflow, experiment)
     result = evaluate_validate(settings) if out_dir is None else run_validate(settings, out_dir, run_name)
+    if tracking.enabled:
+        track_result(result, tracking)
+    return result
+
+
+@path_arguments("data", "target", "model", "out_dir")
+def shift_check(data: str | Path, target: str | Path, backbone: str = "vgg16", *, model: str | Path | None = None,
+                out_dir: str | Path | None = None, run_name: str | None = None, mlflow: str | bool | None = None,
+                experiment: str | None = None, common: BackboneSettings | None = None,
+                **options: Any) -> ShiftResult:
+    """Will a model trained on ``data`` work on the images of ``target`` (no labels needed)?
+
+    Two-sample tests of TRAIN vs TARGET on cached embeddings (domain classifier AUC and MMD, permutation
+    p-values, ``shift_detected`` at ``alpha``), per-subgroup shift (``subgroups``: TARGET manifest columns),
+    TARGET ranked by atypicality and, with ``model`` (a head saved by compare or validate ``save``; its own
+    backbone and weights are used), the expected accuracy by ATC and DoC with bootstrap intervals, calibrated on
+    TRAIN out-of-fold predictions (the head's estimator refitted in patient-grouped folds). Returns the
+    ``ShiftResult`` (``results`` is results.json's content, ``summary_lines()`` what the CLI prints); the run
+    folder (report.md, results.json, record.json, atypical.png, atypical.csv) is written only with ``out_dir``.
+    Stage keywords: those of ``ShiftSettings`` (subgroups, alpha, permutations, folds, n_boot, top, seed) and
+    ``batch_size``. ``mlflow`` / ``experiment``: as in ``compare`` (the tests in the parent run, one child run per
+    accuracy estimator).
+    """
+    from cxr_transfer.extract.pipeline import ExtractSettings
+    from cxr_transfer.tracking.mlflow_runs import track_result
+    from cxr_transfer.validation.shift import ShiftSettings, evaluate_shift, run_shift
+
+    backbone = names_argument("backbone", backbone)
+    extract_keywords = {f.name for f in fields(ExtractSettings)} | {f.name for f in fields(BackboneSettings)}
+    extract = ExtractSettings.from_options(common, **{k: options.pop(k) for k in list(options)
+                                                      if k in extract_keywords | {"weights"}})
+    unknown = sorted(set(options) - {f.name for f in fields(ShiftSettings)} - {"data", "target", "extract", "model"})
+    if unknown:
+        raise TypeError(f"unknown setting(s) {', '.join(unknown)} for shift_check")
+    registered, _ = _with_user_models(extract.common, backbone)
+    settings = ShiftSettings(data=Path(data), target=Path(target), extract=replace(extract, common=registered),
+                             model=Path(model) if model is not None else None, **options)
+    _needs_out_dir(out_dir, {f"run_name={run_name!r}": run_name is not None})
+    tracking = _tracking(mlflow, experiment)
+    result = evaluate_shift(settings) if out_dir is None else run_shift(settings, out_dir, run_name)
     if tracking.enabled:
         track_result(result, tracking)
     return result

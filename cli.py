@@ -18,7 +18,8 @@ from typing import Any, NamedTuple, NoReturn
 
 from cxr_transfer import api
 from cxr_transfer.core.errors import CxrError, Int8RefusedError
-from cxr_transfer.core.params import Interval, Options, param_info
+from cxr_transfer.core.params import Interval, Options, flag_of, param_info, parse_floats
+
 
 class Parser(argparse.ArgumentParser):
     """argparse with the house's one-line ``error: ...`` (exit status 2) for bad flags."""
@@ -40,12 +41,8 @@ def flag_type(constraint: Interval | Options | None, annotation: str):
     if isinstance(constraint, Options) and isinstance(constraint.values[0], int):
         return int
     if annotation.startswith("tuple"):
-        return _floats
+        return parse_floats
     return Path if "Path" in annotation and "str" not in annotation.split("|")[0] else str
-
-
-def flag_name(field: dataclasses.Field) -> str:
-    return param_info(field)["flag"] or "--" + field.name.replace("_", "-")   # n_jobs: --jobs, the rest dashed
 
 
 def add_settings_flags(group, cls: type, skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None,
@@ -57,7 +54,7 @@ def add_settings_flags(group, cls: type, skip: tuple[str, ...] = (), defaults: d
         if info is None or not info["cli"] or field.name in skip or (only and field.name not in only):
             continue
         default = (defaults or {}).get(field.name, field.default)
-        names = [flag_name(field)] + ([aliases[field.name]] if field.name in (aliases or {}) else [])
+        names = [flag_of(field)] + ([aliases[field.name]] if field.name in (aliases or {}) else [])
         if field.type in ("bool", bool):   # a flag that turns it on, or --no-NAME when it is on by default
             group.add_argument(*(["--no-" + names[0][2:]] if default else names), dest=field.name,
                                action="store_false" if default else "store_true",
@@ -71,10 +68,6 @@ def add_settings_flags(group, cls: type, skip: tuple[str, ...] = (), defaults: d
         group.add_argument(*names, dest=field.name, default=default, help=info["help"] + shown, metavar=metavar,
                            **({"nargs": "?", "const": True} if optional else
                               {"choices": choices, "type": flag_type(constraint, str(field.type))}))
-
-
-def _floats(text: str) -> tuple[float, ...]:   # --mean / --std: a comma list of numbers (argparse says if not)
-    return tuple(float(v) for v in text.split(",") if v.strip())
 
 
 def add_common_flags(parser: argparse.ArgumentParser, classes: dict[str, type], command: Command) -> None:
@@ -108,6 +101,8 @@ class Command(NamedTuple):
 
 
 STAGE_SKIP = ("data", "extract", "common", "rule")
+KEYWORD_FLAGS = ("out", "out_dir", "run_name", "conformal", "method", "overwrite", "external", "format", "audit",
+                 "target")
 COMMANDS: dict[str, Command] = {
     "backbones": Command("backbone_table", "list the backbone registry and where weights were found", data=False,
                          common=False, batch_size=None),
@@ -124,6 +119,8 @@ COMMANDS: dict[str, Command] = {
     "explain": Command("explain_images", "heatmaps of what a saved head or fine-tuned model looks at", data=False),
     "validate": Command("validate", "internal vs external validation: subgroups, calibration, conformal sets",
                         stage="validate", skip=("external",), tracking=True),
+    "shift": Command("shift_check", "will it work on my X-rays? shift tests and label-free accuracy estimates for "
+                                    "a target folder", stage="shift", skip=("target", "model"), tracking=True),
     "export": Command("export_embeddings", "cached embeddings as Parquet or .npy, readable by pandas, Spark and Ray"),
     "export-model": Command("export_model", "a saved head + backbone (or a fine-tuned model) as one ONNX file, "
                             "with its model card", data=False, batch_size=None),
@@ -136,8 +133,8 @@ def add_command_flags(p: argparse.ArgumentParser, name: str) -> None:
     if name in ("predict", "explain"):
         p.add_argument("images", type=Path, help="an image file or a folder of images")
     if name in ("predict", "explain", "export-model"):
-        p.add_argument("--model", type=Path, required=True, help="a .joblib head saved by compare or validate (--save)"
-                       + ", a finetune run folder" + ("" if name == "export-model" else " or an export-model .onnx file"))
+        p.add_argument("--model", type=Path, required=True, help="a .joblib head saved by compare or validate "
+                       "(--save), a finetune run folder" + ("" if name == "export-model" else ", an export-model file"))
     if name in ("predict", "explain", "export", "report", "export-model"):
         p.add_argument("--out", type=Path, required=name.startswith("export"),
                        default=Path("runs") / "side-by-side.md" if name == "report" else None,
@@ -145,19 +142,22 @@ def add_command_flags(p: argparse.ArgumentParser, name: str) -> None:
     if name in ("explain", "export"):
         p.add_argument("--overwrite", action="store_true", help="replace an earlier run's output in --out")
     if name == "predict":
-        p.add_argument("--conformal", type=float, default=None, metavar="ALPHA",
-                       help="add a 'set' column: the conformal prediction set at miscoverage ALPHA (heads saved by "
-                            "validate --save with the same --alpha)")
+        p.add_argument("--conformal", type=float, default=None, metavar="ALPHA", help="add a 'set' column: the "
+                       "conformal prediction set at miscoverage ALPHA (validate --save heads of that --alpha)")
     if name == "explain":
         p.add_argument("--method", choices=("auto", "cam", "occlusion", "gradcam"), default="auto",
                        help="auto: exact CAM for linear heads, occlusion for other heads, Grad-CAM for fine-tuned")
-    if name in ("compare", "validate"):
+    if name in ("compare", "validate", "shift"):
         p.add_argument("--out", dest="out_dir", type=Path, default=Path("runs"), help="folder for run folders")
         p.add_argument("--name", dest="run_name", default=None, help="run folder name (default: KIND-TIMESTAMP-...)")
     if name == "validate":
-        p.add_argument("--external", type=Path, required=True,
-                       help="external dataset folder or CSV (never trained or tuned on); its manifest's extra "
-                            "columns can be subgroups")
+        p.add_argument("--external", type=Path, required=True, help="external dataset folder or CSV (never "
+                       "trained or tuned on); its manifest's extra columns can be subgroups")
+    if name == "shift":
+        p.add_argument("--target", type=Path, required=True, help="the images to check (class folders only score "
+                       "the estimates; a manifest.csv gives --subgroups)")
+        p.add_argument("--model", type=Path, help="a .joblib head saved by compare or validate (--save): its "
+                       "expected accuracy on the target (ATC, DoC), on its own backbone")
     if name == "export":
         p.add_argument("--format", choices=("parquet", "npy"), default="parquet",
                        help="parquet (one file, default) or npy (a folder)")
@@ -205,9 +205,8 @@ def api_arguments(name: str, args: argparse.Namespace) -> tuple[list[Any], dict[
         return [args.runs], {"out": args.out, "head": args.head}
     positionals = [args.images, args.model] if name in ("predict", "explain") else [args.model] \
         if name == "export-model" else [args.data or api.default_location("data")]
-    keywords: dict[str, Any] = {key: values[key] for key in ("out", "out_dir", "run_name", "conformal", "method",
-                                                             "overwrite", "external", "format", "audit")
-                               if key in values}
+    keywords: dict[str, Any] = {key: values[key] for key in KEYWORD_FLAGS + (("model",) if name == "shift" else ())
+                                if key in values}
     if command.stage == "engine":
         keywords["engine"] = engine_settings(args)
     elif command.stage:
@@ -267,7 +266,7 @@ def error_line(exc: CxrError) -> str:
     and every parameter of an API function or settings field in backticks (`` `run_name` `` -> ``--name``)."""
     functions = [getattr(api, c.function) for c in COMMANDS.values()] + [api.register_onnx_backbones]
     flags = {p: "--" + p.replace("_", "-") for f in functions for p in inspect.signature(f).parameters} | FLAGS
-    flags |= {f.name: flag_name(f) for cls in api.settings_classes().values() for f in dataclasses.fields(cls)
+    flags |= {f.name: flag_of(f) for cls in api.settings_classes().values() for f in dataclasses.fields(cls)
               if param_info(f)}
     text, parameter = str(exc), getattr(exc, "param", None)
     if parameter and text.startswith(parameter):

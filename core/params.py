@@ -162,6 +162,16 @@ def param_info(field: dataclasses.Field) -> dict[str, Any] | None:
     return field.metadata.get("param")
 
 
+def flag_of(field: dataclasses.Field) -> str:
+    """The command-line flag of a ``param`` field: its own ``flag`` (n_jobs: --jobs), else the name dashed."""
+    return param_info(field)["flag"] or "--" + field.name.replace("_", "-")
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    """A tuple-of-floats field from its command-line text: a comma list of numbers (--mean 0.5,0.5,0.5)."""
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
 def check_value(name: str, value: Any, constraint: Constraint | None, none_means: str = "") -> Any:
     """``value`` checked against ``constraint`` (TypeError for a wrong type, CxrError(param=name) for a value
     out of bounds), returned as a plain Python int/float/str."""

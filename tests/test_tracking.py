@@ -252,3 +252,28 @@ def test_a_real_mlflow_server_receives_the_runs(base, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
+
+
+def test_shift_logs_its_tests_and_one_child_per_accuracy_estimator(base, tmp_path):
+    """shift --mlflow: the two-sample tests in the parent run, each label-free estimate (with its interval and the
+    target's true accuracy from its class folders) in a child run, the run folder as artifacts."""
+    saved = _compare(base, tmp_path / "runs", save=True).run_dir / "mobilenetv2-logreg.joblib"
+    target = write_class_tree(tmp_path / "target", per_class=4, seed=900)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    result = cxr_transfer.shift_check(base / "xrays" / "train", target, "mobilenetv2", model=saved, permutations=19,
+                                      n_boot=100, folds=2, out_dir=tmp_path / "runs", cache_dir=base / "cache",
+                                      mlflow=uri, **{k: v for k, v in TINY.items() if k != "n_jobs"})
+    assert result.tracking[-1].startswith("mlflow: run ") and result.tracking[-1] in result.summary_lines()
+    parent, children = _runs(uri, "train")
+    assert parent.data.metrics["domain_auc"] == pytest.approx(result.results["domain_auc"])
+    assert parent.data.metrics["shift_detected"] == float(result.shift_detected)
+    assert parent.data.params["target_fingerprint"] == result.record["target_fingerprint"]
+    estimates = {c.data.tags["cxr.estimator"]: c.data.metrics for c in children}
+    assert set(estimates) == {k for k, v in result.results["estimated_accuracy"].items() if isinstance(v, dict)}
+    for method, metrics in estimates.items():
+        expected = result.results["estimated_accuracy"][method]
+        assert metrics["estimated_accuracy"] == pytest.approx(expected["value"])
+        assert metrics["estimated_accuracy_ci_low"] <= metrics["estimated_accuracy"] <= metrics[
+            "estimated_accuracy_ci_high"]
+        assert metrics["target_accuracy"] == pytest.approx(result.results["target_accuracy"]["value"])
+    assert "report.md" in {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id)}

@@ -36,6 +36,7 @@ from cxr_transfer.core.version import __version__
 from cxr_transfer.finetune.report import HISTORY_CSV
 from cxr_transfer.tracking.pyfunc_model import HeadFile, log_head_model
 from cxr_transfer.validation.run import ValidateResult
+from cxr_transfer.validation.shift import ShiftResult
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,34 @@ def finetune_runs(run_dir: str | Path) -> tuple[RunLog, list[RunLog]]:
     return parent, [child]
 
 
+def shift_runs(result: ShiftResult) -> tuple[RunLog, list[RunLog]]:
+    """The parent (the two-sample tests: domain AUC and p, MMD p, shift_detected as 1/0) and, with a model, one
+    child per label-free accuracy estimator (its value and interval, and the target's true accuracy when the
+    target's folders name classes, for scoring the estimate only)."""
+    record, settings, results = result.record, result.settings, result.results
+    params = {**_common_params(record, "shift"), "alpha": settings.alpha, "permutations": settings.permutations,
+              "data_fingerprint": record.get("train_fingerprint"), "target": str(settings.target),
+              "target_fingerprint": record.get("target_fingerprint"), "n_train": record.get("n_train"),
+              "n_target": record.get("n_target"), "model": str(settings.model) if settings.model else None}
+    parent = RunLog("shift", params, {"cxr.command": "shift"})
+    for key in ("domain_auc", "domain_p", "mmd2", "mmd_p"):
+        if _number(results.get(key)) is not None:
+            parent.metrics[key] = float(results[key])
+    parent.metrics["shift_detected"] = float(bool(results.get("shift_detected")))
+    estimates, truth = results.get("estimated_accuracy") or {}, results.get("target_accuracy") or {}
+    children = []
+    for method, estimate in estimates.items():
+        if not isinstance(estimate, dict) or _number(estimate.get("value")) is None:
+            continue
+        child = RunLog(f"estimate {method}", {"estimator": estimate.get("method"), "model": params["model"]},
+                       {"cxr.estimator": method})
+        child.metrics.update(interval_metrics("estimated_accuracy", estimate))
+        if _number(truth.get("value")) is not None:
+            child.metrics["target_accuracy"] = float(truth["value"])
+        children.append(child)
+    return parent, children
+
+
 def dataset_name(data: str | Path) -> str:
     """The default experiment: the dataset folder's name (a CSV's file name without its suffix)."""
     path = Path(data).expanduser().resolve()
@@ -416,7 +445,7 @@ def log_runs(tracking: TrackingSettings, parent: RunLog, children: list[RunLog],
 
 
 ADAPTERS: dict[type, Callable[[Any], tuple[RunLog, list[RunLog]]]] = {
-    CompareResult: compare_runs, ValidateResult: validate_runs}
+    CompareResult: compare_runs, ValidateResult: validate_runs, ShiftResult: shift_runs}
 """The result types ``track_result`` logs, each with its adapter. Another command (shift, ...) is added by
 writing ``<command>_runs(result) -> (parent, children)`` and an entry here; its result needs ``settings.data``,
 ``run_dir`` and a ``tracking: list[str]`` field that its ``summary_lines()`` prints, and its api function calls
