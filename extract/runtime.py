@@ -89,7 +89,7 @@ def rgb_array(images: np.ndarray) -> np.ndarray:
 def embed_pixels(embedder: OnnxEmbedder, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """Embeddings of images in memory (``rgb_array``): each stretched to the backbone's input with the same
     rule as image files (``images.resize_square``), in batches -> float32 (N, feature_dim). Used by
-    ``embed_images`` and by the MLflow model of a saved head (``tracking/pyfunc_model.py``)."""
+    ``embed_images``."""
     images = rgb_array(images)
     size = embedder.input_size
     if len(images) == 0:

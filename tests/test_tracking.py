@@ -22,6 +22,8 @@ import cxr_transfer
 from cxr_transfer import cli
 from cxr_transfer.classify.saved_model import load_head
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.settings import BackboneSettings
+from cxr_transfer.extract.pipeline import ExtractSettings
 from cxr_transfer.tracking import mlflow_runs
 from cxr_transfer.tracking.pyfunc_model import HeadFile, log_head_model
 from testkit.synthetic import write_class_tree
@@ -99,8 +101,12 @@ def test_compare_logs_a_parent_run_its_child_runs_and_saved_heads_as_models(base
     assert (Path(local) / "input_example.json").is_file() or any(Path(local).glob("*example*"))
     with pytest.raises(Exception, match="uint8|dtype|type"):   # the signature: uint8 pixels only
         model.predict(images.astype(np.float64))
-    gone = HeadFile(result.run_dir / "mobilenetv2-logreg.joblib", tmp_path / "empty-cache")   # export removed
-    assert log_head_model(client, child, gone) == f"the mobilenetv2 ONNX export is not in {gone.cache_dir} any more"
+    assert {a.path for a in client.list_artifacts(child, "models/mobilenetv2-logreg/artifacts")} == {
+        "models/mobilenetv2-logreg/artifacts/mobilenetv2-logreg.onnx",   # the single file of export-model
+        "models/mobilenetv2-logreg/artifacts/mobilenetv2-logreg.model-card.md"}
+    settings = ExtractSettings(BackboneSettings(random_weights=True, cache_dir=base / "cache"))
+    gone = HeadFile(result.run_dir / "missing.joblib", settings)   # a head export-model refuses: the reason
+    assert log_head_model(client, child, gone) == f"{gone.path}: no such model file"
 
 
 def test_validate_logs_internal_and_external_values_ece_and_coverage(base, tmp_path):

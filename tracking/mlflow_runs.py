@@ -191,7 +191,7 @@ def compare_runs(result: CompareResult) -> tuple[RunLog, list[RunLog]]:
                     child.steps.setdefault(f"split_{name}", []).append(float(value))
         head_file = saved.get(f"{row['backbone']}-{row['model']}")
         if head_file is not None:
-            child.heads.append(HeadFile(head_file, Path(settings.extract.cache_dir)))
+            child.heads.append(HeadFile(head_file, settings.extract))
         children.append(child)
     return parent, children
 
@@ -242,7 +242,7 @@ def validate_runs(result: ValidateResult) -> tuple[RunLog, list[RunLog]]:
         child.metrics["fit_seconds"] = model.seconds
         head_file = saved.get(f"{model.backbone}-{model.head}")
         if head_file is not None:
-            child.heads.append(HeadFile(head_file, Path(settings.extract.cache_dir)))
+            child.heads.append(HeadFile(head_file, settings.extract))
         children.append(child)
     return parent, children
 
