@@ -163,7 +163,7 @@ class ValidateResult:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def _training_pool(dataset: Dataset) -> Dataset:
+def training_pool(dataset: Dataset) -> Dataset:
     """TRAIN's ``train/`` split when it has one, else every image."""
     return dataset.subset("train") if any(s.split == "train" for s in dataset.samples) else dataset
 
@@ -594,14 +594,14 @@ def _flags(models: list[ModelResult]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- run
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """``value`` with every nan (an undefined metric) as None, so results.json is strict JSON."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -624,7 +624,7 @@ def evaluate_validate(settings: ValidateSettings) -> ValidateResult:
     heads = parse_head_list(settings.heads)
     notes: list[str] = []
     full = load_dataset(settings.data)
-    pool = _training_pool(full)
+    pool = training_pool(full)
     external = load_dataset(settings.external)
     class_names = list(pool.class_names)
     unknown = sorted(set(external.class_names) - set(class_names))
@@ -772,7 +772,7 @@ def write_validate_run(result: ValidateResult, out_dir: str | Path, run_name: st
             if settings.explain:
                 record["explain"] = explain_errors(run_dir, result)
             write_json(run_dir / "record.json", record)
-            write_json(run_dir / "results.json", _json_safe({
+            write_json(run_dir / "results.json", json_safe({
                 "kind": "validate", "class_names": class_names, "record": record, "verdict": result.verdict,
                 "notes": result.notes, "warnings": result.warnings, "overlap": result.overlap,
                 "flagged_subgroups": result.flagged, "models": [m.as_dict() for m in result.models]}))

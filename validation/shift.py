@@ -54,7 +54,7 @@ from cxr_transfer.extract.duplicates import hash_cache_path
 from cxr_transfer.extract.images import ImageDecodeError, is_image_file, read_rgb
 from cxr_transfer.extract.pipeline import ExtractSettings, align_feature_sets, load_features
 from cxr_transfer.validation.accuracy_estimates import METHOD_WORDS, estimate_accuracy
-from cxr_transfer.validation.run import (DUPLICATE_RULE_BACKBONE, _json_safe, _training_pool, overlap_words,
+from cxr_transfer.validation.run import (DUPLICATE_RULE_BACKBONE, json_safe, training_pool, overlap_words,
                                          train_overlap)
 from cxr_transfer.validation.two_sample import (
     DEFAULT_PERMUTATIONS,
@@ -208,7 +208,7 @@ def evaluate_shift(settings: ShiftSettings) -> ShiftResult:
     notes: list[str] = []
     warnings: list[str] = []
     full = load_dataset(settings.data)
-    pool = _training_pool(full)
+    pool = training_pool(full)
     if len(pool.class_names) < 2:
         raise CxrError(f"{pool.root}: TRAIN has one class ({pool.class_names[0]}); the head and its out-of-fold "
                        f"calibration need at least two classes", param="data")
@@ -454,7 +454,7 @@ def write_shift_run(result: ShiftResult, out_dir: str | Path, run_name: str | No
     try:
         with run_in_progress(run_dir, "shift"):
             write_json(run_dir / "record.json", result.record)
-            write_json(run_dir / "results.json", _json_safe({**result.results, "verdict": result.verdict,
+            write_json(run_dir / "results.json", json_safe({**result.results, "verdict": result.verdict,
                                                              "notes": result.notes, "warnings": result.warnings,
                                                              "record": result.record}))
             with open(run_dir / RANKING_CSV, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
