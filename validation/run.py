@@ -594,6 +594,21 @@ def _flags(models: list[ModelResult]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- run
 
 
+def patient_groups(full: Dataset, train: Dataset, group_by: str, duplicate_embeddings: np.ndarray | None,
+                   merge_duplicates: bool, cache_dir: str | Path) -> tuple[np.ndarray, list[str]]:
+    """TRAIN's groups for folds, permutations and bootstrap: its ``group_by`` ids, joined over near-duplicate
+    radiographs by the audit rule unless ``merge_duplicates`` is off (``duplicate_embeddings``: the
+    ``DUPLICATE_RULE_BACKBONE`` embeddings of ``train``'s samples in order, or None for pHash alone). Returns
+    (groups, the joined groups in words)."""
+    groups = resolve_groups(train, group_by, merge_duplicates=False)
+    if not merge_duplicates:
+        return groups, []
+    embeddings = (None if duplicate_embeddings is None
+                  else {s.sha256: duplicate_embeddings[i] for i, s in enumerate(train.samples)})
+    found = duplicate_aware_groups(train, groups, embeddings, hash_cache_path(full, cache_dir))
+    return found.groups, found.merged
+
+
 def json_safe(value: Any) -> Any:
     """``value`` with every nan (an undefined metric) as None, so results.json is strict JSON."""
     if isinstance(value, float) and math.isnan(value):
@@ -684,19 +699,14 @@ def evaluate_validate(settings: ValidateSettings) -> ValidateResult:
     clusters = groups = None
     merged: list[str] = []
     if group_by:
-        groups = resolve_groups(train, group_by, merge_duplicates=False)
+        vgg = arrays.get(DUPLICATE_RULE_BACKBONE)
+        groups, merged = patient_groups(full, train, group_by, vgg, settings.merge_duplicates,
+                                        settings.extract.cache_dir)
         clusters = groups
-        if settings.merge_duplicates:
-            vgg = arrays.get(DUPLICATE_RULE_BACKBONE)
-            embeddings = {s.sha256: vgg[i] for i, s in enumerate(samples)} if vgg is not None else None
-            found = duplicate_aware_groups(train, groups, embeddings,
-                                           hash_cache_path(full, settings.extract.cache_dir))
-            groups = clusters = found.groups
-            merged = found.merged
-            if merged:
-                notes.append(f"{len(merged)} group(s) joined patients that share a near-duplicate radiograph "
-                             f"(audit rule{'' if embeddings else ', pHash alone'}): {'; '.join(merged[:5])}"
-                             + (" ..." if len(merged) > 5 else ""))
+        if merged:
+            notes.append(f"{len(merged)} group(s) joined patients that share a near-duplicate radiograph "
+                         f"(audit rule{'' if vgg is not None else ', pHash alone'}): {'; '.join(merged[:5])}"
+                         + (" ..." if len(merged) > 5 else ""))
     watch.lap("groups_and_duplicates")
     # again on the images embedded and the groups merged: skipped images or joined patients can shrink them
     check_sizes(y, groups, settings.folds, settings.alpha, settings.seed, class_names, heads, settings.calibrate)

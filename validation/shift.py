@@ -38,9 +38,8 @@ from threadpoolctl import threadpool_limits
 
 from cxr_transfer.classify.bootstrap import wilson_interval
 from cxr_transfer.classify.conformal import ConformalHead
-from cxr_transfer.classify.duplicate_groups import duplicate_aware_groups
 from cxr_transfer.classify.predict import check_weights, unlabeled_dataset
-from cxr_transfer.classify.protocols import cv_splits, resolve_groups
+from cxr_transfer.classify.protocols import cv_splits
 from cxr_transfer.classify.results import evaluate_then_write, images_fingerprint, run_folder_error
 from cxr_transfer.classify.saved_model import SavedFinetuned, load_saved_model
 from cxr_transfer.core.errors import CxrError
@@ -50,12 +49,11 @@ from cxr_transfer.core.plotting import subplots
 from cxr_transfer.core.record import Stopwatch, run_record, write_json
 from cxr_transfer.core.tables import markdown_table
 from cxr_transfer.extract.dataset import Dataset, load_dataset
-from cxr_transfer.extract.duplicates import hash_cache_path
 from cxr_transfer.extract.images import ImageDecodeError, is_image_file, read_rgb
 from cxr_transfer.extract.pipeline import ExtractSettings, align_feature_sets, load_features
 from cxr_transfer.validation.accuracy_estimates import METHOD_WORDS, estimate_accuracy
-from cxr_transfer.validation.run import (DUPLICATE_RULE_BACKBONE, json_safe, training_pool, overlap_words,
-                                         train_overlap)
+from cxr_transfer.validation.run import (DUPLICATE_RULE_BACKBONE, json_safe, overlap_words, patient_groups,
+                                         train_overlap, training_pool)
 from cxr_transfer.validation.two_sample import (
     DEFAULT_PERMUTATIONS,
     auc_score,
@@ -269,11 +267,8 @@ def evaluate_shift(settings: ShiftSettings) -> ShiftResult:
     train = Dataset(pool.root, train_samples, class_names, pool.has_groups)
     groups = None
     if pool.has_groups:
-        groups = resolve_groups(train, "patient_id", merge_duplicates=False)
-        vgg = train_arrays.get(f"0:{DUPLICATE_RULE_BACKBONE}")
-        embeddings = {s.sha256: vgg[i] for i, s in enumerate(train_samples)} if vgg is not None else None
-        groups = duplicate_aware_groups(train, groups, embeddings,
-                                        hash_cache_path(full, settings.extract.cache_dir)).groups
+        groups = patient_groups(full, train, "patient_id", train_arrays.get(f"0:{DUPLICATE_RULE_BACKBONE}"), True,
+                                settings.extract.cache_dir)[0]
     else:
         notes.append("TRAIN has no patient ids: folds, permutations and bootstrap treat every image as a patient")
     target_groups = (np.array([s.group for s in target_samples])
@@ -294,8 +289,7 @@ def evaluate_shift(settings: ShiftSettings) -> ShiftResult:
     target_scores = domain.scores[n_train:]
     distance = nearest_train_distance(pooled)
 
-    subgroup_rows = _subgroups(settings, target, target_samples, pooled, domain.scores, kernel,
-                                                notes)
+    subgroup_rows = _subgroups(settings, target, target_samples, pooled, domain.scores, kernel, notes)
     watch.lap("subgroups")
 
     results: dict[str, Any] = {
