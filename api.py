@@ -375,21 +375,26 @@ def export_embeddings(data: str | Path, backbone: str = "vgg16", *, out: str | P
     return export_table(data, out, replace(settings, common=registered), format, overwrite)
 
 
-def _workflow_settings(cls: type, name: str, common: BackboneSettings | None, backbones: str, heads: str,
-                       options: dict[str, Any], **given: Any) -> Any:
-    """Compare's or validate's settings from flat keywords: the extraction keywords go to ``ExtractSettings``
-    (the backbone list's user ONNX models registered), the rest to ``cls``; an unknown keyword is a TypeError."""
+def _workflow_settings(cls: type, name: str, common: BackboneSettings | None, backbones: str,
+                       options: dict[str, Any], *, backbones_param: str = "backbones", heads: str | None = None,
+                       **given: Any) -> Any:
+    """A workflow's settings (compare, validate, shift) from flat keywords: the extraction keywords go to
+    ``ExtractSettings`` (the backbone list's user ONNX models registered, the first as its backbone), the rest
+    to ``cls``, with ``backbones`` and ``heads`` when given ``heads``; an unknown keyword is a TypeError."""
     from cxr_transfer.extract.pipeline import ExtractSettings
 
-    backbones, heads = names_argument("backbones", backbones), names_argument("heads", heads)   # arguments first
+    backbones = names_argument(backbones_param, backbones)   # arguments first
+    lists = {} if heads is None else {"heads": names_argument("heads", heads)}
     extract_keywords = {f.name for f in fields(ExtractSettings)} | {f.name for f in fields(BackboneSettings)}
     extract = ExtractSettings.from_options(common, **{k: options.pop(k) for k in list(options)
                                                       if k in extract_keywords | {"weights"}})
-    unknown = sorted(set(options) - {f.name for f in fields(cls)} - {"data", "external", "extract"})
+    unknown = sorted(set(options) - {f.name for f in fields(cls)} - {"data", "external", "target", "model", "extract"})
     if unknown:
         raise TypeError(f"unknown setting(s) {', '.join(unknown)} for {name}")
     registered, backbones = _with_user_models(extract.common, backbones)
-    return cls(extract=replace(extract, common=registered), backbones=backbones, heads=heads, **given, **options)
+    if lists:
+        lists["backbones"] = backbones
+    return cls(extract=replace(extract, common=registered), **lists, **given, **options)
 
 
 @path_arguments("data", "out_dir")
@@ -413,7 +418,8 @@ def compare(data: str | Path, backbones: str = "vgg16", heads: str = "all", *, o
     from cxr_transfer.extract.registry import parse_backbone_list
     from cxr_transfer.tracking.mlflow_runs import track_result
 
-    settings = _workflow_settings(CompareSettings, "compare", common, backbones, heads, options, data=Path(data))
+    settings = _workflow_settings(CompareSettings, "compare", common, backbones, options, heads=heads,
+                                  data=Path(data))
     parse_backbone_list(settings.backbones)
     _needs_out_dir(out_dir, {"save=True": settings.save, f"run_name={run_name!r}": run_name is not None})
     tracking = _tracking(mlflow, experiment)
@@ -547,8 +553,8 @@ def validate(data: str | Path, external: str | Path, backbones: str = "vgg16", h
     from cxr_transfer.tracking.mlflow_runs import track_result
     from cxr_transfer.validation.run import ValidateSettings, evaluate_validate, run_validate
 
-    settings = _workflow_settings(ValidateSettings, "validate", common, backbones, heads, options, data=Path(data),
-                                  external=Path(external))
+    settings = _workflow_settings(ValidateSettings, "validate", common, backbones, options, heads=heads,
+                                  data=Path(data), external=Path(external))
     _needs_out_dir(out_dir, {"save=True": settings.save, f"explain={settings.explain}": bool(settings.explain),
                              f"run_name={run_name!r}": run_name is not None})
     tracking = _tracking(mlflow, experiment)
@@ -576,20 +582,12 @@ def shift_check(data: str | Path, target: str | Path, backbone: str = "vgg16", *
     ``batch_size``. ``mlflow`` / ``experiment``: as in ``compare`` (the tests in the parent run, one child run per
     accuracy estimator).
     """
-    from cxr_transfer.extract.pipeline import ExtractSettings
     from cxr_transfer.tracking.mlflow_runs import track_result
     from cxr_transfer.validation.shift import ShiftSettings, evaluate_shift, run_shift
 
-    backbone = names_argument("backbone", backbone)
-    extract_keywords = {f.name for f in fields(ExtractSettings)} | {f.name for f in fields(BackboneSettings)}
-    extract = ExtractSettings.from_options(common, **{k: options.pop(k) for k in list(options)
-                                                      if k in extract_keywords | {"weights"}})
-    unknown = sorted(set(options) - {f.name for f in fields(ShiftSettings)} - {"data", "target", "extract", "model"})
-    if unknown:
-        raise TypeError(f"unknown setting(s) {', '.join(unknown)} for shift_check")
-    registered, _ = _with_user_models(extract.common, backbone)
-    settings = ShiftSettings(data=Path(data), target=Path(target), extract=replace(extract, common=registered),
-                             model=Path(model) if model is not None else None, **options)
+    settings = _workflow_settings(ShiftSettings, "shift_check", common, backbone, options,
+                                  backbones_param="backbone", data=Path(data), target=Path(target),
+                                  model=Path(model) if model is not None else None)
     _needs_out_dir(out_dir, {f"run_name={run_name!r}": run_name is not None})
     tracking = _tracking(mlflow, experiment)
     result = evaluate_shift(settings) if out_dir is None else run_shift(settings, out_dir, run_name)
