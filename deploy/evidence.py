@@ -209,4 +209,5 @@ def _audit_summary(payload: dict[str, Any], path: Path) -> dict[str, Any]:
                                                             "skipped")},
             "pixel_shortcuts": {"chance": pixels.get("chance"), "separable_without_lungs":
                                 pixels.get("separable_without_lungs"), "skipped": pixels.get("skipped"),
-                                "accuracy": {name: (s.get("accuracy") or {}).get("mean") for name, s in scores.items()}}}
+                                "accuracy": {name: (s.get("accuracy") or {}).get("mean")
+                                             for name, s in scores.items()}}}

@@ -192,7 +192,8 @@ def _calibration(evidence: dict[str, Any] | None) -> list[str]:
                      f"external {_f(conf.get('external_coverage'))} (mean set size "
                      f"{_f(conf.get('external_mean_set_size'), 2)})")
         if conf.get("min_probability") is not None:
-            lines.append(f"- Conformal threshold: {conf['rule'].replace('min_probability', _f(conf['min_probability'], 4))}")
+            threshold = _f(conf["min_probability"], 4)
+            lines.append(f"- Conformal threshold: {conf['rule'].replace('min_probability', threshold)}")
     return lines + [""]
 
 
