@@ -38,13 +38,12 @@ from cxr_transfer.classify.results import (
     Evaluation,
     evaluate_then_write,
     images_fingerprint,
-    run_folder_error,
     save_results,
+    writing_run_folder,
 )
 from cxr_transfer.classify.saved_model import save_head
 from cxr_transfer.core.params import COUNT, FOLDS, FRACTION, JOBS, SEED, Options, check_params, names_argument, param
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.outputs import new_run_dir, run_in_progress
 from cxr_transfer.core.record import run_record, write_json
 from cxr_transfer.extract.dataset import Dataset, load_dataset
 from cxr_transfer.extract.pipeline import ExtractSettings, FeatureSet, align_feature_sets, load_features
@@ -343,24 +342,20 @@ def write_compare_run(result: CompareResult, out_dir: str | Path, run_name: str 
     ``compare-<protocol>-<time>-<random>``): report.md, results.json, results.csv, comparisons.json, plots,
     record.json and, with ``save``, one ``<backbone>-<head>.joblib`` per head. Sets ``result.run_dir``."""
     settings, record = result.settings, dict(result.record)
-    run_dir = new_run_dir(out_dir, run_dir_prefix(settings), run_name)
-    try:
-        with run_in_progress(run_dir, "compare"):   # a run killed before its end is seen as incomplete
-            if settings.save:
-                record["saved_models"] = []
-                for fitted in result.heads:
-                    parts = list(record["extraction"]) if fitted.backbone == CONCAT_NAME else [fitted.backbone]
-                    path = save_head(run_dir / f"{fitted.backbone}-{fitted.head}.joblib", fitted.model,
-                                     result.class_names, [{"backbone": p, **record["extraction"][p]} for p in parts],
-                                     {"trained_on": record["evaluated_fingerprint"],
-                                      "n_train": record["evaluated_images"], "head": fitted.head,
-                                      "seed": settings.seed, "tune": settings.tune, "dataset": record["dataset_root"]})
-                    record["saved_models"].append(str(path))
-            write_json(run_dir / "record.json", record)
-            save_results(run_dir, "compare", result.class_names, record, result.evaluations, result.summary)
-            write_compare_report(run_dir, result.class_names, result.evaluations, result.summary, record)
-    except OSError as exc:
-        raise run_folder_error(run_dir, exc) from None
+    with writing_run_folder(out_dir, run_dir_prefix(settings), run_name, "compare") as run_dir:
+        if settings.save:
+            record["saved_models"] = []
+            for fitted in result.heads:
+                parts = list(record["extraction"]) if fitted.backbone == CONCAT_NAME else [fitted.backbone]
+                path = save_head(run_dir / f"{fitted.backbone}-{fitted.head}.joblib", fitted.model,
+                                 result.class_names, [{"backbone": p, **record["extraction"][p]} for p in parts],
+                                 {"trained_on": record["evaluated_fingerprint"],
+                                  "n_train": record["evaluated_images"], "head": fitted.head,
+                                  "seed": settings.seed, "tune": settings.tune, "dataset": record["dataset_root"]})
+                record["saved_models"].append(str(path))
+        write_json(run_dir / "record.json", record)
+        save_results(run_dir, "compare", result.class_names, record, result.evaluations, result.summary)
+        write_compare_report(run_dir, result.class_names, result.evaluations, result.summary, record)
     result.run_dir = run_dir
     return run_dir
 

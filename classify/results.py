@@ -12,14 +12,15 @@ compare on the same images exactly when their fingerprints are equal.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from cxr_transfer.core.errors import CxrError
 from cxr_transfer.core.hashing import sha256_strings
 from cxr_transfer.core.io import cannot_write_error
-from cxr_transfer.core.outputs import check_run_name, incomplete_run, writable_folder
+from cxr_transfer.core.outputs import check_run_name, incomplete_run, new_run_dir, run_in_progress, writable_folder
 from cxr_transfer.core.record import write_json
 
 RESULTS_FILE = "results.json"
@@ -83,6 +84,19 @@ def run_folder_error(run_dir: Path, exc: OSError) -> CxrError:
     removed it): a full disk under --out, or why the folder refused the write."""
     return cannot_write_error(Path(run_dir).parent, exc, "output folder", flag="`out_dir`",
                               kept=f"the unfinished run folder {Path(run_dir).name} is removed")
+
+
+@contextmanager
+def writing_run_folder(out_dir: str | Path, prefix: str, run_name: str | None, kind: str) -> Iterator[Path]:
+    """A new run folder under ``out_dir`` (``run_name``, else ``<prefix>-<time>-<random>``), written inside
+    ``run_in_progress`` (a run killed before its end is seen as incomplete); a write that fails (a full disk,
+    a read-only folder) removes the folder and raises the one ``run_folder_error`` line."""
+    run_dir = new_run_dir(out_dir, prefix, run_name)
+    try:
+        with run_in_progress(run_dir, kind):
+            yield run_dir
+    except OSError as exc:
+        raise run_folder_error(run_dir, exc) from None
 
 
 def evaluate_then_write(evaluate: Callable[[Any], Any], write: Callable[[Any, Any, Any], Path], settings: Any,

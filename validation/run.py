@@ -60,10 +60,9 @@ from cxr_transfer.classify.conformal import (
 from cxr_transfer.classify.duplicate_groups import duplicate_aware_groups
 from cxr_transfer.classify.heads import get_head, make_head, parse_head_list
 from cxr_transfer.classify.protocols import Split, check_splittable, cv_splits, resolve_groups
-from cxr_transfer.classify.results import evaluate_then_write, images_fingerprint, run_folder_error
+from cxr_transfer.classify.results import evaluate_then_write, images_fingerprint, writing_run_folder
 from cxr_transfer.classify.saved_model import save_head
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.outputs import new_run_dir, run_in_progress
 from cxr_transfer.core.params import FOLDS, FRACTION, IMAGE_COUNT, JOBS, N_BOOT, Options, SEED, check_params, param
 from cxr_transfer.core.record import Stopwatch, run_record, write_json
 from cxr_transfer.explain.explainers import load_explainer
@@ -767,35 +766,31 @@ def write_validate_run(result: ValidateResult, out_dir: str | Path, run_name: st
     ``<backbone>-<head>.joblib`` per model, and with ``explain`` the heatmaps of the external errors. Sets
     ``result.run_dir``."""
     settings, class_names, record = result.settings, result.class_names, dict(result.record)
-    run_dir = new_run_dir(out_dir, "validate", run_name)
-    try:
-        with run_in_progress(run_dir, "validate"):   # heads of a run killed before its end are refused
-            if settings.save or settings.explain:   # explain needs the heads on disk
-                record["saved_models"] = []
-                for f in result.fitted:
-                    path = save_head(run_dir / f"{f.name}.joblib", f.model, class_names,
-                                     [{"backbone": f.backbone, **record["extraction"][f.backbone]}],
-                                     {"trained_on": record["train_fingerprint"], "n_train": record["n_train"],
-                                      "head": f.head, "seed": settings.seed, "dataset": record["train_root"],
-                                      "conformal_alpha": settings.alpha})
-                    record["saved_models"].append(str(path))
-            if settings.explain:
-                record["explain"] = explain_errors(run_dir, result)
-            write_json(run_dir / "record.json", record)
-            write_json(run_dir / "results.json", json_safe({
-                "kind": "validate", "class_names": class_names, "record": record, "verdict": result.verdict,
-                "notes": result.notes, "warnings": result.warnings, "overlap": result.overlap,
-                "flagged_subgroups": result.flagged, "models": [m.as_dict() for m in result.models]}))
-            write_external_predictions(run_dir / "external_predictions.csv", result.external_names,
-                                       [s.label for s in result.external_images], result.subgroup_values,
-                                       result.fitted, class_names)
-            write_report(run_dir, result.models, result.verdict, result.notes, class_names, record, settings,
-                         warnings=result.warnings, overlap=result.overlap, skipped=result.skipped)
-            if settings.explain:
-                with open(run_dir / "report.md", "a", encoding="utf-8") as handle:
-                    handle.write("\n" + explain_section(record["explain"]) + "\n")
-    except OSError as exc:
-        raise run_folder_error(run_dir, exc) from None
+    with writing_run_folder(out_dir, "validate", run_name, "validate") as run_dir:
+        if settings.save or settings.explain:   # explain needs the heads on disk
+            record["saved_models"] = []
+            for f in result.fitted:
+                path = save_head(run_dir / f"{f.name}.joblib", f.model, class_names,
+                                 [{"backbone": f.backbone, **record["extraction"][f.backbone]}],
+                                 {"trained_on": record["train_fingerprint"], "n_train": record["n_train"],
+                                  "head": f.head, "seed": settings.seed, "dataset": record["train_root"],
+                                  "conformal_alpha": settings.alpha})
+                record["saved_models"].append(str(path))
+        if settings.explain:
+            record["explain"] = explain_errors(run_dir, result)
+        write_json(run_dir / "record.json", record)
+        write_json(run_dir / "results.json", json_safe({
+            "kind": "validate", "class_names": class_names, "record": record, "verdict": result.verdict,
+            "notes": result.notes, "warnings": result.warnings, "overlap": result.overlap,
+            "flagged_subgroups": result.flagged, "models": [m.as_dict() for m in result.models]}))
+        write_external_predictions(run_dir / "external_predictions.csv", result.external_names,
+                                   [s.label for s in result.external_images], result.subgroup_values,
+                                   result.fitted, class_names)
+        write_report(run_dir, result.models, result.verdict, result.notes, class_names, record, settings,
+                     warnings=result.warnings, overlap=result.overlap, skipped=result.skipped)
+        if settings.explain:
+            with open(run_dir / "report.md", "a", encoding="utf-8") as handle:
+                handle.write("\n" + explain_section(record["explain"]) + "\n")
     result.run_dir = run_dir
     return run_dir
 

@@ -40,10 +40,9 @@ from cxr_transfer.classify.bootstrap import wilson_interval
 from cxr_transfer.classify.conformal import ConformalHead
 from cxr_transfer.classify.predict import check_weights, unlabeled_dataset
 from cxr_transfer.classify.protocols import cv_splits
-from cxr_transfer.classify.results import evaluate_then_write, images_fingerprint, run_folder_error
+from cxr_transfer.classify.results import evaluate_then_write, images_fingerprint, writing_run_folder
 from cxr_transfer.classify.saved_model import SavedFinetuned, load_saved_model
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.outputs import new_run_dir, run_in_progress
 from cxr_transfer.core.params import FOLDS, FRACTION, IMAGE_COUNT, N_BOOT, SEED, Interval, check_params, param
 from cxr_transfer.core.plotting import subplots
 from cxr_transfer.core.record import Stopwatch, run_record, write_json
@@ -444,21 +443,17 @@ def write_shift_run(result: ShiftResult, out_dir: str | Path, run_name: str | No
     """Write the run folder under ``out_dir`` (named ``run_name``, else ``shift-<time>-<random>``): report.md,
     results.json, record.json, atypical.csv (every target image, most atypical first) and atypical.png (the
     first ``top``). Sets ``result.run_dir``."""
-    run_dir = new_run_dir(out_dir, "shift", run_name)
-    try:
-        with run_in_progress(run_dir, "shift"):
-            write_json(run_dir / "record.json", result.record)
-            write_json(run_dir / "results.json", json_safe({**result.results, "verdict": result.verdict,
-                                                             "notes": result.notes, "warnings": result.warnings,
-                                                             "record": result.record}))
-            with open(run_dir / RANKING_CSV, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(result.ranking[0]))
-                writer.writeheader()
-                writer.writerows(result.ranking)
-            shown = _contact_sheet(result, run_dir / SHEET_PNG)
-            (run_dir / "report.md").write_text(_report(result, shown), encoding="utf-8")
-    except OSError as exc:
-        raise run_folder_error(run_dir, exc) from None
+    with writing_run_folder(out_dir, "shift", run_name, "shift") as run_dir:
+        write_json(run_dir / "record.json", result.record)
+        write_json(run_dir / "results.json", json_safe({**result.results, "verdict": result.verdict,
+                                                         "notes": result.notes, "warnings": result.warnings,
+                                                         "record": result.record}))
+        with open(run_dir / RANKING_CSV, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(result.ranking[0]))
+            writer.writeheader()
+            writer.writerows(result.ranking)
+        shown = _contact_sheet(result, run_dir / SHEET_PNG)
+        (run_dir / "report.md").write_text(_report(result, shown), encoding="utf-8")
     result.run_dir = run_dir
     return run_dir
 
