@@ -19,6 +19,7 @@ import numpy as np
 from cxr_transfer.classify.conformal import conformal_sets_for, format_set
 from cxr_transfer.classify.saved_model import SavedFinetuned, finetuned_model_json, load_saved_model
 from cxr_transfer.core.errors import CxrError
+from cxr_transfer.core.io import atomic_path, cannot_write_error
 from cxr_transfer.core.outputs import writable_file
 from cxr_transfer.extract.dataset import Dataset, Sample, hash_samples, images_in_folder
 from cxr_transfer.extract.images import decoded_batches
@@ -88,8 +89,7 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
     the prediction set); return it and skipped files."""
     if conformal is not None and finetuned_model_json(model_path) is not None:
         raise CxrError(f"{model_path}: `conformal` needs a head saved by validate `save`, not a fine-tuned model")
-    if out_csv is not None:
-        out_csv = writable_file(out_csv, "`out`")   # before any computing
+    out_csv = predictions_path(out_csv, images, model_path)   # before any computing
     saved = load_saved_model(model_path)
     if isinstance(saved, SavedFinetuned):
         dataset = unlabeled_dataset(images, [])
@@ -117,14 +117,36 @@ def predict_images(images: str | Path, model_path: str | Path, settings: Extract
     return write_predictions(out_csv, dataset, readable, proba, classes, sets), sorted(set(skipped))
 
 
+def predictions_path(out_csv: str | Path | None, images: str | Path, model_path: str | Path) -> Path | None:
+    """predict's ``out``, checked before any computing: a writable file that is neither the model nor the images
+    it reads, and, when it exists already, a ``.csv`` (an earlier predictions file is replaced; a model, an image
+    or any other file never is). None keeps the default beside the model."""
+    if out_csv is None:
+        return None
+    out = writable_file(out_csv, "`out`")
+    for what, given in (("model", model_path), ("images", images)):
+        if out.resolve() == Path(given).expanduser().resolve():
+            raise CxrError(f"`out` {out} is the {what} this run reads; give another file for the predictions")
+    if out.exists() and out.suffix.lower() != ".csv":
+        raise CxrError(f"`out` {out} exists and is not a .csv file; predictions replace only an earlier .csv, give "
+                       f"another file")
+    return out
+
+
 def write_predictions(out_csv: Path, dataset: Dataset, readable: list[Sample], proba: np.ndarray,
                       classes: list[str], sets: list[str] | None = None) -> Path:
-    """Write predict's CSV: path, sha256, predicted, one probability column per class (and the conformal set)."""
-    with open(out_csv, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "sha256", "predicted"] + [f"p_{c}" for c in classes] +
-                        (["set"] if sets is not None else []))
-        for row, (sample, probabilities) in enumerate(zip(readable, proba)):
-            writer.writerow([dataset.relative(sample), sample.sha256, classes[int(np.argmax(probabilities))]] +
-                            [f"{p:.6f}" for p in probabilities] + ([sets[row]] if sets is not None else []))
+    """Write predict's CSV atomically: path, sha256, predicted, one probability column per class (and the
+    conformal set). A failed write (a full disk) leaves an earlier file as it was and is one error line."""
+    try:
+        with atomic_path(out_csv) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                               errors="surrogateescape") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "sha256", "predicted"] + [f"p_{c}" for c in classes] +
+                            (["set"] if sets is not None else []))
+            for row, (sample, probabilities) in enumerate(zip(readable, proba)):
+                writer.writerow([dataset.relative(sample), sample.sha256, classes[int(np.argmax(probabilities))]] +
+                                [f"{p:.6f}" for p in probabilities] + ([sets[row]] if sets is not None else []))
+    except OSError as exc:
+        raise cannot_write_error(out_csv.parent, exc, "output folder", flag="`out`",
+                                 kept="no predictions file was written") from None
     return out_csv

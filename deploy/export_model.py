@@ -29,10 +29,12 @@ from sklearn.model_selection import GridSearchCV
 
 from cxr_transfer.classify.conformal import ConformalHead
 from cxr_transfer.classify.heads import CappedPCA
-from cxr_transfer.classify.predict import check_input_size, check_weights, unlabeled_dataset, write_predictions
+from cxr_transfer.classify.predict import (check_input_size, check_weights, predictions_path, unlabeled_dataset,
+                                           write_predictions)
 from cxr_transfer.classify.saved_model import MODEL_JSON, SavedFinetuned, load_saved_model
 from cxr_transfer.core.errors import CxrError
-from cxr_transfer.core.io import atomic_path, atomic_write
+from cxr_transfer.core.io import atomic_path, atomic_write, cannot_write_error, remove_leftovers
+from cxr_transfer.core.locking import file_lock
 from cxr_transfer.core.outputs import writable_file
 from cxr_transfer.core.version import __version__
 from cxr_transfer.deploy.evidence import audit_evidence, finetune_evidence, run_evidence
@@ -126,10 +128,16 @@ def export_model(model_path: str | Path, out: str | Path, settings: ExtractSetti
     data = body + HASH_PREFIX + digest.encode("ascii")
     difference = _fidelity(data, built.reference, int(json.loads(metadata["input"])["size"]), model_path)
     text = model_card(metadata, built.evidence, audit_found, out.name, digest, difference)
-    with atomic_path(out) as tmp:
-        Path(tmp).write_bytes(data)
-    with atomic_write(card, "w") as handle:
-        handle.write(text)
+    try:   # both written in full before either is renamed: a full disk leaves neither, an old pair stays whole
+        with file_lock(out, settings.lock_timeout):
+            remove_leftovers(out)   # of an export killed mid-write
+            remove_leftovers(card)
+            with atomic_path(out) as tmp, atomic_write(card, "w") as handle:
+                Path(tmp).write_bytes(data)
+                handle.write(text)
+    except OSError as exc:
+        raise cannot_write_error(out.parent, exc, "output folder", flag="`out`",
+                                 kept="no model or card was written") from None
     return ExportedModel(out, metadata["head"], metadata["backbone"], int(json.loads(metadata["input"])["size"]),
                          json.loads(metadata["class_names"]), difference, digest, card,
                          metadata["precision"], built.evidence is not None, audit_found is not None)
@@ -434,8 +442,7 @@ def predict_exported(images: str | Path, model_path: str | Path, settings: Extra
                      out_csv: str | Path | None = None) -> tuple[Path, list[tuple[str, str]]]:
     """``predict`` with an exported model: the file checked (``read_exported``), the images read by the one rule
     (``extract.images.decoded_batches``) at its input size; writes the same CSV as a saved head's predict."""
-    if out_csv is not None:
-        out_csv = writable_file(out_csv, "`out`")   # before any computing
+    out_csv = predictions_path(out_csv, images, model_path)   # before any computing
     session, metadata = read_exported(model_path, settings.threads)
     size, class_names = int(json.loads(metadata["input"])["size"]), json.loads(metadata["class_names"])
     check_input_size(settings.input_size, size)

@@ -3,6 +3,7 @@ reference reader (examples/read_model.py) in a process where TensorFlow and scik
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -205,11 +206,56 @@ def test_reference_reader_without_tensorflow_or_sklearn(base: Path, heads, expor
         np.testing.assert_allclose(probabilities(row), probabilities(reference), atol=1e-5, rtol=0)
 
 
+def test_the_reader_skips_an_unreadable_image_and_quotes_names(exported, images: Path, tmp_path: Path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    first = sorted(p for p in images.rglob("*") if p.is_file() and not p.name.startswith("."))[0]
+    shutil.copy(first, folder / f"a,b{first.suffix}")   # a comma in a name: quoted in the CSV
+    shutil.copy(first, folder / f".hidden{first.suffix}")   # hidden: skipped, as predict skips it
+    (folder / "broken.png").write_bytes(b"not a png")
+    done = subprocess.run([sys.executable, str(READER), str(exported["logreg"]), str(folder)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1 and done.stderr.startswith(f"skipped {folder / 'broken.png'}: ")
+    rows = list(csv.DictReader(done.stdout.splitlines()))
+    assert [Path(r["path"]).name for r in rows] == [f"a,b{first.suffix}"]
+
+
+def test_predict_never_overwrites_its_own_model_or_an_image(base: Path, heads, exported, images: Path):
+    image = sorted(p for p in images.rglob("*") if p.is_file() and not p.name.startswith("."))[0]
+    for model in (heads["logreg"], exported["logreg"]):
+        kept = {path: path.read_bytes() for path in (model, image)}
+        for out in (model, image):
+            with pytest.raises(CxrError, match="`out` .* (is the model this run reads|exists and is not a .csv)"):
+                cxr_transfer.predict(images, model, out=out, cache_dir=base / "cache", **TINY)
+        assert all(path.read_bytes() == data for path, data in kept.items())
+
+
+def test_a_full_disk_or_a_killed_export_leaves_a_whole_pair(base: Path, heads, tmp_path: Path, monkeypatch):
+    """A write that fails leaves the earlier model and card as they were (one line); a temporary file that a
+    killed export left is removed by the next export."""
+    out = tmp_path / "m.onnx"
+    cxr_transfer.export_model(heads["logreg"], out, cache_dir=base / "cache", **TINY)
+    pair = {path: path.read_bytes() for path in (out, tmp_path / "m.model-card.md")}
+    stale = tmp_path / ".m.0badc0de.onnx.tmp"
+    stale.write_bytes(b"half a model")
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(CxrError, match="no model or card was written"):
+        cxr_transfer.export_model(heads["knn"], out, cache_dir=base / "cache", **TINY)
+    monkeypatch.undo()
+    assert {path: path.read_bytes() for path in pair} == pair
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.model-card.md", "m.onnx"]   # the stale one too
+
+
 def test_a_validate_head_exports_its_inner_head(base: Path, images: Path, tmp_path: Path):
     """A head saved by validate --save (a ConformalHead): the file gives the head's probabilities, not its sets."""
     external = write_class_tree(base / "ext", per_class=3, size=40, seed=500)
     run = cxr_transfer.validate(base / "data", external, "mobilenetv2", heads="logreg", folds=3, n_boot=100,
-                                subgroups="label", save=True, out_dir=base / "runs", run_name="val", cache_dir=base / "cache",
+                                subgroups="label", save=True, out_dir=base / "runs", run_name="val",
+                                cache_dir=base / "cache",
                                 input_size=32, **TINY)
     head = run.run_dir / "mobilenetv2-logreg.joblib"
     exported = cxr_transfer.export_model(head, tmp_path / "val.onnx", cache_dir=base / "cache", **TINY)
