@@ -3,7 +3,8 @@
 
     python read_model.py model.onnx IMAGE_OR_FOLDER [...]
 
-Prints one CSV line per image: path, predicted class, one probability per class. The file is checked first: its
+Prints one CSV line per image: path, predicted class, one probability per class; an unreadable image is
+skipped with a line on stderr (exit status 1). The file is checked first: its
 last 82 bytes hold ``model_sha256``, the sha256 of every byte before them; a changed file is refused.
 
 Images are read the way cxr-transfer reads them (cxr_transfer/extract/images.py, ``read_rgb``): Pillow decodes
@@ -15,6 +16,7 @@ INTER_LINEAR arithmetic for uint8 written in numpy. DICOM files are not read her
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import sys
@@ -30,7 +32,10 @@ HASH_PREFIX = b"\x72\x50\x0a\x0cmodel_sha256\x12\x40"
 
 def load_model(path: str | Path) -> tuple[ort.InferenceSession, dict[str, str]]:
     """The checked model's session and its metadata (class names, input size, resize rule, hashes...)."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        sys.exit(f"error: {path}: cannot read the model ({exc.strerror or exc})")
     end = len(HASH_PREFIX) + 64
     if len(data) < end or data[-end:-64] != HASH_PREFIX:
         sys.exit(f"error: {path}: no model_sha256 at its end: not a model written by cxr-transfer export-model")
@@ -177,8 +182,9 @@ def image_files(arguments: list[str]) -> list[Path]:
     """The image files named, and those under the folders named (sorted)."""
     found = []
     for argument in map(Path, arguments):
-        found += sorted(p for p in argument.rglob("*") if p.suffix.lower() in SUFFIXES) if argument.is_dir() \
-            else [argument]
+        found += sorted(p for p in argument.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
+                        and not any(part.startswith(".") for part in p.relative_to(argument).parts)) \
+            if argument.is_dir() else [argument]   # hidden files skipped, as cxr-transfer skips them
     return found
 
 
@@ -188,11 +194,19 @@ def main(argv: list[str]) -> int:
         return 2
     session, metadata = load_model(argv[0])
     size, classes = json.loads(metadata["input"])["size"], json.loads(metadata["class_names"])
-    print(",".join(["path", "predicted"] + [f"p_{c}" for c in classes]))
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["path", "predicted"] + [f"p_{c}" for c in classes])
+    skipped = 0
     for path in image_files(argv[1:]):
-        probabilities, label = session.run(["probabilities", "label"], {"image": read_rgb(path, size)[None]})
-        print(",".join([str(path), str(label[0])] + [f"{p:.9g}" for p in probabilities[0]]))
-    return 0
+        try:
+            pixels = read_rgb(path, size)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:   # unreadable: say so, go on
+            print(f"skipped {path}: {exc}", file=sys.stderr)
+            skipped += 1
+            continue
+        probabilities, label = session.run(["probabilities", "label"], {"image": pixels[None]})
+        writer.writerow([str(path), str(label[0])] + [f"{p:.9g}" for p in probabilities[0]])
+    return 1 if skipped else 0
 
 
 if __name__ == "__main__":
