@@ -164,6 +164,13 @@ def test_an_unreachable_server_or_a_failure_midway_never_loses_the_run(base, tmp
                            f"OSError: cannot connect to 127.0.0.1:{port}")
     assert str(result.run_dir) in line and (result.run_dir / "report.md").is_file()
     assert result.summary_lines()[-1] == line
+    folder = tmp_path / "a-folder.db"   # a sqlite store SQLite cannot open: said at once, not after retries
+    folder.mkdir()
+    start = time.monotonic()
+    (line,) = _compare(base, tmp_path / "runs", mlflow=f"sqlite:///{folder}").tracking
+    assert line.startswith("warning: mlflow: nothing was logged")
+    assert f"cannot open the SQLite database {folder}" in line
+    assert time.monotonic() - start < 60
 
     class Failing(http.server.BaseHTTPRequestHandler):   # a server that answers, with errors only
         def do_GET(self):

@@ -16,12 +16,14 @@ adding its adapter to ``ADAPTERS`` and calling ``track_result`` (see ``ADAPTERS`
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import json
 import logging
 import re
 import socket
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -324,20 +326,36 @@ def dataset_name(data: str | Path) -> str:
 # ---------------------------------------------------------------------------------------------- logging
 
 
-def _client(uri: str | None) -> tuple[Any, str]:
-    """An MlflowClient of ``uri`` (None: MLflow's default, $MLFLOW_TRACKING_URI included) and the URI itself."""
+def _resolved_uri(uri: str | None) -> str:
+    """The tracking URI given, else MLflow's default ($MLFLOW_TRACKING_URI included)."""
     import mlflow   # inside: MLflow is an optional extra, and `import cxr_transfer` stays light without it
-    from mlflow.tracking import MlflowClient
 
-    uri = uri or mlflow.get_tracking_uri()
-    return MlflowClient(tracking_uri=uri), uri
+    return uri or mlflow.get_tracking_uri()
+
+
+def _client(uri: str) -> Any:
+    """An MlflowClient of ``uri``."""
+    from mlflow.tracking import MlflowClient   # inside: as above
+
+    return MlflowClient(tracking_uri=uri)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """OSError when an http(s) tracking server cannot be connected to: said at once, where MLflow would retry
-    for minutes ($MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by default, with growing waits) before failing."""
+    """OSError when the tracking store cannot be used, said at once where MLflow would retry for minutes: an
+    http(s) server that cannot be connected to ($MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by default, with growing
+    waits), a ``sqlite:///PATH`` database that SQLite cannot open (a folder, a file that is no database, a place
+    where no file can be made; its folder is made first)."""
     from urllib.parse import urlsplit
 
+    database = sqlite_database(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with contextlib.closing(sqlite3.connect(database, timeout=timeout)) as connection:
+                connection.execute("pragma schema_version").fetchall()
+        except sqlite3.Error as exc:
+            raise OSError(f"cannot open the SQLite database {database} ({exc})") from None
+        return
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return
@@ -405,11 +423,9 @@ def log_runs(tracking: TrackingSettings, parent: RunLog, children: list[RunLog],
     where = tracking.uri or "MLflow's default tracking URI"
     done, parent_id, client, notes, models = "nothing", None, None, [], 0
     try:
-        client, where = _client(tracking.uri)
-        check_reachable(where)
-        database = sqlite_database(where)
-        if database is not None:   # sqlite:///runs/m.db in a folder not made yet: SQLite would not open it
-            database.parent.mkdir(parents=True, exist_ok=True)
+        where = _resolved_uri(tracking.uri)
+        check_reachable(where)   # before MLflow opens it (and makes a sqlite database's folder)
+        client = _client(where)
         experiment_id = _experiment_id(client, where, experiment)
         parent_id = client.create_run(experiment_id, run_name=parent.name).info.run_id
         _log_run(client, parent_id, parent)
