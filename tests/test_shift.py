@@ -255,3 +255,13 @@ def test_the_api_function_returns_in_memory_and_checks_its_keywords(shift_setup,
         cxr_transfer.shift_check(s["train"], s["target"], "mobilenetv2", run_name="x", **keywords)
     with pytest.raises(TypeError, match="model must be a str or Path"):
         cxr_transfer.shift_check(s["train"], s["target"], model=3)
+
+
+def test_overlap_words_say_when_near_duplicates_were_not_looked_for():
+    from cxr_transfer.validation.run import overlap_words
+
+    overlap = {"identical": {"n": 2}, "near_duplicate": {"n": None},
+               "shared_patients": {"n_external_images": 0, "n": 0}}
+    assert overlap_words(overlap).startswith("2 byte-identical, near duplicates not looked for, 0 sharing")
+    overlap["near_duplicate"]["n"] = 1
+    assert overlap_words(overlap).startswith("2 byte-identical, 1 near-duplicate, 0 sharing")

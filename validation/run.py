@@ -209,13 +209,15 @@ def near_duplicate_pairs(train: Dataset, train_samples: list[Sample], external: 
 
 def train_overlap(train: Dataset, train_samples: list[Sample], external: Dataset, ext_samples: list[Sample],
                   near: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """What EXT shares with TRAIN: byte-identical images (sha256), near duplicates (``near_duplicate_pairs``)
-    and patient ids, with counts; ``excluded``: the EXT images in any of the three, which validate leaves out
-    of the external metrics. Paths are relative to each dataset's root."""
+    """What EXT shares with TRAIN: byte-identical images (sha256), near duplicates (``near_duplicate_pairs``;
+    ``near=None``: not looked for, their count None) and patient ids, with counts; ``excluded``: the EXT images in
+    any of the three, which validate leaves out of the external metrics. Paths are relative to each dataset's
+    root."""
     by_sha = {s.sha256: s for s in train_samples}
     identical = [{"external": external.relative(e), "train": train.relative(by_sha[e.sha256])}
                  for e in ext_samples if e.sha256 in by_sha]
     same = {p["external"] for p in identical}
+    checked = near is not None
     near = [p for p in (near or []) if p["external"] not in same]
     train_patients: dict[str, int] = {}
     for s in train_samples:
@@ -227,7 +229,8 @@ def train_overlap(train: Dataset, train_samples: list[Sample], external: Dataset
     flagged = same | {p["external"] for p in near} | {p["external"] for p in shared_images}
     excluded = [external.relative(e) for e in ext_samples if external.relative(e) in flagged]
     return {"identical": {"n": len(identical), "pairs": identical},
-            "near_duplicate": {"n": len(near), "pairs": near, "rule": "extract.duplicates.DuplicateRule"},
+            "near_duplicate": {"n": len(near) if checked else None, "pairs": near,
+                               "rule": "extract.duplicates.DuplicateRule" if checked else "not looked for"},
             "shared_patients": {"n": len(shared), "patient_ids": shared, "n_external_images": len(shared_images),
                                 "n_train_images": sum(train_patients[g] for g in shared), "images": shared_images},
             "excluded": {"n": len(excluded), "images": excluded},
@@ -238,8 +241,10 @@ def overlap_words(overlap: dict[str, Any]) -> str:
     """'2 byte-identical, 1 near-duplicate, 1 sharing a patient id with TRAIN (1 patient(s))': the overlap's
     counts in words."""
     shared = overlap["shared_patients"]
-    return (f"{overlap['identical']['n']} byte-identical, {overlap['near_duplicate']['n']} near-duplicate, "
-            f"{shared['n_external_images']} sharing a patient id with TRAIN ({shared['n']} patient(s))")
+    near = overlap["near_duplicate"]["n"]
+    return (f"{overlap['identical']['n']} byte-identical, "
+            + ("near duplicates not looked for" if near is None else f"{near} near-duplicate")
+            + f", {shared['n_external_images']} sharing a patient id with TRAIN ({shared['n']} patient(s))")
 
 
 def _refuse_full_overlap(overlap: dict[str, Any], external: Dataset) -> None:

@@ -100,7 +100,7 @@ class ShiftSettings:
 
     @property
     def subgroup_columns(self) -> list[str]:
-        return [c.strip() for c in self.subgroups.split(",") if c.strip()]
+        return list(dict.fromkeys(c.strip() for c in self.subgroups.split(",") if c.strip()))   # each once
 
     def record(self) -> dict[str, Any]:
         return {"data": str(self.data), "target": str(self.target), "extract": self.extract.record(),
